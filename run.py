@@ -1,0 +1,33 @@
+"""summ: fine-tune a Korean dialogue summarizer and measure what each batch configuration costs.
+
+Single run (tiny model, bundled data, offline):
+    python run.py
+    python run.py model=llama batch=bs8_ga1 data=dialogsum_ko data.dir=/data model.path=/models/bllossom-3b
+Multirun over batch size x gradient accumulation:
+    python run.py -m batch.batch_size=2,4,8,16,32 batch.gradient_accumulation_steps=1,2 measure.steps=5
+Optuna search (hydra-optuna-sweeper):
+    python run.py -m preset=optuna_step_time
+
+The config is composed from conf/ (schemas in summ/config.py); the work is summ.app.run.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from summ.config import register_configs  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from summ.app import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The task function behind run.py: one composed config in, the sweeper's objective out.
+
+Runs the job, prints its summary table, and turns user errors into one line: exit code 2 for a
+single run, a penalised trial (with the line logged) inside a multirun so the sweep goes on.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from summ.errors import UserError
+from summ.summary import format_summary
+
+log = logging.getLogger("summ")
+
+
+def _hydra_context() -> tuple[Path, bool]:
+    """(output directory, whether this job is part of a multirun)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    return Path(hc.runtime.output_dir), hc.mode == RunMode.MULTIRUN
+
+
+def run(cfg: DictConfig) -> float:
+    from summ.train import objective_value, train
+
+    output_dir, multirun = _hydra_context()
+    try:
+        metrics = train(cfg, output_dir)
+    except UserError as exc:
+        if multirun:
+            log.error("job failed: %s", exc)
+            return float(cfg.objective_penalty)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(format_summary(metrics, output_dir))
+    return objective_value(metrics, OmegaConf.to_object(cfg))

@@ -1,0 +1,291 @@
+"""Structured-config schemas for every config group.
+
+Each group's YAML files in ``conf/`` merge onto one of these dataclasses, so an unknown key or a
+value of the wrong type fails when Hydra composes the config, before any model loads. Value rules
+that a type cannot express (a batch size of 0, an effective batch that does not divide) live in
+``validate`` and run right after composition, also before any compute.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from summ.errors import ConfigError
+
+
+class ModelKind(enum.Enum):
+    seq2seq = "seq2seq"
+    causal = "causal"
+
+
+class Precision(enum.Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Scheduler(enum.Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class RougeTokenizer(enum.Enum):
+    whitespace = "whitespace"  # the baseline's `rouge` package on whitespace tokens
+    morpheme = "morpheme"  # kiwipiepy morphemes first, as the competition scores
+
+
+class DataSource(enum.Enum):
+    bundled = "bundled"  # the sample shipped inside the package
+    csv = "csv"  # competition CSVs under data.dir
+    synthetic = "synthetic"  # generated, competition-shaped lengths
+
+
+QUANTIZATIONS = ("none", "8bit", "4bit")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")
+OBJECTIVES = ("train_seconds_per_sample", "train_seconds_per_token", "eval_loss", "neg_rouge_mean")
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: DataSource = DataSource.bundled
+    dir: Optional[str] = None  # folder with train.csv / dev.csv / test.csv (source=csv)
+    train_file: str = "train.csv"
+    dev_file: str = "dev.csv"
+    test_file: str = "test.csv"
+    max_train_samples: Optional[int] = None  # first N after loading (null = all)
+    max_eval_samples: Optional[int] = None
+    encoder_max_len: int = 512  # tokens; dialogue is truncated to this
+    decoder_max_len: int = 100  # tokens; summary is truncated to this
+    group_by_length: bool = False  # length-grouped training batches (less padding)
+    num_workers: int = 0
+    # source=synthetic only
+    synthetic_train_size: int = 12457
+    synthetic_eval_size: int = 499
+    synthetic_seed: int = 0
+
+
+@dataclass
+class TinyArchConfig:
+    """Architecture of a randomly initialised test-size model (no download)."""
+
+    arch: str = "bart"  # bart | llama
+    d_model: int = 64
+    layers: int = 2  # per stack (encoder and decoder for BART)
+    heads: int = 4
+    kv_heads: int = 2  # llama only (grouped-query attention)
+    ffn_dim: int = 128
+    dropout: float = 0.1
+    max_positions: int = 1024
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    kind: ModelKind = ModelKind.seq2seq
+    hub_id: Optional[str] = None  # where the weights come from when path is null (local HF cache only)
+    path: Optional[str] = None  # local folder with config.json + *.safetensors
+    tiny: Optional[TinyArchConfig] = None  # set: build this architecture with random init
+    # Causal LMs: the prompt around the dialogue; the summary follows it, then the EOS token.
+    prompt_template: str = "{dialogue}"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    quantization: str = "none"  # none | 8bit | 4bit (bitsandbytes; 4bit = QLoRA with NF4)
+    gradient_checkpointing: bool = False
+    dtype: str = "float32"  # weights as loaded: float32 | bfloat16 | float16 (mixed precision is train.mixed_precision)
+    attn_implementation: Optional[str] = None  # null = transformers' default (sdpa where it can)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class BatchConfig:
+    name: str = MISSING
+    batch_size: int = 8  # micro-batch per process
+    gradient_accumulation_steps: int = 1
+    # Set to fix the samples per optimizer step; accumulation is then derived from it.
+    effective_batch_size: Optional[int] = None
+    eval_batch_size: int = 16
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs
+    learning_rate: float = 5e-4
+    warmup_ratio: float = 0.1  # of the optimizer steps
+    weight_decay: float = 0.01  # not applied to biases and norm weights
+    max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+    scheduler: Scheduler = Scheduler.linear
+    mixed_precision: Precision = Precision.no
+    seed: int = 42
+    log_every_steps: int = 10  # optimizer steps between progress-bar refreshes
+    cpu: bool = False  # force the CPU even where CUDA is present
+    save_model: bool = False  # weights (or LoRA adapter) + tokenizer into <run dir>/model
+
+
+@dataclass
+class MeasureConfig:
+    warmup_steps: int = 3  # optimizer steps excluded from every timing figure
+    steps: Optional[int] = None  # stop after this many measured optimizer steps (sweeps)
+    memory_budget_gb: Optional[float] = None  # null = the device's capacity
+    headroom: float = 0.9  # a trial over budget x headroom stops with status over_budget
+    peak_tflops: Optional[float] = None  # device peak for MFU; null = look it up in the device table
+    rss_interval_ms: float = 2.0  # CPU only: RSS sampling period for the peak
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    generate: bool = True  # generate summaries and score ROUGE (else eval loss only)
+    rouge_tokenizer: RougeTokenizer = RougeTokenizer.whitespace
+    save_predictions: bool = True
+
+
+@dataclass
+class InferenceConfig:
+    name: str = MISSING
+    num_beams: int = 4
+    max_new_tokens: int = 100
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+
+@dataclass
+class AugmentationConfig:
+    name: str = MISSING
+    methods: List[str] = field(default_factory=list)
+    ratio: float = 0.0  # new samples per training sample, per method
+    seed: int = 0
+
+
+@dataclass
+class TTAConfig:
+    name: str = MISSING
+    methods: List[str] = field(default_factory=list)
+    num_aug: int = 0  # perturbed copies per evaluation dialogue
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    batch: BatchConfig = MISSING
+    inference: InferenceConfig = MISSING
+    augmentation: AugmentationConfig = MISSING
+    tta: TTAConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # What main() returns to a sweeper (lower is better).
+    objective: str = "train_seconds_per_sample"
+    # Returned to a sweeper for a trial that did not produce a figure (oom, over_budget, ...).
+    objective_penalty: float = 1.0e6
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore; conf/config.yaml lists `schema` first."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config, replace=True)
+
+
+def _positive(name: str, value: Optional[float], allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name}={value} is invalid: it must be {bound}")
+
+
+def validate(cfg: DictConfig | Config) -> None:
+    """Value rules that types cannot express. Raises ConfigError with the key to change."""
+    c: Any = cfg
+    for key in ("batch.batch_size", "batch.gradient_accumulation_steps", "batch.eval_batch_size",
+                "batch.effective_batch_size", "data.encoder_max_len", "data.decoder_max_len",
+                "data.max_train_samples", "data.max_eval_samples", "train.epochs", "train.max_steps",
+                "train.learning_rate", "measure.steps", "measure.memory_budget_gb",
+                "measure.peak_tflops", "inference.num_beams", "inference.max_new_tokens",
+                "measure.rss_interval_ms", "train.log_every_steps", "model.lora.r"):
+        _positive(key, _get(c, key))
+    for key in ("measure.warmup_steps", "train.weight_decay", "train.max_grad_norm",
+                "train.label_smoothing", "train.warmup_ratio", "augmentation.ratio", "tta.num_aug"):
+        _positive(key, _get(c, key), allow_zero=True)
+    if not 0 < _get(c, "measure.headroom") <= 1:
+        raise ConfigError(f"measure.headroom={_get(c, 'measure.headroom')} must be in (0, 1]")
+    if _get(c, "train.warmup_ratio") >= 1 or _get(c, "train.label_smoothing") >= 1:
+        raise ConfigError("train.warmup_ratio and train.label_smoothing must be below 1")
+    if _get(c, "model.quantization") not in QUANTIZATIONS:
+        raise ConfigError(f"model.quantization={_get(c, 'model.quantization')} is invalid: "
+                          f"choose one of {', '.join(QUANTIZATIONS)}")
+    if _get(c, "model.dtype") not in DTYPES:
+        raise ConfigError(f"model.dtype={_get(c, 'model.dtype')} is invalid: choose one of {', '.join(DTYPES)}")
+    if _get(c, "model.attn_implementation") not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"model.attn_implementation={_get(c, 'model.attn_implementation')} is invalid: "
+                          f"choose null or one of {', '.join(a for a in ATTENTION_IMPLEMENTATIONS if a)}")
+    if _get(c, "objective") not in OBJECTIVES:
+        raise ConfigError(f"objective={_get(c, 'objective')} is invalid: choose one of {', '.join(OBJECTIVES)}")
+    kind = _enum_name(_get(c, "model.kind"))
+    if _get(c, "model.quantization") != "none":
+        if kind != "causal":
+            raise ConfigError("model.quantization (QLoRA) is for causal models only: set model.quantization=none")
+        if not _get(c, "model.lora.enabled"):
+            raise ConfigError("a quantized model trains only through LoRA: set model.lora.enabled=true")
+    if _get(c, "model.tiny") is None and not (_get(c, "model.path") or _get(c, "model.hub_id")):
+        raise ConfigError(f"model '{_get(c, 'model.name')}' has no weights: set model.path=<local folder>")
+    if _get(c, "data.source") in (DataSource.csv, "csv") and not _get(c, "data.dir"):
+        raise ConfigError(f"data={_get(c, 'data.name')} reads CSVs from a folder: set data.dir=<folder with "
+                          f"{_get(c, 'data.train_file')}, {_get(c, 'data.dev_file')}, {_get(c, 'data.test_file')}>")
+    if "{dialogue}" not in _get(c, "model.prompt_template"):
+        raise ConfigError("model.prompt_template must contain {dialogue}")
+    resolve_batch(_get(c, "batch.batch_size"), _get(c, "batch.gradient_accumulation_steps"),
+                  _get(c, "batch.effective_batch_size"), num_processes=1)
+
+
+def _get(c: Any, dotted: str) -> Any:
+    if isinstance(c, DictConfig):
+        return OmegaConf.select(c, dotted)
+    for part in dotted.split("."):
+        c = getattr(c, part)
+    return c
+
+
+def _enum_name(v: Any) -> str:
+    return v.name if isinstance(v, enum.Enum) else str(v)
+
+
+def resolve_batch(batch_size: int, gradient_accumulation_steps: int,
+                  effective_batch_size: Optional[int], num_processes: int) -> tuple[int, int, int]:
+    """The one place that turns batch settings into (micro-batch, accumulation, effective batch).
+
+    The effective batch is the samples behind one optimizer step, over all processes.
+    """
+    if effective_batch_size is None:
+        ga = gradient_accumulation_steps
+    else:
+        per_update = batch_size * num_processes
+        if effective_batch_size % per_update:
+            raise ConfigError(
+                f"batch.effective_batch_size={effective_batch_size} is not a multiple of "
+                f"batch.batch_size x processes = {batch_size} x {num_processes}: change one of them")
+        ga = effective_batch_size // per_update
+    return batch_size, ga, batch_size * ga * num_processes

@@ -1,0 +1,231 @@
+"""Data: the competition CSV format, the bundled sample, the synthetic generator, tokenization,
+collation with dynamic padding, and the (optionally length-grouped) training sampler."""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from summ.config import DataConfig, DataSource, ModelKind
+from summ.errors import DataError
+
+# Tokens the competition uses to mask speakers and personal data; never split by a tokenizer.
+SPEAKER_TAGS = [f"#Person{i}#" for i in range(1, 8)]
+MASKED_TOKENS = SPEAKER_TAGS + [
+    "#PhoneNumber#", "#Address#", "#PassportNumber#", "#DateOfBirth#",
+    "#SSN#", "#CardNumber#", "#CarNumber#", "#Email#",
+]
+IGNORE_INDEX = -100
+_REFERENCE_COLUMN = re.compile(r"^summary\d*$")
+
+
+@dataclass
+class Sample:
+    fname: str
+    dialogue: str
+    summaries: list[str] = field(default_factory=list)  # one or more references; empty for test
+    topic: str = ""
+
+    @property
+    def summary(self) -> str:
+        return self.summaries[0] if self.summaries else ""
+
+
+@dataclass
+class Splits:
+    train: list[Sample]
+    dev: list[Sample]
+    test: list[Sample]
+
+
+def bundled_sample_dir() -> Path:
+    return Path(str(resources.files("summ") / "resources" / "sample"))
+
+
+def read_csv(path: Path, need_summary: bool) -> list[Sample]:
+    """Read one competition CSV (UTF-8 with or without BOM, CRLF or LF, quoted multi-line fields)."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; set data.dir to the folder that holds it")
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = columns
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: unreadable as UTF-8 CSV ({exc}); re-save it as UTF-8 CSV") from None
+    required = ["fname", "dialogue"] + (["summary"] if need_summary else [])
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
+    ref_cols = sorted((c for c in columns if _REFERENCE_COLUMN.match(c)), key=lambda c: (len(c), c))
+    samples = []
+    for row in rows:
+        refs = [_clean(row[c]) for c in ref_cols if row.get(c) is not None and row[c].strip()]
+        samples.append(Sample(fname=_clean(row["fname"]), dialogue=_clean(row["dialogue"]),
+                              summaries=refs, topic=_clean(row.get("topic") or "")))
+    return samples
+
+
+def _clean(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load train/dev/test for the configured source, then apply max_train/max_eval_samples."""
+    if cfg.source == DataSource.synthetic:
+        from summ.synthetic import generate
+
+        train = generate(cfg.synthetic_train_size, seed=cfg.synthetic_seed, prefix="train")
+        dev = generate(cfg.synthetic_eval_size, seed=cfg.synthetic_seed + 1, prefix="dev")
+        test = [Sample(s.fname.replace("dev", "test"), s.dialogue) for s in
+                generate(cfg.synthetic_eval_size, seed=cfg.synthetic_seed + 2, prefix="dev")]
+    else:
+        folder = bundled_sample_dir() if cfg.source == DataSource.bundled else Path(cfg.dir).expanduser()
+        train = read_csv(folder / cfg.train_file, need_summary=True)
+        dev = read_csv(folder / cfg.dev_file, need_summary=True)
+        test_path = folder / cfg.test_file
+        test = read_csv(test_path, need_summary=False) if test_path.is_file() else []
+    if not train:
+        raise DataError(f"data={cfg.name}: the training set is empty")
+    if cfg.max_train_samples is not None:
+        train = train[: cfg.max_train_samples]
+    if cfg.max_eval_samples is not None:
+        dev = dev[: cfg.max_eval_samples]
+        test = test[: cfg.max_eval_samples]
+    return Splits(train=train, dev=dev, test=test)
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+@dataclass
+class Features:
+    """One tokenized sample. For causal LMs `input_ids` holds prompt + summary and `labels`
+    masks the prompt with -100; for seq2seq `labels` is the tokenized summary."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int  # tokens the model reads before the summary (causal: prompt; seq2seq: encoder input)
+
+
+class Encoder:
+    """Turns samples into token ids for one model kind and prompt template."""
+
+    def __init__(self, tokenizer, kind: ModelKind, prompt_template: str,
+                 encoder_max_len: int, decoder_max_len: int):
+        self.tok = tokenizer
+        self.kind = kind
+        self.encoder_max_len = encoder_max_len
+        self.decoder_max_len = decoder_max_len
+        prefix, _, suffix = prompt_template.partition("{dialogue}")
+        self._prefix = self._ids(prefix) if prefix else []
+        self._suffix = self._ids(suffix) if suffix else []
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, dialogue: str) -> list[int]:
+        """The model input before the summary, truncated so the dialogue fits encoder_max_len."""
+        if self.kind == ModelKind.seq2seq:
+            return self.tok(dialogue, truncation=True, max_length=self.encoder_max_len)["input_ids"]
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        return bos + self._prefix + self._ids(dialogue)[: self.encoder_max_len] + self._suffix
+
+    def summary_ids(self, summary: str) -> list[int]:
+        if self.kind == ModelKind.seq2seq:
+            return self.tok(summary, truncation=True, max_length=self.decoder_max_len)["input_ids"]
+        return self._ids(summary)[: self.decoder_max_len - 1] + [self.tok.eos_token_id]
+
+    def encode(self, sample: Sample) -> Features:
+        prompt = self.prompt_ids(sample.dialogue)
+        target = self.summary_ids(sample.summary)
+        if self.kind == ModelKind.seq2seq:
+            return Features(input_ids=prompt, labels=target, prompt_len=len(prompt))
+        return Features(input_ids=prompt + target, labels=[IGNORE_INDEX] * len(prompt) + target,
+                        prompt_len=len(prompt))
+
+
+class TokenizedDataset(Dataset):
+    def __init__(self, samples: Sequence[Sample], encoder: Encoder):
+        self.features = [encoder.encode(s) for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> Features:
+        return self.features[i]
+
+    def lengths(self) -> list[int]:
+        """Model-input length per sample: what length grouping sorts by."""
+        return [len(f.input_ids) for f in self.features]
+
+
+class Collator:
+    """Dynamic padding to the longest sequence in each batch (right padding, for training and
+    eval loss). Seq2seq batches also get decoder_input_ids: the labels shifted right."""
+
+    def __init__(self, pad_token_id: int, kind: ModelKind, decoder_start_token_id: Optional[int] = None):
+        self.pad = pad_token_id
+        self.kind = kind
+        self.decoder_start = decoder_start_token_id
+
+    def __call__(self, features: list[Features]) -> dict[str, torch.Tensor]:
+        batch = {}
+        width = max(len(f.input_ids) for f in features)
+        batch["input_ids"] = torch.tensor([f.input_ids + [self.pad] * (width - len(f.input_ids)) for f in features])
+        batch["attention_mask"] = torch.tensor([[1] * len(f.input_ids) + [0] * (width - len(f.input_ids))
+                                                for f in features])
+        lwidth = max(len(f.labels) for f in features)
+        labels = torch.tensor([f.labels + [IGNORE_INDEX] * (lwidth - len(f.labels)) for f in features])
+        batch["labels"] = labels
+        if self.kind == ModelKind.seq2seq:
+            dec = labels.new_full(labels.shape, self.pad)
+            dec[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, self.pad)
+            dec[:, 0] = self.decoder_start
+            batch["decoder_input_ids"] = dec
+        return batch
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for causal generation (new tokens then line up at the right)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch (same order for any batch size, so (8,1), (4,2), (2,4)
+    see the same samples in each update). With group_by_length, the permutation is cut into
+    mega-batches of 50 batches, each sorted by length, so each batch holds similar lengths."""
+
+    MEGABATCH_BATCHES = 50
+
+    def __init__(self, lengths: Sequence[int], seed: int, group_by_length: bool = False, batch_size: int = 1):
+        self.lengths = list(lengths)
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.batch_size = batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        if self.group_by_length:
+            size = self.batch_size * self.MEGABATCH_BATCHES
+            mega = [order[i: i + size] for i in range(0, len(order), size)]
+            order = [i for m in mega for i in sorted(m, key=lambda j: -self.lengths[j])]
+        return iter(order)

@@ -1,0 +1,180 @@
+"""Models and tokenizers: tiny random-init models of the real architectures (tests, CPU runs),
+real models from a local path or the local HF cache, LoRA and QLoRA through peft and bitsandbytes."""
+from __future__ import annotations
+
+import functools
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from summ.config import ModelConfig, ModelKind
+from summ.data import MASKED_TOKENS, bundled_sample_dir, read_csv
+from summ.errors import ConfigError, WeightsNotFound
+
+TINY_VOCAB_SIZE = 4000
+TINY_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    kind: ModelKind
+    decoder_start_token_id: Optional[int]
+    trainable_params: int
+    total_params: int
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizer_json() -> str:
+    """A BPE tokenizer trained on the bundled sample (deterministic, well under a second)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    folder = bundled_sample_dir()
+    texts = [t for f in ("train.csv", "dev.csv") for s in read_csv(folder / f, need_summary=True)
+             for t in (s.dialogue, s.summary)]
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.normalizer = normalizers.NFC()
+    # "first": only the start of the text gets the word marker, so "#Person1#은" decodes unsplit
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, special_tokens=TINY_SPECIAL + MASKED_TOKENS,
+                                  show_progress=False)
+    tk.train_from_iterator(texts, trainer=trainer)
+    tk.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B </s>",
+        special_tokens=[("<s>", tk.token_to_id("<s>")), ("</s>", tk.token_to_id("</s>"))])
+    return tk.to_str()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                  mask_token="<mask>", clean_up_tokenization_spaces=False)
+    tok.add_special_tokens({"additional_special_tokens": MASKED_TOKENS})
+    return tok
+
+
+def _tiny_model(cfg: ModelConfig, tok, seed: int):
+    t = cfg.tiny
+    torch.manual_seed(seed)
+    if t.arch == "bart":
+        from transformers import BartConfig, BartForConditionalGeneration
+
+        conf = BartConfig(vocab_size=len(tok), d_model=t.d_model, encoder_layers=t.layers, decoder_layers=t.layers,
+                          encoder_attention_heads=t.heads, decoder_attention_heads=t.heads,
+                          encoder_ffn_dim=t.ffn_dim, decoder_ffn_dim=t.ffn_dim, max_position_embeddings=t.max_positions,
+                          dropout=t.dropout, attention_dropout=t.dropout, activation_dropout=t.dropout,
+                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=tok.eos_token_id)
+        return BartForConditionalGeneration(conf)
+    if t.arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        conf = LlamaConfig(vocab_size=len(tok), hidden_size=t.d_model, intermediate_size=t.ffn_dim,
+                           num_hidden_layers=t.layers, num_attention_heads=t.heads, num_key_value_heads=t.kv_heads,
+                           max_position_embeddings=t.max_positions, attention_dropout=t.dropout,
+                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           tie_word_embeddings=True)
+        return LlamaForCausalLM(conf)
+    raise ConfigError(f"model.tiny.arch={t.arch} is unknown: choose bart or llama")
+
+
+def _auto_class(kind: ModelKind):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if kind == ModelKind.seq2seq else AutoModelForCausalLM
+
+
+def _weights_source(cfg: ModelConfig) -> str:
+    """Where from_pretrained reads: model.path, or the hub id in the local cache. Never the network."""
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise WeightsNotFound(f"model.path={cfg.path} has no config.json: point model.path at a folder "
+                                  f"with config.json, the tokenizer and *.safetensors weights")
+        return str(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(cfg.hub_id, "config.json"), str):
+        raise WeightsNotFound(f"model={cfg.name}: weights for {cfg.hub_id} are not available offline; download "
+                              f"them (hf download {cfg.hub_id} --local-dir DIR) and run with model.path=DIR")
+    return cfg.hub_id
+
+
+def _quantization_config(cfg: ModelConfig):
+    if cfg.quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.quantization needs bitsandbytes: pip install bitsandbytes, "
+                          "or set model.quantization=none") from None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load(cfg: ModelConfig, seed: int, device: torch.device) -> LoadedModel:
+    """Tokenizer and model, with masked tokens as special tokens, LoRA/QLoRA and checkpointing applied."""
+    from transformers import AutoTokenizer
+
+    source = None if cfg.tiny else _weights_source(cfg)
+    if source is None:
+        tok = tiny_tokenizer()
+    else:
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        tok.add_special_tokens({"additional_special_tokens": MASKED_TOKENS}, replace_extra_special_tokens=False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    quant = _quantization_config(cfg)
+    kwargs: dict[str, Any] = {}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    with tempfile.TemporaryDirectory(prefix="summ-tiny-") as tmp:
+        if source is None:
+            model = _tiny_model(cfg, tok, seed)
+            if quant is not None:  # bitsandbytes quantizes while loading: round-trip through safetensors
+                model.save_pretrained(tmp)
+                source = tmp
+        if source is not None:
+            kwargs.update(local_files_only=True, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg.dtype))
+            if quant is not None:
+                kwargs.update(quantization_config=quant, device_map={"": device})
+            model = _auto_class(cfg.kind).from_pretrained(source, **kwargs)
+    if model.get_input_embeddings().num_embeddings < len(tok):
+        model.resize_token_embeddings(len(tok))
+    model.config.use_cache = False  # no KV cache while training; generation turns it back on
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        task = TaskType.SEQ_2_SEQ_LM if cfg.kind == ModelKind.seq2seq else TaskType.CAUSAL_LM
+        model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                                 target_modules=list(cfg.lora.target_modules) or None, task_type=task))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    decoder_start = getattr(model.config, "decoder_start_token_id", None) if cfg.kind == ModelKind.seq2seq else None
+    if cfg.kind == ModelKind.seq2seq and decoder_start is None:
+        decoder_start = tok.eos_token_id
+    return LoadedModel(model=model, tokenizer=tok, kind=cfg.kind, decoder_start_token_id=decoder_start,
+                       trainable_params=trainable, total_params=total)

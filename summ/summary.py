@@ -1,0 +1,46 @@
+"""The short table a run prints at its end: the figures users compare, with their units."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+
+def _fmt(value, spec: str = ".3g", unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:{spec}}{unit}"
+
+
+def gib(n_bytes: Optional[float]) -> Optional[float]:
+    return None if n_bytes is None else n_bytes / 2**30
+
+
+def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
+    t, mem, ev = m.get("train") or {}, m.get("memory") or {}, m.get("eval") or {}
+    rows = [
+        ("status", m["status"] + (f" ({m['error']})" if m.get("error") else "")),
+        ("model / device", f"{m['model']} / {m.get('device')} x{m.get('num_processes')}"),
+        ("batch", f"micro {m['batch_size']} x accum {m['gradient_accumulation_steps']} "
+                  f"= effective {m.get('effective_batch_size')}"),
+        ("measured steps", f"{t.get('optimizer_steps', 0)} optimizer, {t.get('micro_steps', 0)} micro "
+                           f"(+{t.get('warmup_optimizer_steps', 0)} warmup)"),
+        ("samples/s", _fmt(t.get("samples_per_s"), ".2f")),
+        ("tokens/s", _fmt(t.get("tokens_per_s"), ".0f") + f"  (pad {_fmt(t.get('pad_fraction'), '.1%')} of positions)"),
+        ("ms per sample", _fmt(1000 * t["seconds_per_sample"] if t.get("seconds_per_sample") else None, ".1f")),
+        ("step time", f"median {_fmt(t.get('step_time_s_median'), '.3f', ' s')}, "
+                      f"p90 {_fmt(t.get('step_time_s_p90'), '.3f', ' s')}"),
+        ("peak memory", f"{_fmt(gib(mem.get('peak_bytes')), '.3f', ' GiB')} "
+                        f"({_fmt(mem.get('fraction'), '.1%')} of capacity, {mem.get('source', '-')})"),
+        ("epoch (projected)", _fmt(m.get("epoch_seconds_projected"), ".1f", " s")),
+        ("MFU", _fmt(m.get("mfu"), ".1%")),
+        ("final train loss", _fmt(t.get("final_loss"), ".4f")),
+    ]
+    if m.get("eval"):
+        rows += [("eval loss", _fmt(ev.get("loss"), ".4f")),
+                 ("ROUGE-1/2/L", " / ".join(_fmt(ev.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL"))
+                  + f"  (sum {_fmt(ev.get('rouge_sum'), '.4f')}, mean {_fmt(ev.get('rouge_mean'), '.4f')}, "
+                    f"n={ev.get('n')})")]
+    if output_dir is not None:
+        rows.append(("metrics", str(Path(output_dir) / "metrics.json")))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

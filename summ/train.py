@@ -1,0 +1,349 @@
+"""The training loop and the task function behind run.py: train(cfg) -> metrics.
+
+One job: load data and model, train with Accelerate (gradient accumulation, clipping, mixed
+precision), evaluate, and measure what each sample cost. Every outcome, good or bad, ends in a
+metrics.json in the output directory; the process is left clean for the next job of a sweep.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from summ import data as data_mod
+from summ import evaluate, measure, models
+from summ.config import Config, ModelKind, Precision, resolve_batch, validate
+from summ.errors import ConfigError, Diverged, OverBudget, UserError
+from summ.io import atomic_write_json, atomic_write_text
+from summ.loss import model_inputs, summed_token_loss
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "train_history.jsonl"  # one line per optimizer step: loss, lr, step time, memory
+MicroStepHook = Callable[[int, int], None]  # (optimizer step, micro-step in the window)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of a job's resolved config (sweep resume compares it)."""
+    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
+
+
+def objective_value(metrics: dict, cfg: Config) -> float:
+    """What a sweeper minimises; the configured penalty where the job gave no figure."""
+    train, ev = metrics.get("train") or {}, metrics.get("eval") or {}
+    value = {
+        "train_seconds_per_sample": train.get("seconds_per_sample"),
+        "train_seconds_per_token": train.get("seconds_per_token"),
+        "eval_loss": ev.get("loss"),
+        "neg_rouge_mean": -ev["rouge_mean"] if ev.get("rouge_mean") is not None else None,
+    }[cfg.objective]
+    ok = metrics.get("status") == "ok" and value is not None and math.isfinite(value)
+    return float(value) if ok else float(cfg.objective_penalty)
+
+
+def _skeleton(cfg: Config, cfg_hash: str) -> dict:
+    return {
+        "status": "failed", "error": None, "phase": None,
+        "model": cfg.model.name, "data": cfg.data.name, "device": None, "num_processes": None,
+        "batch_size": cfg.batch.batch_size, "gradient_accumulation_steps": cfg.batch.gradient_accumulation_steps,
+        "effective_batch_size": None, "mixed_precision": cfg.train.mixed_precision.value,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing, "quantization": cfg.model.quantization,
+        "lora": cfg.model.lora.enabled, "config_hash": cfg_hash,
+        "train": None, "memory": None, "eval": None,
+        "epoch_seconds_projected": None, "mfu": None,
+    }
+
+
+def _reset_accelerate() -> None:
+    """Accelerate keeps process-wide state; a sweep's next job may use another precision."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+class _Job:
+    """State of one run, held in one place so that close() can drop every reference."""
+
+    def __init__(self, cfg: Config, output_dir: Path, metrics: dict, on_micro_step: Optional[MicroStepHook]):
+        self.cfg, self.output_dir, self.metrics, self.on_micro_step = cfg, output_dir, metrics, on_micro_step
+        self.accelerator = self.model = self.optimizer = self.monitor = None
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from accelerate import Accelerator, PartialState
+        from accelerate.utils import GradientAccumulationPlugin, set_seed
+
+        cfg, m = self.cfg, self.metrics
+        _reset_accelerate()
+        m["phase"] = "setup"
+        use_cpu = cfg.train.cpu or not torch.cuda.is_available()
+        num_processes = PartialState(cpu=use_cpu).num_processes
+        self.bs, self.ga, eff = resolve_batch(cfg.batch.batch_size, cfg.batch.gradient_accumulation_steps,
+                                              cfg.batch.effective_batch_size, num_processes)
+        if cfg.train.mixed_precision == Precision.fp16 and use_cpu:
+            raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU: use bf16 or no on the CPU")
+        self.accelerator = acc = Accelerator(
+            mixed_precision=cfg.train.mixed_precision.value, cpu=use_cpu,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.ga, sync_with_dataloader=False))
+        set_seed(cfg.train.seed)
+        m.update(device=measure.device_name(acc.device), num_processes=acc.num_processes,
+                 gradient_accumulation_steps=self.ga, effective_batch_size=self.bs * self.ga * acc.num_processes)
+        self.monitor = measure.MemoryMonitor(acc.device, cfg.measure.rss_interval_ms).start()
+        self.guard = measure.BudgetGuard(self.monitor, cfg.measure.memory_budget_gb, cfg.measure.headroom)
+
+        m["phase"] = "load"
+        self.splits = data_mod.load_splits(cfg.data)
+        loaded = models.load(cfg.model, cfg.train.seed, acc.device)
+        self.tokenizer, self.kind = loaded.tokenizer, loaded.kind
+        m.update(trainable_params=loaded.trainable_params, total_params=loaded.total_params,
+                 train_set_size=len(self.splits.train), eval_set_size=len(self.splits.dev))
+        self.encoder = data_mod.Encoder(self.tokenizer, self.kind, cfg.model.prompt_template,
+                                        cfg.data.encoder_max_len, cfg.data.decoder_max_len)
+        collator = data_mod.Collator(self.tokenizer.pad_token_id, self.kind, loaded.decoder_start_token_id)
+        train_ds = data_mod.TokenizedDataset(self.splits.train, self.encoder)
+        self.sampler = data_mod.EpochSampler(train_ds.lengths(), seed=cfg.train.seed,
+                                             group_by_length=cfg.data.group_by_length, batch_size=self.bs)
+        loader_kw = dict(collate_fn=collator, num_workers=cfg.data.num_workers,
+                         pin_memory=acc.device.type == "cuda")
+        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=self.bs, sampler=self.sampler, **loader_kw)
+        dev_loader = torch.utils.data.DataLoader(data_mod.TokenizedDataset(self.splits.dev, self.encoder),
+                                                 batch_size=cfg.batch.eval_batch_size, shuffle=False, **loader_kw)
+        decay = [p for p in loaded.model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in loaded.model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.learning_rate)
+        self.model, self.optimizer, self.train_loader, self.dev_loader = acc.prepare(
+            loaded.model, optimizer, train_loader, dev_loader)
+        del loaded
+
+        updates_per_epoch = len(self.train_loader) // self.ga
+        if updates_per_epoch == 0:
+            raise ConfigError(f"the effective batch {m['effective_batch_size']} is larger than the training set "
+                              f"({len(train_ds)} samples): lower batch.batch_size or the accumulation, "
+                              f"or raise data.max_train_samples")
+        if cfg.measure.steps:
+            self.total_updates = cfg.measure.warmup_steps + cfg.measure.steps
+        elif cfg.train.max_steps:
+            self.total_updates = cfg.train.max_steps
+        else:
+            self.total_updates = cfg.train.epochs * updates_per_epoch
+        self.updates_per_epoch = updates_per_epoch
+        from transformers import get_scheduler
+
+        name = "constant_with_warmup" if cfg.train.scheduler.value == "constant" else cfg.train.scheduler.value
+        # Not prepared by Accelerate: it is stepped once per optimizer step, on every process.
+        self.scheduler = get_scheduler(name, self.optimizer,
+                                       num_warmup_steps=math.ceil(cfg.train.warmup_ratio * self.total_updates),
+                                       num_training_steps=self.total_updates)
+        if acc.is_main_process:
+            log.info("model %s (%s): %s trainable of %s parameters | device %s x%d | micro-batch %d x accumulation "
+                     "%d x processes %d = effective batch %d | %d optimizer steps (%d per epoch of %d samples)",
+                     cfg.model.name, self.kind.value, f"{m['trainable_params']:,}", f"{m['total_params']:,}",
+                     m["device"], acc.num_processes, self.bs, self.ga, acc.num_processes, m["effective_batch_size"],
+                     self.total_updates, updates_per_epoch, len(train_ds))
+
+    # ------------------------------------------------------------------ training
+    def _windows(self):
+        """Yield lists of `ga` micro-batches forever, epoch after epoch. A trailing partial
+        window is dropped so every update sees exactly the effective batch; the sampler's
+        next permutation brings those samples back."""
+        epoch = 0
+        while True:
+            self.train_loader.set_epoch(epoch)
+            window = []
+            for batch in self.train_loader:
+                window.append(batch)
+                if len(window) == self.ga:
+                    yield epoch, window
+                    window = []
+            epoch += 1
+
+    def train(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg, acc, m = self.cfg, self.accelerator, self.metrics
+        m["phase"] = "train"
+        timer = measure.StepTimer(warmup_steps=cfg.measure.warmup_steps)
+        profile = None
+        device = acc.device
+        self.model.train()
+        bar = tqdm(total=self.total_updates, desc="train", unit="step", disable=not acc.is_local_main_process,
+                   dynamic_ncols=True, leave=False)
+        windows = self._windows()
+        loss_value = None
+        try:
+            for step in range(self.total_updates):
+                measure.synchronize(device)
+                t_step = measure.now()
+                epoch, window = next(windows)
+                counts = torch.tensor([[len(b["input_ids"]), *measure.batch_token_counts(b),
+                                        measure.label_token_count(b)] for b in window], device=device).sum(0)
+                samples, tokens, pads, n_items = (int(x) for x in acc.reduce(counts, reduction="sum"))
+                loss_sum = torch.zeros((), device=device)
+                for micro, batch in enumerate(window):
+                    t_micro = measure.now()
+                    with acc.accumulate(self.model):
+                        if profile is None:
+                            profiler = measure.ProfileMicroStep()
+                            with profiler:
+                                part = self._forward_backward(batch, n_items, step, micro)
+                            profile = profiler.profile
+                            profile.tokens = measure.batch_token_counts(batch)[0]
+                        else:
+                            part = self._forward_backward(batch, n_items, step, micro)
+                        if acc.sync_gradients and cfg.train.max_grad_norm > 0:
+                            acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    loss_sum += part
+                    measure.synchronize(device)
+                    timer.add_micro(measure.now() - t_micro)
+                self.scheduler.step()
+                loss_value = float(acc.reduce(loss_sum, reduction="sum")) / max(n_items, 1)
+                measure.synchronize(device)
+                step_seconds = measure.now() - t_step
+                timer.add_step(step_seconds, samples=samples, tokens=tokens, pad_tokens=pads)
+                self.history.append({"step": step + 1, "epoch": epoch, "loss": loss_value,
+                                     "lr": self.scheduler.get_last_lr()[0], "step_time_s": step_seconds,
+                                     "samples_per_s": samples / step_seconds,
+                                     "peak_mem_bytes": self.monitor.peak_bytes()})
+                if not math.isfinite(loss_value):
+                    raise Diverged(f"loss became {loss_value} at optimizer step {step + 1}")
+                self.guard.check()
+                bar.update(1)
+                if (step + 1) % cfg.train.log_every_steps == 0 or step == 0:
+                    bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{samples / step_seconds:.1f}")
+        finally:
+            bar.close()
+            self._record_train(timer, profile, loss_value)
+
+    def _forward_backward(self, batch: dict, n_items: int, step: int, micro: int) -> torch.Tensor:
+        acc = self.accelerator
+        if self.on_micro_step is not None:
+            self.on_micro_step(step, micro)
+        logits = self.model(**model_inputs(batch)).logits
+        loss_sum = summed_token_loss(logits, batch["labels"], self.kind, self.cfg.train.label_smoothing)
+        # Normalise by the label tokens of the whole window on all processes. Accelerate divides
+        # by the accumulation steps and DDP averages over processes: undo both.
+        acc.backward(loss_sum * (self.ga * acc.num_processes / max(n_items, 1)))
+        return loss_sum.detach()
+
+    def _record_train(self, timer: measure.StepTimer, profile, final_loss) -> None:
+        cfg, m = self.cfg, self.metrics
+        t = timer.summary()
+        t["final_loss"] = final_loss
+        t["total_optimizer_steps"] = timer.steps_seen
+        m["train"] = t
+        if profile is not None:
+            t["flops_per_token"] = profile.flops / profile.tokens if profile.tokens else None
+            t["activation_bytes_first_micro_batch"] = profile.activation_bytes
+        if t["samples_per_s"]:
+            m["epoch_seconds_projected"] = len(self.splits.train) / t["samples_per_s"]
+        peak = measure.peak_flops(self.accelerator.device, cfg.train.mixed_precision.value, cfg.measure.peak_tflops)
+        if peak and t.get("flops_per_token") and t["tokens_per_s"]:
+            m["mfu"] = t["flops_per_token"] * t["tokens_per_s"] / (peak * self.accelerator.num_processes)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> None:
+        cfg, acc, m = self.cfg, self.accelerator, self.metrics
+        if not cfg.eval.enabled or not self.splits.dev:
+            return
+        m["phase"] = "eval"
+        result: dict[str, Any] = {"loss": evaluate.eval_loss(acc, self.model, self.dev_loader, self.kind)}
+        if cfg.eval.generate:
+            preds, seconds = evaluate.generate(acc, self.model, self.splits.dev, self.encoder, self.tokenizer,
+                                               cfg.inference, self.kind, cfg.batch.eval_batch_size)
+            result.update(evaluate.score(self.splits.dev, preds, cfg.eval.rouge_tokenizer))
+            result.update(generation_seconds=seconds, generation_ms_per_sample=1000 * seconds / len(preds))
+            if cfg.eval.save_predictions and acc.is_main_process:
+                evaluate.save_predictions(self.output_dir / "dev_predictions.csv", self.splits.dev, preds)
+        else:
+            result.update(rouge1=None, rouge2=None, rougeL=None, rouge_sum=None, rouge_mean=None)
+        result.setdefault("n", len(self.splits.dev))
+        m["eval"] = result
+        self.guard.check()
+
+    def save(self) -> None:
+        """Weights (the LoRA adapter alone for peft models) and tokenizer, as safetensors."""
+        if not self.cfg.train.save_model:
+            return
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            target = self.output_dir / "model"
+            self.accelerator.unwrap_model(self.model).save_pretrained(target, safe_serialization=True)
+            self.tokenizer.save_pretrained(target)
+
+    # ------------------------------------------------------------------ teardown
+    def record_memory(self) -> None:
+        if self.monitor is None:
+            return
+        peak, capacity = self.monitor.peak_bytes(), self.monitor.capacity_bytes()
+        self.metrics["memory"] = {
+            "peak_bytes": peak, "reserved_bytes": self.monitor.reserved_bytes(), "capacity_bytes": capacity,
+            "fraction": peak / capacity if capacity else None, "source": self.monitor.source,
+            "budget_bytes": self.guard.budget_bytes, "limit_bytes": self.guard.limit_bytes,
+        }
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self.accelerator is not None:
+            self.accelerator.free_memory()
+        for name in ("model", "optimizer", "train_loader", "dev_loader", "scheduler", "accelerator", "monitor"):
+            setattr(self, name, None)
+        _reset_accelerate()
+        measure.release_memory()
+
+
+def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optional[MicroStepHook] = None) -> dict:
+    """Run one job and return its metrics (also written to <output_dir>/metrics.json).
+
+    Job-level failures (oom, over_budget, diverged, failed) are recorded, not raised, so a sweep
+    goes on; a UserError (bad config, data, weights) is recorded and then raised for run.py.
+    """
+    validate(cfg)
+    obj: Config = OmegaConf.to_object(cfg)
+    output_dir = Path(output_dir)
+    metrics = _skeleton(obj, config_hash(cfg))
+    job = _Job(obj, output_dir, metrics, on_micro_step)
+    raise_after: Optional[BaseException] = None
+    try:
+        job.setup()
+        job.train()
+        job.save()
+        job.evaluate()
+        metrics["status"], metrics["phase"] = "ok", None
+    except OverBudget as exc:
+        metrics.update(status="over_budget", error=str(exc))
+    except (torch.OutOfMemoryError, MemoryError):
+        metrics.update(status="oom", error=f"out of memory during {metrics['phase']}")
+    except Diverged as exc:
+        metrics.update(status="diverged", error=str(exc))
+    except UserError as exc:
+        metrics.update(status="failed", error=str(exc))
+        raise_after = exc
+    except Exception as exc:  # a bug or an unforeseen library error: recorded, the sweep goes on
+        metrics.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        atomic_write_text(output_dir / "error.log", traceback.format_exc())
+    finally:
+        job.record_memory()
+        history = job.history
+        job.close()
+        del job
+    if history:
+        atomic_write_text(output_dir / HISTORY_FILE, "".join(json.dumps(h) + "\n" for h in history))
+    atomic_write_json(output_dir / METRICS_FILE, metrics)
+    if raise_after is not None:
+        raise raise_after
+    return metrics

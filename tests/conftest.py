@@ -1,0 +1,48 @@
+"""Shared fixtures: compose the real config from conf/ and shrink it for fast CPU tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded in tests
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from summ.config import register_configs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Small and quick, but the real code path: tiny model, bundled data, short schedule.
+FAST = ["train.epochs=1", "eval.generate=false", "measure.warmup_steps=1", "measure.rss_interval_ms=5"]
+
+
+def compose_cfg(overrides=()):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF)):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def cfg_factory():
+    return compose_cfg
+
+
+@pytest.fixture
+def run_job(tmp_path):
+    """Compose with overrides and run one job in a fresh folder; returns (metrics, folder)."""
+    from summ.train import train
+
+    counter = {"n": 0}
+
+    def _run(*overrides, fast=True, on_micro_step=None):
+        counter["n"] += 1
+        out = tmp_path / f"job{counter['n']}"
+        cfg = compose_cfg((FAST if fast else []) + list(overrides))
+        return train(cfg, out, on_micro_step=on_micro_step), out
+
+    return _run
