@@ -116,7 +116,10 @@ class _Job:
                                              group_by_length=cfg.data.group_by_length, batch_size=self.bs)
         loader_kw = dict(collate_fn=collator, num_workers=cfg.data.num_workers,
                          pin_memory=acc.device.type == "cuda")
-        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=self.bs, sampler=self.sampler, **loader_kw)
+        # drop_last: every micro-batch is full, so every update sees exactly the effective batch
+        # and per-step figures compare; the next epoch's permutation brings the dropped samples back.
+        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=self.bs, sampler=self.sampler,
+                                                   drop_last=True, **loader_kw)
         dev_loader = torch.utils.data.DataLoader(data_mod.TokenizedDataset(self.splits.dev, self.encoder),
                                                  batch_size=cfg.batch.eval_batch_size, shuffle=False, **loader_kw)
         decay = [p for p in loaded.model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -156,8 +159,7 @@ class _Job:
     # ------------------------------------------------------------------ training
     def _windows(self):
         """Yield lists of `ga` micro-batches forever, epoch after epoch. A trailing partial
-        window is dropped so every update sees exactly the effective batch; the sampler's
-        next permutation brings those samples back."""
+        window is dropped, like a partial micro-batch (see drop_last above)."""
         epoch = 0
         while True:
             self.train_loader.set_epoch(epoch)
