@@ -17,19 +17,29 @@ from summ.summary import format_summary
 log = logging.getLogger("summ")
 
 
-def _hydra_context() -> tuple[Path, bool]:
-    """(output directory, whether this job is part of a multirun)."""
+def _hydra_context() -> tuple[Path, bool, list[str]]:
+    """(output directory, whether this job is part of a multirun, its command-line overrides)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
-    return Path(hc.runtime.output_dir), hc.mode == RunMode.MULTIRUN
+    return Path(hc.runtime.output_dir), hc.mode == RunMode.MULTIRUN, list(hc.overrides.task)
 
 
 def run(cfg: DictConfig) -> float:
-    from summ.train import objective_value, train
+    from summ.sweep import apply_trial_defaults, reusable_metrics
+    from summ.train import config_hash, objective_value, train
 
-    output_dir, multirun = _hydra_context()
+    output_dir, multirun, overrides = _hydra_context()
+    if multirun:
+        cfg = apply_trial_defaults(cfg, overrides)
+    if cfg.sweep.resume:
+        prior = reusable_metrics(output_dir, config_hash(cfg))
+        if prior is not None:
+            log.info("resume: %s already holds a complete %s result for this config; not measured again",
+                     output_dir, prior["status"])
+            print(format_summary(prior, output_dir))
+            return objective_value(prior, OmegaConf.to_object(cfg))
     try:
         metrics = train(cfg, output_dir)
     except UserError as exc:

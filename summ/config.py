@@ -187,6 +187,22 @@ class TTAConfig:
 
 
 @dataclass
+class SweepConfig:
+    """How multirun jobs behave (they are measurement trials unless told otherwise)."""
+
+    trial_steps: Optional[int] = 10  # measure.steps for a multirun job that leaves it null (null: full training)
+    evaluate: bool = False  # multirun jobs evaluate only if this, or eval.enabled on the command line, asks
+    resume: bool = False  # reuse a job folder's complete metrics.json when its config hash matches
+
+
+@dataclass
+class KneeConfig:
+    """The knee report's recommendation rule (summ/report.py)."""
+
+    tolerance: float = 0.05  # cells within this fraction of the best samples/s count as "as fast"
+
+
+@dataclass
 class Config:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -197,6 +213,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    knee: KneeConfig = field(default_factory=KneeConfig)
     # What main() returns to a sweeper (lower is better).
     objective: str = "train_seconds_per_sample"
     # Returned to a sweeper for a trial that did not produce a figure (oom, over_budget, ...).
@@ -225,10 +243,11 @@ def validate(cfg: DictConfig | Config) -> None:
                 "data.max_train_samples", "data.max_eval_samples", "train.epochs", "train.max_steps",
                 "train.learning_rate", "measure.steps", "measure.memory_budget_gb",
                 "measure.peak_tflops", "inference.num_beams", "inference.max_new_tokens",
-                "measure.rss_interval_ms", "train.log_every_steps", "model.lora.r"):
+                "measure.rss_interval_ms", "train.log_every_steps", "model.lora.r", "sweep.trial_steps"):
         _positive(key, _get(c, key))
     for key in ("measure.warmup_steps", "train.weight_decay", "train.max_grad_norm",
-                "train.label_smoothing", "train.warmup_ratio", "augmentation.ratio", "tta.num_aug"):
+                "train.label_smoothing", "train.warmup_ratio", "augmentation.ratio", "tta.num_aug",
+                "knee.tolerance"):
         _positive(key, _get(c, key), allow_zero=True)
     if not 0 < _get(c, "measure.headroom") <= 1:
         raise ConfigError(f"measure.headroom={_get(c, 'measure.headroom')} must be in (0, 1]")

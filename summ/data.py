@@ -131,30 +131,39 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    def _prompts(self, dialogues: list[str]) -> list[list[int]]:
+        if self.kind == ModelKind.seq2seq:
+            return self.tok(dialogues, truncation=True, max_length=self.encoder_max_len)["input_ids"]
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        body = self.tok(dialogues, add_special_tokens=False)["input_ids"] if dialogues else []
+        return [bos + self._prefix + ids[: self.encoder_max_len] + self._suffix for ids in body]
+
+    def _targets(self, summaries: list[str]) -> list[list[int]]:
+        if self.kind == ModelKind.seq2seq:
+            return self.tok(summaries, truncation=True, max_length=self.decoder_max_len)["input_ids"]
+        body = self.tok(summaries, add_special_tokens=False)["input_ids"] if summaries else []
+        return [ids[: self.decoder_max_len - 1] + [self.tok.eos_token_id] for ids in body]
+
     def prompt_ids(self, dialogue: str) -> list[int]:
         """The model input before the summary, truncated so the dialogue fits encoder_max_len."""
-        if self.kind == ModelKind.seq2seq:
-            return self.tok(dialogue, truncation=True, max_length=self.encoder_max_len)["input_ids"]
-        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-        return bos + self._prefix + self._ids(dialogue)[: self.encoder_max_len] + self._suffix
+        return self._prompts([dialogue])[0]
 
-    def summary_ids(self, summary: str) -> list[int]:
+    def encode_all(self, samples: Sequence[Sample]) -> list[Features]:
+        """Tokenize many samples at once (the fast tokenizer batches in Rust)."""
+        prompts = self._prompts([s.dialogue for s in samples])
+        targets = self._targets([s.summary for s in samples])
         if self.kind == ModelKind.seq2seq:
-            return self.tok(summary, truncation=True, max_length=self.decoder_max_len)["input_ids"]
-        return self._ids(summary)[: self.decoder_max_len - 1] + [self.tok.eos_token_id]
+            return [Features(input_ids=p, labels=t, prompt_len=len(p)) for p, t in zip(prompts, targets)]
+        return [Features(input_ids=p + t, labels=[IGNORE_INDEX] * len(p) + t, prompt_len=len(p))
+                for p, t in zip(prompts, targets)]
 
     def encode(self, sample: Sample) -> Features:
-        prompt = self.prompt_ids(sample.dialogue)
-        target = self.summary_ids(sample.summary)
-        if self.kind == ModelKind.seq2seq:
-            return Features(input_ids=prompt, labels=target, prompt_len=len(prompt))
-        return Features(input_ids=prompt + target, labels=[IGNORE_INDEX] * len(prompt) + target,
-                        prompt_len=len(prompt))
+        return self.encode_all([sample])[0]
 
 
 class TokenizedDataset(Dataset):
     def __init__(self, samples: Sequence[Sample], encoder: Encoder):
-        self.features = [encoder.encode(s) for s in samples]
+        self.features = encoder.encode_all(samples)
 
     def __len__(self) -> int:
         return len(self.features)

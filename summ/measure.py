@@ -99,6 +99,26 @@ def release_memory() -> None:
         pass
 
 
+_WARMED = False
+
+
+def _warm_process() -> None:
+    """Once per process: start autograd's engine, the optimizer and the thread pools on a
+    throw-away model, so the first job of a sweep is not charged for them."""
+    global _WARMED
+    if _WARMED:
+        return
+    layer = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(layer.parameters())
+    with ProfileMicroStep():
+        torch.nn.functional.cross_entropy(layer(torch.randn(8, 64)), torch.zeros(8, dtype=torch.long),
+                                          label_smoothing=0.1).backward()
+    opt.step()
+    big = torch.randn(512, 512, requires_grad=True)  # large enough to start the intra-op thread pool
+    (big @ big).relu().softmax(-1).sum().backward()
+    _WARMED = True
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -124,6 +144,7 @@ class MemoryMonitor:
         return "cuda_max_memory_allocated" if self.device.type == "cuda" else "cpu_rss_above_baseline"
 
     def start(self) -> "MemoryMonitor":
+        _warm_process()
         release_memory()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -237,6 +258,10 @@ class StepTimer:
     pad_tokens: int = 0
     micro_steps: int = 0
     steps_seen: int = 0  # optimizer steps including warmup
+    max_micro_batch_positions: int = 0  # padded token positions of the largest micro-batch
+
+    def note_positions(self, positions: int) -> None:
+        self.max_micro_batch_positions = max(self.max_micro_batch_positions, positions)
 
     @property
     def measuring(self) -> bool:
@@ -278,6 +303,7 @@ class StepTimer:
             "step_time_s_median": statistics.median(self.step_times) if self.step_times else None,
             "step_time_s_p90": _percentile(self.step_times, 0.9),
             "micro_step_time_s_median": statistics.median(self.micro_times) if self.micro_times else None,
+            "max_micro_batch_positions": self.max_micro_batch_positions,
         }
 
 

@@ -128,18 +128,39 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load(cfg: ModelConfig, seed: int, device: torch.device) -> LoadedModel:
-    """Tokenizer and model, with masked tokens as special tokens, LoRA/QLoRA and checkpointing applied."""
-    from transformers import AutoTokenizer
-
-    source = None if cfg.tiny else _weights_source(cfg)
-    if source is None:
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer with the competition's masked tokens as special tokens."""
+    if cfg.tiny:
         tok = tiny_tokenizer()
     else:
-        tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(_weights_source(cfg), local_files_only=True,
+                                            trust_remote_code=cfg.trust_remote_code)
         tok.add_special_tokens({"additional_special_tokens": MASKED_TOKENS}, replace_extra_special_tokens=False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    return tok
+
+
+def preimport(cfg: ModelConfig) -> None:
+    """Import the modules a model load needs, so their memory is not counted as the job's
+    (the first job of a sweep would otherwise read larger than the rest)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM  # noqa: F401
+
+    if cfg.tiny and cfg.tiny.arch == "bart":
+        from transformers import BartForConditionalGeneration  # noqa: F401
+    elif cfg.tiny and cfg.tiny.arch == "llama":
+        from transformers import LlamaForCausalLM  # noqa: F401
+    if cfg.lora.enabled:
+        import peft  # noqa: F401
+    if cfg.quantization != "none":
+        _quantization_config(cfg)
+
+
+def load(cfg: ModelConfig, tok, seed: int, device: torch.device) -> LoadedModel:
+    """The model for `tok`: LoRA/QLoRA and gradient checkpointing applied."""
+    source = None if cfg.tiny else _weights_source(cfg)
     quant = _quantization_config(cfg)
     kwargs: dict[str, Any] = {}
     if cfg.attn_implementation:

@@ -33,8 +33,10 @@ MicroStepHook = Callable[[int, int], None]  # (optimizer step, micro-step in the
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Identity of a job's resolved config (sweep resume compares it)."""
-    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
+    """Identity of a job's resolved config, for sweep resume. The `sweep` section is left out:
+    setting sweep.resume=true must not make a finished cell look different."""
+    kept = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in ("sweep", "hydra")])
+    return hashlib.sha256(OmegaConf.to_yaml(kept, resolve=True).encode()).hexdigest()[:16]
 
 
 def objective_value(metrics: dict, cfg: Config) -> float:
@@ -83,13 +85,14 @@ class _Job:
     def setup(self) -> None:
         from accelerate import Accelerator, PartialState
         from accelerate.utils import GradientAccumulationPlugin, set_seed
+        from transformers import get_scheduler  # imported before memory is counted (tens of MB of code)
 
         cfg, m = self.cfg, self.metrics
         _reset_accelerate()
         m["phase"] = "setup"
         use_cpu = cfg.train.cpu or not torch.cuda.is_available()
         num_processes = PartialState(cpu=use_cpu).num_processes
-        self.bs, self.ga, eff = resolve_batch(cfg.batch.batch_size, cfg.batch.gradient_accumulation_steps,
+        self.bs, self.ga, _ = resolve_batch(cfg.batch.batch_size, cfg.batch.gradient_accumulation_steps,
                                               cfg.batch.effective_batch_size, num_processes)
         if cfg.train.mixed_precision == Precision.fp16 and use_cpu:
             raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU: use bf16 or no on the CPU")
@@ -99,19 +102,23 @@ class _Job:
         set_seed(cfg.train.seed)
         m.update(device=measure.device_name(acc.device), num_processes=acc.num_processes,
                  gradient_accumulation_steps=self.ga, effective_batch_size=self.bs * self.ga * acc.num_processes)
-        self.monitor = measure.MemoryMonitor(acc.device, cfg.measure.rss_interval_ms).start()
-        self.guard = measure.BudgetGuard(self.monitor, cfg.measure.memory_budget_gb, cfg.measure.headroom)
-
         m["phase"] = "load"
         self.splits = data_mod.load_splits(cfg.data)
-        loaded = models.load(cfg.model, cfg.train.seed, acc.device)
-        self.tokenizer, self.kind = loaded.tokenizer, loaded.kind
-        m.update(trainable_params=loaded.trainable_params, total_params=loaded.total_params,
-                 train_set_size=len(self.splits.train), eval_set_size=len(self.splits.dev))
+        self.tokenizer = models.load_tokenizer(cfg.model)
+        self.kind = cfg.model.kind
         self.encoder = data_mod.Encoder(self.tokenizer, self.kind, cfg.model.prompt_template,
                                         cfg.data.encoder_max_len, cfg.data.decoder_max_len)
-        collator = data_mod.Collator(self.tokenizer.pad_token_id, self.kind, loaded.decoder_start_token_id)
         train_ds = data_mod.TokenizedDataset(self.splits.train, self.encoder)
+        dev_ds = data_mod.TokenizedDataset(self.splits.dev, self.encoder)
+        models.preimport(cfg.model)
+        # Memory is counted from here: model, optimizer state, activations (as on a GPU),
+        # not the tokenized data or the imported code.
+        self.monitor = measure.MemoryMonitor(acc.device, cfg.measure.rss_interval_ms).start()
+        self.guard = measure.BudgetGuard(self.monitor, cfg.measure.memory_budget_gb, cfg.measure.headroom)
+        loaded = models.load(cfg.model, self.tokenizer, cfg.train.seed, acc.device)
+        m.update(trainable_params=loaded.trainable_params, total_params=loaded.total_params,
+                 train_set_size=len(self.splits.train), eval_set_size=len(self.splits.dev))
+        collator = data_mod.Collator(self.tokenizer.pad_token_id, self.kind, loaded.decoder_start_token_id)
         self.sampler = data_mod.EpochSampler(train_ds.lengths(), seed=cfg.train.seed,
                                              group_by_length=cfg.data.group_by_length, batch_size=self.bs)
         loader_kw = dict(collate_fn=collator, num_workers=cfg.data.num_workers,
@@ -120,8 +127,7 @@ class _Job:
         # and per-step figures compare; the next epoch's permutation brings the dropped samples back.
         train_loader = torch.utils.data.DataLoader(train_ds, batch_size=self.bs, sampler=self.sampler,
                                                    drop_last=True, **loader_kw)
-        dev_loader = torch.utils.data.DataLoader(data_mod.TokenizedDataset(self.splits.dev, self.encoder),
-                                                 batch_size=cfg.batch.eval_batch_size, shuffle=False, **loader_kw)
+        dev_loader = torch.utils.data.DataLoader(dev_ds, batch_size=cfg.batch.eval_batch_size, shuffle=False, **loader_kw)
         decay = [p for p in loaded.model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in loaded.model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
@@ -142,8 +148,6 @@ class _Job:
         else:
             self.total_updates = cfg.train.epochs * updates_per_epoch
         self.updates_per_epoch = updates_per_epoch
-        from transformers import get_scheduler
-
         name = "constant_with_warmup" if cfg.train.scheduler.value == "constant" else cfg.train.scheduler.value
         # Not prepared by Accelerate: it is stepped once per optimizer step, on every process.
         self.scheduler = get_scheduler(name, self.optimizer,
@@ -189,9 +193,11 @@ class _Job:
                 measure.synchronize(device)
                 t_step = measure.now()
                 epoch, window = next(windows)
-                counts = torch.tensor([[len(b["input_ids"]), *measure.batch_token_counts(b),
-                                        measure.label_token_count(b)] for b in window], device=device).sum(0)
-                samples, tokens, pads, n_items = (int(x) for x in acc.reduce(counts, reduction="sum"))
+                rows = torch.tensor([[len(b["input_ids"]), *measure.batch_token_counts(b),
+                                      measure.label_token_count(b)] for b in window], device=device)
+                # padded positions of this process's largest micro-batch: what its memory peak scales with
+                timer.note_positions(int((rows[:, 1] + rows[:, 2]).max()))
+                samples, tokens, pads, n_items = (int(x) for x in acc.reduce(rows.sum(0), reduction="sum"))
                 loss_sum = torch.zeros((), device=device)
                 for micro, batch in enumerate(window):
                     t_micro = measure.now()

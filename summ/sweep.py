@@ -1,0 +1,48 @@
+"""Multirun jobs: measurement-trial defaults and resume from a complete metrics.json."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from summ.train import METRICS_FILE, config_hash
+
+log = logging.getLogger(__name__)
+
+# Outcomes that re-measuring would not change; "failed" (a crash, a bad cell) is retried.
+FINAL_STATUSES = ("ok", "oom", "over_budget", "diverged")
+
+
+def _overridden(task_overrides: Sequence[str], key: str) -> bool:
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in task_overrides)
+
+
+def apply_trial_defaults(cfg: DictConfig, task_overrides: Sequence[str]) -> DictConfig:
+    """A multirun job is a measurement trial: `sweep.trial_steps` measured steps when
+    measure.steps is null (unless trial_steps is null too: full training), and no evaluation unless `sweep.evaluate` or an explicit
+    `eval.enabled=...` on the command line asks for it."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        if cfg.measure.steps is None and cfg.sweep.trial_steps is not None:
+            cfg.measure.steps = cfg.sweep.trial_steps
+        if not cfg.sweep.evaluate and not _overridden(task_overrides, "eval.enabled"):
+            cfg.eval.enabled = False
+    return cfg
+
+
+def reusable_metrics(output_dir: Path, cfg_hash: str) -> Optional[dict]:
+    """The job folder's metrics.json if it is complete, final and for the same config."""
+    path = output_dir / METRICS_FILE
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s): measuring the cell again", path, exc)
+        return None
+    if metrics.get("status") in FINAL_STATUSES and metrics.get("config_hash") == cfg_hash:
+        return metrics
+    return None

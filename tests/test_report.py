@@ -1,0 +1,115 @@
+"""The knee report from hand-made job folders: flags, recommendation, memory model, bad files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from summ.report import analyse, build_report, fit_memory_model, load_cells, main
+
+GB = 10**9
+
+
+def job(root, num, bs, ga, status="ok", sps=None, peak=None, positions=None, budget=24 * GB, headroom=0.9,
+        rouge=None, extra_overrides=()):
+    d = root / str(num)
+    (d / ".hydra").mkdir(parents=True)
+    overrides = [f"batch.batch_size={bs}", f"batch.gradient_accumulation_steps={ga}", *extra_overrides]
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    m = {"status": status, "error": None if status == "ok" else f"{status} in train", "model": "llama",
+         "batch_size": bs, "gradient_accumulation_steps": ga, "effective_batch_size": bs * ga,
+         "mixed_precision": "no", "gradient_checkpointing": True,
+         "train": {"samples_per_s": sps, "tokens_per_s": sps and sps * 300, "seconds_per_sample": sps and 1 / sps,
+                   "step_time_s_median": sps and bs * ga / sps, "max_micro_batch_positions": positions,
+                   "pad_fraction": 0.2},
+         "memory": {"peak_bytes": peak, "budget_bytes": budget, "limit_bytes": int(budget * headroom),
+                    "fraction": peak and peak / budget},
+         "eval": {"rouge_mean": rouge, "loss": 1.0} if rouge else None, "epoch_seconds_projected": sps and 12457 / sps}
+    (d / "metrics.json").write_text(json.dumps(m))
+    return d
+
+
+def test_memory_pressure_case_from_the_original_report(tmp_path):
+    """Llama 3B, QLoRA: 3.3 s/step at batch 8 against 8.0 s/step at batch 16 (accumulation 2)."""
+    job(tmp_path, 0, 8, 2, sps=16 / 3.3, peak=19 * GB, positions=8 * 600)
+    job(tmp_path, 1, 16, 2, sps=32 / 8.0, peak=21 * GB, positions=16 * 600)
+    job(tmp_path, 2, 4, 2, sps=8 / 1.9, peak=15 * GB, positions=4 * 600)
+    a = build_report(tmp_path)
+    by_bs = {c.batch_size: c for c in a.cells}
+    assert "memory pressure" in by_bs[16].flags
+    assert "memory pressure" not in by_bs[8].flags and "memory pressure" not in by_bs[4].flags
+    assert a.recommended.batch_size == 8 and a.fastest is a.recommended
+    assert "16 x 2" in a.reason
+    md = (tmp_path / "knee_report.md").read_text()
+    assert "**memory pressure**" in md and "**micro-batch 8 x accumulation 2**" in md
+    assert (tmp_path / "knee.png").stat().st_size > 10_000
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("job,overrides,status")
+
+
+def test_recommendation_prefers_the_smallest_micro_batch_within_tolerance(tmp_path):
+    job(tmp_path, 0, 4, 1, sps=97.0, peak=2 * GB, positions=4 * 400)
+    job(tmp_path, 1, 8, 1, sps=100.0, peak=3 * GB, positions=8 * 400)
+    job(tmp_path, 2, 4, 2, sps=98.0, peak=2 * GB, positions=4 * 400)
+    job(tmp_path, 3, 2, 1, sps=80.0, peak=1.5 * GB, positions=2 * 400)
+    a = analyse(load_cells(tmp_path)[0], tolerance=0.05)
+    assert (a.recommended.batch_size, a.recommended.gradient_accumulation_steps) == (4, 1)  # ties: fewer steps
+    assert a.fastest.batch_size == 8 and "fastest" in a.fastest.flags
+    strict = analyse(load_cells(tmp_path)[0], tolerance=0.01)
+    assert strict.recommended.batch_size == 8
+
+
+def test_cells_that_did_not_fit_are_shown_and_excluded(tmp_path):
+    job(tmp_path, 0, 4, 1, sps=50.0, peak=8 * GB, positions=4 * 500)
+    job(tmp_path, 1, 8, 1, sps=60.0, peak=14 * GB, positions=8 * 500)
+    job(tmp_path, 2, 16, 1, status="over_budget", peak=23 * GB)
+    job(tmp_path, 3, 32, 1, status="oom")
+    a = build_report(tmp_path)
+    assert a.recommended.batch_size == 8
+    assert "over_budget" in a.reason and "oom" in a.reason
+    md = (tmp_path / "knee_report.md").read_text()
+    assert "| 16 | 16 | 1 | over_budget |" in md and "| 32 | 32 | 1 | oom |" in md
+
+
+def test_memory_model_fits_and_predicts_the_largest_fitting_batch(tmp_path):
+    # exact line: 2 GB + 1 MB per position, 500 positions per sample
+    for i, bs in enumerate((2, 4, 8)):
+        job(tmp_path, i, bs, 1, sps=10.0 * bs, peak=int(2 * GB + 1e6 * bs * 500), positions=bs * 500,
+            budget=20 * GB, headroom=1.0)
+    cells, _ = load_cells(tmp_path)
+    mm = fit_memory_model(cells)
+    assert mm.r2 == pytest.approx(1.0) and mm.slope == pytest.approx(1e6)
+    assert mm.predict(16) == pytest.approx(2 * GB + 1e6 * 16 * 500)
+    a = analyse(cells)
+    assert a.predicted_largest_fitting == 36  # (20 GB - 2 GB) / (1 MB x 500)
+    md = build_report(tmp_path) and (tmp_path / "knee_report.md").read_text()
+    assert "(predicted)" in md and "| 16 |" in md
+
+
+def test_equal_effective_batch_cells_are_compared(tmp_path):
+    job(tmp_path, 0, 8, 2, sps=40.0, peak=5 * GB, positions=8 * 300)
+    job(tmp_path, 1, 16, 1, sps=30.0, peak=9 * GB, positions=16 * 300)
+    md = (build_report(tmp_path), (tmp_path / "knee_report.md").read_text())[1]
+    assert "effective 16: 8 x 2: 40.0 samples/s (100% of best)" in md
+    assert "16 x 1: 30.0 samples/s (75% of best)" in md
+
+
+def test_corrupt_and_missing_metrics_are_warnings_not_crashes(tmp_path, capsys):
+    job(tmp_path, 0, 4, 1, sps=50.0, peak=2 * GB, positions=4 * 300)
+    bad = job(tmp_path, 1, 8, 1, sps=60.0, peak=3 * GB, positions=8 * 300)
+    (bad / "metrics.json").write_text('{"status": "ok", "train": {')  # cut short
+    missing = job(tmp_path, 2, 16, 1, sps=1.0, peak=1)
+    (missing / "metrics.json").unlink()
+    assert main([str(tmp_path)]) == 0
+    a = build_report(tmp_path)
+    statuses = {c.job: c.status for c in a.cells}
+    assert statuses == {"0": "ok", "1": "corrupt", "2": "missing"}
+    assert any("job 1" in w and "corrupt" in w for w in a.warnings)
+    assert any("job 2" in w for w in a.warnings)
+    assert "## Warnings" in (tmp_path / "knee_report.md").read_text()
+
+
+def test_report_cli_rejects_a_missing_folder(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "no such sweep folder" in capsys.readouterr().err
