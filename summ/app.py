@@ -17,20 +17,16 @@ from summ.summary import format_summary
 log = logging.getLogger("summ")
 
 
-def _hydra_context() -> tuple[Path, bool, list[str]]:
-    """(output directory, whether this job is part of a multirun, its command-line overrides)."""
+def run(cfg: DictConfig) -> float | tuple[float, float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    hc = HydraConfig.get()
-    return Path(hc.runtime.output_dir), hc.mode == RunMode.MULTIRUN, list(hc.overrides.task)
-
-
-def run(cfg: DictConfig) -> float:
+    from summ.study import record_trial
     from summ.sweep import apply_trial_defaults, reusable_metrics
-    from summ.train import config_hash, objective_value, train
+    from summ.train import config_hash, objective_value, penalty_value, train
 
-    output_dir, multirun, overrides = _hydra_context()
+    hc = HydraConfig.get()
+    output_dir, multirun, overrides = Path(hc.runtime.output_dir), hc.mode == RunMode.MULTIRUN, list(hc.overrides.task)
     if multirun:
         cfg = apply_trial_defaults(cfg, overrides)
     if cfg.sweep.resume:
@@ -45,8 +41,10 @@ def run(cfg: DictConfig) -> float:
     except UserError as exc:
         if multirun:
             log.error("job failed: %s", exc)
-            return float(cfg.objective_penalty)
+            return penalty_value(OmegaConf.to_object(cfg))
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if multirun:
+        record_trial(hc, overrides, {**metrics, "job_dir": str(output_dir)})
     print(format_summary(metrics, output_dir))
     return objective_value(metrics, OmegaConf.to_object(cfg))

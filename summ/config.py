@@ -48,7 +48,8 @@ class DataSource(enum.Enum):
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")
-OBJECTIVES = ("train_seconds_per_sample", "train_seconds_per_token", "eval_loss", "neg_rouge_mean")
+OBJECTIVES = ("train_seconds_per_sample", "train_seconds_per_token", "eval_loss", "neg_rouge_mean",
+              "seconds_per_sample_and_rouge")  # the last returns two values, for a Pareto study
 
 
 @dataclass
@@ -125,9 +126,13 @@ class BatchConfig:
 class TrainConfig:
     epochs: int = 3
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs
+    # Training samples to process; overrides epochs and max_steps. Cells of a sweep with this set
+    # see the same number of samples whatever their effective batch (to within one batch).
+    total_samples: Optional[int] = None
     learning_rate: float = 5e-4
     warmup_ratio: float = 0.1  # of the optimizer steps
     weight_decay: float = 0.01  # not applied to biases and norm weights
+    adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     label_smoothing: float = 0.0
     scheduler: Scheduler = Scheduler.linear
@@ -226,6 +231,13 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config, replace=True)
 
+    def _precisions() -> str:
+        from summ.study import precision_choices
+
+        return precision_choices()
+
+    OmegaConf.register_resolver("summ_precisions", _precisions, replace=True)
+
 
 def _positive(name: str, value: Optional[float], allow_zero: bool = False) -> None:
     if value is None:
@@ -241,12 +253,12 @@ def validate(cfg: DictConfig | Config) -> None:
     for key in ("batch.batch_size", "batch.gradient_accumulation_steps", "batch.eval_batch_size",
                 "batch.effective_batch_size", "data.encoder_max_len", "data.decoder_max_len",
                 "data.max_train_samples", "data.max_eval_samples", "train.epochs", "train.max_steps",
-                "train.learning_rate", "measure.steps", "measure.memory_budget_gb",
+                "train.learning_rate", "train.total_samples", "measure.steps", "measure.memory_budget_gb",
                 "measure.peak_tflops", "inference.num_beams", "inference.max_new_tokens",
                 "measure.rss_interval_ms", "train.log_every_steps", "model.lora.r", "sweep.trial_steps"):
         _positive(key, _get(c, key))
     for key in ("measure.warmup_steps", "train.weight_decay", "train.max_grad_norm",
-                "train.label_smoothing", "train.warmup_ratio", "augmentation.ratio", "tta.num_aug",
+                "train.label_smoothing", "train.warmup_ratio", "augmentation.ratio", "tta.num_aug", "train.adam_epsilon",
                 "knee.tolerance"):
         _positive(key, _get(c, key), allow_zero=True)
     if not 0 < _get(c, "measure.headroom") <= 1:

@@ -508,6 +508,11 @@ class KneeReportCallback(Callback):
             return
         log.info("knee report: %s", sweep_dir / "knee_report.md")
         print(f"\nknee report: {sweep_dir / 'knee_report.md'}\n{a.reason}")
+        from summ.study import write_best
+
+        command = write_best(config, sweep_dir)
+        if command:
+            print(f"best trial of the study ({sweep_dir / 'best_overrides.txt'}):\n  {command}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

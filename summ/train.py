@@ -39,17 +39,34 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(OmegaConf.to_yaml(kept, resolve=True).encode()).hexdigest()[:16]
 
 
-def objective_value(metrics: dict, cfg: Config) -> float:
-    """What a sweeper minimises; the configured penalty where the job gave no figure."""
+def objective_value(metrics: dict, cfg: Config) -> float | tuple[float, float]:
+    """What a sweeper optimises. Single objectives are minimised; the configured penalty (finite,
+    worse than any feasible value) stands in where the job gave no figure (oom, over_budget,
+    diverged, failed), so Optuna's samplers learn to avoid that region instead of crashing.
+    `seconds_per_sample_and_rouge` returns (seconds per sample to minimise, ROUGE mean to
+    maximise), with (penalty, 0.0) for a job without both figures."""
     train, ev = metrics.get("train") or {}, metrics.get("eval") or {}
+    ok = metrics.get("status") == "ok"
+
+    def figure(value) -> Optional[float]:
+        return float(value) if ok and value is not None and math.isfinite(value) else None
+
+    if cfg.objective == "seconds_per_sample_and_rouge":
+        s, r = figure(train.get("seconds_per_sample")), figure(ev.get("rouge_mean"))
+        return (s, r) if s is not None and r is not None else (float(cfg.objective_penalty), 0.0)
     value = {
         "train_seconds_per_sample": train.get("seconds_per_sample"),
         "train_seconds_per_token": train.get("seconds_per_token"),
         "eval_loss": ev.get("loss"),
         "neg_rouge_mean": -ev["rouge_mean"] if ev.get("rouge_mean") is not None else None,
     }[cfg.objective]
-    ok = metrics.get("status") == "ok" and value is not None and math.isfinite(value)
-    return float(value) if ok else float(cfg.objective_penalty)
+    value = figure(value)
+    return value if value is not None else float(cfg.objective_penalty)
+
+
+def penalty_value(cfg: Config) -> float | tuple[float, float]:
+    """The objective of a job that produced no figure."""
+    return objective_value({"status": "failed"}, cfg)
 
 
 def _skeleton(cfg: Config, cfg_hash: str) -> dict:
@@ -131,7 +148,8 @@ class _Job:
         decay = [p for p in loaded.model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in loaded.model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.learning_rate)
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.learning_rate,
+                                      eps=cfg.train.adam_epsilon)
         self.model, self.optimizer, self.train_loader, self.dev_loader = acc.prepare(
             loaded.model, optimizer, train_loader, dev_loader)
         del loaded
@@ -143,6 +161,8 @@ class _Job:
                               f"or raise data.max_train_samples")
         if cfg.measure.steps:
             self.total_updates = cfg.measure.warmup_steps + cfg.measure.steps
+        elif cfg.train.total_samples:
+            self.total_updates = max(1, round(cfg.train.total_samples / m["effective_batch_size"]))
         elif cfg.train.max_steps:
             self.total_updates = cfg.train.max_steps
         else:

@@ -62,7 +62,7 @@ def test_masked_tokens_are_single_tokens_and_survive_decoding():
     tok = tiny_tokenizer()
     for t in MASKED_TOKENS:
         assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1, t
-    text = "#Person1#은 #Person2#에게 #PhoneNumber#로 연락합니다."
+    text = "#Person1#은 #Person2#에게 #PhoneNumber#로 연락하기로 합니다."
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
 

@@ -48,12 +48,17 @@ def test_measure_steps_counts_exactly(run_job):
 
 @pytest.mark.parametrize("model", ["tiny_bart", "tiny_llama"])
 def test_accumulation_splits_give_the_same_update(run_job, model):
-    """(8,1), (4,2) and (2,4): same loss and same parameters after one optimizer step."""
+    """(8,1), (4,2) and (2,4): same loss and same parameters after one optimizer step.
+
+    Adam's first step is lr x sign(gradient) wherever |gradient| >> eps, which would hide a
+    wrongly scaled gradient; eps = 1 makes the step proportional to the gradient, so the
+    parameters check the gradient's scale (the window normalisation), not just its sign."""
     results = []
     for bs, ga in ((8, 1), (4, 2), (2, 4)):
         m, out = run_job(f"model={model}", f"batch.batch_size={bs}", f"batch.gradient_accumulation_steps={ga}",
                          "train.max_steps=1", "train.warmup_ratio=0", "model.tiny.dropout=0", "model.lora.dropout=0",
-                         "train.save_model=true", "eval.enabled=false", "train.learning_rate=1e-2")
+                         "train.save_model=true", "eval.enabled=false", "train.learning_rate=1.0",
+                         "train.adam_epsilon=1.0", "train.weight_decay=0", "train.max_grad_norm=0")
         assert m["status"] == "ok", m["error"]
         weights = {}
         for f in (out / "model").glob("*.safetensors"):
