@@ -22,7 +22,11 @@ from summ.config import register_configs  # noqa: E402
 register_configs()
 
 
-@hydra.main(config_path="conf", config_name="config")
+# Targets the configs may instantiate: our callback, Hydra's own plugins, Optuna's samplers, logging.
+TRUSTED_TARGETS = ["summ.*", "hydra_plugins.*", "hydra.*", "optuna.*", "logging.*"]
+
+
+@hydra.main(config_path="conf", config_name="config", execution_whitelist=TRUSTED_TARGETS)
 def main(cfg: DictConfig) -> float:
     from summ.app import run
 

@@ -118,7 +118,7 @@ def load_cells(sweep_dir: Path) -> tuple[list[Cell], list[str]]:
             warnings.append(f"job {d.name}: metrics.json is corrupt ({exc}); skipped")
             cells.append(_from_config(d, overrides, "corrupt"))
             continue
-        cells.append(_from_metrics(d.name, overrides, m))
+        cells.append(cell_from_metrics(d.name, overrides, m))
     return cells, warnings
 
 
@@ -130,7 +130,7 @@ def _from_config(d: Path, overrides: list[str], status: str) -> Cell:
                 batch_size=bs, gradient_accumulation_steps=ga, effective_batch_size=bs * ga if bs and ga else None)
 
 
-def _from_metrics(job: str, overrides: list[str], m: dict) -> Cell:
+def cell_from_metrics(job: str, overrides: list[str], m: dict) -> Cell:
     t, mem, ev = m.get("train") or {}, m.get("memory") or {}, m.get("eval") or {}
     return Cell(
         job=job, overrides=overrides, status=m["status"], error=m.get("error"), model=m.get("model"),
@@ -457,9 +457,68 @@ def plot(a: Analysis, path: Path) -> None:
         ax_m.set_ylim(bottom=0)
     fig.suptitle(f"Knee: {', '.join(sorted({c.model for c in a.cells if c.model}))}", fontsize=11)
     fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+def pareto_front(cells: list[Cell]) -> list[Cell]:
+    """Ok cells with ROUGE that no other cell beats on both speed (seconds per sample, lower)
+    and quality (ROUGE mean, higher); ordered from fastest to best ROUGE."""
+    pts = [c for c in cells if c.ok and c.seconds_per_sample and c.rouge_mean is not None]
+    front = [c for c in pts if not any(
+        o.seconds_per_sample <= c.seconds_per_sample and o.rouge_mean >= c.rouge_mean
+        and (o.seconds_per_sample < c.seconds_per_sample or o.rouge_mean > c.rouge_mean) for o in pts)]
+    return sorted(front, key=lambda c: c.seconds_per_sample)
+
+
+def _describe(c: Cell) -> str:
+    rest = [o for o in c.overrides
+            if not o.startswith(("batch.batch_size=", "batch.gradient_accumulation_steps=", "preset="))]
+    return f"{c.batch_size} x {c.gradient_accumulation_steps}" + (f" ({' '.join(rest)})" if rest else "")
+
+
+def pareto_markdown(cells: list[Cell], front: list[Cell], sweep_dir: Path) -> str:
+    scored = [c for c in cells if c.ok and c.rouge_mean is not None]
+    lines = [f"# Speed against quality: {sweep_dir}", "",
+             f"{len(scored)} evaluated cells; {len(front)} on the Pareto front (no other cell is both faster per "
+             f"sample and better on ROUGE mean).", "",
+             "| job | micro-batch x accum. (other settings) | ms/sample | samples/s | ROUGE-1 | ROUGE-2 | ROUGE-L "
+             "| ROUGE mean | on the front |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c in sorted(scored, key=lambda c: c.seconds_per_sample):
+        lines.append(f"| {c.job} | {_describe(c)} | {1000 * c.seconds_per_sample:.2f} | {_f(c.samples_per_s, '.1f')} "
+                     f"| {_f(c.rouge1, '.4f')} | {_f(c.rouge2, '.4f')} | {_f(c.rougeL, '.4f')} | {c.rouge_mean:.4f} "
+                     f"| {'**yes**' if c in front else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(cells: list[Cell], front: list[Cell], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [c for c in cells if c.ok and c.rouge_mean is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    ax.scatter([1000 * c.seconds_per_sample for c in scored], [c.rouge_mean for c in scored], color="tab:blue",
+               label="evaluated cell")
+    ax.plot([1000 * c.seconds_per_sample for c in front], [c.rouge_mean for c in front], "o-", color="tab:red",
+            label="Pareto front")
+    for c in front:
+        ax.annotate(f"{c.batch_size}x{c.gradient_accumulation_steps}", (1000 * c.seconds_per_sample, c.rouge_mean),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("training cost (ms per sample, lower is better)")
+    ax.set_ylabel("ROUGE mean of R1/R2/RL F1 (higher is better)")
+    ax.set_title("Speed against quality")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+def _save_png(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(buf.getvalue())
     tmp.replace(path)
@@ -485,6 +544,10 @@ def build_report(sweep_dir: str | Path, tolerance: Optional[float] = None) -> An
     atomic_write_text(sweep_dir / "knee_report.md", knee_markdown(a, sweep_dir))
     if any(c.ok for c in a.cells):
         plot(a, sweep_dir / "knee.png")
+    front = pareto_front(a.cells)
+    if front:  # cells were evaluated: speed against quality too
+        atomic_write_text(sweep_dir / "pareto_report.md", pareto_markdown(a.cells, front, sweep_dir))
+        plot_pareto(a.cells, front, sweep_dir / "pareto.png")
     return a
 
 

@@ -13,6 +13,7 @@ from summ.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 BEST_FILE = "best_overrides.txt"
+TRIAL_ONLY = ("hydra.", "preset=", "measure.steps=", "measure.warmup_steps=", "sweep.")
 
 
 def precision_choices() -> str:
@@ -67,8 +68,9 @@ def write_best(config: DictConfig, sweep_dir: Path) -> Optional[str]:
     if "best_params" not in res:  # a multi-objective study has a front, not one best
         return None
     swept = set(res.best_params.keys())
+    # keep the user's own choices (model, data, ...); drop the trial's measurement knobs
     fixed = [o for o in config.hydra.overrides.task
-             if not o.startswith(("hydra.", "preset=")) and o.split("=", 1)[0] not in swept]
+             if not o.startswith(TRIAL_ONLY) and o.split("=", 1)[0] not in swept]
     best = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in res.best_params.items()]
     command = "python run.py " + " ".join(fixed + best)
     atomic_write_text(sweep_dir / BEST_FILE,

@@ -204,8 +204,9 @@ class _Job:
         profile = None
         device = acc.device
         self.model.train()
-        bar = tqdm(total=self.total_updates, desc="train", unit="step", disable=not acc.is_local_main_process,
-                   dynamic_ncols=True, leave=False)
+        # None: shown on a terminal only (logs and CI stay readable); one bar per machine
+        bar = tqdm(total=self.total_updates, desc="train", unit="step",
+                   disable=None if acc.is_local_main_process else True, dynamic_ncols=True, leave=False)
         windows = self._windows()
         loss_value = None
         try:

@@ -1,0 +1,183 @@
+"""A Hydra sweeper that finds the batch-size knee in few trials.
+
+Like DeepSpeed's autotuner and Ludwig's batch-size tuner, but at a fixed accumulation or a fixed
+effective batch and with memory measured rather than guessed:
+
+1. Double the micro-batch from `min_batch_size` (accumulation fixed, or derived from
+   `effective_batch_size`) until a cell ends oom or over_budget, or its samples/s gains less than
+   `tolerance` over the previous cell.
+2. Bisect between the last good and the first bad cell, down to `resolution` x the good size.
+3. Before each trial, once two cells have run ok, the memory model of the knee report
+   (peak = a + b x micro-batch x positions) predicts the peak; a cell predicted over the limit
+   is not run and counts as bad.
+
+Each trial is an ordinary job (metrics.json in its folder), so the knee report, `sweep.resume`
+and `python -m summ.report` work as for a grid. The decisions are written to knee_search.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KneeSweeperConf:
+    _target_: str = "hydra_plugins.summ_knee_sweeper.knee_sweeper.KneeSweeper"
+    min_batch_size: int = 1
+    max_batch_size: int = 512
+    gradient_accumulation_steps: int = 1  # used when effective_batch_size is null
+    effective_batch_size: Optional[int] = None  # fixed samples per update; accumulation derived
+    tolerance: float = 0.05  # a doubling that gains less than this is past the knee (-1: stop on memory only)
+    resolution: float = 0.25  # stop bisecting when the gap is under this fraction of the good size
+    max_trials: int = 12
+    use_memory_model: bool = True
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="knee", node=KneeSweeperConf, provider="summ")
+
+
+@dataclass
+class Trial:
+    batch_size: int
+    gradient_accumulation_steps: int
+    status: str
+    samples_per_s: Optional[float] = None
+    peak_bytes: Optional[int] = None
+    job: Optional[str] = None
+    note: str = ""
+
+
+class KneeSweeper(Sweeper):
+    def __init__(self, min_batch_size: int, max_batch_size: int, gradient_accumulation_steps: int,
+                 effective_batch_size: Optional[int], tolerance: float, resolution: float, max_trials: int,
+                 use_memory_model: bool) -> None:
+        if not 1 <= min_batch_size <= max_batch_size:
+            raise ValueError("hydra.sweeper.min_batch_size must be >= 1 and <= max_batch_size")
+        self.min_bs, self.max_bs = min_batch_size, max_batch_size
+        self.ga, self.eff = gradient_accumulation_steps, effective_batch_size
+        self.tolerance, self.resolution, self.max_trials = tolerance, resolution, max_trials
+        self.use_memory_model = use_memory_model
+        self.trials: dict[int, Trial] = {}
+        self.returns: list[JobReturn] = []
+        self.job_idx = 0
+        self.limit_bytes: Optional[int] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
+                                                                task_function=task_function, config=config)
+
+    # ------------------------------------------------------------------ cells
+    def _accumulation(self, bs: int) -> Optional[int]:
+        if self.eff is None:
+            return self.ga
+        return self.eff // bs if self.eff % bs == 0 else None
+
+    def _run(self, bs: int, arguments: list[str]) -> Trial:
+        from summ.report import cell_from_metrics
+
+        ga = self._accumulation(bs)
+        overrides = [*arguments, f"batch.batch_size={bs}", f"batch.gradient_accumulation_steps={ga}",
+                     "batch.effective_batch_size=null"]
+        ret = self.launcher.launch([tuple(overrides)], initial_job_idx=self.job_idx)[0]
+        self.job_idx += 1
+        self.returns.append(ret)
+        out = Path(ret.hydra_cfg.hydra.runtime.output_dir)
+        try:
+            metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            metrics = {"status": "failed"}
+        cell = cell_from_metrics(out.name, overrides, metrics)
+        if cell.limit_bytes:
+            self.limit_bytes = cell.limit_bytes
+        trial = Trial(bs, ga, cell.status, cell.samples_per_s, cell.peak_bytes, out.name)
+        self.trials[bs] = trial
+        log.info("knee: micro-batch %d x %d -> %s%s", bs, ga, trial.status,
+                 f", {trial.samples_per_s:.2f} samples/s" if trial.samples_per_s else "")
+        return trial
+
+    def _predicted_over(self, bs: int) -> Optional[float]:
+        """The predicted peak when the memory model says `bs` will not fit, else None."""
+        if not self.use_memory_model or not self.limit_bytes:
+            return None
+        from summ.report import fit_memory_model, load_cells
+
+        ok = [c for c in load_cells(Path(self.config.hydra.sweep.dir))[0] if c.ok]
+        model = fit_memory_model(ok) if len(ok) >= 2 else None
+        if model is None or model.r2 < 0.9:
+            return None
+        predicted = model.predict(bs)
+        return predicted if predicted > self.limit_bytes else None
+
+    def _good(self, trial: Trial) -> bool:
+        return trial.status == "ok" and bool(trial.samples_per_s)
+
+    def _skip(self, bs: int, predicted: float) -> Trial:
+        trial = Trial(bs, self._accumulation(bs) or 0, "predicted_over_budget",
+                      note=f"not run: predicted peak {predicted / 2**30:.2f} GiB > limit {self.limit_bytes / 2**30:.2f} GiB")
+        self.trials[bs] = trial
+        log.info("knee: micro-batch %d skipped: %s", bs, trial.note)
+        return trial
+
+    # ------------------------------------------------------------------ search
+    def sweep(self, arguments: list[str]) -> Any:
+        if any("," in a.split("=", 1)[-1] or "(" in a for a in arguments):
+            raise ValueError("the knee sweeper chooses the batch itself: pass single values only "
+                             f"(got {' '.join(arguments)})")
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        budget = self.max_trials
+
+        def trials_left() -> bool:
+            return sum(1 for t in self.trials.values() if t.job) < budget
+
+        # 1. doubling
+        bs, last_good, first_bad, reason = self.min_bs, None, None, "reached max_batch_size"
+        while bs <= self.max_bs and trials_left():
+            if self._accumulation(bs) is None:
+                break
+            predicted = self._predicted_over(bs)
+            trial = self._skip(bs, predicted) if predicted else self._run(bs, arguments)
+            if not self._good(trial):
+                first_bad, reason = bs, f"{trial.status} at micro-batch {bs}"
+                break
+            if last_good is not None and trial.samples_per_s < self.trials[last_good].samples_per_s * (1 + self.tolerance):
+                first_bad, reason = bs, (f"doubling to {bs} gained less than {self.tolerance:.0%} samples/s")
+                break
+            last_good, bs = bs, bs * 2
+        memory_bound = first_bad is not None and not self._good(self.trials[first_bad])
+        # 2. bisection between the last good and the first bad cell
+        lo, hi = last_good, first_bad
+        while lo is not None and hi is not None and hi - lo > max(1, int(lo * self.resolution)) and trials_left():
+            candidates = [b for b in range(lo + 1, hi) if self._accumulation(b) is not None]
+            if not candidates:
+                break
+            mid = min(candidates, key=lambda b: abs(b - (lo + hi) / 2))
+            predicted = self._predicted_over(mid)
+            trial = self._skip(mid, predicted) if predicted else self._run(mid, arguments)
+            if memory_bound:
+                lo, hi = (mid, hi) if self._good(trial) else (lo, mid)
+            else:
+                better = self._good(trial) and trial.samples_per_s >= self.trials[lo].samples_per_s * (1 + self.tolerance)
+                lo, hi = (mid, hi) if better else (lo, mid)
+        summary = {
+            "stopped_doubling": reason, "last_good": lo, "first_bad": hi,
+            "trials_run": sum(1 for t in self.trials.values() if t.job),
+            "cells": [t.__dict__ for t in sorted(self.trials.values(), key=lambda t: t.batch_size)],
+        }
+        (sweep_dir / "knee_search.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        log.info("knee search: %d trials; %s; knee between micro-batch %s and %s", summary["trials_run"], reason, lo, hi)
+        return self.returns

@@ -1,0 +1,71 @@
+"""Search for the optimum: a persistent Optuna study, the Pareto preset, and the adaptive knee
+sweeper, all through the real CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data.synthetic_train_size=600", "measure.steps=2", "measure.warmup_steps=1"]
+
+
+def cli(*args, timeout=600):
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_optuna_study_persists_penalises_infeasible_trials_and_writes_the_best(tmp_path):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    common = ["-m", "preset=optuna_step_time", f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=2", *SMALL]
+    cli(*common, f"hydra.sweep.dir={tmp_path}/a")
+    # the same command again continues the study; this time every cell is over a tiny budget
+    cli(*common, f"hydra.sweep.dir={tmp_path}/b", "measure.memory_budget_gb=0.0001")
+    study = optuna.load_study(study_name="tiny_bart-synthetic-seconds_per_sample", storage=storage)
+    trials = study.get_trials()
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    feasible, infeasible = trials[:2], trials[2:]
+    assert all(t.user_attrs["status"] == "ok" and 0 < t.value < 1 for t in feasible)
+    for t in infeasible:
+        assert t.user_attrs["status"] == "over_budget" and t.value == 1e6  # finite, worse than any real cell
+        assert t.user_attrs["peak_bytes"] > 0
+    best = (tmp_path / "b" / "best_overrides.txt").read_text().splitlines()[-1]
+    assert best.startswith("python run.py ") and "batch.batch_size=" in best and "measure.steps" not in best
+    assert study.best_trial.number in (0, 1)
+    # the best trial's overrides run as they are
+    cli(*best.split()[2:], f"hydra.run.dir={tmp_path}/best", "train.epochs=1", "eval.enabled=false")
+
+
+@pytest.mark.slow
+def test_pareto_preset_lists_and_plots_the_front(tmp_path):
+    cli("-m", "preset=optuna_pareto", f"hydra.sweep.dir={tmp_path}/p", f"hydra.sweeper.storage=sqlite:///{tmp_path}/p.db",
+        "hydra.sweeper.n_trials=3", "train.total_samples=96", "data.max_eval_samples=6")
+    md = (tmp_path / "p" / "pareto_report.md").read_text()
+    assert "Pareto front" in md and "**yes**" in md
+    assert (tmp_path / "p" / "pareto.png").stat().st_size > 10_000
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "p").glob("*/metrics.json")]
+    assert len(runs) == 3 and all(r["eval"]["rouge_mean"] is not None for r in runs)
+    # same number of training samples in every trial, whatever its effective batch
+    seen = {r["effective_batch_size"] * r["train"]["total_optimizer_steps"] for r in runs}
+    assert all(abs(s - 96) <= max(r["effective_batch_size"] for r in runs) for s in seen)
+
+
+@pytest.mark.slow
+def test_knee_sweeper_finds_the_memory_edge_in_few_trials(tmp_path):
+    sweep = tmp_path / "k"
+    cli("-m", "preset=knee_search", f"hydra.sweep.dir={sweep}", "measure.memory_budget_gb=0.5",
+        "hydra.sweeper.tolerance=-1", "hydra.sweeper.max_batch_size=64", *SMALL)
+    search = json.loads((sweep / "knee_search.json").read_text())
+    assert search["trials_run"] <= 8  # a 1..64 grid would take 7 cells with one accumulation value alone
+    lo, hi = search["last_good"], search["first_bad"]
+    cells = {c["batch_size"]: c for c in search["cells"]}
+    assert cells[lo]["status"] == "ok" and cells[hi]["status"] in ("over_budget", "oom", "predicted_over_budget")
+    assert hi - lo <= max(1, lo // 4)  # bisected down to the resolution
+    assert all(c["status"] == "ok" for b, c in cells.items() if b <= lo)
+    assert (sweep / "knee_report.md").is_file() and (sweep / "sweep.csv").is_file()
