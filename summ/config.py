@@ -47,6 +47,8 @@ class DataSource(enum.Enum):
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = ("float32", "bfloat16", "float16")
+PADDINGS = ("longest", "max_length")
+ENSEMBLE_STRATEGIES = ("mbr", "weighted")
 ATTENTION_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")
 OBJECTIVES = ("train_seconds_per_sample", "train_seconds_per_token", "eval_loss", "neg_rouge_mean",
               "seconds_per_sample_and_rouge")  # the last returns two values, for a Pareto study
@@ -65,6 +67,9 @@ class DataConfig:
     encoder_max_len: int = 512  # tokens; dialogue is truncated to this
     decoder_max_len: int = 100  # tokens; summary is truncated to this
     group_by_length: bool = False  # length-grouped training batches (less padding)
+    padding: str = "longest"  # longest: to the longest sample in each batch | max_length: fixed shapes
+    validate: bool = False  # score every sample (summ/quality.py); drop training samples under the threshold
+    quality_threshold: float = 0.7
     num_workers: int = 0
     # source=synthetic only
     synthetic_train_size: int = 12457
@@ -84,6 +89,7 @@ class TinyArchConfig:
     ffn_dim: int = 128
     dropout: float = 0.1
     max_positions: int = 1024
+    vocab_size: Optional[int] = None  # null: the tokenizer's; set a real model's (e.g. 128256) for its logits memory
 
 
 @dataclass
@@ -141,6 +147,9 @@ class TrainConfig:
     log_every_steps: int = 10  # optimizer steps between progress-bar refreshes
     cpu: bool = False  # force the CPU even where CUDA is present
     save_model: bool = False  # weights (or LoRA adapter) + tokenizer into <run dir>/model
+    k_folds: int = 1  # > 1: K models on K splits of the training set, out-of-fold predictions, ensemble
+    fold_seed: int = 0  # how samples are dealt into folds
+    fold: Optional[int] = None  # set by the K-fold driver: this job trains without fold `fold`
 
 
 @dataclass
@@ -150,7 +159,7 @@ class MeasureConfig:
     memory_budget_gb: Optional[float] = None  # null = the device's capacity
     headroom: float = 0.9  # a trial over budget x headroom stops with status over_budget
     peak_tflops: Optional[float] = None  # device peak for MFU; null = look it up in the device table
-    rss_interval_ms: float = 2.0  # CPU only: RSS sampling period for the peak
+    rss_interval_ms: float = 2.0  # CPU only, where the kernel peak cannot be reset: RSS sampling period
 
 
 @dataclass
@@ -178,17 +187,43 @@ class InferenceConfig:
 @dataclass
 class AugmentationConfig:
     name: str = MISSING
-    methods: List[str] = field(default_factory=list)
+    methods: List[str] = field(default_factory=list)  # turn_shuffle, synonym, back_translation, paraphrase
     ratio: float = 0.0  # new samples per training sample, per method
     seed: int = 0
+    shuffle_window: int = 3  # turn_shuffle: turns are shuffled inside windows of this many
+    synonym_rate: float = 0.3  # synonym: share of lexicon nouns replaced
 
 
 @dataclass
 class TTAConfig:
     name: str = MISSING
-    methods: List[str] = field(default_factory=list)
-    num_aug: int = 0  # perturbed copies per evaluation dialogue
+    methods: List[str] = field(default_factory=list)  # reorder, mask, synonym, paraphrase
+    num_aug: int = 0  # perturbed copies per evaluation dialogue (methods used in turn)
     seed: int = 0
+    shuffle_window: int = 3
+    synonym_rate: float = 0.3
+    mask_rate: float = 0.15  # mask: share of words replaced by the tokenizer's mask token (or dropped)
+
+
+@dataclass
+class GenerationBackendConfig:
+    """Where back-translation and paraphrase text comes from (summ/generation.py)."""
+
+    kind: str = "none"  # none | local
+    ko_en_path: Optional[str] = None  # local seq2seq folder, e.g. a MarianMT ko->en checkpoint
+    en_ko_path: Optional[str] = None
+    paraphrase_path: Optional[str] = None
+    batch_size: int = 16
+    max_new_tokens: int = 128
+    num_beams: int = 4
+    cache_dir: str = "outputs/.cache"  # generated text is cached here across runs and sweeps
+
+
+@dataclass
+class EnsembleConfig:
+    """How K-fold members' summaries of one dialogue become one (summ/ensemble.py)."""
+
+    strategy: str = "mbr"  # mbr: most agreed-on candidate | weighted: agreement weighted by dev ROUGE
 
 
 @dataclass
@@ -218,6 +253,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generation: GenerationBackendConfig = field(default_factory=GenerationBackendConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     knee: KneeConfig = field(default_factory=KneeConfig)
     # What main() returns to a sweeper (lower is better).
@@ -261,6 +298,8 @@ def validate(cfg: DictConfig | Config) -> None:
                 "train.label_smoothing", "train.warmup_ratio", "augmentation.ratio", "tta.num_aug", "train.adam_epsilon",
                 "knee.tolerance"):
         _positive(key, _get(c, key), allow_zero=True)
+    if not 0 <= _get(c, "data.quality_threshold") <= 1:
+        raise ConfigError(f"data.quality_threshold={_get(c, 'data.quality_threshold')} must be in [0, 1]")
     if not 0 < _get(c, "measure.headroom") <= 1:
         raise ConfigError(f"measure.headroom={_get(c, 'measure.headroom')} must be in (0, 1]")
     if _get(c, "train.warmup_ratio") >= 1 or _get(c, "train.label_smoothing") >= 1:
@@ -268,6 +307,14 @@ def validate(cfg: DictConfig | Config) -> None:
     if _get(c, "model.quantization") not in QUANTIZATIONS:
         raise ConfigError(f"model.quantization={_get(c, 'model.quantization')} is invalid: "
                           f"choose one of {', '.join(QUANTIZATIONS)}")
+    if _get(c, "ensemble.strategy") not in ENSEMBLE_STRATEGIES:
+        raise ConfigError(f"ensemble.strategy={_get(c, 'ensemble.strategy')} is not available: choose one of "
+                          f"{', '.join(ENSEMBLE_STRATEGIES)}")
+    k, fold = _get(c, "train.k_folds"), _get(c, "train.fold")
+    if k < 1 or (fold is not None and not 0 <= fold < k):
+        raise ConfigError(f"train.k_folds={k}, train.fold={fold}: k_folds must be >= 1 and fold in [0, k_folds)")
+    if _get(c, "data.padding") not in PADDINGS:
+        raise ConfigError(f"data.padding={_get(c, 'data.padding')} is invalid: choose one of {', '.join(PADDINGS)}")
     if _get(c, "model.dtype") not in DTYPES:
         raise ConfigError(f"model.dtype={_get(c, 'model.dtype')} is invalid: choose one of {', '.join(DTYPES)}")
     if _get(c, "model.attn_implementation") not in ATTENTION_IMPLEMENTATIONS:

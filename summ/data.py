@@ -144,6 +144,13 @@ class Encoder:
         body = self.tok(summaries, add_special_tokens=False)["input_ids"] if summaries else []
         return [ids[: self.decoder_max_len - 1] + [self.tok.eos_token_id] for ids in body]
 
+    def max_widths(self) -> tuple[int, int]:
+        """(input, label) widths that any sample fits: the shapes of data.padding=max_length."""
+        if self.kind == ModelKind.seq2seq:
+            return self.encoder_max_len, self.decoder_max_len
+        width = 1 + len(self._prefix) + self.encoder_max_len + len(self._suffix) + self.decoder_max_len
+        return width, width
+
     def prompt_ids(self, dialogue: str) -> list[int]:
         """The model input before the summary, truncated so the dialogue fits encoder_max_len."""
         return self._prompts([dialogue])[0]
@@ -180,18 +187,22 @@ class Collator:
     """Dynamic padding to the longest sequence in each batch (right padding, for training and
     eval loss). Seq2seq batches also get decoder_input_ids: the labels shifted right."""
 
-    def __init__(self, pad_token_id: int, kind: ModelKind, decoder_start_token_id: Optional[int] = None):
+    def __init__(self, pad_token_id: int, kind: ModelKind, decoder_start_token_id: Optional[int] = None,
+                 input_width: Optional[int] = None, label_width: Optional[int] = None):
         self.pad = pad_token_id
         self.kind = kind
         self.decoder_start = decoder_start_token_id
+        self.input_width, self.label_width = input_width, label_width  # set: pad to these fixed widths
 
     def __call__(self, features: list[Features]) -> dict[str, torch.Tensor]:
         batch = {}
-        width = max(len(f.input_ids) for f in features)
+        width = max([len(f.input_ids) for f in features] + [self.input_width or 0])
         batch["input_ids"] = torch.tensor([f.input_ids + [self.pad] * (width - len(f.input_ids)) for f in features])
         batch["attention_mask"] = torch.tensor([[1] * len(f.input_ids) + [0] * (width - len(f.input_ids))
                                                 for f in features])
-        lwidth = max(len(f.labels) for f in features)
+        lwidth = max([len(f.labels) for f in features] + [self.label_width or 0])
+        if self.kind == ModelKind.causal:
+            lwidth = width  # labels line up with the inputs
         labels = torch.tensor([f.labels + [IGNORE_INDEX] * (lwidth - len(f.labels)) for f in features])
         batch["labels"] = labels
         if self.kind == ModelKind.seq2seq:
@@ -238,3 +249,9 @@ class EpochSampler(Sampler[int]):
             mega = [order[i: i + size] for i in range(0, len(order), size)]
             order = [i for m in mega for i in sorted(m, key=lambda j: -self.lengths[j])]
         return iter(order)
+
+
+def fold_indices(n: int, k: int, seed: int) -> list[list[int]]:
+    """Indices 0..n-1 shuffled (seeded) and dealt into k folds of near-equal size."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [sorted(order[f::k]) for f in range(k)]

@@ -3,6 +3,7 @@ real models from a local path or the local HF cache, LoRA and QLoRA through peft
 from __future__ import annotations
 
 import functools
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from summ.errors import ConfigError, WeightsNotFound
 
 TINY_VOCAB_SIZE = 4000
 TINY_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+MASKED_SPLIT = re.compile(r"#[A-Za-z]+\d*#:?")
 
 
 @dataclass
@@ -34,8 +36,10 @@ def _tiny_tokenizer_json() -> str:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     folder = bundled_sample_dir()
-    texts = [t for f in ("train.csv", "dev.csv") for s in read_csv(folder / f, need_summary=True)
-             for t in (s.dialogue, s.summary)]
+    # Merges are learned from the text between the masked tokens only: the tokens themselves are
+    # special (never split), so merges across them would waste the vocabulary.
+    texts = [piece for f in ("train.csv", "dev.csv") for s in read_csv(folder / f, need_summary=True)
+             for t in (s.dialogue, s.summary) for piece in MASKED_SPLIT.split(t) if piece.strip()]
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.normalizer = normalizers.NFC()
     # "first": only the start of the text gets the word marker, so "#Person1#은" decodes unsplit
@@ -64,10 +68,20 @@ def tiny_tokenizer():
 def _tiny_model(cfg: ModelConfig, tok, seed: int):
     t = cfg.tiny
     torch.manual_seed(seed)
+    vocab = max(len(tok), t.vocab_size or 0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(_dtype(cfg.dtype) if cfg.dtype != "float16" else torch.float32)
+    try:
+        return _build_tiny(t, tok, vocab)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build_tiny(t, tok, vocab: int):
     if t.arch == "bart":
         from transformers import BartConfig, BartForConditionalGeneration
 
-        conf = BartConfig(vocab_size=len(tok), d_model=t.d_model, encoder_layers=t.layers, decoder_layers=t.layers,
+        conf = BartConfig(vocab_size=vocab, d_model=t.d_model, encoder_layers=t.layers, decoder_layers=t.layers,
                           encoder_attention_heads=t.heads, decoder_attention_heads=t.heads,
                           encoder_ffn_dim=t.ffn_dim, decoder_ffn_dim=t.ffn_dim, max_position_embeddings=t.max_positions,
                           dropout=t.dropout, attention_dropout=t.dropout, activation_dropout=t.dropout,
@@ -77,13 +91,29 @@ def _tiny_model(cfg: ModelConfig, tok, seed: int):
     if t.arch == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        conf = LlamaConfig(vocab_size=len(tok), hidden_size=t.d_model, intermediate_size=t.ffn_dim,
+        conf = LlamaConfig(vocab_size=vocab, hidden_size=t.d_model, intermediate_size=t.ffn_dim,
                            num_hidden_layers=t.layers, num_attention_heads=t.heads, num_key_value_heads=t.kv_heads,
                            max_position_embeddings=t.max_positions, attention_dropout=t.dropout,
                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            tie_word_embeddings=True)
         return LlamaForCausalLM(conf)
     raise ConfigError(f"model.tiny.arch={t.arch} is unknown: choose bart or llama")
+
+
+_TINY_WEIGHTS: dict[tuple, tempfile.TemporaryDirectory] = {}
+
+
+def _tiny_weights_dir(cfg: ModelConfig, tok, seed: int) -> str:
+    """A random-init tiny model saved once per process and architecture (a sweep's jobs share it:
+    a 3B-shaped model takes minutes to initialise and write)."""
+    key = (repr(cfg.tiny), cfg.kind, cfg.dtype, len(tok), seed)
+    if key not in _TINY_WEIGHTS:
+        tmp = tempfile.TemporaryDirectory(prefix="summ-tiny-")
+        model = _tiny_model(cfg, tok, seed)
+        model.save_pretrained(tmp.name)
+        del model
+        _TINY_WEIGHTS[key] = tmp
+    return _TINY_WEIGHTS[key].name
 
 
 def _auto_class(kind: ModelKind):
@@ -165,17 +195,15 @@ def load(cfg: ModelConfig, tok, seed: int, device: torch.device) -> LoadedModel:
     kwargs: dict[str, Any] = {}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    with tempfile.TemporaryDirectory(prefix="summ-tiny-") as tmp:
-        if source is None:
-            model = _tiny_model(cfg, tok, seed)
-            if quant is not None:  # bitsandbytes quantizes while loading: round-trip through safetensors
-                model.save_pretrained(tmp)
-                source = tmp
-        if source is not None:
-            kwargs.update(local_files_only=True, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg.dtype))
-            if quant is not None:
-                kwargs.update(quantization_config=quant, device_map={"": device})
-            model = _auto_class(cfg.kind).from_pretrained(source, **kwargs)
+    if source is None and quant is None:
+        model = _tiny_model(cfg, tok, seed)
+    else:
+        if source is None:  # bitsandbytes quantizes while loading: go through safetensors on disk
+            source = _tiny_weights_dir(cfg, tok, seed)
+        kwargs.update(local_files_only=True, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg.dtype))
+        if quant is not None:
+            kwargs.update(quantization_config=quant, device_map={"": device})
+        model = _auto_class(cfg.kind).from_pretrained(source, **kwargs)
     if model.get_input_embeddings().num_embeddings < len(tok):
         model.resize_token_embeddings(len(tok))
     model.config.use_cache = False  # no KV cache while training; generation turns it back on

@@ -62,6 +62,7 @@ class Cell:
     positions: Optional[int] = None  # padded positions of the largest micro-batch
     pad_fraction: Optional[float] = None  # share of the positions that were padding
     epoch_seconds_projected: Optional[float] = None
+    mfu: Optional[float] = None
     eval_loss: Optional[float] = None
     rouge1: Optional[float] = None
     rouge2: Optional[float] = None
@@ -142,7 +143,7 @@ def cell_from_metrics(job: str, overrides: list[str], m: dict) -> Cell:
         peak_bytes=mem.get("peak_bytes"), capacity_fraction=mem.get("fraction"), budget_bytes=mem.get("budget_bytes"),
         limit_bytes=mem.get("limit_bytes"), positions=t.get("max_micro_batch_positions"),
         pad_fraction=t.get("pad_fraction"),
-        epoch_seconds_projected=m.get("epoch_seconds_projected"), eval_loss=ev.get("loss"),
+        epoch_seconds_projected=m.get("epoch_seconds_projected"), mfu=m.get("mfu"), eval_loss=ev.get("loss"),
         rouge1=ev.get("rouge1"), rouge2=ev.get("rouge2"), rougeL=ev.get("rougeL"), rouge_mean=ev.get("rouge_mean"))
 
 
@@ -293,7 +294,7 @@ CSV_COLUMNS = ["job", "overrides", "status", "error", "model", "batch_size", "gr
                "effective_batch_size", "mixed_precision", "gradient_checkpointing", "samples_per_s", "tokens_per_s",
                "pad_fraction",
                "seconds_per_sample", "step_time_s_median", "step_time_s_p90", "peak_bytes", "capacity_fraction",
-               "budget_fraction", "epoch_seconds_projected", "eval_loss", "rouge1", "rouge2", "rougeL", "rouge_mean",
+               "budget_fraction", "epoch_seconds_projected", "mfu", "eval_loss", "rouge1", "rouge2", "rougeL", "rouge_mean",
                "flags"]
 
 

@@ -43,6 +43,11 @@ def _pair_f1(hyp: str, ref: str) -> tuple[float, float, float]:
     return s["rouge-1"]["f"], s["rouge-2"]["f"], s["rouge-l"]["f"]
 
 
+def pair_rouge_mean(hyp: str, ref: str, tokenizer: RougeTokenizer = RougeTokenizer.whitespace) -> float:
+    """Mean of ROUGE-1/2/L F1 between two texts (MBR's agreement measure)."""
+    return sum(_pair_f1(_tokenize(hyp, tokenizer), _tokenize(ref, tokenizer))) / 3
+
+
 def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]],
                  tokenizer: RougeTokenizer = RougeTokenizer.whitespace) -> dict:
     """Mean ROUGE-1/2/L F1 over dialogues; each dialogue averages over its references."""

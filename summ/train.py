@@ -19,9 +19,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from summ import data as data_mod
-from summ import evaluate, measure, models
+from summ import augment, ensemble, evaluate, generation, measure, models, quality, tta
 from summ.config import Config, ModelKind, Precision, resolve_batch, validate
-from summ.errors import ConfigError, Diverged, OverBudget, UserError
+from summ.errors import ConfigError, DataError, Diverged, OverBudget, UserError
 from summ.io import atomic_write_json, atomic_write_text
 from summ.loss import model_inputs, summed_token_loss
 
@@ -62,6 +62,14 @@ def objective_value(metrics: dict, cfg: Config) -> float | tuple[float, float]:
     }[cfg.objective]
     value = figure(value)
     return value if value is not None else float(cfg.objective_penalty)
+
+
+def build_optimizer(decay: list, no_decay: list, tcfg) -> torch.optim.Optimizer:
+    """AdamW, weight decay off for biases and norms; the fused kernel (one launch for all
+    parameters, as the HF Trainer's default adamw_torch_fused) where every parameter allows it."""
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=tcfg.learning_rate, eps=tcfg.adam_epsilon, fused=fused or None)
 
 
 def penalty_value(cfg: Config) -> float | tuple[float, float]:
@@ -121,6 +129,17 @@ class _Job:
                  gradient_accumulation_steps=self.ga, effective_batch_size=self.bs * self.ga * acc.num_processes)
         m["phase"] = "load"
         self.splits = data_mod.load_splits(cfg.data)
+        self.oof: list = []
+        if cfg.train.fold is not None:  # K-fold member: hold one fold out of training
+            held = set(data_mod.fold_indices(len(self.splits.train), cfg.train.k_folds, cfg.train.fold_seed)[cfg.train.fold])
+            self.oof = [s for i, s in enumerate(self.splits.train) if i in held]
+            self.splits.train = [s for i, s in enumerate(self.splits.train) if i not in held]
+        if cfg.data.validate:
+            self._validate_data()
+        if cfg.augmentation.methods and cfg.augmentation.ratio > 0:
+            new, report = augment.augment(self.splits.train, cfg.augmentation, self.backend())
+            self.splits.train = self.splits.train + new  # training only: dev and test stay as loaded
+            m["augmentation"] = report
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.kind = cfg.model.kind
         self.encoder = data_mod.Encoder(self.tokenizer, self.kind, cfg.model.prompt_template,
@@ -135,7 +154,8 @@ class _Job:
         loaded = models.load(cfg.model, self.tokenizer, cfg.train.seed, acc.device)
         m.update(trainable_params=loaded.trainable_params, total_params=loaded.total_params,
                  train_set_size=len(self.splits.train), eval_set_size=len(self.splits.dev))
-        collator = data_mod.Collator(self.tokenizer.pad_token_id, self.kind, loaded.decoder_start_token_id)
+        widths = self.encoder.max_widths() if cfg.data.padding == "max_length" else (None, None)
+        collator = data_mod.Collator(self.tokenizer.pad_token_id, self.kind, loaded.decoder_start_token_id, *widths)
         self.sampler = data_mod.EpochSampler(train_ds.lengths(), seed=cfg.train.seed,
                                              group_by_length=cfg.data.group_by_length, batch_size=self.bs)
         loader_kw = dict(collate_fn=collator, num_workers=cfg.data.num_workers,
@@ -147,9 +167,7 @@ class _Job:
         dev_loader = torch.utils.data.DataLoader(dev_ds, batch_size=cfg.batch.eval_batch_size, shuffle=False, **loader_kw)
         decay = [p for p in loaded.model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in loaded.model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.learning_rate,
-                                      eps=cfg.train.adam_epsilon)
+        optimizer = build_optimizer(decay, no_decay, cfg.train)
         self.model, self.optimizer, self.train_loader, self.dev_loader = acc.prepare(
             loaded.model, optimizer, train_loader, dev_loader)
         del loaded
@@ -179,6 +197,25 @@ class _Job:
                      cfg.model.name, self.kind.value, f"{m['trainable_params']:,}", f"{m['total_params']:,}",
                      m["device"], acc.num_processes, self.bs, self.ga, acc.num_processes, m["effective_batch_size"],
                      self.total_updates, updates_per_epoch, len(train_ds))
+
+    def backend(self):
+        """The generation backend (back-translation, paraphrase), built on first use, or None."""
+        if not hasattr(self, "_backend"):
+            self._backend = generation.build(self.cfg.generation, Path(self.cfg.generation.cache_dir))
+        return self._backend
+
+    def _validate_data(self) -> None:
+        """Score train and dev; leave low-scoring training samples out, listed in data_quality.csv."""
+        thr = self.cfg.data.quality_threshold
+        train_rows = quality.assess(self.splits.train, "train", thr)
+        dev_rows = quality.assess(self.splits.dev, "dev", thr)
+        if self.accelerator.is_main_process:
+            atomic_write_text(self.output_dir / "data_quality.csv", quality.to_csv(train_rows + dev_rows))
+        self.splits.train = [s for s, r in zip(self.splits.train, train_rows) if r.kept]
+        self.metrics["data_quality"] = {**quality.summarize(train_rows + dev_rows), "threshold": thr}
+        if not self.splits.train:
+            raise DataError(f"every training sample scored under data.quality_threshold={thr}: "
+                            f"see {self.output_dir / 'data_quality.csv'}")
 
     # ------------------------------------------------------------------ training
     def _windows(self):
@@ -295,13 +332,41 @@ class _Job:
                                                cfg.inference, self.kind, cfg.batch.eval_batch_size)
             result.update(evaluate.score(self.splits.dev, preds, cfg.eval.rouge_tokenizer))
             result.update(generation_seconds=seconds, generation_ms_per_sample=1000 * seconds / len(preds))
+            final = preds
+            if cfg.tta.num_aug > 0 and cfg.tta.methods:
+                final, result["tta"] = self._tta(preds)
             if cfg.eval.save_predictions and acc.is_main_process:
-                evaluate.save_predictions(self.output_dir / "dev_predictions.csv", self.splits.dev, preds)
+                evaluate.save_predictions(self.output_dir / "dev_predictions.csv", self.splits.dev, final)
         else:
             result.update(rouge1=None, rouge2=None, rougeL=None, rouge_sum=None, rouge_mean=None)
         result.setdefault("n", len(self.splits.dev))
+        if self.oof and cfg.eval.generate:  # out-of-fold predictions of a K-fold member
+            oof_preds, _ = evaluate.generate(acc, self.model, self.oof, self.encoder, self.tokenizer,
+                                             cfg.inference, self.kind, cfg.batch.eval_batch_size)
+            result["oof"] = evaluate.score(self.oof, oof_preds, cfg.eval.rouge_tokenizer)
+            if acc.is_main_process:
+                evaluate.save_predictions(self.output_dir / "oof_predictions.csv", self.oof, oof_preds)
         m["eval"] = result
         self.guard.check()
+
+    def _tta(self, preds: list[str]) -> tuple[list[str], dict]:
+        """Summaries of perturbed copies of each dev dialogue, reduced to one by MBR."""
+        cfg = self.cfg
+        methods, skipped = tta.usable_methods(cfg.tta, self.backend())
+        start = measure.now()
+        copies = tta.perturb(self.splits.dev, cfg.tta, methods, self.tokenizer.mask_token, self.backend())
+        candidates = [[p] for p in preds]
+        for copy in copies:
+            more, _ = evaluate.generate(self.accelerator, self.model, copy, self.encoder, self.tokenizer,
+                                        cfg.inference, self.kind, cfg.batch.eval_batch_size)
+            for c, p in zip(candidates, more):
+                c.append(p)
+        chosen = [c[ensemble.mbr_select(c)] for c in candidates]
+        extra = measure.now() - start
+        scores = evaluate.score(self.splits.dev, chosen, cfg.eval.rouge_tokenizer)
+        return chosen, {**scores, "methods": methods, "skipped": skipped, "num_aug": cfg.tta.num_aug,
+                        "extra_seconds": extra, "extra_ms_per_sample": 1000 * extra / max(len(preds), 1),
+                        "picked_original": sum(c[0] == x for c, x in zip(candidates, chosen))}
 
     def save(self) -> None:
         """Weights (the LoRA adapter alone for peft models) and tokenizer, as safetensors."""
@@ -340,8 +405,11 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optiona
 
     Job-level failures (oom, over_budget, diverged, failed) are recorded, not raised, so a sweep
     goes on; a UserError (bad config, data, weights) is recorded and then raised for run.py.
+    With train.k_folds > 1 the job is K jobs (fold_<k>/) and an ensemble of their summaries.
     """
     validate(cfg)
+    if cfg.train.k_folds > 1 and cfg.train.fold is None:
+        return train_kfold(cfg, Path(output_dir))
     obj: Config = OmegaConf.to_object(cfg)
     output_dir = Path(output_dir)
     metrics = _skeleton(obj, config_hash(cfg))
@@ -376,3 +444,67 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optiona
     if raise_after is not None:
         raise raise_after
     return metrics
+
+
+def train_kfold(cfg: DictConfig, output_dir: Path) -> dict:
+    """K models on K splits of the training set; out-of-fold predictions in each fold_<k>/;
+    per-fold metrics with mean and standard deviation; the members' dev summaries ensembled."""
+    import statistics
+
+    from summ import ensemble
+    from summ.data import load_splits
+
+    k = cfg.train.k_folds
+    folds = []
+    for fold in range(k):
+        sub = cfg.copy()
+        sub.train.fold = fold
+        folds.append(train(sub, output_dir / f"fold_{fold}"))
+    metrics = {key: folds[0].get(key) for key in ("model", "data", "device", "num_processes", "batch_size",
+                                                  "gradient_accumulation_steps", "effective_batch_size",
+                                                  "mixed_precision", "gradient_checkpointing", "quantization",
+                                                  "lora", "config_hash", "train", "memory",
+                                                  "epoch_seconds_projected", "mfu")}
+    failed = [f for f in folds if f["status"] != "ok"]
+    metrics.update(status=failed[0]["status"] if failed else "ok",
+                   error=f"fold {folds.index(failed[0])}: {failed[0]['error']}" if failed else None, phase=None)
+
+    def spread(values: list) -> dict:
+        values = [v for v in values if v is not None]
+        return {"mean": statistics.fmean(values) if values else None,
+                "std": statistics.pstdev(values) if len(values) > 1 else 0.0 if values else None}
+
+    ev = [f.get("eval") or {} for f in folds]
+    metrics["folds"] = [{"fold": i, "status": f["status"], "samples_per_s": (f.get("train") or {}).get("samples_per_s"),
+                         "eval_loss": e.get("loss"), "rouge_mean": e.get("rouge_mean"),
+                         "oof_rouge_mean": (e.get("oof") or {}).get("rouge_mean")} for i, (f, e) in enumerate(zip(folds, ev))]
+    metrics["kfold"] = {"k": k, "fold_seed": cfg.train.fold_seed,
+                        **{name: spread([r[name] for r in metrics["folds"]])
+                           for name in ("samples_per_s", "eval_loss", "rouge_mean", "oof_rouge_mean")}}
+    metrics["eval"] = None
+    member_preds = [_read_predictions(output_dir / f"fold_{i}" / "dev_predictions.csv") for i in range(k)]
+    if not failed and all(member_preds) and cfg.eval.enabled and cfg.eval.generate:
+        obj: Config = OmegaConf.to_object(cfg)
+        dev = load_splits(obj.data).dev
+        weights = [max(r["rouge_mean"] or 0.0, 1e-6) for r in metrics["folds"]] \
+            if cfg.ensemble.strategy == "weighted" else None
+        chosen = []
+        for i in range(len(dev)):
+            cands = [p[i] for p in member_preds]
+            chosen.append(cands[ensemble.mbr_select(cands, weights)])
+        scores = evaluate.score(dev, chosen, obj.eval.rouge_tokenizer)
+        metrics["eval"] = {**scores, "loss": metrics["kfold"]["eval_loss"]["mean"],
+                           "ensemble": {"strategy": cfg.ensemble.strategy, "members_rouge_mean":
+                                        [r["rouge_mean"] for r in metrics["folds"]], "weights": weights}}
+        evaluate.save_predictions(output_dir / "dev_predictions.csv", dev, chosen)
+    atomic_write_json(output_dir / METRICS_FILE, metrics)
+    return metrics
+
+
+def _read_predictions(path: Path) -> Optional[list[str]]:
+    import csv
+
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8", newline="") as fh:
+        return [row["prediction"] for row in csv.DictReader(fh)]

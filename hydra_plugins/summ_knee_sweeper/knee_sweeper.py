@@ -146,7 +146,10 @@ class KneeSweeper(Sweeper):
 
         # 1. doubling
         bs, last_good, first_bad, reason = self.min_bs, None, None, "reached max_batch_size"
-        while bs <= self.max_bs and trials_left():
+        while bs <= self.max_bs:
+            if not trials_left():
+                reason = f"used all {budget} trials (hydra.sweeper.max_trials)"
+                break
             if self._accumulation(bs) is None:
                 break
             predicted = self._predicted_over(bs)

@@ -1,0 +1,96 @@
+"""summ's loop against the Hugging Face Seq2SeqTrainer on the same tiny BART.
+
+Same init, data, batches and order (the Trainer is given summ's sampler and collator), batch
+size, dynamic padding, fp32, AdamW groups, linear schedule, clipping; dropout off so the losses
+can be compared step for step. Samples/s is timed the same way for both: wall time from the end
+of one optimizer step to the end of the next (data loading included), warm-up steps excluded.
+Target: ratio >= 1.0, with the loss after N steps equal within 1e-3.
+
+    python benchmarks/bench_hf_trainer.py [--rounds 5] [--steps 30]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+
+import torch
+
+from common import alternate, compose, machine, median, table
+
+OVERRIDES = ["data=synthetic", "data.synthetic_train_size=2000", "batch.batch_size=16", "eval.enabled=false",
+             "measure.warmup_steps=3", "model.tiny.dropout=0"]
+
+
+def ours(steps: int) -> dict:
+    from summ.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        m = train(compose(OVERRIDES + [f"measure.steps={steps}"]), tmp)
+    return {"samples_per_s": m["train"]["samples_per_s"], "final_loss": m["train"]["final_loss"]}
+
+
+def hf_trainer(steps: int) -> dict:
+    from omegaconf import OmegaConf
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+    from summ import data as D
+    from summ import measure, models
+
+    cfg = OmegaConf.to_object(compose(OVERRIDES + [f"measure.steps={steps}"]))
+    splits = D.load_splits(cfg.data)
+    tok = models.load_tokenizer(cfg.model)
+    enc = D.Encoder(tok, cfg.model.kind, cfg.model.prompt_template, cfg.data.encoder_max_len, cfg.data.decoder_max_len)
+    ds = D.TokenizedDataset(splits.train, enc)
+    loaded = models.load(cfg.model, tok, cfg.train.seed, torch.device("cpu"))
+    collator = D.Collator(tok.pad_token_id, cfg.model.kind, loaded.decoder_start_token_id)
+    sampler = D.EpochSampler(ds.lengths(), seed=cfg.train.seed)
+    warm = cfg.measure.warmup_steps
+    total = warm + steps
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(measure.now())
+
+    class SameSampler(Seq2SeqTrainer):
+        def _get_train_sampler(self, *a, **k):
+            return sampler
+
+    timer = Timer()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = Seq2SeqTrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=cfg.batch.batch_size, max_steps=total,
+            learning_rate=cfg.train.learning_rate, lr_scheduler_type="linear",
+            warmup_steps=math.ceil(cfg.train.warmup_ratio * total), weight_decay=cfg.train.weight_decay,
+            adam_epsilon=cfg.train.adam_epsilon, max_grad_norm=cfg.train.max_grad_norm, logging_steps=1,
+            save_strategy="no", report_to=[], use_cpu=True, dataloader_drop_last=True, seed=cfg.train.seed,
+            remove_unused_columns=False, disable_tqdm=True)
+        trainer = SameSampler(model=loaded.model, args=args, train_dataset=ds, data_collator=collator,
+                              callbacks=[timer])
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    seconds = timer.ends[-1] - timer.ends[warm - 1]
+    return {"samples_per_s": steps * cfg.batch.batch_size / seconds, "final_loss": losses[-1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    print(f"machine: {machine()}\ntiny_bart, synthetic data, micro-batch 16, fp32, {args.steps} measured steps, "
+          f"{args.rounds} rounds A B A B after one warm-up round")
+    res = alternate({"summ": lambda: ours(args.steps), "hf_trainer": lambda: hf_trainer(args.steps)}, args.rounds)
+    s, h = median(res["summ"], "samples_per_s"), median(res["hf_trainer"], "samples_per_s")
+    ls, lh = res["summ"][-1]["final_loss"], res["hf_trainer"][-1]["final_loss"]
+    print()
+    print(table([["summ loop", f"{s:.1f}", f"{ls:.4f}"], ["HF Seq2SeqTrainer", f"{h:.1f}", f"{lh:.4f}"]],
+                ["contender", "median samples/s", f"loss at step {args.steps + 3}"]))
+    print(f"\nratio summ / HF Trainer = {s / h:.3f} (target >= 1.0); loss difference {abs(ls - lh):.2e}")
+
+
+if __name__ == "__main__":
+    main()

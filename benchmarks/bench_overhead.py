@@ -1,0 +1,95 @@
+"""Harness overhead: summ's training loop against a minimal plain PyTorch loop.
+
+Same model init (seed), same batches in the same order (same sampler and collator), same
+AdamW (fused) and parameter groups, same schedule, same loss; no Accelerate, no measurement in the bare loop.
+Both count samples/s over the same measured steps (warm-up excluded). Target: ratio >= 0.97.
+
+    python benchmarks/bench_overhead.py [--rounds 5] [--steps 30]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+
+import torch
+
+from common import alternate, compose, machine, median, table
+
+OVERRIDES = ["data=synthetic", "data.synthetic_train_size=2000", "batch.batch_size=16", "eval.enabled=false",
+             "measure.warmup_steps=3"]
+
+
+def ours(steps: int) -> dict:
+    from summ.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        m = train(compose(OVERRIDES + [f"measure.steps={steps}"]), tmp)
+    return {"samples_per_s": m["train"]["samples_per_s"], "final_loss": m["train"]["final_loss"]}
+
+
+def bare(steps: int) -> dict:
+    from omegaconf import OmegaConf
+    from transformers import get_scheduler
+
+    from summ import data as D
+    from summ import measure, models
+    from summ.loss import model_inputs, summed_token_loss
+
+    cfg = OmegaConf.to_object(compose(OVERRIDES + [f"measure.steps={steps}"]))
+    torch.manual_seed(cfg.train.seed)
+    splits = D.load_splits(cfg.data)
+    tok = models.load_tokenizer(cfg.model)
+    enc = D.Encoder(tok, cfg.model.kind, cfg.model.prompt_template, cfg.data.encoder_max_len, cfg.data.decoder_max_len)
+    ds = D.TokenizedDataset(splits.train, enc)
+    loaded = models.load(cfg.model, tok, cfg.train.seed, torch.device("cpu"))
+    model = loaded.model.train()
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch.batch_size, drop_last=True,
+                                         sampler=D.EpochSampler(ds.lengths(), seed=cfg.train.seed),
+                                         collate_fn=D.Collator(tok.pad_token_id, cfg.model.kind,
+                                                               loaded.decoder_start_token_id))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=cfg.train.learning_rate, eps=cfg.train.adam_epsilon, fused=True)
+    total = cfg.measure.warmup_steps + steps
+    sched = get_scheduler("linear", opt, num_warmup_steps=math.ceil(cfg.train.warmup_ratio * total),
+                          num_training_steps=total)
+    it = iter(loader)
+    samples, seconds, loss = 0, 0.0, None
+    for step in range(total):
+        start = measure.now()
+        batch = next(it)
+        n = int((batch["labels"] != -100).sum())
+        logits = model(**model_inputs(batch)).logits
+        loss = summed_token_loss(logits, batch["labels"], cfg.model.kind) / n
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if step >= cfg.measure.warmup_steps:
+            seconds += measure.now() - start
+            samples += batch["input_ids"].size(0)
+    return {"samples_per_s": samples / seconds, "final_loss": loss_value}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    print(f"machine: {machine()}\ntiny_bart, synthetic data, micro-batch 16, {args.steps} measured steps, "
+          f"{args.rounds} rounds A B A B after one warm-up round")
+    res = alternate({"summ": lambda: ours(args.steps), "bare": lambda: bare(args.steps)}, args.rounds)
+    s, b = median(res["summ"], "samples_per_s"), median(res["bare"], "samples_per_s")
+    print()
+    print(table([["summ loop", f"{s:.1f}", f"{res['summ'][-1]['final_loss']:.4f}"],
+                 ["bare PyTorch loop", f"{b:.1f}", f"{res['bare'][-1]['final_loss']:.4f}"]],
+                ["contender", "median samples/s", "final loss"]))
+    print(f"\nratio summ / bare = {s / b:.3f} (target >= 0.97)")
+
+
+if __name__ == "__main__":
+    main()

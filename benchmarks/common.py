@@ -1,0 +1,60 @@
+"""Shared by the benchmark scripts: contenders alternate (A B A B ...) after a warm-up, and the
+figures are medians, so a machine's drift hits every contender alike."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from summ.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf")):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def alternate(contenders: dict[str, Callable[[], dict]], rounds: int, warmup: int = 1) -> dict[str, list[dict]]:
+    """Run each contender `warmup` times (discarded), then `rounds` times interleaved."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    results: dict[str, list[dict]] = {name: [] for name in contenders}
+    for r in range(rounds):
+        for name, fn in contenders.items():
+            res = fn()
+            results[name].append(res)
+            print(f"  round {r + 1}: {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()), flush=True)
+    return results
+
+
+def median(results: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = " | ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), "-+-".join("-" * w for w in widths)] + [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(lines)
+
+

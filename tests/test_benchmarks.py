@@ -1,0 +1,31 @@
+"""The benchmark scripts run (they are not timed tests: their figures live in BENCHMARKS.md)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def bench(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=BENCH, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path only; on a GPU the script runs for minutes")
+def test_gpu_knee_script_says_why_and_exits_zero_without_cuda():
+    proc = bench("gpu_knee.py")
+    assert proc.returncode == 0
+    assert "CUDA is not available" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,ratio", [("bench_overhead.py", "ratio summ / bare"),
+                                          ("bench_hf_trainer.py", "ratio summ / HF Trainer")])
+def test_side_by_side_scripts_print_their_ratio(script, ratio):
+    proc = bench(script, "--rounds", "1", "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ratio in proc.stdout and "median samples/s" in proc.stdout

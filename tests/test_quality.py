@@ -1,0 +1,85 @@
+"""Data-quality validation: planted bad rows are listed with their reasons and left out of
+training; the run goes on with the good rows; a file without a summary column stops cleanly."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from summ.data import Sample, bundled_sample_dir, read_csv
+from summ.quality import assess
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = "#Person1#: 안녕하세요, 예약을 바꾸고 싶어요.\n#Person2#: 네, 언제로 바꿔 드릴까요?\n#Person1#: 금요일 저녁으로 부탁드려요."
+
+
+def write_csv(path: Path, rows: list[list[str]], header=("fname", "dialogue", "summary", "topic")) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def planted(folder: Path) -> None:
+    train = read_csv(bundled_sample_dir() / "train.csv", need_summary=True)[:40]
+    rows = [[s.fname, s.dialogue, s.summary, s.topic] for s in train]
+    rows += [
+        ["bad_empty", "", "#Person1#은 아무 말도 하지 않습니다.", "빈 대화"],
+        ["bad_speaker", GOOD, "#Person3#은 #Person1#에게 예약 변경을 부탁합니다.", "예약"],
+        [train[0].fname, train[1].dialogue + "\n#Person1#: 감사합니다.", train[1].summary, "중복"],
+        ["bad_mask", GOOD.replace("금요일 저녁으로", "#PhoneNumber 로 연락 주시고 금요일로"),
+         "#Person1#은 #Person2#에게 예약을 금요일로 바꿔 달라고 합니다.", "예약"],
+    ]
+    write_csv(folder / "train.csv", rows)
+    dev = read_csv(bundled_sample_dir() / "dev.csv", need_summary=True)[:6]
+    write_csv(folder / "dev.csv", [[s.fname, s.dialogue, s.summary, s.topic] for s in dev])
+
+
+def test_each_check_on_hand_made_samples():
+    rows = assess([Sample("a", GOOD, ["#Person1#은 예약을 금요일로 바꿉니다."]),
+                   Sample("b", GOOD.replace("#Person2#:", "Person2:"), ["#Person1#은 예약을 바꿉니다."]),
+                   Sample("c", "Hello there, how are you?\nFine thanks.", ["They greet."]),
+                   Sample("d", GOOD + " \ufffd", ["#Person1#은 예약을 바꿉니다."]),
+                   Sample("e", GOOD, [""])], "train", threshold=0.7)
+    by = {r.fname: r for r in rows}
+    assert by["a"].failed == [] and by["a"].score == 1.0 and by["a"].kept
+    assert "malformed_speaker_tags" in by["b"].failed and not by["b"].kept
+    assert {"missing_speaker_tags", "low_hangul_share"} <= set(by["c"].failed)
+    assert "encoding_damage" in by["d"].failed
+    assert "empty_summary" in by["e"].failed and by["e"].score == 0.0
+
+
+def test_planted_rows_are_listed_dropped_and_the_run_goes_on(run_job, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    planted(data)
+    m, out = run_job("data=dialogsum_ko", f"data.dir={data}", "data.validate=true", "measure.steps=2",
+                     "batch.batch_size=4")
+    assert m["status"] == "ok", m["error"]
+    rows = list(csv.DictReader((out / "data_quality.csv").open(encoding="utf-8")))
+    assert len(rows) == 44 + 6
+    train_rows = [r for r in rows if r["split"] == "train"]
+    reasons = {r["fname"]: r["failed_checks"] for r in train_rows if r["kept_for_training"] == "False"}
+    assert "empty_dialogue" in reasons["bad_empty"]
+    assert "unknown_speaker_in_summary" in reasons["bad_speaker"]
+    assert "broken_masked_token" in reasons["bad_mask"]
+    assert any("duplicate_fname" in v for v in reasons.values())
+    dq = m["data_quality"]
+    assert dq["train_dropped"] == len(reasons) == 4 and dq["train_kept"] == 40
+    assert m["train_set_size"] == 40
+    assert json.loads((out / "metrics.json").read_text())["data_quality"]["train_dropped"] == 4
+
+
+def test_csv_without_summary_column_stops_with_one_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_csv(data / "train.csv", [["t0", GOOD]], header=("fname", "dialogue"))
+    write_csv(data / "dev.csv", [["d0", GOOD, "요약"]], header=("fname", "dialogue", "summary"))
+    proc = subprocess.run([sys.executable, "run.py", "data=dialogsum_ko", f"data.dir={data}", "data.validate=true",
+                           f"hydra.run.dir={tmp_path}/run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "train.csv: missing column(s) summary" in errors[0]
+    assert "Traceback" not in proc.stderr
