@@ -48,7 +48,7 @@ class DataSource(enum.Enum):
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = ("float32", "bfloat16", "float16")
 PADDINGS = ("longest", "max_length")
-ENSEMBLE_STRATEGIES = ("mbr", "weighted")
+ENSEMBLE_STRATEGIES = ("mbr", "weighted", "stacking")
 ATTENTION_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")
 OBJECTIVES = ("train_seconds_per_sample", "train_seconds_per_token", "eval_loss", "neg_rouge_mean",
               "seconds_per_sample_and_rouge")  # the last returns two values, for a Pareto study
@@ -223,7 +223,8 @@ class GenerationBackendConfig:
 class EnsembleConfig:
     """How K-fold members' summaries of one dialogue become one (summ/ensemble.py)."""
 
-    strategy: str = "mbr"  # mbr: most agreed-on candidate | weighted: agreement weighted by dev ROUGE
+    strategy: str = "mbr"  # mbr | weighted (agreement by dev ROUGE) | stacking (selector trained out of fold)
+    stacking_candidates: int = 4  # top beams per out-of-fold dialogue that train the stacking selector
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """Reducing several candidate summaries of one dialogue to one.
 
-MBR (minimum Bayes risk): the candidate with the highest (weighted) mean ROUGE against the
-other candidates, i.e. the one the others agree with most. Weights (for example each member's
-dev ROUGE) make a trusted member's agreement count for more.
+- mbr (minimum Bayes risk): the candidate with the highest mean ROUGE against the other
+  candidates, i.e. the one the others agree with most.
+- weighted: MBR where each member's agreement counts by its dev ROUGE.
+- stacking: a selector (ridge regression on reference-free features) trained on out-of-fold
+  data, where each K-fold member's top beams for its held-out dialogues are scored against the
+  references; it then picks one of the members' summaries per dev dialogue.
 """
 from __future__ import annotations
 
@@ -25,3 +28,46 @@ def mbr_select(candidates: Sequence[str], weights: Optional[Sequence[float]] = N
         if score > best_score + 1e-12:
             best, best_score = i, score
     return best
+
+
+# --------------------------------------------------------------------------- stacking
+
+FEATURES = ("bias", "agreement", "length_vs_median", "abs_length_gap", "speaker_tags", "ends_with_period")
+
+
+def candidate_features(candidates: Sequence[str]) -> list[list[float]]:
+    """Per candidate, features that need no reference: its agreement with the other candidates
+    (mean ROUGE against them), its length against the set's median, how many speaker tags it
+    names, and whether it ends like a finished sentence."""
+    import re
+    import statistics
+
+    lengths = [max(len(c), 1) for c in candidates]
+    median = statistics.median(lengths)
+    rows = []
+    for i, c in enumerate(candidates):
+        others = [pair_rouge_mean(c, o) for j, o in enumerate(candidates) if j != i]
+        rows.append([1.0, sum(others) / len(others) if others else 1.0, lengths[i] / median,
+                     abs(lengths[i] - median) / median, min(len(set(re.findall(r"#Person\d#", c))), 4) / 4,
+                     1.0 if c.rstrip().endswith(("다.", ".")) else 0.0])
+    return rows
+
+
+def fit_selector(groups: Sequence[tuple[Sequence[str], float]], ridge: float = 1e-2) -> list[float]:
+    """Least-squares (ridge) weights that predict a candidate's ROUGE against the reference from
+    its features. `groups`: (candidate set, per-candidate ROUGE) pairs from out-of-fold data."""
+    import numpy as np
+
+    xs, ys = [], []
+    for cands, targets in groups:
+        xs += candidate_features(cands)
+        ys += list(targets)
+    x, y = np.asarray(xs), np.asarray(ys)
+    w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
+    return [float(v) for v in w]
+
+
+def stack_select(candidates: Sequence[str], weights: Sequence[float]) -> int:
+    """Index of the candidate the selector scores highest (ties: the earliest)."""
+    scores = [sum(w * f for w, f in zip(weights, row)) for row in candidate_features(candidates)]
+    return max(range(len(candidates)), key=lambda i: (scores[i], -i))

@@ -56,8 +56,9 @@ def housekeeping_tokens(tokenizer) -> list[str]:
 
 
 def generate(accelerator, model, samples: Sequence[Sample], encoder: Encoder, tokenizer,
-             cfg: InferenceConfig, kind: ModelKind, batch_size: int) -> tuple[list[str], float]:
-    """Summaries for `samples` in their order, and the generation wall seconds.
+             cfg: InferenceConfig, kind: ModelKind, batch_size: int, num_candidates: int = 1) -> tuple[list, float]:
+    """Summaries for `samples` in their order, and the generation wall seconds. With
+    num_candidates > 1 each item is the list of the top beams (at most num_beams).
 
     Batches are formed from length-sorted prompts (less padding), split over processes, and
     the original order is restored at the end.
@@ -65,10 +66,12 @@ def generate(accelerator, model, samples: Sequence[Sample], encoder: Encoder, to
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     gen_cfg = generation_config(cfg, tokenizer, kind)
+    n_ret = max(1, min(num_candidates, cfg.num_beams if not cfg.do_sample else num_candidates))
+    gen_cfg.num_return_sequences = n_ret
     prompts = [encoder.prompt_ids(s.dialogue) for s in samples]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     strip = housekeeping_tokens(tokenizer)
-    outputs: dict[int, str] = {}
+    outputs: dict[int, object] = {}
     synchronize(accelerator.device)
     start = now()
     with accelerator.split_between_processes(order) as mine:
@@ -88,8 +91,10 @@ def generate(accelerator, model, samples: Sequence[Sample], encoder: Encoder, to
             if kind == ModelKind.causal:
                 out = out[:, inputs["input_ids"].size(1):]
             texts = tokenizer.batch_decode(out, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            for i, text in zip(idx, texts):
-                outputs[i] = clean_prediction(text, strip)
+            cleaned = [clean_prediction(t, strip) for t in texts]
+            for j, i in enumerate(idx):
+                group = cleaned[j * n_ret: (j + 1) * n_ret]
+                outputs[i] = group if num_candidates > 1 else group[0]
     gathered = gather_object([outputs])
     synchronize(accelerator.device)
     seconds = now() - start

@@ -341,11 +341,17 @@ class _Job:
             result.update(rouge1=None, rouge2=None, rougeL=None, rouge_sum=None, rouge_mean=None)
         result.setdefault("n", len(self.splits.dev))
         if self.oof and cfg.eval.generate:  # out-of-fold predictions of a K-fold member
-            oof_preds, _ = evaluate.generate(acc, self.model, self.oof, self.encoder, self.tokenizer,
-                                             cfg.inference, self.kind, cfg.batch.eval_batch_size)
+            n = cfg.ensemble.stacking_candidates if cfg.ensemble.strategy == "stacking" else 1
+            oof = evaluate.generate(acc, self.model, self.oof, self.encoder, self.tokenizer,
+                                    cfg.inference, self.kind, cfg.batch.eval_batch_size, num_candidates=n)[0]
+            oof_preds = [c[0] for c in oof] if n > 1 else oof
             result["oof"] = evaluate.score(self.oof, oof_preds, cfg.eval.rouge_tokenizer)
             if acc.is_main_process:
                 evaluate.save_predictions(self.output_dir / "oof_predictions.csv", self.oof, oof_preds)
+                if n > 1:  # what the stacking selector trains on
+                    atomic_write_text(self.output_dir / "oof_candidates.jsonl", "".join(
+                        json.dumps({"fname": s.fname, "references": s.summaries, "candidates": c},
+                                   ensure_ascii=False) + "\n" for s, c in zip(self.oof, oof)))
         m["eval"] = result
         self.guard.check()
 
@@ -486,19 +492,42 @@ def train_kfold(cfg: DictConfig, output_dir: Path) -> dict:
     if not failed and all(member_preds) and cfg.eval.enabled and cfg.eval.generate:
         obj: Config = OmegaConf.to_object(cfg)
         dev = load_splits(obj.data).dev
-        weights = [max(r["rouge_mean"] or 0.0, 1e-6) for r in metrics["folds"]] \
-            if cfg.ensemble.strategy == "weighted" else None
+        strategy = cfg.ensemble.strategy
+        weights = [max(r["rouge_mean"] or 0.0, 1e-6) for r in metrics["folds"]] if strategy == "weighted" else None
+        info: dict[str, Any] = {"strategy": strategy, "members_rouge_mean": [r["rouge_mean"] for r in metrics["folds"]],
+                                "weights": weights}
+        if strategy == "stacking":
+            selector, info["stacking"] = _fit_stacking(output_dir, k, obj)
         chosen = []
         for i in range(len(dev)):
             cands = [p[i] for p in member_preds]
-            chosen.append(cands[ensemble.mbr_select(cands, weights)])
+            pick = ensemble.stack_select(cands, selector) if strategy == "stacking" else ensemble.mbr_select(cands, weights)
+            chosen.append(cands[pick])
         scores = evaluate.score(dev, chosen, obj.eval.rouge_tokenizer)
-        metrics["eval"] = {**scores, "loss": metrics["kfold"]["eval_loss"]["mean"],
-                           "ensemble": {"strategy": cfg.ensemble.strategy, "members_rouge_mean":
-                                        [r["rouge_mean"] for r in metrics["folds"]], "weights": weights}}
+        metrics["eval"] = {**scores, "loss": metrics["kfold"]["eval_loss"]["mean"], "ensemble": info}
         evaluate.save_predictions(output_dir / "dev_predictions.csv", dev, chosen)
     atomic_write_json(output_dir / METRICS_FILE, metrics)
     return metrics
+
+
+def _fit_stacking(output_dir: Path, k: int, obj: Config) -> tuple[list[float], dict]:
+    """Train the stacking selector on every fold's out-of-fold candidates."""
+    from summ import ensemble
+    from summ.scoring import pair_rouge_mean
+
+    groups = []
+    for fold in range(k):
+        for line in (output_dir / f"fold_{fold}" / "oof_candidates.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            cands = row["candidates"]
+            if len(cands) > 1:
+                target = [sum(pair_rouge_mean(c, r, obj.eval.rouge_tokenizer) for r in row["references"])
+                          / max(len(row["references"]), 1) for c in cands]
+                groups.append((cands, target))
+    if not groups:
+        raise DataError("stacking found no out-of-fold candidate sets: set inference.num_beams >= 2")
+    weights = ensemble.fit_selector(groups)
+    return weights, {"train_dialogues": len(groups), "features": dict(zip(ensemble.FEATURES, weights))}
 
 
 def _read_predictions(path: Path) -> Optional[list[str]]:

@@ -15,16 +15,33 @@ def test_folds_are_disjoint_and_cover_everything():
     assert fold_indices(23, 4, seed=0) == folds and fold_indices(23, 4, seed=1) != folds
 
 
-@pytest.mark.parametrize("strategy", ["mbr", "weighted"])
+@pytest.mark.parametrize("strategy", ["mbr", "weighted", "stacking"])
 def test_two_folds_with_an_ensemble(run_job, strategy):
+    decoding = "inference.num_beams=2" if strategy == "stacking" else "inference=greedy"  # stacking learns from beams
     m, out = run_job("train.k_folds=2", f"ensemble.strategy={strategy}", "measure.steps=2", "eval.generate=true",
-                     "inference=greedy", "inference.max_new_tokens=12", "data.max_eval_samples=6",
+                     decoding, "inference.max_new_tokens=12", "data.max_eval_samples=6",
                      "data.max_train_samples=40")
     assert m["status"] == "ok", m["error"]
     assert [f["fold"] for f in m["folds"]] == [0, 1] and all(f["status"] == "ok" for f in m["folds"])
     assert m["kfold"]["k"] == 2 and m["kfold"]["rouge_mean"]["mean"] is not None
     assert m["eval"]["ensemble"]["strategy"] == strategy and m["eval"]["n"] == 6
-    assert (m["eval"]["ensemble"]["weights"] is None) == (strategy == "mbr")
+    assert (m["eval"]["ensemble"]["weights"] is not None) == (strategy == "weighted")
     oof = [[r["fname"] for r in csv.DictReader((out / f"fold_{k}" / "oof_predictions.csv").open())] for k in (0, 1)]
     assert not set(oof[0]) & set(oof[1]) and len(oof[0]) + len(oof[1]) == 40
     assert len(list(csv.DictReader((out / "dev_predictions.csv").open()))) == 6
+    if strategy == "stacking":
+        info = m["eval"]["ensemble"]["stacking"]
+        assert info["train_dialogues"] == 40 and set(info["features"]) >= {"agreement", "length_vs_median"}
+
+
+def test_stacking_selector_learns_which_feature_predicts_rouge():
+    from summ.ensemble import fit_selector, stack_select
+
+    # references reward the candidate that agrees with the others; a lone outlier scores 0
+    groups = []
+    for k in range(20):
+        cands = [f"#Person1#은 {k}번 회의를 준비합니다.", f"#Person1#은 {k}번 회의를 준비합니다 내일.",
+                 "전혀 다른 이야기"]
+        groups.append((cands, [0.8, 0.7, 0.0]))
+    w = fit_selector(groups)
+    assert stack_select(["엉뚱한 말", "#Person2#는 예약을 바꿉니다.", "#Person2#는 예약을 바꿉니다 오늘."], w) in (1, 2)
