@@ -48,7 +48,7 @@ class DataSource(enum.Enum):
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = ("float32", "bfloat16", "float16")
 PADDINGS = ("longest", "max_length")
-ENSEMBLE_STRATEGIES = ("mbr", "weighted", "stacking")
+ENSEMBLE_STRATEGIES = ("mbr", "weighted", "stacking", "logit_avg")
 ATTENTION_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")
 OBJECTIVES = ("train_seconds_per_sample", "train_seconds_per_token", "eval_loss", "neg_rouge_mean",
               "seconds_per_sample_and_rouge")  # the last returns two values, for a Pareto study
@@ -223,7 +223,9 @@ class GenerationBackendConfig:
 class EnsembleConfig:
     """How K-fold members' summaries of one dialogue become one (summ/ensemble.py)."""
 
-    strategy: str = "mbr"  # mbr | weighted (agreement by dev ROUGE) | stacking (selector trained out of fold)
+    # mbr | weighted (agreement by dev ROUGE) | stacking (selector trained out of fold)
+    # | logit_avg (beam search on the members' averaged next-token log-probabilities)
+    strategy: str = "mbr"
     stacking_candidates: int = 4  # top beams per out-of-fold dialogue that train the stacking selector
 
 

@@ -6,6 +6,8 @@
 - stacking: a selector (ridge regression on reference-free features) trained on out-of-fold
   data, where each K-fold member's top beams for its held-out dialogues are scored against the
   references; it then picks one of the members' summaries per dev dialogue.
+- logit_avg: no selection at all; one beam search over the members' averaged next-token
+  log-probabilities (LogitAverage below), for members that share a tokenizer.
 """
 from __future__ import annotations
 
@@ -71,3 +73,46 @@ def stack_select(candidates: Sequence[str], weights: Sequence[float]) -> int:
     """Index of the candidate the selector scores highest (ties: the earliest)."""
     scores = [sum(w * f for w, f in zip(weights, row)) for row in candidate_features(candidates)]
     return max(range(len(candidates)), key=lambda i: (scores[i], -i))
+
+
+# --------------------------------------------------------------------------- logit averaging
+
+
+class LogitAverage:
+    """A LogitsProcessor for the first member's generate(): at every decoding step the other
+    members score the same prefixes and the next-token log-probabilities are averaged, so beam
+    search runs on the ensemble's distribution. Members must share the tokenizer. The other
+    members recompute each prefix in full (no KV cache): exact, and O(length^2) in their cost.
+    """
+
+    def __init__(self, members: Sequence, inputs: dict, kind: str, num_beams: int):
+        import torch
+
+        self.members, self.kind = list(members), kind
+        reps = max(num_beams, 1)
+        self.mask = inputs["attention_mask"].repeat_interleave(reps, dim=0)
+        self.prompt_len = inputs["input_ids"].size(1)
+        self.encoder_outputs = []
+        if kind == "seq2seq":
+            with torch.no_grad():
+                for m in self.members:
+                    enc = m.get_encoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                    enc.last_hidden_state = enc.last_hidden_state.repeat_interleave(reps, dim=0)
+                    self.encoder_outputs.append(enc)
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        total = scores.float().log_softmax(-1)
+        with torch.no_grad():
+            for i, m in enumerate(self.members):
+                if self.kind == "seq2seq":
+                    out = m(encoder_outputs=self.encoder_outputs[i], attention_mask=self.mask,
+                            decoder_input_ids=input_ids, use_cache=False)
+                else:
+                    new = input_ids.size(1) - self.prompt_len
+                    mask = torch.cat([self.mask, self.mask.new_ones(self.mask.size(0), new)], dim=1)
+                    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                    out = m(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+                total = total + out.logits[:, -1, :].float().log_softmax(-1)
+        return (total / (1 + len(self.members))).log_softmax(-1).to(scores.dtype)

@@ -56,9 +56,11 @@ def housekeeping_tokens(tokenizer) -> list[str]:
 
 
 def generate(accelerator, model, samples: Sequence[Sample], encoder: Encoder, tokenizer,
-             cfg: InferenceConfig, kind: ModelKind, batch_size: int, num_candidates: int = 1) -> tuple[list, float]:
+             cfg: InferenceConfig, kind: ModelKind, batch_size: int, num_candidates: int = 1,
+             co_members: Sequence = ()) -> tuple[list, float]:
     """Summaries for `samples` in their order, and the generation wall seconds. With
-    num_candidates > 1 each item is the list of the top beams (at most num_beams).
+    num_candidates > 1 each item is the list of the top beams (at most num_beams). With
+    co_members, decoding averages their next-token log-probabilities with the model's (logit_avg).
 
     Batches are formed from length-sorted prompts (less padding), split over processes, and
     the original order is restored at the end.
@@ -86,8 +88,16 @@ def generate(accelerator, model, samples: Sequence[Sample], encoder: Encoder, to
                           "attention_mask": torch.tensor([[1] * len(prompts[i]) + [0] * (width - len(prompts[i]))
                                                           for i in idx])}
             inputs = {k: v.to(accelerator.device) for k, v in inputs.items()}
+            extra = {}
+            if co_members:
+                from transformers import LogitsProcessorList
+
+                from summ.ensemble import LogitAverage
+
+                extra["logits_processor"] = LogitsProcessorList(
+                    [LogitAverage(co_members, inputs, kind.value, 1 if gen_cfg.do_sample else gen_cfg.num_beams)])
             with torch.no_grad(), accelerator.autocast():
-                out = unwrapped.generate(**inputs, generation_config=gen_cfg)
+                out = unwrapped.generate(**inputs, generation_config=gen_cfg, **extra)
             if kind == ModelKind.causal:
                 out = out[:, inputs["input_ids"].size(1):]
             texts = tokenizer.batch_decode(out, skip_special_tokens=False, clean_up_tokenization_spaces=False)

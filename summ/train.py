@@ -406,12 +406,14 @@ class _Job:
         measure.release_memory()
 
 
-def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optional[MicroStepHook] = None) -> dict:
+def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optional[MicroStepHook] = None,
+          keep: Optional[list] = None) -> dict:
     """Run one job and return its metrics (also written to <output_dir>/metrics.json).
 
     Job-level failures (oom, over_budget, diverged, failed) are recorded, not raised, so a sweep
     goes on; a UserError (bad config, data, weights) is recorded and then raised for run.py.
     With train.k_folds > 1 the job is K jobs (fold_<k>/) and an ensemble of their summaries.
+    `keep`, a list, receives the trained model and its tokenizer and encoder (logit averaging).
     """
     validate(cfg)
     if cfg.train.k_folds > 1 and cfg.train.fold is None:
@@ -441,6 +443,8 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optiona
         atomic_write_text(output_dir / "error.log", traceback.format_exc())
     finally:
         job.record_memory()
+        if keep is not None and metrics["status"] == "ok":
+            keep.append((job.accelerator.unwrap_model(job.model).eval(), job.tokenizer, job.encoder))
         history = job.history
         job.close()
         del job
@@ -462,10 +466,11 @@ def train_kfold(cfg: DictConfig, output_dir: Path) -> dict:
 
     k = cfg.train.k_folds
     folds = []
+    kept: Optional[list] = [] if cfg.ensemble.strategy == "logit_avg" else None
     for fold in range(k):
         sub = cfg.copy()
         sub.train.fold = fold
-        folds.append(train(sub, output_dir / f"fold_{fold}"))
+        folds.append(train(sub, output_dir / f"fold_{fold}", keep=kept))
     metrics = {key: folds[0].get(key) for key in ("model", "data", "device", "num_processes", "batch_size",
                                                   "gradient_accumulation_steps", "effective_batch_size",
                                                   "mixed_precision", "gradient_checkpointing", "quantization",
@@ -496,18 +501,41 @@ def train_kfold(cfg: DictConfig, output_dir: Path) -> dict:
         weights = [max(r["rouge_mean"] or 0.0, 1e-6) for r in metrics["folds"]] if strategy == "weighted" else None
         info: dict[str, Any] = {"strategy": strategy, "members_rouge_mean": [r["rouge_mean"] for r in metrics["folds"]],
                                 "weights": weights}
-        if strategy == "stacking":
-            selector, info["stacking"] = _fit_stacking(output_dir, k, obj)
-        chosen = []
-        for i in range(len(dev)):
-            cands = [p[i] for p in member_preds]
-            pick = ensemble.stack_select(cands, selector) if strategy == "stacking" else ensemble.mbr_select(cands, weights)
-            chosen.append(cands[pick])
+        if strategy == "logit_avg":
+            chosen, info["generation_seconds"] = _logit_average(kept, dev, obj)
+        else:
+            if strategy == "stacking":
+                selector, info["stacking"] = _fit_stacking(output_dir, k, obj)
+            chosen = []
+            for i in range(len(dev)):
+                cands = [p[i] for p in member_preds]
+                pick = (ensemble.stack_select(cands, selector) if strategy == "stacking"
+                        else ensemble.mbr_select(cands, weights))
+                chosen.append(cands[pick])
         scores = evaluate.score(dev, chosen, obj.eval.rouge_tokenizer)
         metrics["eval"] = {**scores, "loss": metrics["kfold"]["eval_loss"]["mean"], "ensemble": info}
         evaluate.save_predictions(output_dir / "dev_predictions.csv", dev, chosen)
     atomic_write_json(output_dir / METRICS_FILE, metrics)
     return metrics
+
+
+def _logit_average(kept: list, dev: list, obj: Config) -> tuple[list[str], float]:
+    """Summaries decoded from the members' averaged next-token log-probabilities."""
+    from accelerate import Accelerator
+
+    _reset_accelerate()
+    acc = Accelerator(cpu=obj.train.cpu or not torch.cuda.is_available(),
+                      mixed_precision=obj.train.mixed_precision.value)
+    (first, tok, enc), rest = kept[0], [m for m, _, _ in kept[1:]]
+    if any(t.get_vocab() != tok.get_vocab() for _, t, _ in kept[1:]):
+        raise ConfigError("ensemble.strategy=logit_avg needs members that share a tokenizer: use mbr or weighted")
+    try:
+        return evaluate.generate(acc, first, dev, enc, tok, obj.inference, obj.model.kind,
+                                 obj.batch.eval_batch_size, co_members=rest)
+    finally:
+        kept.clear()
+        _reset_accelerate()
+        measure.release_memory()
 
 
 def _fit_stacking(output_dir: Path, k: int, obj: Config) -> tuple[list[float], dict]:

@@ -15,7 +15,7 @@ def test_folds_are_disjoint_and_cover_everything():
     assert fold_indices(23, 4, seed=0) == folds and fold_indices(23, 4, seed=1) != folds
 
 
-@pytest.mark.parametrize("strategy", ["mbr", "weighted", "stacking"])
+@pytest.mark.parametrize("strategy", ["mbr", "weighted", "stacking", "logit_avg"])
 def test_two_folds_with_an_ensemble(run_job, strategy):
     decoding = "inference.num_beams=2" if strategy == "stacking" else "inference=greedy"  # stacking learns from beams
     m, out = run_job("train.k_folds=2", f"ensemble.strategy={strategy}", "measure.steps=2", "eval.generate=true",
@@ -45,3 +45,28 @@ def test_stacking_selector_learns_which_feature_predicts_rouge():
         groups.append((cands, [0.8, 0.7, 0.0]))
     w = fit_selector(groups)
     assert stack_select(["엉뚱한 말", "#Person2#는 예약을 바꿉니다.", "#Person2#는 예약을 바꿉니다 오늘."], w) in (1, 2)
+
+
+@pytest.mark.parametrize("model", ["tiny_bart", "tiny_llama"])
+def test_logit_average_of_identical_members_is_the_member(model):
+    """Averaging a model with itself must not change its beam search output."""
+    import torch
+    from accelerate import Accelerator
+    from omegaconf import OmegaConf
+
+    from summ import data as D
+    from summ import evaluate, models
+    from tests.conftest import compose_cfg
+
+    cfg = OmegaConf.to_object(compose_cfg([f"model={model}", "inference.num_beams=3", "inference.max_new_tokens=8"]))
+    tok = models.load_tokenizer(cfg.model)
+    lm = models.load(cfg.model, tok, 0, torch.device("cpu")).model.eval()
+    enc = D.Encoder(tok, cfg.model.kind, cfg.model.prompt_template, 64, 16)
+    dev = D.load_splits(cfg.data).dev[:4]
+    acc = Accelerator(cpu=True)
+    alone, _ = evaluate.generate(acc, lm, dev, enc, tok, cfg.inference, cfg.model.kind, 4)
+    paired, _ = evaluate.generate(acc, lm, dev, enc, tok, cfg.inference, cfg.model.kind, 4, co_members=[lm])
+    assert paired == alone
+    other = models.load(cfg.model, tok, 7, torch.device("cpu")).model.eval()  # another init: other beliefs
+    mixed, _ = evaluate.generate(acc, lm, dev, enc, tok, cfg.inference, cfg.model.kind, 4, co_members=[other])
+    assert mixed != alone
