@@ -116,3 +116,71 @@ class LogitAverage:
                     out = m(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
                 total = total + out.logits[:, -1, :].float().log_softmax(-1)
         return (total / (1 + len(self.members))).log_softmax(-1).to(scores.dtype)
+
+
+# --------------------------------------------------------------------------- across runs
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """python -m summ.ensemble [--strategy mbr|weighted] RUN_DIR RUN_DIR ...
+
+    Ensembles the dev predictions of finished runs (different models, seeds or settings over the
+    same dev set): each run's dev_predictions.csv is a member; weighted uses each run's dev ROUGE.
+    Prints each member's ROUGE and the ensemble's, and writes ensemble_predictions.csv and
+    ensemble_report.md into the first run's folder (or --out)."""
+    import argparse
+    import csv
+    import io
+    import sys
+    from pathlib import Path
+
+    from summ.io import atomic_write_text
+    from summ.scoring import rouge_scores
+
+    ap = argparse.ArgumentParser(prog="python -m summ.ensemble", description=main.__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run folders holding dev_predictions.csv")
+    ap.add_argument("--strategy", choices=("mbr", "weighted"), default="mbr")
+    ap.add_argument("--out", default=None, help="folder for the ensemble's files (default: the first run's)")
+    args = ap.parse_args(argv)
+    members = []
+    for run in map(Path, args.runs):
+        path = run / "dev_predictions.csv"
+        if not path.is_file():
+            print(f"error: {path} not found: ensemble runs that evaluated with generation on", file=sys.stderr)
+            return 2
+        with path.open(encoding="utf-8", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        members.append((run, rows))
+    fnames = [r["fname"] for r in members[0][1]]
+    if any([r["fname"] for r in rows] != fnames for _, rows in members):
+        print("error: the runs predicted different dev sets: ensemble runs over the same data", file=sys.stderr)
+        return 2
+    refs = [[r["reference"]] for r in members[0][1]]
+    member_scores = [rouge_scores([r["prediction"] for r in rows], refs) for _, rows in members]
+    weights = [max(s["rouge_mean"], 1e-6) for s in member_scores] if args.strategy == "weighted" else None
+    chosen = []
+    for i in range(len(fnames)):
+        cands = [rows[i]["prediction"] for _, rows in members]
+        chosen.append(cands[mbr_select(cands, weights)])
+    ens = rouge_scores(chosen, refs)
+    out = Path(args.out) if args.out else members[0][0]
+    lines = [f"# Ensemble ({args.strategy}) of {len(members)} runs over {len(fnames)} dev dialogues", "",
+             "| member | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE mean |", "|---|---:|---:|---:|---:|"]
+    for (run, _), s in zip(members, member_scores):
+        lines.append(f"| {run} | {s['rouge1']:.4f} | {s['rouge2']:.4f} | {s['rougeL']:.4f} | {s['rouge_mean']:.4f} |")
+    lines.append(f"| **ensemble** | {ens['rouge1']:.4f} | {ens['rouge2']:.4f} | {ens['rougeL']:.4f} | "
+                 f"**{ens['rouge_mean']:.4f}** |")
+    report = "\n".join(lines) + "\n"
+    atomic_write_text(out / "ensemble_report.md", report)
+    buf = [["fname", "prediction", "reference"]] + [[f, p, r[0]] for f, p, r in zip(fnames, chosen, refs)]
+    text = io.StringIO()
+    csv.writer(text).writerows(buf)
+    atomic_write_text(out / "ensemble_predictions.csv", text.getvalue())
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

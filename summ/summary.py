@@ -40,6 +40,26 @@ def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
                  ("ROUGE-1/2/L", " / ".join(_fmt(ev.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL"))
                   + f"  (sum {_fmt(ev.get('rouge_sum'), '.4f')}, mean {_fmt(ev.get('rouge_mean'), '.4f')}, "
                     f"n={ev.get('n')})")]
+    if m.get("data_quality"):
+        dq = m["data_quality"]
+        rows.append(("data quality", f"{dq['train_dropped']} training samples under {dq['threshold']} left out "
+                                     f"(data_quality.csv)"))
+    if m.get("augmentation"):
+        a = m["augmentation"]
+        rows.append(("augmentation", ", ".join(f"{k} +{v}" for k, v in a["added"].items())
+                     + "".join(f", {k} skipped" for k in a["skipped"])))
+    if ev.get("tta"):
+        t = ev["tta"]
+        rows.append(("ROUGE mean with TTA", f"{t['rouge_mean']:.4f} ({'+'.join(t['methods'])} x{t['num_aug']}, "
+                                            f"+{t['extra_ms_per_sample']:.0f} ms/sample)"))
+    if m.get("kfold"):
+        kf, ens = m["kfold"], ev.get("ensemble") or {}
+        rows.append(("k-fold", f"{kf['k']} folds: ROUGE mean {_fmt(kf['rouge_mean']['mean'], '.4f')} "
+                               f"+/- {_fmt(kf['rouge_mean']['std'], '.4f')}; samples/s "
+                               f"{_fmt(kf['samples_per_s']['mean'], '.1f')}"))
+        if ens:
+            rows.append(("ensemble", f"{ens['strategy']}: ROUGE mean {_fmt(ev.get('rouge_mean'), '.4f')} (members "
+                                     + ", ".join(_fmt(r, ".4f") for r in ens["members_rouge_mean"]) + ")"))
     if output_dir is not None:
         rows.append(("metrics", str(Path(output_dir) / "metrics.json")))
     width = max(len(k) for k, _ in rows)

@@ -70,3 +70,18 @@ def test_logit_average_of_identical_members_is_the_member(model):
     other = models.load(cfg.model, tok, 7, torch.device("cpu")).model.eval()  # another init: other beliefs
     mixed, _ = evaluate.generate(acc, lm, dev, enc, tok, cfg.inference, cfg.model.kind, 4, co_members=[other])
     assert mixed != alone
+
+
+def test_ensemble_across_runs(run_job, capsys):
+    from summ.ensemble import main
+
+    runs = []
+    for seed in (1, 2):
+        m, out = run_job("measure.steps=2", f"train.seed={seed}", "eval.generate=true", "inference=greedy",
+                         "inference.max_new_tokens=10", "data.max_eval_samples=5")
+        assert m["status"] == "ok"
+        runs.append(str(out))
+    assert main(["--strategy", "weighted", *runs]) == 0
+    report = capsys.readouterr().out
+    assert "**ensemble**" in report and runs[0] in report and runs[1] in report
+    assert main([runs[0], runs[0] + "_missing"]) == 2
