@@ -14,35 +14,20 @@ import argparse
 import math
 import tempfile
 
-import torch
 
-from common import alternate, compose, machine, median, table
+from common import alternate, machine, median, same_inputs, summ_loop, table
 
 OVERRIDES = ["data=synthetic", "data.synthetic_train_size=2000", "batch.batch_size=16", "eval.enabled=false",
              "measure.warmup_steps=3", "model.tiny.dropout=0"]
 
 
-def ours(steps: int) -> dict:
-    from summ.train import train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        m = train(compose(OVERRIDES + [f"measure.steps={steps}"]), tmp)
-    return {"samples_per_s": m["train"]["samples_per_s"], "final_loss": m["train"]["final_loss"]}
-
-
 def hf_trainer(steps: int) -> dict:
-    from omegaconf import OmegaConf
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
     from summ import data as D
-    from summ import measure, models
+    from summ import measure
 
-    cfg = OmegaConf.to_object(compose(OVERRIDES + [f"measure.steps={steps}"]))
-    splits = D.load_splits(cfg.data)
-    tok = models.load_tokenizer(cfg.model)
-    enc = D.Encoder(tok, cfg.model.kind, cfg.model.prompt_template, cfg.data.encoder_max_len, cfg.data.decoder_max_len)
-    ds = D.TokenizedDataset(splits.train, enc)
-    loaded = models.load(cfg.model, tok, cfg.train.seed, torch.device("cpu"))
+    cfg, tok, ds, loaded = same_inputs(OVERRIDES, steps)
     collator = D.Collator(tok.pad_token_id, cfg.model.kind, loaded.decoder_start_token_id)
     sampler = D.EpochSampler(ds.lengths(), seed=cfg.train.seed)
     warm = cfg.measure.warmup_steps
@@ -83,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"machine: {machine()}\ntiny_bart, synthetic data, micro-batch 16, fp32, {args.steps} measured steps, "
           f"{args.rounds} rounds A B A B after one warm-up round")
-    res = alternate({"summ": lambda: ours(args.steps), "hf_trainer": lambda: hf_trainer(args.steps)}, args.rounds)
+    res = alternate({"summ": lambda: summ_loop(OVERRIDES, args.steps), "hf_trainer": lambda: hf_trainer(args.steps)}, args.rounds)
     s, h = median(res["summ"], "samples_per_s"), median(res["hf_trainer"], "samples_per_s")
     ls, lh = res["summ"][-1]["final_loss"], res["hf_trainer"][-1]["final_loss"]
     print()

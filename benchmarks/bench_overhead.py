@@ -10,39 +10,23 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 
 import torch
 
-from common import alternate, compose, machine, median, table
+from common import alternate, machine, median, same_inputs, summ_loop, table
 
 OVERRIDES = ["data=synthetic", "data.synthetic_train_size=2000", "batch.batch_size=16", "eval.enabled=false",
              "measure.warmup_steps=3"]
 
 
-def ours(steps: int) -> dict:
-    from summ.train import train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        m = train(compose(OVERRIDES + [f"measure.steps={steps}"]), tmp)
-    return {"samples_per_s": m["train"]["samples_per_s"], "final_loss": m["train"]["final_loss"]}
-
-
 def bare(steps: int) -> dict:
-    from omegaconf import OmegaConf
     from transformers import get_scheduler
 
     from summ import data as D
-    from summ import measure, models
+    from summ import measure
     from summ.loss import model_inputs, summed_token_loss
 
-    cfg = OmegaConf.to_object(compose(OVERRIDES + [f"measure.steps={steps}"]))
-    torch.manual_seed(cfg.train.seed)
-    splits = D.load_splits(cfg.data)
-    tok = models.load_tokenizer(cfg.model)
-    enc = D.Encoder(tok, cfg.model.kind, cfg.model.prompt_template, cfg.data.encoder_max_len, cfg.data.decoder_max_len)
-    ds = D.TokenizedDataset(splits.train, enc)
-    loaded = models.load(cfg.model, tok, cfg.train.seed, torch.device("cpu"))
+    cfg, tok, ds, loaded = same_inputs(OVERRIDES, steps)
     model = loaded.model.train()
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch.batch_size, drop_last=True,
                                          sampler=D.EpochSampler(ds.lengths(), seed=cfg.train.seed),
@@ -82,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"machine: {machine()}\ntiny_bart, synthetic data, micro-batch 16, {args.steps} measured steps, "
           f"{args.rounds} rounds A B A B after one warm-up round")
-    res = alternate({"summ": lambda: ours(args.steps), "bare": lambda: bare(args.steps)}, args.rounds)
+    res = alternate({"summ": lambda: summ_loop(OVERRIDES, args.steps), "bare": lambda: bare(args.steps)}, args.rounds)
     s, b = median(res["summ"], "samples_per_s"), median(res["bare"], "samples_per_s")
     print()
     print(table([["summ loop", f"{s:.1f}", f"{res['summ'][-1]['final_loss']:.4f}"],

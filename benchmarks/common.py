@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -58,3 +57,30 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+
+
+def summ_loop(overrides: list[str], steps: int) -> dict:
+    """summ's own loop (train()) for `steps` measured steps: samples/s and the last step's loss."""
+    import tempfile
+
+    from summ.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        m = train(compose(overrides + [f"measure.steps={steps}"]), tmp)
+    return {"samples_per_s": m["train"]["samples_per_s"], "final_loss": m["train"]["final_loss"]}
+
+
+def same_inputs(overrides: list[str], steps: int):
+    """What summ's loop would train on, for a contender: (config, tokenizer, tokenized train set,
+    loaded model), the model initialised with the same seed."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from summ import data as D
+    from summ import models
+
+    cfg = OmegaConf.to_object(compose(overrides + [f"measure.steps={steps}"]))
+    tok = models.load_tokenizer(cfg.model)
+    enc = D.Encoder(tok, cfg.model.kind, cfg.model.prompt_template, cfg.data.encoder_max_len, cfg.data.decoder_max_len)
+    ds = D.TokenizedDataset(D.load_splits(cfg.data).train, enc)
+    return cfg, tok, ds, models.load(cfg.model, tok, cfg.train.seed, torch.device("cpu"))

@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from summ.train import METRICS_FILE, config_hash
+from summ.train import METRICS_FILE
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from summ import data as data_mod
 from summ import augment, ensemble, evaluate, generation, measure, models, quality, tta
-from summ.config import Config, ModelKind, Precision, resolve_batch, validate
+from summ.config import Config, Precision, resolve_batch, validate
 from summ.errors import ConfigError, DataError, Diverged, OverBudget, UserError
 from summ.io import atomic_write_json, atomic_write_text
 from summ.loss import model_inputs, summed_token_loss

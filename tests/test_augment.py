@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from summ.augment import augment, rewrite_with_backend
-from summ.data import Sample, bundled_sample_dir, read_csv
+from summ.data import bundled_sample_dir, read_csv
 from summ.ensemble import mbr_select
 from summ.textops import mask_words, replace_synonyms, shuffle_turns
 from summ.tta import perturb
