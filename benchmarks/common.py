@@ -43,6 +43,12 @@ def median(results: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in results)
 
 
+def paired_ratio(a: list[dict], b: list[dict], key: str) -> float:
+    """Median over rounds of a/b within each round: contenders of one round ran back to back,
+    so the machine's drift across rounds cancels."""
+    return statistics.median(x[key] / y[key] for x, y in zip(a, b))
+
+
 def machine() -> str:
     import torch
 

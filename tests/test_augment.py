@@ -142,3 +142,22 @@ def test_dev_and_test_are_never_augmented(run_job):
     assert m["status"] == "ok"
     assert m["train_set_size"] == 120 + m["augmentation"]["added"]["turn_shuffle"]
     assert m["eval_set_size"] == 30 and m["eval"]["n"] == 30
+
+
+def test_tta_paraphrase_goes_through_the_backend_and_keeps_tokens(tiny_translators, tmp_path):
+    from summ.generation import build
+    from summ.tta import usable_methods
+
+    gen = SimpleNamespace(kind="local", ko_en_path=None, en_ko_path=None, paraphrase_path=tiny_translators["ko_en"],
+                          batch_size=8, max_new_tokens=12, num_beams=1)
+    backend = build(gen, tmp_path)
+    cfg = SimpleNamespace(name="paraphrase", methods=["paraphrase"], num_aug=1, seed=0, shuffle_window=3,
+                          synonym_rate=0.5, mask_rate=0.1)
+    assert usable_methods(cfg, backend) == (["paraphrase"], {})
+    copies = perturb(WITH_MASKS[:3], cfg, ["paraphrase"], None, backend)
+    for orig, pert in zip(WITH_MASKS[:3], copies[0]):
+        assert tokens(pert.dialogue) == tokens(orig.dialogue) and pert.dialogue != orig.dialogue
+    from summ.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="generation.paraphrase_path"):
+        usable_methods(cfg, None)  # paraphrase alone, without a backend: one clear line

@@ -60,7 +60,8 @@ def test_pareto_preset_lists_and_plots_the_front(tmp_path):
 def test_knee_sweeper_finds_the_memory_edge_in_few_trials(tmp_path):
     sweep = tmp_path / "k"
     cli("-m", "preset=knee_search", f"hydra.sweep.dir={sweep}", "measure.memory_budget_gb=0.5",
-        "hydra.sweeper.tolerance=-1", "hydra.sweeper.max_batch_size=64", *SMALL)
+        "hydra.sweeper.tolerance=-1", "hydra.sweeper.min_batch_size=1", "hydra.sweeper.max_batch_size=64",
+        "hydra.sweeper.resolution=0.25", *SMALL)
     search = json.loads((sweep / "knee_search.json").read_text())
     assert search["trials_run"] <= 8  # a 1..64 grid would take 7 cells with one accumulation value alone
     lo, hi = search["last_good"], search["first_bad"]
@@ -69,3 +70,48 @@ def test_knee_sweeper_finds_the_memory_edge_in_few_trials(tmp_path):
     assert hi - lo <= max(1, lo // 4)  # bisected down to the resolution
     assert all(c["status"] == "ok" for b, c in cells.items() if b <= lo)
     assert (sweep / "knee_report.md").is_file() and (sweep / "sweep.csv").is_file()
+
+
+# A recorded knee_grid table shaped like the original report's Llama case on a 24 GB card:
+# per-sample throughput climbs to micro-batch 8, falls at 16 (memory pressure), 32 runs out of
+# memory; accumulation barely changes per-sample cost. (samples/s, peak GiB or None for oom)
+RECORDED = {(2, 1): (3.00, 9.0), (4, 1): (4.40, 12.0), (8, 1): (4.85, 17.5), (12, 1): (4.50, 20.0),
+            (16, 1): (4.00, 21.5), (32, 1): (None, None),
+            (2, 2): (2.97, 9.2), (4, 2): (4.36, 12.2), (8, 2): (4.80, 17.7), (16, 2): (3.98, 21.6), (32, 2): (None, None)}
+GRID = [(bs, ga) for ga in (1, 2) for bs in (2, 4, 8, 16, 32)]
+
+
+def _cells(keys):
+    from summ.report import Cell
+
+    out = []
+    for bs, ga in keys:
+        sps, peak = RECORDED[(bs, ga)]
+        out.append(Cell(job=f"{bs}x{ga}", overrides=[], status="ok" if sps else "oom", model="llama",
+                        batch_size=bs, gradient_accumulation_steps=ga, effective_batch_size=bs * ga,
+                        samples_per_s=sps, peak_bytes=int(peak * 2**30) if peak else None,
+                        budget_bytes=24 * 2**30, limit_bytes=int(21.6 * 2**30), positions=bs * 600 if sps else None))
+    return out
+
+
+def test_knee_search_reaches_the_grid_recommendation_in_half_the_trials_on_a_recorded_table():
+    from summ.knee import Trial, knee_search
+    from summ.report import analyse
+
+    grid = analyse(_cells(GRID))
+    assert (grid.recommended.batch_size, grid.recommended.gradient_accumulation_steps) == (8, 1)
+
+    def replay(bs):
+        sps, peak = RECORDED[(bs, 1)]
+        return Trial(bs, 1, "ok" if sps else "oom", sps, peak and int(peak * 2**30), job=str(bs))
+
+    import yaml
+
+    preset = yaml.safe_load((ROOT / "multirun_presets" / "knee_search.yaml").read_text())["hydra"]["sweeper"]
+    result = knee_search(replay, lambda bs: None, lambda bs: 1, min_batch_size=preset["min_batch_size"],
+                         max_batch_size=preset["max_batch_size"], tolerance=0.05, resolution=preset["resolution"],
+                         max_trials=preset["max_trials"])
+    assert result["trials_run"] <= len(GRID) // 2
+    found = analyse(_cells([(bs, 1) for bs in result["trials"]]))
+    assert (found.recommended.batch_size, found.recommended.gradient_accumulation_steps) == (8, 1)
+    assert "gained less than" in result["stopped_doubling"]

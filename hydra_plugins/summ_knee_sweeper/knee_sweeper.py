@@ -10,6 +10,7 @@ effective batch and with memory measured rather than guessed:
 3. Before each trial, once two cells have run ok, the memory model of the knee report
    (peak = a + b x micro-batch x positions) predicts the peak; a cell predicted over the limit
    is not run and counts as bad.
+The search itself is summ.knee.knee_search; this class measures each cell as a Hydra job.
 
 Each trial is an ordinary job (metrics.json in its folder), so the knee report, `sweep.resume`
 and `python -m summ.report` work as for a grid. The decisions are written to knee_search.json.
@@ -48,17 +49,6 @@ class KneeSweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="knee", node=KneeSweeperConf, provider="summ")
 
 
-@dataclass
-class Trial:
-    batch_size: int
-    gradient_accumulation_steps: int
-    status: str
-    samples_per_s: Optional[float] = None
-    peak_bytes: Optional[int] = None
-    job: Optional[str] = None
-    note: str = ""
-
-
 class KneeSweeper(Sweeper):
     def __init__(self, min_batch_size: int, max_batch_size: int, gradient_accumulation_steps: int,
                  effective_batch_size: Optional[int], tolerance: float, resolution: float, max_trials: int,
@@ -69,7 +59,6 @@ class KneeSweeper(Sweeper):
         self.ga, self.eff = gradient_accumulation_steps, effective_batch_size
         self.tolerance, self.resolution, self.max_trials = tolerance, resolution, max_trials
         self.use_memory_model = use_memory_model
-        self.trials: dict[int, Trial] = {}
         self.returns: list[JobReturn] = []
         self.job_idx = 0
         self.limit_bytes: Optional[int] = None
@@ -85,7 +74,8 @@ class KneeSweeper(Sweeper):
             return self.ga
         return self.eff // bs if self.eff % bs == 0 else None
 
-    def _run(self, bs: int, arguments: list[str]) -> Trial:
+    def _run(self, bs: int, arguments: list[str]):
+        from summ.knee import Trial
         from summ.report import cell_from_metrics
 
         ga = self._accumulation(bs)
@@ -103,7 +93,6 @@ class KneeSweeper(Sweeper):
         if cell.limit_bytes:
             self.limit_bytes = cell.limit_bytes
         trial = Trial(bs, ga, cell.status, cell.samples_per_s, cell.peak_bytes, out.name)
-        self.trials[bs] = trial
         log.info("knee: micro-batch %d x %d -> %s%s", bs, ga, trial.status,
                  f", {trial.samples_per_s:.2f} samples/s" if trial.samples_per_s else "")
         return trial
@@ -121,66 +110,22 @@ class KneeSweeper(Sweeper):
         predicted = model.predict(bs)
         return predicted if predicted > self.limit_bytes else None
 
-    def _good(self, trial: Trial) -> bool:
-        return trial.status == "ok" and bool(trial.samples_per_s)
-
-    def _skip(self, bs: int, predicted: float) -> Trial:
-        trial = Trial(bs, self._accumulation(bs) or 0, "predicted_over_budget",
-                      note=f"not run: predicted peak {predicted / 2**30:.2f} GiB > limit {self.limit_bytes / 2**30:.2f} GiB")
-        self.trials[bs] = trial
-        log.info("knee: micro-batch %d skipped: %s", bs, trial.note)
-        return trial
-
     # ------------------------------------------------------------------ search
     def sweep(self, arguments: list[str]) -> Any:
+        from summ.knee import knee_search
+
         if any("," in a.split("=", 1)[-1] or "(" in a for a in arguments):
             raise ValueError("the knee sweeper chooses the batch itself: pass single values only "
                              f"(got {' '.join(arguments)})")
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        budget = self.max_trials
-
-        def trials_left() -> bool:
-            return sum(1 for t in self.trials.values() if t.job) < budget
-
-        # 1. doubling
-        bs, last_good, first_bad, reason = self.min_bs, None, None, "reached max_batch_size"
-        while bs <= self.max_bs:
-            if not trials_left():
-                reason = f"used all {budget} trials (hydra.sweeper.max_trials)"
-                break
-            if self._accumulation(bs) is None:
-                break
-            predicted = self._predicted_over(bs)
-            trial = self._skip(bs, predicted) if predicted else self._run(bs, arguments)
-            if not self._good(trial):
-                first_bad, reason = bs, f"{trial.status} at micro-batch {bs}"
-                break
-            if last_good is not None and trial.samples_per_s < self.trials[last_good].samples_per_s * (1 + self.tolerance):
-                first_bad, reason = bs, (f"doubling to {bs} gained less than {self.tolerance:.0%} samples/s")
-                break
-            last_good, bs = bs, bs * 2
-        memory_bound = first_bad is not None and not self._good(self.trials[first_bad])
-        # 2. bisection between the last good and the first bad cell
-        lo, hi = last_good, first_bad
-        while lo is not None and hi is not None and hi - lo > max(1, int(lo * self.resolution)) and trials_left():
-            candidates = [b for b in range(lo + 1, hi) if self._accumulation(b) is not None]
-            if not candidates:
-                break
-            mid = min(candidates, key=lambda b: abs(b - (lo + hi) / 2))
-            predicted = self._predicted_over(mid)
-            trial = self._skip(mid, predicted) if predicted else self._run(mid, arguments)
-            if memory_bound:
-                lo, hi = (mid, hi) if self._good(trial) else (lo, mid)
-            else:
-                better = self._good(trial) and trial.samples_per_s >= self.trials[lo].samples_per_s * (1 + self.tolerance)
-                lo, hi = (mid, hi) if better else (lo, mid)
-        summary = {
-            "stopped_doubling": reason, "last_good": lo, "first_bad": hi,
-            "trials_run": sum(1 for t in self.trials.values() if t.job),
-            "cells": [t.__dict__ for t in sorted(self.trials.values(), key=lambda t: t.batch_size)],
-        }
+        result = knee_search(lambda bs: self._run(bs, arguments), self._predicted_over, self._accumulation,
+                             min_batch_size=self.min_bs, max_batch_size=self.max_bs, tolerance=self.tolerance,
+                             resolution=self.resolution, max_trials=self.max_trials)
+        summary = {**{k: v for k, v in result.items() if k != "trials"},
+                   "cells": [t.__dict__ for t in sorted(result["trials"].values(), key=lambda t: t.batch_size)]}
         (sweep_dir / "knee_search.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        log.info("knee search: %d trials; %s; knee between micro-batch %s and %s", summary["trials_run"], reason, lo, hi)
+        log.info("knee search: %d trials; %s; knee between micro-batch %s and %s", result["trials_run"],
+                 result["stopped_doubling"], result["last_good"], result["first_bad"])
         return self.returns
