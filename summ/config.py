@@ -310,6 +310,17 @@ def validate(cfg: DictConfig | Config) -> None:
     if _get(c, "model.quantization") not in QUANTIZATIONS:
         raise ConfigError(f"model.quantization={_get(c, 'model.quantization')} is invalid: "
                           f"choose one of {', '.join(QUANTIZATIONS)}")
+    from summ.augment import METHODS as AUG_METHODS
+    from summ.tta import METHODS as TTA_METHODS
+
+    for key, allowed in (("augmentation.methods", AUG_METHODS), ("tta.methods", TTA_METHODS)):
+        unknown = [m for m in _get(c, key) if m not in allowed]
+        if unknown:
+            raise ConfigError(f"{key} has unknown {', '.join(unknown)}: choose from {', '.join(allowed)}")
+    if (_get(c, "ensemble.strategy") == "stacking" and _get(c, "train.k_folds") > 1
+            and _get(c, "inference.num_beams") < 2 and not _get(c, "inference.do_sample")):
+        raise ConfigError("ensemble.strategy=stacking learns from several candidates per dialogue: "
+                          "set inference.num_beams >= 2")
     if _get(c, "ensemble.strategy") not in ENSEMBLE_STRATEGIES:
         raise ConfigError(f"ensemble.strategy={_get(c, 'ensemble.strategy')} is not available: choose one of "
                           f"{', '.join(ENSEMBLE_STRATEGIES)}")

@@ -84,8 +84,8 @@ def load_splits(cfg: DataConfig) -> Splits:
 
         train = generate(cfg.synthetic_train_size, seed=cfg.synthetic_seed, prefix="train")
         dev = generate(cfg.synthetic_eval_size, seed=cfg.synthetic_seed + 1, prefix="dev")
-        test = [Sample(s.fname.replace("dev", "test"), s.dialogue) for s in
-                generate(cfg.synthetic_eval_size, seed=cfg.synthetic_seed + 2, prefix="dev")]
+        test = [Sample(s.fname, s.dialogue) for s in
+                generate(cfg.synthetic_eval_size, seed=cfg.synthetic_seed + 2, prefix="test")]
     else:
         folder = bundled_sample_dir() if cfg.source == DataSource.bundled else Path(cfg.dir).expanduser()
         train = read_csv(folder / cfg.train_file, need_summary=True)

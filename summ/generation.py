@@ -103,7 +103,7 @@ class LocalSeq2Seq:
 
         if task not in self.paths:
             raise ConfigError(f"the local generation backend has no model for {task}: "
-                              f"set augmentation.backend.{task}_path")
+                              f"set generation.{task}_path")
         tok, model = self._model(task)
         out: list[str] = []
         for i in range(0, len(texts), self.batch_size):

@@ -61,7 +61,7 @@ def knee_search(run: Callable[[int], Trial], predicted_over: Callable[[int], Opt
             first_bad, reason = bs, f"doubling to {bs} gained less than {tolerance:.0%} samples/s"
             break
         last_good, bs = bs, bs * 2
-    memory_bound = first_bad is not None and not trials[first_bad].good
+    memory_bound = first_bad is not None and trials[first_bad].status in ("oom", "over_budget", "predicted_over_budget")
     lo, hi = last_good, first_bad
     while lo is not None and hi is not None and hi - lo > max(1, int(lo * resolution)) and measured() < max_trials:
         candidates = [b for b in range(lo + 1, hi) if accumulation(b) is not None]
@@ -71,6 +71,8 @@ def knee_search(run: Callable[[int], Trial], predicted_over: Callable[[int], Opt
         trial = cell(mid)
         if memory_bound:
             lo, hi = (mid, hi) if trial.good else (lo, mid)
+        elif first_bad is not None and not trials[first_bad].good:  # crashed or diverged: no edge to find
+            break
         else:
             better = trial.good and trial.samples_per_s >= trials[lo].samples_per_s * (1 + tolerance)
             lo, hi = (mid, hi) if better else (lo, mid)

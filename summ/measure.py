@@ -9,8 +9,9 @@
   run, above the RSS at that moment, after the previous job's memory was handed back (glibc
   keeps freed memory, so raw RSS would carry over between jobs of a sweep). Exact and free of
   cost; where the kernel refuses the reset, a thread samples RSS instead (costs a few % on 2 cores).
-- MFU: FLOPs counted by torch's FlopCounterMode on one micro-batch (forward and backward,
-  matmuls and attention, recompute from checkpointing included) per token, times tokens/s,
+- MFU: FLOPs counted by torch's FlopCounterMode on one warm-up micro-batch (forward and
+  backward, matmuls and attention, recompute from checkpointing included) per padded position,
+  times padded positions/s,
   over the device's peak FLOP/s for the precision in use. Approximate: ops that the counter
   does not know (bitsandbytes 4-bit matmuls) are missing, so QLoRA MFU reads low.
 """
@@ -173,6 +174,7 @@ class MemoryMonitor:
         release_memory()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = int(torch.cuda.memory_allocated(self.device))  # what earlier jobs still hold
             return self
         self._kernel_peak = _reset_hwm()
         self.baseline = self._peak_rss = _rss_bytes()
@@ -202,7 +204,7 @@ class MemoryMonitor:
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
+            return max(0, int(torch.cuda.max_memory_allocated(self.device)) - self.baseline)
         return max(0, self._process_peak() - self.baseline)
 
     def reserved_bytes(self) -> int:
@@ -225,8 +227,8 @@ class BudgetGuard:
         self.budget_bytes = int(budget)
         self.limit_bytes = int(budget * headroom)
 
-    def check(self) -> None:
-        peak = self.monitor.peak_bytes()
+    def check(self, peak: Optional[int] = None) -> None:
+        peak = self.monitor.peak_bytes() if peak is None else peak
         if peak > self.limit_bytes:
             raise OverBudget(peak, self.limit_bytes)
 

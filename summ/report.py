@@ -536,7 +536,8 @@ def build_report(sweep_dir: str | Path, tolerance: Optional[float] = None) -> An
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir}: no such sweep folder")
     if tolerance is None:
-        tolerance = _tolerance_from_sweep(sweep_dir) or 0.05
+        tolerance = _tolerance_from_sweep(sweep_dir)
+        tolerance = 0.05 if tolerance is None else tolerance
     cells, warnings = load_cells(sweep_dir)
     for w in warnings:
         log.warning(w)

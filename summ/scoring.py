@@ -20,7 +20,8 @@ _SPACES = re.compile(r"\s+")
 
 
 @functools.lru_cache(maxsize=1)
-def _kiwi():
+def kiwi():
+    """The morpheme analyser (kiwipiepy), loaded once per process."""
     from kiwipiepy import Kiwi
 
     return Kiwi()
@@ -29,7 +30,7 @@ def _kiwi():
 def _tokenize(text: str, tokenizer: RougeTokenizer) -> str:
     text = _SPACES.sub(" ", text).strip()
     if tokenizer == RougeTokenizer.morpheme and text:
-        return " ".join(t.form for t in _kiwi().tokenize(text))
+        return " ".join(t.form for t in kiwi().tokenize(text))
     return text
 
 

@@ -11,6 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from summ.scoring import kiwi
+
 _TOKEN = re.compile(r"(#[A-Za-z]+\d*#)")  # speaker tags and masked tokens
 _TURN = re.compile(r"^(#Person\d#:\s*)(.*)$")
 
@@ -64,13 +66,6 @@ def lexicon() -> dict[str, tuple[str, ...]]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _kiwi():
-    from kiwipiepy import Kiwi
-
-    return Kiwi()
-
-
 def _has_batchim(word: str) -> bool:
     last = word[-1]
     return "가" <= last <= "힣" and (ord(last) - 0xAC00) % 28 != 0
@@ -94,7 +89,7 @@ def replace_synonyms(text: str, rng: random.Random, rate: float = 0.3,
     lex = lexicon() if lex is None else lex
 
     def edit(segment: str) -> str:
-        tokens = _kiwi().tokenize(segment)
+        tokens = kiwi().tokenize(segment)
         pieces, pos, i = [], 0, 0
         while i < len(tokens):
             t = tokens[i]

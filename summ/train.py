@@ -260,12 +260,12 @@ class _Job:
                 for micro, batch in enumerate(window):
                     t_micro = measure.now()
                     with acc.accumulate(self.model):
-                        if profile is None:
+                        if profile is None and not timer.measuring:  # counted FLOPs slow this step: never a timed one
                             profiler = measure.ProfileMicroStep()
                             with profiler:
                                 part = self._forward_backward(batch, n_items, step, micro)
                             profile = profiler.profile
-                            profile.tokens = measure.batch_token_counts(batch)[0]
+                            profile.tokens = sum(measure.batch_token_counts(batch))  # padded positions
                         else:
                             part = self._forward_backward(batch, n_items, step, micro)
                         if acc.sync_gradients and cfg.train.max_grad_norm > 0:
@@ -276,17 +276,16 @@ class _Job:
                     measure.synchronize(device)
                     timer.add_micro(measure.now() - t_micro)
                 self.scheduler.step()
-                loss_value = float(acc.reduce(loss_sum, reduction="sum")) / max(n_items, 1)
-                measure.synchronize(device)
+                loss_value = float(acc.reduce(loss_sum, reduction="sum")) / max(n_items, 1)  # waits for the device
                 step_seconds = measure.now() - t_step
                 timer.add_step(step_seconds, samples=samples, tokens=tokens, pad_tokens=pads)
+                peak = self.monitor.peak_bytes()
                 self.history.append({"step": step + 1, "epoch": epoch, "loss": loss_value,
                                      "lr": self.scheduler.get_last_lr()[0], "step_time_s": step_seconds,
-                                     "samples_per_s": samples / step_seconds,
-                                     "peak_mem_bytes": self.monitor.peak_bytes()})
+                                     "samples_per_s": samples / step_seconds, "peak_mem_bytes": peak})
                 if not math.isfinite(loss_value):
                     raise Diverged(f"loss became {loss_value} at optimizer step {step + 1}")
-                self.guard.check()
+                self.guard.check(peak)
                 bar.update(1)
                 if (step + 1) % cfg.train.log_every_steps == 0 or step == 0:
                     bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{samples / step_seconds:.1f}")
@@ -311,14 +310,15 @@ class _Job:
         t["final_loss"] = final_loss
         t["total_optimizer_steps"] = timer.steps_seen
         m["train"] = t
-        if profile is not None:
-            t["flops_per_token"] = profile.flops / profile.tokens if profile.tokens else None
+        if profile is not None:  # FLOPs scale with padded positions, so MFU counts those on both sides
+            t["flops_per_position"] = profile.flops / profile.tokens if profile.tokens else None
             t["activation_bytes_first_micro_batch"] = profile.activation_bytes
         if t["samples_per_s"]:
             m["epoch_seconds_projected"] = len(self.splits.train) / t["samples_per_s"]
         peak = measure.peak_flops(self.accelerator.device, cfg.train.mixed_precision.value, cfg.measure.peak_tflops)
-        if peak and t.get("flops_per_token") and t["tokens_per_s"]:
-            m["mfu"] = t["flops_per_token"] * t["tokens_per_s"] / (peak * self.accelerator.num_processes)
+        if peak and t.get("flops_per_position") and t["seconds"]:
+            positions_per_s = (t["tokens"] + t["pad_tokens"]) / t["seconds"]
+            m["mfu"] = t["flops_per_position"] * positions_per_s / (peak * self.accelerator.num_processes)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> None:
@@ -461,8 +461,6 @@ def train_kfold(cfg: DictConfig, output_dir: Path) -> dict:
     per-fold metrics with mean and standard deviation; the members' dev summaries ensembled."""
     import statistics
 
-    from summ import ensemble
-    from summ.data import load_splits
 
     k = cfg.train.k_folds
     folds = []
@@ -471,11 +469,12 @@ def train_kfold(cfg: DictConfig, output_dir: Path) -> dict:
         sub = cfg.copy()
         sub.train.fold = fold
         folds.append(train(sub, output_dir / f"fold_{fold}", keep=kept))
+    # cost figures (train, memory) are fold 0's: every fold trains the same configuration
     metrics = {key: folds[0].get(key) for key in ("model", "data", "device", "num_processes", "batch_size",
                                                   "gradient_accumulation_steps", "effective_batch_size",
                                                   "mixed_precision", "gradient_checkpointing", "quantization",
-                                                  "lora", "config_hash", "train", "memory",
-                                                  "epoch_seconds_projected", "mfu")}
+                                                  "lora", "train", "memory", "epoch_seconds_projected", "mfu")}
+    metrics["config_hash"] = config_hash(cfg)
     failed = [f for f in folds if f["status"] != "ok"]
     metrics.update(status=failed[0]["status"] if failed else "ok",
                    error=f"fold {folds.index(failed[0])}: {failed[0]['error']}" if failed else None, phase=None)
@@ -494,29 +493,52 @@ def train_kfold(cfg: DictConfig, output_dir: Path) -> dict:
                            for name in ("samples_per_s", "eval_loss", "rouge_mean", "oof_rouge_mean")}}
     metrics["eval"] = None
     member_preds = [_read_predictions(output_dir / f"fold_{i}" / "dev_predictions.csv") for i in range(k)]
-    if not failed and all(member_preds) and cfg.eval.enabled and cfg.eval.generate:
-        obj: Config = OmegaConf.to_object(cfg)
-        dev = load_splits(obj.data).dev
-        strategy = cfg.ensemble.strategy
-        weights = [max(r["rouge_mean"] or 0.0, 1e-6) for r in metrics["folds"]] if strategy == "weighted" else None
-        info: dict[str, Any] = {"strategy": strategy, "members_rouge_mean": [r["rouge_mean"] for r in metrics["folds"]],
-                                "weights": weights}
-        if strategy == "logit_avg":
-            chosen, info["generation_seconds"] = _logit_average(kept, dev, obj)
-        else:
-            if strategy == "stacking":
-                selector, info["stacking"] = _fit_stacking(output_dir, k, obj)
-            chosen = []
-            for i in range(len(dev)):
-                cands = [p[i] for p in member_preds]
-                pick = (ensemble.stack_select(cands, selector) if strategy == "stacking"
-                        else ensemble.mbr_select(cands, weights))
-                chosen.append(cands[pick])
-        scores = evaluate.score(dev, chosen, obj.eval.rouge_tokenizer)
-        metrics["eval"] = {**scores, "loss": metrics["kfold"]["eval_loss"]["mean"], "ensemble": info}
-        evaluate.save_predictions(output_dir / "dev_predictions.csv", dev, chosen)
+    try:
+        if not failed and all(member_preds) and cfg.eval.enabled and cfg.eval.generate:
+            _ensemble(cfg, output_dir, metrics, member_preds, kept)
+    except UserError as exc:
+        metrics.update(status="failed", error=str(exc), phase="ensemble")
+        atomic_write_json(output_dir / METRICS_FILE, metrics)
+        raise
+    except (torch.OutOfMemoryError, MemoryError):
+        metrics.update(status="oom", error="out of memory during ensemble", phase="ensemble")
+    except Exception as exc:  # recorded like any job failure, so a sweep goes on
+        metrics.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0], phase="ensemble")
+        atomic_write_text(output_dir / "error.log", traceback.format_exc())
+    finally:
+        if kept:
+            kept.clear()
+            measure.release_memory()
     atomic_write_json(output_dir / METRICS_FILE, metrics)
     return metrics
+
+
+def _ensemble(cfg: DictConfig, output_dir: Path, metrics: dict, member_preds: list, kept: Optional[list]) -> None:
+    """The K members' dev summaries made one, by the configured strategy."""
+    from summ import ensemble
+    from summ.data import load_splits
+
+    k = cfg.train.k_folds
+    obj: Config = OmegaConf.to_object(cfg)
+    dev = load_splits(obj.data).dev
+    strategy = cfg.ensemble.strategy
+    weights = [max(r["rouge_mean"] or 0.0, 1e-6) for r in metrics["folds"]] if strategy == "weighted" else None
+    info: dict[str, Any] = {"strategy": strategy, "members_rouge_mean": [r["rouge_mean"] for r in metrics["folds"]],
+                            "weights": weights}
+    if strategy == "logit_avg":
+        chosen, info["generation_seconds"] = _logit_average(kept, dev, obj)
+    else:
+        if strategy == "stacking":
+            selector, info["stacking"] = _fit_stacking(output_dir, k, obj)
+        chosen = []
+        for i in range(len(dev)):
+            cands = [p[i] for p in member_preds]
+            pick = (ensemble.stack_select(cands, selector) if strategy == "stacking"
+                    else ensemble.mbr_select(cands, weights))
+            chosen.append(cands[pick])
+    scores = evaluate.score(dev, chosen, obj.eval.rouge_tokenizer)
+    metrics["eval"] = {**scores, "loss": metrics["kfold"]["eval_loss"]["mean"], "ensemble": info}
+    evaluate.save_predictions(output_dir / "dev_predictions.csv", dev, chosen)
 
 
 def _logit_average(kept: list, dev: list, obj: Config) -> tuple[list[str], float]:
@@ -533,9 +555,7 @@ def _logit_average(kept: list, dev: list, obj: Config) -> tuple[list[str], float
         return evaluate.generate(acc, first, dev, enc, tok, obj.inference, obj.model.kind,
                                  obj.batch.eval_batch_size, co_members=rest)
     finally:
-        kept.clear()
         _reset_accelerate()
-        measure.release_memory()
 
 
 def _fit_stacking(output_dir: Path, k: int, obj: Config) -> tuple[list[float], dict]:

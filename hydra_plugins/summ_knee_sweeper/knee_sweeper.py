@@ -112,6 +112,7 @@ class KneeSweeper(Sweeper):
 
     # ------------------------------------------------------------------ search
     def sweep(self, arguments: list[str]) -> Any:
+        from summ.io import atomic_write_json, atomic_write_text
         from summ.knee import knee_search
 
         if any("," in a.split("=", 1)[-1] or "(" in a for a in arguments):
@@ -119,13 +120,13 @@ class KneeSweeper(Sweeper):
                              f"(got {' '.join(arguments)})")
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        atomic_write_text(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
         result = knee_search(lambda bs: self._run(bs, arguments), self._predicted_over, self._accumulation,
                              min_batch_size=self.min_bs, max_batch_size=self.max_bs, tolerance=self.tolerance,
                              resolution=self.resolution, max_trials=self.max_trials)
         summary = {**{k: v for k, v in result.items() if k != "trials"},
                    "cells": [t.__dict__ for t in sorted(result["trials"].values(), key=lambda t: t.batch_size)]}
-        (sweep_dir / "knee_search.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        atomic_write_json(sweep_dir / "knee_search.json", summary)
         log.info("knee search: %d trials; %s; knee between micro-batch %s and %s", result["trials_run"],
                  result["stopped_doubling"], result["last_good"], result["first_bad"])
         return self.returns
