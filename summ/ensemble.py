@@ -121,16 +121,29 @@ class LogitAverage:
 # --------------------------------------------------------------------------- across runs
 
 
+def _run_rouge_tokenizer(run):
+    """The ROUGE tokenizer a run was scored with (its .hydra/config.yaml), whitespace by default."""
+    from omegaconf import OmegaConf
+
+    from summ.config import RougeTokenizer
+
+    path = run / ".hydra" / "config.yaml"
+    name = OmegaConf.select(OmegaConf.load(path), "eval.rouge_tokenizer", default=None) if path.is_file() else None
+    return RougeTokenizer[name] if name in RougeTokenizer.__members__ else RougeTokenizer.whitespace
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """python -m summ.ensemble [--strategy mbr|weighted] RUN_DIR RUN_DIR ...
 
     Ensembles the dev predictions of finished runs (different models, seeds or settings over the
     same dev set): each run's dev_predictions.csv is a member; weighted uses each run's dev ROUGE.
-    Prints each member's ROUGE and the ensemble's, and writes ensemble_predictions.csv and
+    ROUGE uses every reference and the runs' own eval.rouge_tokenizer. Prints each member's ROUGE
+    and the ensemble's, and writes ensemble_predictions.csv and
     ensemble_report.md into the first run's folder (or --out)."""
     import argparse
     import csv
     import io
+    import json
     import sys
     from pathlib import Path
 
@@ -155,14 +168,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any([r["fname"] for r in rows] != fnames for _, rows in members):
         print("error: the runs predicted different dev sets: ensemble runs over the same data", file=sys.stderr)
         return 2
-    refs = [[r["reference"]] for r in members[0][1]]
-    member_scores = [rouge_scores([r["prediction"] for r in rows], refs) for _, rows in members]
+    refs = [json.loads(r["all_references"]) if r.get("all_references") else [r["reference"]] for r in members[0][1]]
+    tokenizers = {_run_rouge_tokenizer(run) for run, _ in members}
+    if len(tokenizers) > 1:
+        print("error: the runs scored ROUGE with different eval.rouge_tokenizer settings", file=sys.stderr)
+        return 2
+    tokenizer = tokenizers.pop()
+    member_scores = [rouge_scores([r["prediction"] for r in rows], refs, tokenizer) for _, rows in members]
     weights = [max(s["rouge_mean"], 1e-6) for s in member_scores] if args.strategy == "weighted" else None
     chosen = []
     for i in range(len(fnames)):
         cands = [rows[i]["prediction"] for _, rows in members]
         chosen.append(cands[mbr_select(cands, weights)])
-    ens = rouge_scores(chosen, refs)
+    ens = rouge_scores(chosen, refs, tokenizer)
     out = Path(args.out) if args.out else members[0][0]
     lines = [f"# Ensemble ({args.strategy}) of {len(members)} runs over {len(fnames)} dev dialogues", "",
              "| member | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE mean |", "|---|---:|---:|---:|---:|"]
@@ -172,7 +190,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  f"**{ens['rouge_mean']:.4f}** |")
     report = "\n".join(lines) + "\n"
     atomic_write_text(out / "ensemble_report.md", report)
-    buf = [["fname", "prediction", "reference"]] + [[f, p, r[0]] for f, p, r in zip(fnames, chosen, refs)]
+    buf = [["fname", "prediction", "reference", "all_references"]] + [
+        [f, p, r[0], json.dumps(r, ensure_ascii=False)] for f, p, r in zip(fnames, chosen, refs)]
     text = io.StringIO()
     csv.writer(text).writerows(buf)
     atomic_write_text(out / "ensemble_predictions.csv", text.getvalue())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from typing import Optional, Sequence
 
 import torch
@@ -119,9 +120,9 @@ def score(samples: Sequence[Sample], predictions: Sequence[str], tokenizer: Roug
 def predictions_csv(samples: Sequence[Sample], predictions: Sequence[str]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["fname", "prediction", "reference"])
-    for s, p in zip(samples, predictions):
-        writer.writerow([s.fname, p, s.summary])
+    writer.writerow(["fname", "prediction", "reference", "all_references"])
+    for s, p in zip(samples, predictions):  # all_references: every reference, as a JSON list
+        writer.writerow([s.fname, p, s.summary, json.dumps(s.summaries, ensure_ascii=False)])
     return buf.getvalue()
 
 
