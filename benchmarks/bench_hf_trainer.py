@@ -10,12 +10,11 @@ Target: ratio >= 1.0, with the loss after N steps equal within 1e-3.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import tempfile
 
 
-from common import alternate, machine, median, paired_ratio, same_inputs, summ_loop, table
+from common import duel, same_inputs
 
 OVERRIDES = ["data=synthetic", "data.synthetic_train_size=2000", "batch.batch_size=16", "eval.enabled=false",
              "measure.warmup_steps=3", "model.tiny.dropout=0"]
@@ -62,20 +61,7 @@ def hf_trainer(steps: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=30)
-    args = ap.parse_args()
-    print(f"machine: {machine()}\ntiny_bart, synthetic data, micro-batch 16, fp32, {args.steps} measured steps, "
-          f"{args.rounds} rounds A B A B after one warm-up round")
-    res = alternate({"summ": lambda: summ_loop(OVERRIDES, args.steps), "hf_trainer": lambda: hf_trainer(args.steps)}, args.rounds)
-    s, h = median(res["summ"], "samples_per_s"), median(res["hf_trainer"], "samples_per_s")
-    ls, lh = res["summ"][-1]["final_loss"], res["hf_trainer"][-1]["final_loss"]
-    print()
-    print(table([["summ loop", f"{s:.1f}", f"{ls:.4f}"], ["HF Seq2SeqTrainer", f"{h:.1f}", f"{lh:.4f}"]],
-                ["contender", "median samples/s", f"loss at step {args.steps + 3}"]))
-    print(f"\nratio summ / HF Trainer = {s / h:.3f} (target >= 1.0); median of per-round ratios "
-          f"{paired_ratio(res['summ'], res['hf_trainer'], 'samples_per_s'):.3f}; loss difference {abs(ls - lh):.2e}")
+    duel(__doc__, "hf_trainer", "HF Seq2SeqTrainer", "HF Trainer", hf_trainer, OVERRIDES, "fp32, ", ">= 1.0")
 
 
 if __name__ == "__main__":

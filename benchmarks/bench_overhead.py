@@ -8,12 +8,11 @@ Both count samples/s over the same measured steps (warm-up excluded). Target: ra
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
-from common import alternate, machine, median, paired_ratio, same_inputs, summ_loop, table
+from common import duel, same_inputs
 
 OVERRIDES = ["data=synthetic", "data.synthetic_train_size=2000", "batch.batch_size=16", "eval.enabled=false",
              "measure.warmup_steps=3"]
@@ -60,20 +59,7 @@ def bare(steps: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=30)
-    args = ap.parse_args()
-    print(f"machine: {machine()}\ntiny_bart, synthetic data, micro-batch 16, {args.steps} measured steps, "
-          f"{args.rounds} rounds A B A B after one warm-up round")
-    res = alternate({"summ": lambda: summ_loop(OVERRIDES, args.steps), "bare": lambda: bare(args.steps)}, args.rounds)
-    s, b = median(res["summ"], "samples_per_s"), median(res["bare"], "samples_per_s")
-    print()
-    print(table([["summ loop", f"{s:.1f}", f"{res['summ'][-1]['final_loss']:.4f}"],
-                 ["bare PyTorch loop", f"{b:.1f}", f"{res['bare'][-1]['final_loss']:.4f}"]],
-                ["contender", "median samples/s", "final loss"]))
-    print(f"\nratio summ / bare = {s / b:.3f} (target >= 0.97); median of per-round ratios "
-          f"{paired_ratio(res['summ'], res['bare'], 'samples_per_s'):.3f}")
+    duel(__doc__, "bare", "bare PyTorch loop", "bare", bare, OVERRIDES, "", ">= 0.97")
 
 
 if __name__ == "__main__":

@@ -90,3 +90,27 @@ def same_inputs(overrides: list[str], steps: int):
     enc = D.Encoder(tok, cfg.model.kind, cfg.model.prompt_template, cfg.data.encoder_max_len, cfg.data.decoder_max_len)
     ds = D.TokenizedDataset(D.load_splits(cfg.data).train, enc)
     return cfg, tok, ds, models.load(cfg.model, tok, cfg.train.seed, torch.device("cpu"))
+
+
+
+def duel(doc: str, name: str, label: str, short: str, contender, overrides: list[str], setting: str,
+         target: str) -> None:
+    """summ's loop against one contender: parse --rounds/--steps, alternate the two, and print
+    the medians, both ratios (of medians, and the median of per-round ratios) and the loss gap."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    print(f"machine: {machine()}\ntiny_bart, synthetic data, micro-batch 16, {setting}{args.steps} measured steps, "
+          f"{args.rounds} rounds A B A B after one warm-up round")
+    res = alternate({"summ": lambda: summ_loop(overrides, args.steps), name: lambda: contender(args.steps)},
+                    args.rounds)
+    s, c = median(res["summ"], "samples_per_s"), median(res[name], "samples_per_s")
+    ls, lc = res["summ"][-1]["final_loss"], res[name][-1]["final_loss"]
+    print()
+    print(table([["summ loop", f"{s:.1f}", f"{ls:.4f}"], [label, f"{c:.1f}", f"{lc:.4f}"]],
+                ["contender", "median samples/s", f"loss at step {args.steps + 3}"]))
+    print(f"\nratio summ / {short} = {s / c:.3f} (target {target}); median of per-round ratios "
+          f"{paired_ratio(res['summ'], res[name], 'samples_per_s'):.3f}; loss difference {abs(ls - lc):.2e}")
