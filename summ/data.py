@@ -22,6 +22,7 @@ MASKED_TOKENS = SPEAKER_TAGS + [
     "#SSN#", "#CardNumber#", "#CarNumber#", "#Email#",
 ]
 IGNORE_INDEX = -100
+TURN = re.compile(r"^(#Person[1-9]#:\s*)(.*)$")  # one dialogue line: (speaker prefix, utterance)
 _REFERENCE_COLUMN = re.compile(r"^summary\d*$")
 
 

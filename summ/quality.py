@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from summ.data import MASKED_TOKENS, Sample
+from summ.data import MASKED_TOKENS, TURN, Sample
 
 WEIGHTS = {
     "empty_dialogue": 1.0, "too_few_turns": 0.4, "missing_speaker_tags": 0.6, "malformed_speaker_tags": 0.4,
@@ -40,7 +40,6 @@ WEIGHTS = {
     "unknown_speaker_in_summary": 0.4, "duplicate_fname": 0.5, "duplicate_dialogue": 0.2,
     "low_hangul_share": 0.4, "broken_masked_token": 0.4, "encoding_damage": 0.4,
 }
-_TURN = re.compile(r"^#Person[1-9]#:")
 _PERSON = re.compile(r"#Person\d#")
 _HASH_TOKEN = re.compile(r"#([A-Za-z]+\d*)(#?)")
 _KNOWN = {t.strip("#") for t in MASKED_TOKENS}
@@ -78,7 +77,7 @@ def _checks(s: Sample, need_summary: bool, seen_fnames: set, seen_dialogues: set
         failed.append("empty_dialogue")
     elif len(lines) < 2:
         failed.append("too_few_turns")
-    tagged = [line for line in lines if _TURN.match(line)]
+    tagged = [line for line in lines if TURN.match(line)]
     if dialogue and not tagged:
         failed.append("missing_speaker_tags")
     elif len(tagged) < len(lines):

@@ -14,7 +14,7 @@ import math
 import random
 import re
 
-from summ.data import SPEAKER_TAGS, Sample, bundled_sample_dir, read_csv
+from summ.data import SPEAKER_TAGS, TURN, Sample, bundled_sample_dir, read_csv
 
 # Log-normal target length; turns are whole utterances, so a dialogue overshoots its target by
 # about half a turn: median 340 gives a mean of about 406 characters.
@@ -24,14 +24,13 @@ SUMMARY_RATIO = 0.14
 MIN_DIALOGUE_CHARS, MAX_DIALOGUE_CHARS = 80, 4000
 SPEAKER_COUNTS = (2, 3, 4, 5, 6, 7)
 SPEAKER_WEIGHTS = (0.76, 0.14, 0.06, 0.02, 0.01, 0.01)
-_TURN = re.compile(r"^#Person\d#:\s*")
 _TAG = re.compile(r"#Person(\d)#")
 
 
 @functools.lru_cache(maxsize=1)
 def _pools() -> tuple[tuple[str, ...], tuple[str, ...]]:
     train = read_csv(bundled_sample_dir() / "train.csv", need_summary=True)
-    utterances = tuple(_TURN.sub("", line) for s in train for line in s.dialogue.split("\n") if _TURN.match(line))
+    utterances = tuple(m.group(2) for s in train for line in s.dialogue.split("\n") if (m := TURN.match(line)))
     sentences = tuple(p.strip() + "." for s in train for p in s.summary.split(".") if len(p.strip()) > 5)
     return utterances, sentences
 

@@ -11,10 +11,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from summ.data import TURN
 from summ.scoring import kiwi
 
 _TOKEN = re.compile(r"(#[A-Za-z]+\d*#)")  # speaker tags and masked tokens
-_TURN = re.compile(r"^(#Person\d#:\s*)(.*)$")
 
 # Particles whose form follows the final consonant (batchim) of the noun before them.
 _PAIRS = {"을": "를", "를": "을", "이": "가", "가": "이", "은": "는", "는": "은", "과": "와", "와": "과",
@@ -26,7 +26,7 @@ def split_turns(dialogue: str) -> list[tuple[str, str]]:
     """[(tag prefix, utterance)], e.g. ('#Person1#: ', '안녕하세요.'); untagged lines keep an empty prefix."""
     out = []
     for line in dialogue.split("\n"):
-        m = _TURN.match(line)
+        m = TURN.match(line)
         out.append((m.group(1), m.group(2)) if m else ("", line))
     return out
 
