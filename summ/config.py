@@ -20,6 +20,7 @@ from summ.errors import ConfigError
 class ModelKind(enum.Enum):
     seq2seq = "seq2seq"
     causal = "causal"
+    api = "api"  # a hosted chat model (model=solar_api, summ/solar.py): evaluated, not trained
 
 
 class Precision(enum.Enum):
@@ -230,6 +231,40 @@ class EnsembleConfig:
 
 
 @dataclass
+class SolarConfig:
+    """The Solar API client (summ/solar.py): model=solar_api, or generation.kind=solar.
+    The key is read from the environment variable named here, never from the config."""
+
+    base_url: str = "https://api.upstage.ai/v1"  # OpenAI-compatible; the older notebook: .../v1/solar
+    model: str = "solar-mini"  # the older notebook: solar-1-mini-chat; also solar-pro2
+    api_key_env: str = "UPSTAGE_API_KEY"
+    prompt_strategy: str = "few_shot_chat"  # zero_shot | few_shot_standard (inline) | few_shot_chat (prior turns)
+    num_examples: int = 1  # few-shot: training dialogues shown as examples
+    temperature: float = 0.2
+    top_p: float = 0.3
+    max_tokens: int = 256
+    requests_per_minute: float = 100.0  # client-side throttle (the competition's limit)
+    concurrency: int = 4  # requests in flight at once
+    max_retries: int = 5  # on 429, 5xx, timeouts and connection errors
+    backoff_s: float = 1.0  # first wait when the server sends no Retry-After; doubles each retry
+    max_backoff_s: float = 60.0
+    timeout_s: float = 60.0  # per request
+    cache_dir: Optional[str] = "outputs/.cache"  # answers cached on disk by prompt; null = no cache
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers through Accelerate (summ/tracking.py). Never fails a run."""
+
+    name: str = "none"  # none | tensorboard | wandb | mlflow
+    project: str = "summ"  # project (wandb) / experiment (mlflow); a sweep's runs are grouped by its folder
+    dir: Optional[str] = None  # local files: null = <run dir>/tracking (tensorboard), outputs/ (wandb)
+    mlflow_tracking_uri: Optional[str] = None  # null = sqlite:///outputs/mlflow.db; or a server http://...
+    wandb_mode: Optional[str] = None  # null = offline unless WANDB_API_KEY is set
+    log_every_steps: int = 1  # optimizer steps between logged points
+
+
+@dataclass
 class SweepConfig:
     """How multirun jobs behave (they are measurement trials unless told otherwise)."""
 
@@ -260,6 +295,8 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     knee: KneeConfig = field(default_factory=KneeConfig)
+    solar: SolarConfig = field(default_factory=SolarConfig)
+    tracking: TrackingConfig = MISSING
     # What main() returns to a sweeper (lower is better).
     objective: str = "train_seconds_per_sample"
     # Returned to a sweeper for a trial that did not produce a figure (oom, over_budget, ...).
