@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,22 +23,20 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
     from hydra.types import RunMode
 
     from summ.study import record_trial
-    from summ.sweep import apply_trial_defaults, reusable_metrics
-    from summ.train import config_hash, objective_value, penalty_value, train
+    from summ.train import objective_value, penalty_value
 
     hc = HydraConfig.get()
     output_dir, multirun, overrides = Path(hc.runtime.output_dir), hc.mode == RunMode.MULTIRUN, list(hc.overrides.task)
     if multirun:
+        from summ.sweep import apply_trial_defaults
+
         cfg = apply_trial_defaults(cfg, overrides)
-    if cfg.sweep.resume:
-        prior = reusable_metrics(output_dir, config_hash(cfg))
-        if prior is not None:
-            log.info("resume: %s already holds a complete %s result for this config; not measured again",
-                     output_dir, prior["status"])
-            print(format_summary(prior, output_dir))
-            return objective_value(prior, OmegaConf.to_object(cfg))
     try:
-        metrics = train(cfg, output_dir)
+        metrics = _measured_before(cfg, output_dir)
+        if metrics is None:
+            from summ.train import train
+
+            metrics = train(cfg, output_dir)
     except UserError as exc:
         if multirun:
             log.error("job failed: %s", exc)
@@ -48,3 +47,28 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
         record_trial(hc, overrides, {**metrics, "job_dir": str(output_dir)})
     print(format_summary(metrics, output_dir))
     return objective_value(metrics, OmegaConf.to_object(cfg))
+
+
+def _measured_before(cfg: DictConfig, output_dir: Path) -> Optional[dict]:
+    """A finished result for this exact config: the job folder's own (sweep.resume) or a cell of
+    another sweep (sweep.reuse_from, copied into the job folder). None: measure it."""
+    from summ.io import atomic_write_json
+    from summ.sweep import reusable_metrics, reused_from_sweep
+    from summ.train import METRICS_FILE, config_hash
+
+    if cfg.sweep.resume:
+        prior = reusable_metrics(output_dir, config_hash(cfg))
+        if prior is not None:
+            log.info("resume: %s already holds a complete %s result for this config; not measured again",
+                     output_dir, prior["status"])
+            return prior
+    if cfg.sweep.reuse_from:
+        found = reused_from_sweep(Path(cfg.sweep.reuse_from), config_hash(cfg))
+        if found is not None:
+            source, prior = found
+            log.info("sweep.reuse_from: %s measured this config already (%s); its result is taken",
+                     source, prior["status"])
+            prior = {**prior, "reused_from": str(source)}
+            atomic_write_json(output_dir / METRICS_FILE, prior)
+            return prior
+    return None

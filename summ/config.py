@@ -271,6 +271,9 @@ class SweepConfig:
     trial_steps: Optional[int] = 10  # measure.steps for a multirun job that leaves it null (null: full training)
     evaluate: bool = False  # multirun jobs evaluate only if this, or eval.enabled on the command line, asks
     resume: bool = False  # reuse a job folder's complete metrics.json when its config hash matches
+    # A finished sweep folder (a grid, an earlier search): a job whose config matches one of its
+    # cells takes that cell's result instead of measuring it again.
+    reuse_from: Optional[str] = None
 
 
 @dataclass

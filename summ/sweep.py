@@ -35,7 +35,23 @@ def apply_trial_defaults(cfg: DictConfig, task_overrides: Sequence[str]) -> Dict
 
 def reusable_metrics(output_dir: Path, cfg_hash: str) -> Optional[dict]:
     """The job folder's metrics.json if it is complete, final and for the same config."""
-    path = output_dir / METRICS_FILE
+    return _final_for(output_dir / METRICS_FILE, cfg_hash)
+
+
+def reused_from_sweep(sweep_dir: Path, cfg_hash: str) -> Optional[tuple[Path, dict]]:
+    """(job folder, metrics) of a finished cell in another sweep folder with the same config."""
+    if not sweep_dir.is_dir():
+        from summ.errors import ConfigError
+
+        raise ConfigError(f"sweep.reuse_from={sweep_dir} is not a folder: give a finished sweep's folder")
+    for path in sorted(sweep_dir.glob(f"*/{METRICS_FILE}")):
+        metrics = _final_for(path, cfg_hash)
+        if metrics is not None:
+            return path.parent, metrics
+    return None
+
+
+def _final_for(path: Path, cfg_hash: str) -> Optional[dict]:
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

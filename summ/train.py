@@ -422,6 +422,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optiona
     output_dir = Path(output_dir)
     metrics = _skeleton(obj, config_hash(cfg))
     job = _Job(obj, output_dir, metrics, on_micro_step)
+    started = measure.now()
     raise_after: Optional[BaseException] = None
     try:
         job.setup()
@@ -448,6 +449,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optiona
         history = job.history
         job.close()
         del job
+    metrics["wall_seconds"] = measure.now() - started  # the whole job: setup, training, evaluation
     if history:
         atomic_write_text(output_dir / HISTORY_FILE, "".join(json.dumps(h) + "\n" for h in history))
     atomic_write_json(output_dir / METRICS_FILE, metrics)

@@ -44,6 +44,7 @@ def test_missing_weights_is_one_line_and_fast(tmp_path):
 @pytest.mark.parametrize("override,expect", [
     ("batch.batch_size=0", "batch.batch_size=0 is invalid"),
     ("model=nosuch", "nosuch"),
+    ("sweep.reuse_from=/nonexistent/sweep", "sweep.reuse_from=/nonexistent/sweep is not a folder"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, override, expect):
     proc, _ = run_cli(override, f"hydra.run.dir={tmp_path}")

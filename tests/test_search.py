@@ -115,3 +115,28 @@ def test_knee_search_reaches_the_grid_recommendation_in_half_the_trials_on_a_rec
     found = analyse(_cells([(bs, 1) for bs in result["trials"]]))
     assert (found.recommended.batch_size, found.recommended.gradient_accumulation_steps) == (8, 1)
     assert "gained less than" in result["stopped_doubling"]
+
+
+@pytest.mark.slow
+def test_knee_search_reaches_the_grid_recommendation_on_the_real_tiny_model(tmp_path):
+    """The grid measures its 10 cells on the tiny model; then `preset=knee_search` runs through the
+    CLI on the same measurements (sweep.reuse_from takes a grid cell of identical config instead of
+    timing it again), so both decide on the same numbers: timing noise between two separate runs
+    on a small CPU is larger than the 5% knee tolerance. The sweeper searches one accumulation
+    value, the grid's answer's, over powers of two (resolution 1: the grid has no cell between)."""
+    from summ.report import build_report
+
+    same = ["data.synthetic_train_size=600", "measure.warmup_steps=1", "measure.steps=3", "data.padding=max_length",
+            "data.encoder_max_len=128", "data.decoder_max_len=32"]
+    cli("-m", "preset=knee_grid", f"hydra.sweep.dir={tmp_path}/grid", *same)
+    grid = build_report(tmp_path / "grid")
+    target = (grid.recommended.batch_size, grid.recommended.gradient_accumulation_steps)
+    cli("-m", "preset=knee_search", f"hydra.sweep.dir={tmp_path}/search", f"sweep.reuse_from={tmp_path}/grid",
+        f"hydra.sweeper.gradient_accumulation_steps={target[1]}", "hydra.sweeper.resolution=1", *same)
+    search = json.loads((tmp_path / "search" / "knee_search.json").read_text())
+    grid_trials = len(list((tmp_path / "grid").glob("*/metrics.json")))
+    assert grid_trials == 10 and search["trials_run"] <= grid_trials // 2
+    reused = [json.loads(p.read_text()).get("reused_from") for p in (tmp_path / "search").glob("*/metrics.json")]
+    assert len(reused) == search["trials_run"] and all(reused)  # every cell's figures are the grid's own
+    found = build_report(tmp_path / "search").recommended
+    assert (found.batch_size, found.gradient_accumulation_steps) == target
