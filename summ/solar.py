@@ -1,0 +1,329 @@
+"""The Solar API client (Upstage): dev-set summaries for model=solar_api, and back-translation
+and paraphrase text for generation.kind=solar.
+
+OpenAI-compatible chat completions (POST {solar.base_url}/chat/completions, Bearer key) through
+httpx. The key comes only from the environment variable named by solar.api_key_env, read when a
+request must actually be sent: a run whose answers are all cached needs no key. The key is never
+logged, cached, written to disk or put in an error message.
+
+Requests are throttled client-side to solar.requests_per_minute (evenly spaced starts, shared by
+solar.concurrency worker threads), retried with exponential backoff on 429, 5xx, timeouts and
+connection errors (a Retry-After header sets the wait; every wait is capped by solar.max_backoff_s),
+and cached on disk by a hash of (base_url, model, messages, sampling settings), so a rerun or a
+sweep never pays for the same answer twice. Answers come back in input order.
+"""
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import httpx
+from tqdm.auto import tqdm
+
+from summ.errors import ConfigError
+from summ.generation import TASKS, DiskCache
+from summ.scoring import clean_prediction
+
+log = logging.getLogger(__name__)
+
+PROMPT_STRATEGIES = ("zero_shot", "few_shot_standard", "few_shot_chat")
+
+Messages = list[dict]
+
+SUMMARY_SYSTEM = (
+    "당신은 대화 요약 전문가입니다. 주어진 대화를 한두 문장의 간결한 한국어로 요약하세요. "
+    "화자는 대화에 나온 태그(#Person1#, #Person2# 등) 그대로 3인칭으로 부르고, "
+    "#PhoneNumber# 같은 마스킹 토큰은 바꾸지 마세요. 요약문만 답하세요.")
+FEW_SHOT_INSTRUCTION = "아래 예시 대화와 요약을 읽고, 예시 요약의 문체를 따라 마지막 대화를 요약하세요."
+
+# generation.py's tasks, as prompts: one text per request, the answer is the rewritten text alone.
+TASK_SYSTEM = {
+    "ko_en": "Translate the Korean text the user sends into natural English. Answer with the translation only.",
+    "en_ko": "사용자가 보낸 영어 문장을 자연스러운 한국어로 번역하세요. 번역문만 답하세요.",
+    "paraphrase": "사용자가 보낸 한국어 문장을 뜻은 그대로 두고 다른 표현으로 바꿔 쓰세요. 바꿔 쓴 문장만 답하세요.",
+}
+
+# A label some answers start with ("요약: ..."); it is not part of the summary.
+_ANSWER_LABEL = re.compile(r"^\s*(요약|번역|summary|translation)\s*[:：]\s*", re.IGNORECASE)
+
+
+class SolarError(RuntimeError):
+    """A request that failed after the configured retries, or an answer that cannot be read."""
+
+
+def _dialogue_turn(dialogue: str) -> str:
+    return f"대화:\n{dialogue}\n\n요약:"
+
+
+def build_messages(strategy: str, dialogue: str, examples: Sequence[tuple[str, str]] = ()) -> Messages:
+    """The chat messages that ask for a summary of `dialogue`.
+
+    zero_shot: system + the dialogue. few_shot_standard: the (dialogue, summary) examples inline in
+    the user message. few_shot_chat: each example as a prior user/assistant turn pair.
+    """
+    system = {"role": "system", "content": SUMMARY_SYSTEM}
+    if strategy == "zero_shot" or not examples:
+        return [system, {"role": "user", "content": _dialogue_turn(dialogue)}]
+    if strategy == "few_shot_standard":
+        shown = "".join(f"예시 대화:\n{d}\n\n예시 요약:\n{s}\n\n" for d, s in examples)
+        return [system, {"role": "user", "content": f"{FEW_SHOT_INSTRUCTION}\n\n{shown}{_dialogue_turn(dialogue)}"}]
+    if strategy == "few_shot_chat":
+        turns = [m for d, s in examples for m in ({"role": "user", "content": _dialogue_turn(d)},
+                                                  {"role": "assistant", "content": s})]
+        return [system, *turns, {"role": "user", "content": _dialogue_turn(dialogue)}]
+    raise ConfigError(f"solar.prompt_strategy={strategy} is unknown: choose one of {', '.join(PROMPT_STRATEGIES)}")
+
+
+def postprocess(answer: str) -> str:
+    """Strip the answer, collapse its whitespace (line breaks included) and drop a leading label."""
+    return _ANSWER_LABEL.sub("", clean_prediction(answer, ()))
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delay-seconds or HTTP-date); None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def validate_config(cfg) -> None:
+    """Value rules for the `solar` section. Raises ConfigError with the key to change."""
+    if cfg.prompt_strategy not in PROMPT_STRATEGIES:
+        raise ConfigError(f"solar.prompt_strategy={cfg.prompt_strategy} is unknown: "
+                          f"choose one of {', '.join(PROMPT_STRATEGIES)}")
+    if httpx.URL(cfg.base_url).scheme not in ("http", "https"):
+        raise ConfigError(f"solar.base_url={cfg.base_url} is not an http(s) URL: "
+                          f"set it like https://api.upstage.ai/v1")
+    for key, value, low in (("requests_per_minute", cfg.requests_per_minute, 0), ("timeout_s", cfg.timeout_s, 0),
+                            ("concurrency", cfg.concurrency, 0), ("max_tokens", cfg.max_tokens, 0)):
+        if value <= low:
+            raise ConfigError(f"solar.{key}={value} is invalid: it must be > {low}")
+    for key, value in (("num_examples", cfg.num_examples), ("max_retries", cfg.max_retries),
+                       ("backoff_s", cfg.backoff_s), ("max_backoff_s", cfg.max_backoff_s)):
+        if value < 0:
+            raise ConfigError(f"solar.{key}={value} is invalid: it must be >= 0")
+
+
+class RateLimiter:
+    """At most `per_minute` request starts per minute, evenly spaced, shared by all threads."""
+
+    def __init__(self, per_minute: float):
+        self.interval_s = 60.0 / per_minute
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> float:
+        """Block until this caller's slot; returns the seconds waited."""
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval_s
+        if start > now:
+            time.sleep(start - now)
+        return start - now
+
+    def hold(self, seconds: float) -> None:
+        """No slot starts within `seconds` from now (the server said it is over its limit)."""
+        with self._lock:
+            self._next = max(self._next, time.monotonic() + seconds)
+
+
+class SolarClient:
+    """Chat completions with throttling, retries and an on-disk cache.
+
+    `stats` (for metrics.json): requests_sent (HTTP attempts, retries included), cache_hits
+    (answers given without a request), retries, prompt_tokens and completion_tokens (as the
+    server reports them), truncated (answers cut at solar.max_tokens), wait_s (seconds threads
+    slept for the throttle and backoff, summed over threads), wall_s (wall seconds spent answering).
+    """
+
+    def __init__(self, cfg):
+        validate_config(cfg)
+        self.cfg = cfg
+        self.url = str(cfg.base_url).rstrip("/") + "/chat/completions"
+        self.path = httpx.URL(self.url).path
+        self._limiter = RateLimiter(cfg.requests_per_minute)
+        self._cache = DiskCache(Path(cfg.cache_dir).expanduser() / "solar.sqlite") if cfg.cache_dir else None
+        self._http = httpx.Client(timeout=cfg.timeout_s)
+        self._lock = threading.Lock()
+        self.stats: dict = {"requests_sent": 0, "cache_hits": 0, "retries": 0, "prompt_tokens": 0,
+                            "completion_tokens": 0, "truncated": 0, "wait_s": 0.0, "wall_s": 0.0}
+
+    def __repr__(self) -> str:
+        return f"SolarClient(base_url={self.cfg.base_url!r}, model={self.cfg.model!r})"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def summarize(self, dialogues: Sequence[str], examples: Sequence[tuple[str, str]] = ()) -> list[str]:
+        """One summary per dialogue, in order. `examples`: (dialogue, summary) training pairs, of
+        which the first solar.num_examples are shown by the few-shot strategies."""
+        shown = list(examples)[: self.cfg.num_examples]
+        if self.cfg.prompt_strategy != "zero_shot" and self.cfg.num_examples and not shown:
+            raise ConfigError(f"solar.prompt_strategy={self.cfg.prompt_strategy} shows training examples but none "
+                              f"were given: pass training pairs or set solar.prompt_strategy=zero_shot")
+        return self.complete_many([build_messages(self.cfg.prompt_strategy, d, shown) for d in dialogues])
+
+    def complete(self, messages: Messages) -> str:
+        """One chat completion (cached, throttled, retried), post-processed."""
+        return self.complete_many([messages])[0]
+
+    def complete_many(self, conversations: Sequence[Messages]) -> list[str]:
+        """One answer per conversation, in input order; cached answers make no request, and
+        identical conversations are asked once."""
+        start = time.perf_counter()
+        keys = [self.cache_key(m) for m in conversations]
+        found = self._cache.get_many(keys) if self._cache else {}
+        todo = {k: m for k, m in zip(keys, conversations) if k not in found}
+        self._count(cache_hits=len(keys) - len(todo))
+        if todo:
+            key = self._api_key()  # a missing key fails here, once, before any thread starts
+            stop = threading.Event()
+            pool = ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(todo)), thread_name_prefix="solar")
+            futures = {pool.submit(self._request, m, key, stop): k for k, m in todo.items()}
+            try:
+                for fut in tqdm(as_completed(futures), total=len(futures), desc="solar", disable=None, leave=False):
+                    found[futures[fut]] = fut.result()
+            finally:  # after a failure nothing new starts and requests waiting to retry give up
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._count(wall_s=time.perf_counter() - start)
+        log.info("Solar API: %d answers, %d from the cache, %d requests sent so far", len(keys),
+                 len(keys) - len(todo), self.stats["requests_sent"])
+        return [found[k] for k in keys]
+
+    def cache_key(self, messages: Messages) -> str:
+        """What identifies an answer: endpoint, model, messages and sampling settings (never the key)."""
+        request = {"base_url": str(self.cfg.base_url).rstrip("/"), "model": self.cfg.model, "messages": messages,
+                   **self._sampling()}
+        return DiskCache.key("solar", "chat", json.dumps(request, ensure_ascii=False, sort_keys=True))
+
+    def _sampling(self) -> dict:
+        return {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "max_tokens": self.cfg.max_tokens}
+
+    def _api_key(self) -> str:
+        name = self.cfg.api_key_env
+        key = os.environ.get(name, "").strip()
+        if not key:
+            raise ConfigError(f"the Solar API key is not set: export {name}=<your Upstage API key> "
+                              f"(solar.api_key_env names the variable)")
+        return key
+
+    def _count(self, **amounts) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                self.stats[name] += amount
+
+    def _one_line(self, text: str, key: str) -> str:
+        """Server text fit for an error message: one line, short, the key masked if echoed."""
+        text = " ".join(text.replace(key, "***").split())
+        return text[:300]
+
+    def _request(self, messages: Messages, key: str, stop: threading.Event) -> str:
+        body = {"model": self.cfg.model, "messages": messages, **self._sampling(), "stream": False}
+        headers = {"Authorization": f"Bearer {key}"}
+        attempt = 0
+        while True:
+            if stop.is_set():  # another request failed: the batch is over
+                raise CancelledError
+            self._count(wait_s=self._limiter.wait())
+            self._count(requests_sent=1)
+            retry_after = None
+            try:
+                resp = self._http.post(self.url, json=body, headers=headers)
+            except httpx.TimeoutException:
+                last = f"timed out after {self.cfg.timeout_s:g} s (raise solar.timeout_s or try again later)"
+            except httpx.TransportError as exc:  # refused, reset or broken connections
+                last = f"{type(exc).__name__}: {self._one_line(str(exc), key)}"
+            else:
+                if resp.is_success:
+                    return self._answer(resp, messages, key)
+                self._fail_at_once(resp, key)
+                retry_after = retry_after_seconds(resp.headers.get("retry-after"))
+                last = f"HTTP {resp.status_code}: {self._error_text(resp, key)}"
+            if attempt == self.cfg.max_retries:
+                raise SolarError(f"POST {self.path} failed after {attempt + 1} attempts "
+                                 f"(solar.max_retries={self.cfg.max_retries}), last: {last}")
+            attempt += 1
+            delay = min(self.cfg.backoff_s * 2 ** (attempt - 1) if retry_after is None else retry_after,
+                        self.cfg.max_backoff_s)
+            log.warning("Solar API: POST %s %s; retry %d/%d in %.1f s", self.path, last, attempt,
+                        self.cfg.max_retries, delay)
+            if retry_after is not None:
+                self._limiter.hold(delay)  # the server asked for a pause: every thread takes it
+            self._count(retries=1, wait_s=delay)
+            if stop.wait(delay):
+                raise CancelledError
+
+    def _fail_at_once(self, resp: httpx.Response, key: str) -> None:
+        """4xx other than 429 (and 408) will not get better by asking again."""
+        status = resp.status_code
+        if status in (429, 408) or status >= 500:
+            return
+        if status in (401, 403):
+            raise ConfigError(f"the Solar API refused the key (HTTP {status} from POST {self.path}): check that "
+                              f"${self.cfg.api_key_env} holds a valid Upstage API key")
+        if status == 404:
+            raise ConfigError(f"HTTP 404 from POST {self.path}: check solar.base_url={self.cfg.base_url} and "
+                              f"solar.model={self.cfg.model}")
+        raise SolarError(f"HTTP {status} from POST {self.path}: {self._error_text(resp, key)}")
+
+    def _error_text(self, resp: httpx.Response, key: str) -> str:
+        try:
+            err = resp.json().get("error")
+            text = err.get("message") if isinstance(err, dict) else err
+        except (ValueError, AttributeError):
+            text = None
+        return self._one_line(str(text or resp.text or resp.reason_phrase), key)
+
+    def _answer(self, resp: httpx.Response, messages: Messages, key: str) -> str:
+        try:
+            data = resp.json()
+            choice = data["choices"][0]
+            content = choice["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise SolarError(f"HTTP {resp.status_code} from POST {self.path} has no choices[0].message.content: "
+                             f"{self._one_line(resp.text, key)}") from None
+        usage = data.get("usage") or {}
+        self._count(prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                    completion_tokens=int(usage.get("completion_tokens") or 0),
+                    truncated=int(choice.get("finish_reason") == "length"))
+        answer = postprocess(content)
+        if answer and self._cache:  # an empty answer is asked again next time
+            self._cache.put_many({self.cache_key(messages): answer})
+        return answer
+
+
+class SolarBackend:
+    """generation.py's backend interface (`name`, `supports`, `generate(texts, task)`) through
+    prompts: ko_en and en_ko translation, Korean paraphrase; one text per request."""
+
+    def __init__(self, cfg, client: SolarClient | None = None):
+        self.client = client or SolarClient(cfg)
+        self.name = f"solar:{self.client.cfg.model}"
+
+    def supports(self, task: str) -> bool:
+        return task in TASKS
+
+    def generate(self, texts: Sequence[str], task: str) -> list[str]:
+        if task not in TASK_SYSTEM:
+            raise ConfigError(f"the solar generation backend has no task {task}: choose one of {', '.join(TASKS)}")
+        system = {"role": "system", "content": TASK_SYSTEM[task]}
+        return self.client.complete_many([[system, {"role": "user", "content": t}] for t in texts])
