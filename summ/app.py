@@ -36,7 +36,9 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
         if metrics is None:
             from summ.train import train
 
-            metrics = train(cfg, output_dir)
+            # tracker run name, and the sweep that groups it (one experiment / group per sweep folder)
+            names = ((hc.job.override_dirname or output_dir.name), Path(hc.sweep.dir).name) if multirun else None
+            metrics = train(cfg, output_dir, tracking_names=names)
     except UserError as exc:
         if multirun:
             log.error("job failed: %s", exc)

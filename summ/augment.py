@@ -63,7 +63,7 @@ def augment(train: Sequence[Sample], cfg, backend=None) -> tuple[list[Sample], d
     for k, method in enumerate(cfg.methods):
         if method in NEEDS_BACKEND and (backend is None or not all(backend.backend.supports(t)
                                                                     for t in NEEDS_BACKEND[method])):
-            reason = (f"no generation backend for {'/'.join(NEEDS_BACKEND[method])}: set generation.kind=local "
+            reason = (f"no generation backend for {'/'.join(NEEDS_BACKEND[method])}: set generation.kind=local (or solar) "
                       f"and generation.{NEEDS_BACKEND[method][0]}_path")
             if len(cfg.methods) == 1:
                 raise ConfigError(f"augmentation={method} needs a model: {reason}")

@@ -47,6 +47,9 @@ class DataSource(enum.Enum):
 
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
+INFERENCE_QUANTIZATIONS = ("none", "dynamic_int8", "bnb_8bit", "bnb_4bit")
+MODES = ("train", "predict")
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 DTYPES = ("float32", "bfloat16", "float16")
 PADDINGS = ("longest", "max_length")
 ENSEMBLE_STRATEGIES = ("mbr", "weighted", "stacking", "logit_avg")
@@ -183,6 +186,19 @@ class InferenceConfig:
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    # Inference speed (summ/predict.py): how summaries are generated, measured per run.
+    quantization: str = "none"  # none | dynamic_int8 (CPU, torch) | bnb_8bit | bnb_4bit (bitsandbytes)
+    batch_size: Optional[int] = None  # prompts per generate() call; null = batch.eval_batch_size
+    sort_by_length: bool = True  # batches of similar prompt length (less padding); output order is kept
+    compare_unquantized: bool = True  # a quantized run also generates unquantized: ROUGE change and speed-up
+
+
+@dataclass
+class PredictConfig:
+    """mode=predict: summaries for the test set from a trained run (model.path=<run dir>)."""
+
+    submission: bool = True  # write <run dir>/submission.csv (fname,summary) for every test row
+    split: str = "test"  # test | dev: which file to summarise into the submission
 
 
 @dataclass
@@ -210,7 +226,7 @@ class TTAConfig:
 class GenerationBackendConfig:
     """Where back-translation and paraphrase text comes from (summ/generation.py)."""
 
-    kind: str = "none"  # none | local
+    kind: str = "none"  # none | local | solar (the Solar API, settings under `solar`)
     ko_en_path: Optional[str] = None  # local seq2seq folder, e.g. a MarianMT ko->en checkpoint
     en_ko_path: Optional[str] = None
     paraphrase_path: Optional[str] = None
@@ -300,6 +316,10 @@ class Config:
     knee: KneeConfig = field(default_factory=KneeConfig)
     solar: SolarConfig = field(default_factory=SolarConfig)
     tracking: TrackingConfig = MISSING
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    # train: fine-tune, then evaluate on dev | predict: load a trained run (model.path) and summarise
+    mode: str = "train"
+    save_visualizations: bool = False  # loss, samples/s and memory over steps as PNGs in the run folder
     # What main() returns to a sweeper (lower is better).
     objective: str = "train_seconds_per_sample"
     # Returned to a sweeper for a trial that did not produce a figure (oom, over_budget, ...).
@@ -335,7 +355,8 @@ def validate(cfg: DictConfig | Config) -> None:
                 "data.max_train_samples", "data.max_eval_samples", "train.epochs", "train.max_steps",
                 "train.learning_rate", "train.total_samples", "measure.steps", "measure.memory_budget_gb",
                 "measure.peak_tflops", "inference.num_beams", "inference.max_new_tokens",
-                "measure.rss_interval_ms", "train.log_every_steps", "model.lora.r", "sweep.trial_steps"):
+                "measure.rss_interval_ms", "train.log_every_steps", "model.lora.r", "sweep.trial_steps",
+                "tracking.log_every_steps"):
         _positive(key, _get(c, key))
     for key in ("measure.warmup_steps", "train.weight_decay", "train.max_grad_norm",
                 "train.label_smoothing", "train.warmup_ratio", "augmentation.ratio", "tta.num_aug", "train.adam_epsilon",
@@ -374,6 +395,11 @@ def validate(cfg: DictConfig | Config) -> None:
     if _get(c, "model.attn_implementation") not in ATTENTION_IMPLEMENTATIONS:
         raise ConfigError(f"model.attn_implementation={_get(c, 'model.attn_implementation')} is invalid: "
                           f"choose null or one of {', '.join(a for a in ATTENTION_IMPLEMENTATIONS if a)}")
+    for key, allowed in (("mode", MODES), ("tracking.name", TRACKERS), ("inference.quantization", INFERENCE_QUANTIZATIONS),
+                         ("predict.split", ("test", "dev"))):
+        if _get(c, key) not in allowed:
+            raise ConfigError(f"{key}={_get(c, key)} is invalid: choose one of {', '.join(allowed)}")
+    _positive("inference.batch_size", _get(c, "inference.batch_size"))
     if _get(c, "objective") not in OBJECTIVES:
         raise ConfigError(f"objective={_get(c, 'objective')} is invalid: choose one of {', '.join(OBJECTIVES)}")
     kind = _enum_name(_get(c, "model.kind"))
@@ -382,7 +408,14 @@ def validate(cfg: DictConfig | Config) -> None:
             raise ConfigError("model.quantization (QLoRA) is for causal models only: set model.quantization=none")
         if not _get(c, "model.lora.enabled"):
             raise ConfigError("a quantized model trains only through LoRA: set model.lora.enabled=true")
-    if _get(c, "model.tiny") is None and not (_get(c, "model.path") or _get(c, "model.hub_id")):
+    if _get(c, "mode") == "predict" and kind != "api" and not _get(c, "model.path"):
+        raise ConfigError("mode=predict summarises with a trained model: set model.path=<a training run's folder "
+                          "(train.save_model=true) or a folder with config.json and *.safetensors>")
+    if kind == "api":
+        from summ.solar import validate_config
+
+        validate_config(_get(c, "solar"))
+    elif _get(c, "model.tiny") is None and not (_get(c, "model.path") or _get(c, "model.hub_id")):
         raise ConfigError(f"model '{_get(c, 'model.name')}' has no weights: set model.path=<local folder>")
     if _get(c, "data.source") in (DataSource.csv, "csv") and not _get(c, "data.dir"):
         raise ConfigError(f"data={_get(c, 'data.name')} reads CSVs from a folder: set data.dir=<folder with "

@@ -98,8 +98,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.max_train_samples is not None:
         train = train[: cfg.max_train_samples]
     if cfg.max_eval_samples is not None:
-        dev = dev[: cfg.max_eval_samples]
-        test = test[: cfg.max_eval_samples]
+        dev = dev[: cfg.max_eval_samples]  # the test set is never cut: a submission covers every row
     return Splits(train=train, dev=dev, test=test)
 
 

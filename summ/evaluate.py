@@ -58,13 +58,13 @@ def housekeeping_tokens(tokenizer) -> list[str]:
 
 def generate(accelerator, model, samples: Sequence[Sample], encoder: Encoder, tokenizer,
              cfg: InferenceConfig, kind: ModelKind, batch_size: int, num_candidates: int = 1,
-             co_members: Sequence = ()) -> tuple[list, float]:
+             co_members: Sequence = (), sort_by_length: bool = True) -> tuple[list, float]:
     """Summaries for `samples` in their order, and the generation wall seconds. With
     num_candidates > 1 each item is the list of the top beams (at most num_beams). With
     co_members, decoding averages their next-token log-probabilities with the model's (logit_avg).
 
-    Batches are formed from length-sorted prompts (less padding), split over processes, and
-    the original order is restored at the end.
+    Batches are formed from length-sorted prompts (less padding; sort_by_length=false keeps the
+    samples' order), split over processes, and the original order is restored at the end.
     """
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
@@ -72,7 +72,7 @@ def generate(accelerator, model, samples: Sequence[Sample], encoder: Encoder, to
     n_ret = max(1, min(num_candidates, cfg.num_beams if not cfg.do_sample else num_candidates))
     gen_cfg.num_return_sequences = n_ret
     prompts = [encoder.prompt_ids(s.dialogue) for s in samples]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) if sort_by_length else list(range(len(prompts)))
     strip = housekeeping_tokens(tokenizer)
     outputs: dict[int, object] = {}
     synchronize(accelerator.device)

@@ -116,12 +116,17 @@ class LocalSeq2Seq:
         return out
 
 
-def build(cfg, cache_dir: Path) -> Optional[Cached]:
-    """The configured backend wrapped in the disk cache, or None when none is configured."""
+def build(cfg, cache_dir: Path, solar_cfg=None) -> Optional[Cached]:
+    """The configured backend wrapped in the disk cache, or None when none is configured.
+    generation.kind=solar prompts the Solar API (the `solar` section) for translation and paraphrase."""
     if cfg.kind == "none":
         return None
+    if cfg.kind == "solar":
+        from summ.solar import SolarBackend  # solar.py imports this module: import on use
+
+        return Cached(SolarBackend(solar_cfg), DiskCache(cache_dir / "generation.sqlite"))
     if cfg.kind == "local":
         backend = LocalSeq2Seq({"ko_en": cfg.ko_en_path, "en_ko": cfg.en_ko_path, "paraphrase": cfg.paraphrase_path},
                                batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
         return Cached(backend, DiskCache(cache_dir / "generation.sqlite"))
-    raise ConfigError(f"generation.kind={cfg.kind} is unknown: choose none or local")
+    raise ConfigError(f"generation.kind={cfg.kind} is unknown: choose none, local or solar")

@@ -560,11 +560,21 @@ except ImportError:  # pragma: no cover - hydra is a hard dependency
 
 
 class KneeReportCallback(Callback):
-    """Writes the knee report into the sweep folder when a multirun ends."""
+    """Writes the knee report (or, for mode=predict jobs, the inference report) into the sweep
+    folder when a multirun ends."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
+            return
+        if config.get("mode") == "predict":  # an inference sweep: speed against ROUGE, not a knee
+            from summ.plots import inference_report
+
+            try:
+                inference_report(sweep_dir, config.get("knee", {}).get("tolerance", 0.05))
+                print(f"\ninference report: {sweep_dir / 'inference_report.md'}")
+            except Exception as exc:
+                log.error("inference report failed (%s) in %s", exc, sweep_dir)
             return
         try:
             a = build_report(sweep_dir, tolerance=config.get("knee", {}).get("tolerance"))

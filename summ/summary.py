@@ -15,7 +15,48 @@ def gib(n_bytes: Optional[float]) -> Optional[float]:
     return None if n_bytes is None else n_bytes / 2**30
 
 
+def _generation_rows(ev: dict, what: str) -> list[tuple[str, str]]:
+    rows = [(f"{what} generation", f"{_fmt(ev.get('generation_ms_per_sample'), '.1f', ' ms/sample')}, "
+                                   f"{_fmt(ev.get('generation_samples_per_s'), '.2f', ' samples/s')} "
+                                   f"(batch {ev.get('batch_size', '-')}, sorted by length: {ev.get('sort_by_length', '-')})")]
+    q = ev.get("quantized") or (ev if ev.get("unquantized") else None)
+    if q:
+        rows.append(("quantized", f"{q.get('quantization', '')}: ROUGE mean change {_fmt(q.get('rouge_mean_change'), '+.4f')}, "
+                                  f"speed-up {_fmt(q.get('speedup'), '.2f', 'x')} against unquantized"))
+    return rows
+
+
+def format_predict_summary(m: dict, output_dir: Optional[Path] = None) -> str:
+    ev, pr, inf = m.get("eval") or {}, m.get("predict") or {}, m.get("inference") or {}
+    rows = [("status", m["status"] + (f" ({m['error']})" if m.get("error") else "")),
+            ("model / device", f"{m['model']} / {m.get('device')}"),
+            ("weights", f"{m.get('trained_from', '-')}" + (" (LoRA adapter)" if m.get("lora_adapter") else "")),
+            ("inference", f"quantization {inf.get('quantization', '-')}, "
+                          f"{_fmt(gib(inf.get('model_bytes')), '.3f', ' GiB')} of weights")]
+    if ev:
+        rows.append(("dev ROUGE-1/2/L", " / ".join(_fmt(ev.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL"))
+                     + f"  (mean {_fmt(ev.get('rouge_mean'), '.4f')}, n={ev.get('n')})"))
+        rows += _generation_rows(ev, "dev")
+    if pr:
+        rows.append(("submission", f"{pr['rows']} rows in {pr['file']} "
+                                   f"({_fmt(pr.get('generation_ms_per_sample'), '.1f', ' ms/sample')})"))
+    if m.get("solar"):
+        s = m["solar"]
+        rows.append(("solar api", f"{s['model']} {s['prompt_strategy']}: {s['requests_sent']} requests, "
+                                  f"{s['cache_hits']} cached, {s['retries']} retries"))
+    if output_dir is not None:
+        rows.append(("metrics", str(Path(output_dir) / "metrics.json")))
+    return _table(rows)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
+    if m.get("mode") == "predict" or m.get("solar"):
+        return format_predict_summary(m, output_dir)
     t, mem, ev = m.get("train") or {}, m.get("memory") or {}, m.get("eval") or {}
     rows = [
         ("status", m["status"] + (f" ({m['error']})" if m.get("error") else "")),
@@ -40,6 +81,8 @@ def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
                  ("ROUGE-1/2/L", " / ".join(_fmt(ev.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL"))
                   + f"  (sum {_fmt(ev.get('rouge_sum'), '.4f')}, mean {_fmt(ev.get('rouge_mean'), '.4f')}, "
                     f"n={ev.get('n')})")]
+        if ev.get("generation_ms_per_sample") is not None:
+            rows += _generation_rows(ev, "dev")
     if m.get("data_quality"):
         dq = m["data_quality"]
         rows.append(("data quality", f"{dq['train_dropped']} training samples under {dq['threshold']} left out "
@@ -62,5 +105,4 @@ def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
                                      + ", ".join(_fmt(r, ".4f") for r in ens["members_rouge_mean"]) + ")"))
     if output_dir is not None:
         rows.append(("metrics", str(Path(output_dir) / "metrics.json")))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return _table(rows)

@@ -23,13 +23,15 @@ def _overridden(task_overrides: Sequence[str], key: str) -> bool:
 def apply_trial_defaults(cfg: DictConfig, task_overrides: Sequence[str]) -> DictConfig:
     """A multirun job is a measurement trial: `sweep.trial_steps` measured steps when
     measure.steps is null (unless trial_steps is null too: full training), and no evaluation unless `sweep.evaluate` or an explicit
-    `eval.enabled=...` on the command line asks for it."""
+    `eval.enabled=...` on the command line asks for it; weights are saved only on request."""
     cfg = cfg.copy()
     with open_dict(cfg):
         if cfg.measure.steps is None and cfg.sweep.trial_steps is not None:
             cfg.measure.steps = cfg.sweep.trial_steps
         if not cfg.sweep.evaluate and not _overridden(task_overrides, "eval.enabled"):
             cfg.eval.enabled = False
+        if not _overridden(task_overrides, "train.save_model"):  # trials measure; their weights are not kept
+            cfg.train.save_model = False
     return cfg
 
 

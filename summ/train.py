@@ -6,6 +6,7 @@ metrics.json in the output directory; the process is left clean for the next job
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,8 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from summ import data as data_mod
-from summ import augment, ensemble, evaluate, generation, measure, models, quality, tta
-from summ.config import Config, Precision, resolve_batch, validate
+from summ import augment, ensemble, evaluate, generation, measure, models, quality, tracking, tta
+from summ.config import Config, ModelKind, Precision, resolve_batch, validate
 from summ.errors import ConfigError, DataError, Diverged, OverBudget, UserError
 from summ.io import atomic_write_json, atomic_write_text
 from summ.loss import model_inputs, summed_token_loss
@@ -105,6 +106,8 @@ class _Job:
         self.cfg, self.output_dir, self.metrics, self.on_micro_step = cfg, output_dir, metrics, on_micro_step
         self.accelerator = self.model = self.optimizer = self.monitor = None
         self.history: list[dict] = []
+        self.tracking = tracking.Tracking()  # inactive until setup starts it
+        self.tracking_names: tuple[str, Optional[str]] = (output_dir.name, None)  # (run, sweep group)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -123,7 +126,9 @@ class _Job:
             raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU: use bf16 or no on the CPU")
         self.accelerator = acc = Accelerator(
             mixed_precision=cfg.train.mixed_precision.value, cpu=use_cpu,
-            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.ga, sync_with_dataloader=False))
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.ga, sync_with_dataloader=False),
+            **tracking.accelerator_kwargs(cfg.tracking, self.output_dir))
+        self.tracking = tracking.start(acc, cfg.tracking, cfg, *self.tracking_names)
         set_seed(cfg.train.seed)
         m.update(device=measure.device_name(acc.device), num_processes=acc.num_processes,
                  gradient_accumulation_steps=self.ga, effective_batch_size=self.bs * self.ga * acc.num_processes)
@@ -201,7 +206,7 @@ class _Job:
     def backend(self):
         """The generation backend (back-translation, paraphrase), built on first use, or None."""
         if not hasattr(self, "_backend"):
-            self._backend = generation.build(self.cfg.generation, Path(self.cfg.generation.cache_dir))
+            self._backend = generation.build(self.cfg.generation, Path(self.cfg.generation.cache_dir), self.cfg.solar)
         return self._backend
 
     def _validate_data(self) -> None:
@@ -282,7 +287,9 @@ class _Job:
                 peak = self.monitor.peak_bytes()
                 self.history.append({"step": step + 1, "epoch": epoch, "loss": loss_value,
                                      "lr": self.scheduler.get_last_lr()[0], "step_time_s": step_seconds,
-                                     "samples_per_s": samples / step_seconds, "peak_mem_bytes": peak})
+                                     "samples_per_s": samples / step_seconds, "tokens_per_s": tokens / step_seconds,
+                                     "peak_mem_bytes": peak})
+                self.tracking.log_step(self.history[-1], step + 1)
                 if not math.isfinite(loss_value):
                     raise Diverged(f"loss became {loss_value} at optimizer step {step + 1}")
                 self.guard.check(peak)
@@ -328,10 +335,13 @@ class _Job:
         m["phase"] = "eval"
         result: dict[str, Any] = {"loss": evaluate.eval_loss(acc, self.model, self.dev_loader, self.kind)}
         if cfg.eval.generate:
-            preds, seconds = evaluate.generate(acc, self.model, self.splits.dev, self.encoder, self.tokenizer,
-                                               cfg.inference, self.kind, cfg.batch.eval_batch_size)
-            result.update(evaluate.score(self.splits.dev, preds, cfg.eval.rouge_tokenizer))
-            result.update(generation_seconds=seconds, generation_ms_per_sample=1000 * seconds / len(preds))
+            from summ.predict import generate_measured, quantized_eval
+
+            preds, speed = generate_measured(acc, self.model, self.splits.dev, self.encoder, self.tokenizer, cfg,
+                                             self.kind)
+            result.update(evaluate.score(self.splits.dev, preds, cfg.eval.rouge_tokenizer), **speed)
+            if cfg.inference.quantization != "none":  # the saved weights, quantized, against this model
+                result["quantized"] = quantized_eval(acc, cfg, self.output_dir / "model", self.splits.dev, result)
             final = preds
             if cfg.tta.num_aug > 0 and cfg.tta.methods:
                 final, result["tta"] = self._tta(preds)
@@ -375,14 +385,15 @@ class _Job:
                         "picked_original": sum(c[0] == x for c, x in zip(candidates, chosen))}
 
     def save(self) -> None:
-        """Weights (the LoRA adapter alone for peft models) and tokenizer, as safetensors."""
+        """What mode=predict needs: weights (the LoRA adapter alone for peft models) as
+        safetensors, tokenizer and resolved config, in <run dir>/model."""
         if not self.cfg.train.save_model:
             return
+        from summ.predict import save_for_predict
+
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            target = self.output_dir / "model"
-            self.accelerator.unwrap_model(self.model).save_pretrained(target, safe_serialization=True)
-            self.tokenizer.save_pretrained(target)
+            save_for_predict(self.accelerator, self.model, self.tokenizer, self.cfg, self.output_dir / "model")
 
     # ------------------------------------------------------------------ teardown
     def record_memory(self) -> None:
@@ -407,28 +418,66 @@ class _Job:
 
 
 def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optional[MicroStepHook] = None,
-          keep: Optional[list] = None) -> dict:
+          keep: Optional[list] = None, tracking_names: Optional[tuple[str, Optional[str]]] = None) -> dict:
     """Run one job and return its metrics (also written to <output_dir>/metrics.json).
 
     Job-level failures (oom, over_budget, diverged, failed) are recorded, not raised, so a sweep
     goes on; a UserError (bad config, data, weights) is recorded and then raised for run.py.
     With train.k_folds > 1 the job is K jobs (fold_<k>/) and an ensemble of their summaries.
+    mode=predict, and a hosted model (model.kind=api), summarise without training (summ/predict.py).
     `keep`, a list, receives the trained model and its tokenizer and encoder (logit averaging).
+    `tracking_names`: (run name, sweep group) for the experiment tracker.
     """
     validate(cfg)
-    if cfg.train.k_folds > 1 and cfg.train.fold is None:
-        return train_kfold(cfg, Path(output_dir))
     obj: Config = OmegaConf.to_object(cfg)
     output_dir = Path(output_dir)
+    if obj.mode == "predict" or obj.model.kind == ModelKind.api:
+        from summ.predict import run_predict
+
+        metrics = {**_skeleton(obj, config_hash(cfg)), "mode": obj.mode}
+        with recorded(metrics, output_dir):
+            run_predict(obj, output_dir, metrics)
+        return metrics
+    if cfg.train.k_folds > 1 and cfg.train.fold is None:
+        return train_kfold(cfg, output_dir)
     metrics = _skeleton(obj, config_hash(cfg))
     job = _Job(obj, output_dir, metrics, on_micro_step)
+    if tracking_names is not None:
+        job.tracking_names = tracking_names
+    finished = False
+    with recorded(metrics, output_dir, job):
+        try:
+            job.setup()
+            job.train()
+            job.save()
+            job.evaluate()
+            finished = True
+        finally:
+            job.record_memory()
+            if keep is not None and finished:
+                keep.append((job.accelerator.unwrap_model(job.model).eval(), job.tokenizer, job.encoder))
+            job.close()
+    return metrics
+
+
+def _save_plots(job: "_Job", output_dir: Path) -> None:
+    from summ.plots import save_run_plots
+
+    try:
+        save_run_plots(job.history, output_dir, job.cfg.measure.warmup_steps, title=job.cfg.model.name)
+    except Exception as exc:  # a figure must never cost the run its metrics
+        log.warning("save_visualizations: the plots failed (%s); rebuild them with python -m summ.plots %s",
+                    exc, output_dir)
+
+
+@contextlib.contextmanager
+def recorded(metrics: dict, output_dir: Path, job: Optional["_Job"] = None):
+    """Turn the job's outcome into metrics["status"] and write metrics.json (and the step history),
+    whatever happens. A UserError is re-raised after the write (run.py prints its one line)."""
     started = measure.now()
     raise_after: Optional[BaseException] = None
     try:
-        job.setup()
-        job.train()
-        job.save()
-        job.evaluate()
+        yield
         metrics["status"], metrics["phase"] = "ok", None
     except OverBudget as exc:
         metrics.update(status="over_budget", error=str(exc))
@@ -442,20 +491,16 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optiona
     except Exception as exc:  # a bug or an unforeseen library error: recorded, the sweep goes on
         metrics.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
         atomic_write_text(output_dir / "error.log", traceback.format_exc())
-    finally:
-        job.record_memory()
-        if keep is not None and metrics["status"] == "ok":
-            keep.append((job.accelerator.unwrap_model(job.model).eval(), job.tokenizer, job.encoder))
-        history = job.history
-        job.close()
-        del job
     metrics["wall_seconds"] = measure.now() - started  # the whole job: setup, training, evaluation
-    if history:
-        atomic_write_text(output_dir / HISTORY_FILE, "".join(json.dumps(h) + "\n" for h in history))
+    if job is not None and job.history:
+        atomic_write_text(output_dir / HISTORY_FILE, "".join(json.dumps(h) + "\n" for h in job.history))
+        if job.cfg.save_visualizations:
+            _save_plots(job, output_dir)
     atomic_write_json(output_dir / METRICS_FILE, metrics)
+    if job is not None:
+        job.tracking.finish(metrics)  # the final figures and status, known only now
     if raise_after is not None:
         raise raise_after
-    return metrics
 
 
 def train_kfold(cfg: DictConfig, output_dir: Path) -> dict:

@@ -30,7 +30,7 @@ def usable_methods(cfg, backend) -> tuple[list[str], dict]:
     methods = []
     for m in cfg.methods:
         if m == "paraphrase" and (backend is None or not backend.backend.supports("paraphrase")):
-            skipped[m] = "no generation backend for paraphrase: set generation.kind=local and generation.paraphrase_path"
+            skipped[m] = "no generation backend for paraphrase: set generation.kind=solar, or local and generation.paraphrase_path"
             continue
         methods.append(m)
     if not methods and cfg.methods:
