@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from summ.io import atomic_write_text
@@ -77,3 +78,37 @@ def write_best(config: DictConfig, sweep_dir: Path) -> Optional[str]:
                       f"# best trial of study {config.hydra.sweeper.study_name}: {res.best_value:.6g} "
                       f"({config.objective}); run it with:\n{command}\n")
     return command
+
+
+RDB_URLS = ("postgresql", "mysql", "mariadb", "oracle", "mssql")
+
+
+def prepare_storage(hydra_cfg: Any, attempts: int = 8) -> None:
+    """Create Optuna's tables before the sweeper opens its study. Workers that start at the same
+    moment on an empty database race to create them (PostgreSQL: UniqueViolation on pg_type) and
+    the loser would die; here it waits a moment and finds them made."""
+    url = str(OmegaConf.select(hydra_cfg, "sweeper.storage", default="") or "")
+    if not _is_optuna(hydra_cfg) or not url.startswith(RDB_URLS):
+        return
+    import random
+    import time
+
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(1, attempts + 1):
+        try:
+            optuna.storages.RDBStorage(url).engine.dispose()
+            return
+        except sqlalchemy.exc.DBAPIError as exc:
+            if attempt == attempts or isinstance(exc, sqlalchemy.exc.OperationalError):
+                raise  # OperationalError: no server, wrong password: nothing a retry fixes
+            log.info("Optuna tables are being created by another worker (%s); retrying", type(exc.orig).__name__)
+            time.sleep(0.2 + random.random())
+
+
+class OptunaStorageCallback(Callback):
+    """Before an Optuna sweep opens its study: the storage's tables exist (prepare_storage)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        prepare_storage(config.hydra)

@@ -250,3 +250,60 @@ def test_wandb_offline_run_named_and_grouped(tmp_path, monkeypatch):
         t.log_step(record, record["step"])
     t.finish(METRICS)
     assert wandb.run is None and list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+# ----------------------------------------------------------------------------- through the CLI
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(cwd: Path, *args):
+    import os
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_cli_tensorboard_run_logs_loss_and_samples_per_s_per_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli(tmp_path, "tracking=tensorboard", "hydra.run.dir=run", "train.max_steps=6", "eval.generate=false")
+    (events,) = (tmp_path / "run" / "tracking").glob("*/events.out.tfevents.*")  # hparams sit in subfolders
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    for tag in ("step/loss", "step/samples_per_s", "step/tokens_per_s", "train/samples_per_s", "eval/loss"):
+        assert tag in scalars, scalars
+    assert [e.step for e in acc.Scalars("step/loss")] == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_cli_mlflow_default_store_single_run_and_a_grouped_sweep_then_compare(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cli(tmp_path, "tracking=mlflow", "hydra.run.dir=single", "train.max_steps=4", "eval.generate=false")
+    cli(tmp_path, "-m", "batch.batch_size=2,4", "tracking=mlflow", "hydra.sweep.dir=sweeps/s1", "measure.steps=2")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/outputs/mlflow.db")  # the default local store
+    (single,) = client.search_runs([client.get_experiment_by_name("summ").experiment_id])
+    assert single.data.params["train.max_steps"] == "4" and single.data.tags["status"] == "ok"
+    assert "eval/loss" in single.data.metrics and len(client.get_metric_history(single.info.run_id, "step/loss")) == 4
+    grouped = client.search_runs([client.get_experiment_by_name("s1").experiment_id])  # the sweep folder's name
+    assert sorted(r.data.params["batch.batch_size"] for r in grouped) == ["2", "4"]
+    assert all(r.info.status == "FINISHED" and "train/samples_per_s" in r.data.metrics for r in grouped)
+    out = subprocess_compare(tmp_path / "sweeps" / "s1", "--sort", "batch_size")
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    assert "samples_per_s" in lines[0] and len(lines) == 4  # header, rule, two jobs
+    assert [line.split("|")[4].strip() for line in lines[2:]] == ["2", "4"]
+
+
+def subprocess_compare(*args) -> str:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "summ.compare", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
