@@ -7,16 +7,20 @@ Multirun over batch size x gradient accumulation:
     python run.py -m batch.batch_size=2,4,8,16,32 batch.gradient_accumulation_steps=1,2 measure.steps=5
 Optuna search (hydra-optuna-sweeper):
     python run.py -m preset=optuna_step_time
+Several processes (DDP through Accelerate; gloo on CPU):
+    accelerate launch --cpu --num_processes 2 run.py measure.steps=5 eval.enabled=false
 
 The config is composed from conf/ (schemas in summ/config.py); the work is summ.app.run.
 """
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from summ import distributed  # noqa: E402
 from summ.config import register_configs  # noqa: E402
 
 register_configs()
@@ -34,4 +38,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    requested = distributed.requested_cpu_processes()
+    if requested:
+        sys.exit(distributed.relaunch(*requested))
+    distributed.share_run_stamp()
+    sys.argv += distributed.hydra_overrides_for_this_process()
     main()

@@ -32,7 +32,7 @@ import yaml
 from common import ROOT, machine, table
 
 sys.path.insert(0, str(ROOT))
-from summ.knee import Trial, knee_search  # noqa: E402
+from summ.knee import Trial, knee_search, predicted_over_limit  # noqa: E402
 from summ.report import Analysis, Cell, analyse, load_cells  # noqa: E402
 
 PENALTY = 1e6
@@ -112,9 +112,17 @@ def run_knee(cells: dict, seconds: dict, tol: float, ga: int, resolution: float)
         c = cells[(bs, ga)]
         return Trial(bs, ga, c.status, c.samples_per_s, c.peak_bytes, job=c.job)
 
-    r = knee_search(replay, lambda bs: None, lambda bs: ga, min_batch_size=p["min_batch_size"],
-                    max_batch_size=p["max_batch_size"], tolerance=tol, resolution=resolution,
-                    max_trials=p["max_trials"])
+    limit = min((c.limit_bytes for c in cells.values() if c.limit_bytes), default=None)
+    seen: list[Cell] = []
+
+    def measure(bs: int) -> Trial:  # as the plugin: each measured cell feeds the memory model
+        trial = replay(bs)
+        seen.append(cells[(bs, ga)])
+        return trial
+
+    r = knee_search(measure, lambda bs: predicted_over_limit([c for c in seen if c.ok], bs, limit), lambda bs: ga,
+                    min_batch_size=p["min_batch_size"], max_batch_size=p["max_batch_size"], tolerance=tol,
+                    resolution=resolution, max_trials=p["max_trials"], patience=p.get("patience", 1))
     ran = [(bs, ga) for bs, t in r["trials"].items() if t.job is not None]
     rec = analyse([cells[k] for k in ran], tol).recommended
     return {"method": f"knee sweeper (accumulation {ga})", "trials": r["trials_run"],

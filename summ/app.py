@@ -12,18 +12,22 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from summ.errors import UserError
+from summ.errors import Interrupted, UserError
 from summ.summary import format_summary
 
 log = logging.getLogger("summ")
+# transformers' scheduler module imports peft, which imports bitsandbytes, whose CPU backend warns
+# on every run that an optional kernel package is absent (it falls back to its own code)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def run(cfg: DictConfig) -> float | tuple[float, float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from summ.io import atomic_write_json
     from summ.study import record_trial
-    from summ.train import objective_value, penalty_value
+    from summ.train import METRICS_FILE, objective_value, penalty_value
 
     hc = HydraConfig.get()
     output_dir, multirun, overrides = Path(hc.runtime.output_dir), hc.mode == RunMode.MULTIRUN, list(hc.overrides.task)
@@ -39,15 +43,24 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
             # tracker run name, and the sweep that groups it (one experiment / group per sweep folder)
             names = ((hc.job.override_dirname or output_dir.name), Path(hc.sweep.dir).name) if multirun else None
             metrics = train(cfg, output_dir, tracking_names=names)
+    except Interrupted as exc:  # the sweep stops too: the user asked to stop
+        print(f"interrupted: {exc}\nresume with the same command and train.resume_from={exc.checkpoint}",
+              file=sys.stderr)
+        sys.exit(128 + exc.signum)
     except UserError as exc:
-        if multirun:
+        if multirun:  # the sweep goes on; the cell's folder says why it has no figures
             log.error("job failed: %s", exc)
+            if not (output_dir / METRICS_FILE).exists():
+                atomic_write_json(output_dir / METRICS_FILE, {"status": "failed", "error": str(exc)})
             return penalty_value(OmegaConf.to_object(cfg))
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    if multirun:
-        record_trial(hc, overrides, {**metrics, "job_dir": str(output_dir)})
-    print(format_summary(metrics, output_dir))
+    from summ.distributed import is_main_process
+
+    if is_main_process():  # one summary and one trial record per launch
+        if multirun:
+            record_trial(hc, overrides, {**metrics, "job_dir": str(output_dir)})
+        print(format_summary(metrics, output_dir))
     return objective_value(metrics, OmegaConf.to_object(cfg))
 
 
@@ -74,3 +87,30 @@ def _measured_before(cfg: DictConfig, output_dir: Path) -> Optional[dict]:
             atomic_write_json(output_dir / METRICS_FILE, prior)
             return prior
     return None
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra is a hard dependency
+    Callback = object  # type: ignore[misc,assignment]
+
+
+class OutputFolderCallback(Callback):
+    """The run or sweep folder is made before Hydra's own mkdir, so a folder that cannot exist
+    (its parent is a file) is one line and exit code 2 instead of Hydra's traceback."""
+
+    def _check(self, folder: str) -> None:
+        from summ.io import make_folder
+
+        try:
+            make_folder(folder)
+        except UserError as exc:
+            print(f"error: {exc}: set hydra.run.dir / hydra.sweep.dir to a folder that can be created",
+                  file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir)

@@ -154,6 +154,13 @@ class TrainConfig:
     k_folds: int = 1  # > 1: K models on K splits of the training set, out-of-fold predictions, ensemble
     fold_seed: int = 0  # how samples are dealt into folds
     fold: Optional[int] = None  # set by the K-fold driver: this job trains without fold `fold`
+    # Accelerate state (model, optimizer, scheduler, RNG, data position) into
+    # <run dir>/checkpoints/step_<n> every N optimizer steps (null: only on SIGINT / SIGTERM).
+    save_every_steps: Optional[int] = None
+    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
+    # Continue a run: "latest" (this run folder's newest checkpoint; pass hydra.run.dir=<that run>),
+    # a run folder, or one checkpoint folder. Same steps, schedule position and data order.
+    resume_from: Optional[str] = None
 
 
 @dataclass
@@ -337,6 +344,10 @@ def register_configs() -> None:
         return precision_choices()
 
     OmegaConf.register_resolver("summ_precisions", _precisions, replace=True)
+    from summ.distributed import now
+
+    # ${summ_now:FORMAT}: like Hydra's ${now:}, but one time for every process of a launch
+    OmegaConf.register_resolver("summ_now", now, replace=True)
 
 
 def _positive(name: str, value: Optional[float], allow_zero: bool = False) -> None:
@@ -356,7 +367,7 @@ def validate(cfg: DictConfig | Config) -> None:
                 "train.learning_rate", "train.total_samples", "measure.steps", "measure.memory_budget_gb",
                 "measure.peak_tflops", "inference.num_beams", "inference.max_new_tokens",
                 "measure.rss_interval_ms", "train.log_every_steps", "model.lora.r", "sweep.trial_steps",
-                "tracking.log_every_steps"):
+                "tracking.log_every_steps", "train.save_every_steps", "train.keep_checkpoints"):
         _positive(key, _get(c, key))
     for key in ("measure.warmup_steps", "train.weight_decay", "train.max_grad_norm",
                 "train.label_smoothing", "train.warmup_ratio", "augmentation.ratio", "tta.num_aug", "train.adam_epsilon",
@@ -408,6 +419,12 @@ def validate(cfg: DictConfig | Config) -> None:
             raise ConfigError("model.quantization (QLoRA) is for causal models only: set model.quantization=none")
         if not _get(c, "model.lora.enabled"):
             raise ConfigError("a quantized model trains only through LoRA: set model.lora.enabled=true")
+    for key, needs_bnb in (("model.quantization", ("8bit", "4bit")),
+                           ("inference.quantization", ("bnb_8bit", "bnb_4bit"))):
+        if _get(c, key) in needs_bnb and not _installed("bitsandbytes"):
+            raise ConfigError(f"{key}={_get(c, key)} needs bitsandbytes, which is not installed: "
+                              f"pip install bitsandbytes, or set {key}=none")
+    _check_device(c)
     if _get(c, "mode") == "predict" and kind != "api" and not _get(c, "model.path"):
         raise ConfigError("mode=predict summarises with a trained model: set model.path=<a training run's folder "
                           "(train.save_model=true) or a folder with config.json and *.safetensors>")
@@ -424,6 +441,33 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError("model.prompt_template must contain {dialogue}")
     resolve_batch(_get(c, "batch.batch_size"), _get(c, "batch.gradient_accumulation_steps"),
                   _get(c, "batch.effective_batch_size"), num_processes=1)
+
+
+def _installed(package: str) -> bool:
+    """Whether `package` can be imported, without importing it (bitsandbytes takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+def _on_cpu(c: Any) -> bool:
+    """Where the run will be: the CPU when train.cpu is set or no CUDA device is present.
+    torch is asked only when a rule needs the answer."""
+    if _get(c, "train.cpu"):
+        return True
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _check_device(c: Any) -> None:
+    """Settings that work on one kind of device only, refused before anything loads."""
+    if _enum_name(_get(c, "train.mixed_precision")) == "fp16" and _on_cpu(c):
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU and this run is on the CPU "
+                          "(train.cpu=true or no CUDA device): set train.mixed_precision=bf16 or no")
+    if _get(c, "inference.quantization") == "dynamic_int8" and not _on_cpu(c):
+        raise ConfigError("inference.quantization=dynamic_int8 runs on the CPU only and this run is on CUDA: "
+                          "add train.cpu=true, or set inference.quantization=bnb_8bit, bnb_4bit or none")
 
 
 def _get(c: Any, dotted: str) -> Any:

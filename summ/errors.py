@@ -29,3 +29,13 @@ class OverBudget(Exception):
 
 class Diverged(Exception):
     """The training loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training; a checkpoint was saved to resume from."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        import signal
+
+        super().__init__(f"{signal.Signals(signum).name} at optimizer step {step}; checkpoint {checkpoint}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint

@@ -95,7 +95,8 @@ class LocalSeq2Seq:
 
             path = str(Path(self.paths[task]).expanduser())
             self._loaded[task] = (AutoTokenizer.from_pretrained(path, local_files_only=True),
-                                  AutoModelForSeq2SeqLM.from_pretrained(path, local_files_only=True).eval())
+                                  AutoModelForSeq2SeqLM.from_pretrained(path, local_files_only=True,
+                                                                        use_safetensors=True).eval())
         return self._loaded[task]
 
     def generate(self, texts: Sequence[str], task: str) -> list[str]:

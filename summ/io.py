@@ -1,5 +1,9 @@
 """Result files are written atomically: a temporary file in the same folder, then a rename,
-so a reader (or a resumed sweep) never sees half a file."""
+so a reader (or a resumed sweep) never sees half a file.
+
+A write that fails (its folder cannot be created, the disk is full, the rename is refused)
+raises WriteFailed with one line naming the file and the reason; the old file, if any, is left
+as it was and the temporary file is removed."""
 from __future__ import annotations
 
 import json
@@ -9,20 +13,62 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from summ.errors import UserError
+
+
+class WriteFailed(UserError, OSError):
+    """A result file could not be written. A UserError (the run ends with its one line and exit
+    code 2; a sweep records the job and goes on) and an OSError (for callers that catch those)."""
+
+
+def make_folder(folder: str | os.PathLike, for_file: str | os.PathLike | None = None) -> Path:
+    """Create `folder` and its parents, or raise WriteFailed naming it (or `for_file`, the file
+    that was to go into it) and why it cannot exist. Call it before compute that writes there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteFailed(f"cannot write {for_file or folder}: {_folder_reason(folder, exc)}") from exc
+    return folder
+
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_folder(path.parent, for_file=path)
+    tmp = None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteFailed):
+            raise WriteFailed(f"cannot write {path}: {_reason(exc)}") from exc
         raise
+
+
+def _reason(exc: OSError) -> str:
+    """The OS's reason in one line, without repeating the paths the message already names."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _folder_reason(folder: Path, exc: OSError) -> str:
+    """Why `folder` cannot be created: most often a file sits where a folder should be."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists() or candidate.is_symlink():
+            if not candidate.is_dir():
+                return f"{candidate} is a file, not a folder"
+            break
+    return f"the folder {folder} cannot be created ({_reason(exc)})"
 
 
 def _finite(obj: Any) -> Any:
@@ -37,4 +83,10 @@ def _finite(obj: Any) -> Any:
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_text(path, json.dumps(_finite(data), indent=2, ensure_ascii=False) + "\n")
+    """Serialised in full before anything touches the disk: a value JSON cannot hold raises
+    TypeError (a bug, not a user error) and leaves the old file as it was."""
+    try:
+        text = json.dumps(_finite(data), indent=2, ensure_ascii=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"cannot write {path}: {exc}") from exc
+    atomic_write_text(path, text)

@@ -2,9 +2,10 @@
 runs each cell as a Hydra job; tests replay recorded tables).
 
 1. Double the micro-batch from `min_batch_size` until a cell ends oom or over_budget (or is
-   predicted to), or gains less than `tolerance` samples/s over the previous cell.
-2. Bisect between the last good and the first bad cell until the gap is at most
-   `resolution` x the good size.
+   predicted to), falls more than `tolerance` below the best cell's samples/s, or stays within
+   the tolerance of it `patience` + 1 times in a row.
+2. Bisect between the best cell and the next larger one tried until the gap is at most
+   `resolution` x the best size.
 """
 from __future__ import annotations
 
@@ -27,10 +28,33 @@ class Trial:
         return self.status == "ok" and bool(self.samples_per_s)
 
 
+def predicted_over_limit(ok_cells: list, batch_size: int, limit_bytes: Optional[int]) -> Optional[float]:
+    """The peak the knee report's memory model predicts for `batch_size` when it passes
+    `limit_bytes` (budget x headroom), from cells that ran ok; None when it fits or the model is
+    not trustworthy yet (fewer than two cells, or R^2 under 0.9)."""
+    from summ.report import fit_memory_model
+
+    if not limit_bytes or len(ok_cells) < 2:
+        return None
+    model = fit_memory_model(ok_cells)
+    if model is None or model.r2 < 0.9:
+        return None
+    predicted = model.predict(batch_size)
+    return predicted if predicted > limit_bytes else None
+
+
 def knee_search(run: Callable[[int], Trial], predicted_over: Callable[[int], Optional[float]],
                 accumulation: Callable[[int], Optional[int]], *, min_batch_size: int, max_batch_size: int,
-                tolerance: float, resolution: float, max_trials: int) -> dict:
-    """Search; returns {stopped_doubling, last_good, first_bad, trials_run, trials: {bs: Trial}}."""
+                tolerance: float, resolution: float, max_trials: int, patience: int = 1) -> dict:
+    """Search; returns {stopped_doubling, last_good, first_bad, trials_run, trials: {bs: Trial}}.
+
+    Doubling compares each cell with the best so far: more than `tolerance` faster goes on; more
+    than `tolerance` slower is past the knee and stops; within the tolerance is flat, and up to
+    `patience` flat doublings in a row go on (one flat reading is as often timing noise as a
+    knee: a 2-core CPU's run-to-run spread exceeds 5%). A negative tolerance stops on memory only.
+    Bisection then runs between the best cell and the next larger one tried: for the memory edge
+    when that one did not fit, else for the throughput knee.
+    """
     trials: dict[int, Trial] = {}
 
     def measured() -> int:
@@ -45,7 +69,7 @@ def knee_search(run: Callable[[int], Trial], predicted_over: Callable[[int], Opt
             trials[bs] = run(bs)
         return trials[bs]
 
-    bs, last_good, first_bad, reason = min_batch_size, None, None, "reached max_batch_size"
+    bs, best, flat, reason = min_batch_size, None, 0, "reached max_batch_size"
     while bs <= max_batch_size:
         if measured() >= max_trials:
             reason = f"used all {max_trials} trials (max_trials)"
@@ -55,14 +79,23 @@ def knee_search(run: Callable[[int], Trial], predicted_over: Callable[[int], Opt
             break
         trial = cell(bs)
         if not trial.good:
-            first_bad, reason = bs, f"{trial.status} at micro-batch {bs}"
+            reason = f"{trial.status} at micro-batch {bs}"
             break
-        if last_good is not None and trial.samples_per_s < trials[last_good].samples_per_s * (1 + tolerance):
-            first_bad, reason = bs, f"doubling to {bs} gained less than {tolerance:.0%} samples/s"
+        top = trials[best].samples_per_s if best is not None else None
+        if top is None or tolerance < 0 or trial.samples_per_s >= top * (1 + tolerance):
+            best, flat = bs, 0
+        elif trial.samples_per_s < top * (1 - tolerance):
+            reason = f"doubling to {bs} lost more than {tolerance:.0%} samples/s against micro-batch {best}"
             break
-        last_good, bs = bs, bs * 2
-    memory_bound = first_bad is not None and trials[first_bad].status in ("oom", "over_budget", "predicted_over_budget")
-    lo, hi = last_good, first_bad
+        else:
+            flat += 1
+            if flat > patience:
+                reason = f"{flat} doublings in a row gained less than {tolerance:.0%} samples/s over micro-batch {best}"
+                break
+        bs *= 2
+    later = sorted(b for b in trials if best is not None and b > best)
+    lo, hi = best, (later[0] if later else None)
+    memory_bound = hi is not None and trials[hi].status in ("oom", "over_budget", "predicted_over_budget")
     while lo is not None and hi is not None and hi - lo > max(1, int(lo * resolution)) and measured() < max_trials:
         candidates = [b for b in range(lo + 1, hi) if accumulation(b) is not None]
         if not candidates:
@@ -71,7 +104,7 @@ def knee_search(run: Callable[[int], Trial], predicted_over: Callable[[int], Opt
         trial = cell(mid)
         if memory_bound:
             lo, hi = (mid, hi) if trial.good else (lo, mid)
-        elif first_bad is not None and not trials[first_bad].good:  # crashed or diverged: no edge to find
+        elif not trials[hi].good:  # crashed or diverged: no edge to find
             break
         else:
             better = trial.good and trial.samples_per_s >= trials[lo].samples_per_s * (1 + tolerance)

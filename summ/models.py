@@ -122,19 +122,36 @@ def _auto_class(kind: ModelKind):
     return AutoModelForSeq2SeqLM if kind == ModelKind.seq2seq else AutoModelForCausalLM
 
 
+# Weights load only from safetensors: a pickled checkpoint (pytorch_model.bin, *.pt) can run code.
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+RESAVE_HINT = ("re-save them as safetensors (load once in a trusted session, then "
+               "save_pretrained(DIR, safe_serialization=True)) and run with model.path=DIR")
+
+
 def _weights_source(cfg: ModelConfig) -> str:
-    """Where from_pretrained reads: model.path, or the hub id in the local cache. Never the network."""
+    """Where from_pretrained reads: model.path, or the hub id in the local cache. Never the network.
+    Either must hold config.json and safetensors weights; anything else stops here, before the
+    tokenizer, the data or the model load."""
     if cfg.path:
         path = Path(cfg.path).expanduser()
         if not (path / "config.json").is_file():
             raise WeightsNotFound(f"model.path={cfg.path} has no config.json: point model.path at a folder "
                                   f"with config.json, the tokenizer and *.safetensors weights")
+        if not any(path.glob("*.safetensors")):
+            pickled = sorted(f.name for pattern in PICKLED_WEIGHTS for f in path.glob(pattern))
+            found = f"only {', '.join(pickled)}" if pickled else "no weights"
+            raise WeightsNotFound(f"model.path={cfg.path} has {found}, and weights load only from safetensors: "
+                                  f"{RESAVE_HINT}")
         return str(path)
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(cfg.hub_id, "config.json"), str):
         raise WeightsNotFound(f"model={cfg.name}: weights for {cfg.hub_id} are not available offline; download "
                               f"them (hf download {cfg.hub_id} --local-dir DIR) and run with model.path=DIR")
+    if not any(isinstance(try_to_load_from_cache(cfg.hub_id, f), str) for f in SAFETENSORS_FILES):
+        raise WeightsNotFound(f"model={cfg.name}: the cached weights of {cfg.hub_id} are not safetensors, and "
+                              f"weights load only from safetensors: {RESAVE_HINT}")
     return cfg.hub_id
 
 
@@ -200,10 +217,16 @@ def load(cfg: ModelConfig, tok, seed: int, device: torch.device) -> LoadedModel:
     else:
         if source is None:  # bitsandbytes quantizes while loading: go through safetensors on disk
             source = _tiny_weights_dir(cfg, tok, seed)
-        kwargs.update(local_files_only=True, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg.dtype))
+        kwargs.update(local_files_only=True, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
+                      dtype=_dtype(cfg.dtype))
         if quant is not None:
             kwargs.update(quantization_config=quant, device_map={"": device})
-        model = _auto_class(cfg.kind).from_pretrained(source, **kwargs)
+        try:
+            model = _auto_class(cfg.kind).from_pretrained(source, **kwargs)
+        except OSError as exc:  # transformers' word for weights it cannot find or read
+            where = f"model.path={cfg.path}" if cfg.path else f"model={cfg.name} ({source})"
+            raise WeightsNotFound(f"{where}: no loadable safetensors weights ({str(exc).splitlines()[0]}): "
+                                  f"{RESAVE_HINT}") from None
     if model.get_input_embeddings().num_embeddings < len(tok):
         model.resize_token_embeddings(len(tok))
     model.config.use_cache = False  # no KV cache while training; generation turns it back on

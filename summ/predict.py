@@ -76,7 +76,12 @@ def locate_folder(folder: Path) -> Trained:
     """A folder written by save_for_predict."""
     run_cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(folder / SAVED_CONFIG))
     model_cfg: ModelConfig = OmegaConf.to_object(run_cfg.model)
-    return Trained(model_cfg, folder, (folder / "adapter_config.json").is_file(), int(run_cfg.train.seed))
+    adapter = (folder / "adapter_config.json").is_file()
+    weights = "adapter_model.safetensors" if adapter else "*.safetensors"
+    if not list(folder.glob(weights)):
+        raise WeightsNotFound(f"{folder} has no {weights}: weights load only from safetensors; re-save them "
+                              f"with save_pretrained(safe_serialization=True)")
+    return Trained(model_cfg, folder, adapter, int(run_cfg.train.seed))
 
 
 def _bnb_config(quantization: str):

@@ -518,11 +518,11 @@ def plot_pareto(cells: list[Cell], front: list[Cell], path: Path) -> None:
 
 
 def _save_png(fig, path: Path) -> None:
+    from summ.io import atomic_write_bytes
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _tolerance_from_sweep(sweep_dir: Path) -> Optional[float]:

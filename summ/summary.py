@@ -65,7 +65,9 @@ def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
                   f"= effective {m.get('effective_batch_size')}"),
         ("measured steps", f"{t.get('optimizer_steps', 0)} optimizer, {t.get('micro_steps', 0)} micro "
                            f"(+{t.get('warmup_optimizer_steps', 0)} warmup)"),
-        ("samples/s", _fmt(t.get("samples_per_s"), ".2f")),
+        ("samples/s", _fmt(t.get("samples_per_s"), ".2f") + (
+            f"  (all {m['num_processes']} processes; {_fmt(t.get('samples_per_s_per_process'), '.2f')} per process)"
+            if (m.get("num_processes") or 1) > 1 else "")),
         ("tokens/s", _fmt(t.get("tokens_per_s"), ".0f") + f"  (pad {_fmt(t.get('pad_fraction'), '.1%')} of positions)"),
         ("ms per sample", _fmt(1000 * t["seconds_per_sample"] if t.get("seconds_per_sample") else None, ".1f")),
         ("step time", f"median {_fmt(t.get('step_time_s_median'), '.3f', ' s')}, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -20,10 +21,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from summ import data as data_mod
-from summ import augment, ensemble, evaluate, generation, measure, models, quality, tracking, tta
+from summ import augment, checkpoint, ensemble, evaluate, generation, measure, models, quality, tracking, tta
 from summ.config import Config, ModelKind, Precision, resolve_batch, validate
-from summ.errors import ConfigError, DataError, Diverged, OverBudget, UserError
-from summ.io import atomic_write_json, atomic_write_text
+from summ.distributed import is_main_process, rank
+from summ.errors import ConfigError, DataError, Diverged, Interrupted, OverBudget, UserError
+from summ.io import atomic_write_json, atomic_write_text, make_folder
 from summ.loss import model_inputs, summed_token_loss
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ class _Job:
         self.accelerator = self.model = self.optimizer = self.monitor = None
         self.history: list[dict] = []
         self.tracking = tracking.Tracking()  # inactive until setup starts it
+        self.stop = checkpoint.StopRequest()  # SIGINT / SIGTERM while training
         self.tracking_names: tuple[str, Optional[str]] = (output_dir.name, None)  # (run, sweep group)
 
     # ------------------------------------------------------------------ setup
@@ -196,6 +199,17 @@ class _Job:
         self.scheduler = get_scheduler(name, self.optimizer,
                                        num_warmup_steps=math.ceil(cfg.train.warmup_ratio * self.total_updates),
                                        num_training_steps=self.total_updates)
+        acc.register_for_checkpointing(self.scheduler)  # its position travels with the checkpoint
+        self.start_step, self.position = 0, {"epoch": 0, "batches": 0}
+        if cfg.train.resume_from:
+            ckpt = checkpoint.resolve(cfg.train.resume_from, self.output_dir)
+            self.position, self.history = checkpoint.load(acc, ckpt)
+            self.start_step = self.position.pop("step")
+            m["resumed_from"] = {"checkpoint": str(ckpt), "step": self.start_step}
+            if self.start_step >= self.total_updates:
+                raise ConfigError(f"{ckpt} is at step {self.start_step}, the end of this run's "
+                                  f"{self.total_updates} steps: nothing to resume")
+            log.info("resuming from %s at optimizer step %d (epoch %d)", ckpt, self.start_step, self.position["epoch"])
         if acc.is_main_process:
             log.info("model %s (%s): %s trainable of %s parameters | device %s x%d | micro-batch %d x accumulation "
                      "%d x processes %d = effective batch %d | %d optimizer steps (%d per epoch of %d samples)",
@@ -224,18 +238,30 @@ class _Job:
 
     # ------------------------------------------------------------------ training
     def _windows(self):
-        """Yield lists of `ga` micro-batches forever, epoch after epoch. A trailing partial
-        window is dropped, like a partial micro-batch (see drop_last above)."""
-        epoch = 0
+        """Yield lists of `ga` micro-batches forever, epoch after epoch, from self.position (a
+        resumed run skips the micro-batches its checkpoint had consumed: same data order). A
+        trailing partial window is dropped, like a partial micro-batch (see drop_last above)."""
+        epoch, skip = self.position["epoch"], self.position["batches"]
+        resumed = self.start_step > 0
         while True:
             self.train_loader.set_epoch(epoch)
-            window = []
-            for batch in self.train_loader:
+            window, consumed = [], 0
+            rng = torch.get_rng_state()
+            batches = iter(self.train_loader)
+            first = next(batches, None)  # the loader starts on first use and draws a seed from torch's RNG...
+            if resumed:  # ... which the interrupted run drew before its checkpoint: not again
+                torch.set_rng_state(rng)
+                resumed = False
+            for batch in itertools.chain([] if first is None else [first], batches):
+                consumed += 1
+                if consumed <= skip:
+                    continue
                 window.append(batch)
                 if len(window) == self.ga:
+                    self.position = {"epoch": epoch, "batches": consumed}
                     yield epoch, window
                     window = []
-            epoch += 1
+            epoch, skip = epoch + 1, 0
 
     def train(self) -> None:
         from tqdm.auto import tqdm
@@ -251,8 +277,9 @@ class _Job:
                    disable=None if acc.is_local_main_process else True, dynamic_ncols=True, leave=False)
         windows = self._windows()
         loss_value = None
+        bar.update(self.start_step)
         try:
-            for step in range(self.total_updates):
+            for step in range(self.start_step, self.total_updates):
                 measure.synchronize(device)
                 t_step = measure.now()
                 epoch, window = next(windows)
@@ -294,11 +321,25 @@ class _Job:
                     raise Diverged(f"loss became {loss_value} at optimizer step {step + 1}")
                 self.guard.check(peak)
                 bar.update(1)
+                self._maybe_checkpoint(step + 1)
                 if (step + 1) % cfg.train.log_every_steps == 0 or step == 0:
                     bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{samples / step_seconds:.1f}")
         finally:
             bar.close()
             self._record_train(timer, profile, loss_value)
+
+    def _maybe_checkpoint(self, done: int) -> None:
+        """After optimizer step `done`: a checkpoint every train.save_every_steps, and on a
+        stop signal a checkpoint then Interrupted (all processes agree on the step)."""
+        acc, every = self.accelerator, self.cfg.train.save_every_steps
+        signum = self.stop.signum or 0
+        if acc.num_processes > 1:  # a signal may reach the processes in different steps
+            signum = int(acc.reduce(torch.tensor(signum, device=acc.device), reduction="max"))
+        if signum or (every and done % every == 0 and done < self.total_updates):
+            path = checkpoint.save(acc, self.output_dir, done, self.position, self.history,
+                                   self.cfg.train.keep_checkpoints)
+            if signum:
+                raise Interrupted(signum, done, path)
 
     def _forward_backward(self, batch: dict, n_items: int, step: int, micro: int) -> torch.Tensor:
         acc = self.accelerator
@@ -315,7 +356,10 @@ class _Job:
         cfg, m = self.cfg, self.metrics
         t = timer.summary()
         t["final_loss"] = final_loss
-        t["total_optimizer_steps"] = timer.steps_seen
+        t["total_optimizer_steps"] = self.start_step + timer.steps_seen  # a resumed run counts from its checkpoint
+        n = self.accelerator.num_processes  # samples and tokens are counted over all processes
+        t["samples_per_s_per_process"] = t["samples_per_s"] / n if t.get("samples_per_s") else None
+        t["tokens_per_s_per_process"] = t["tokens_per_s"] / n if t.get("tokens_per_s") else None
         m["train"] = t
         if profile is not None:  # FLOPs scale with padded positions, so MFU counts those on both sides
             t["flops_per_position"] = profile.flops / profile.tokens if profile.tokens else None
@@ -396,12 +440,20 @@ class _Job:
             save_for_predict(self.accelerator, self.model, self.tokenizer, self.cfg, self.output_dir / "model")
 
     # ------------------------------------------------------------------ teardown
+    def gather_peaks(self) -> None:
+        """Every process's peak memory (a collective: only on the path all processes reach)."""
+        if self.accelerator.num_processes > 1:
+            mine = torch.tensor([self.monitor.peak_bytes()], dtype=torch.int64, device=self.accelerator.device)
+            self.process_peaks = [int(x) for x in self.accelerator.gather(mine).cpu()]
+
     def record_memory(self) -> None:
         if self.monitor is None:
             return
-        peak, capacity = self.monitor.peak_bytes(), self.monitor.capacity_bytes()
+        peaks = getattr(self, "process_peaks", None)
+        # the largest process's peak: what must fit on each device
+        peak, capacity = (max(peaks) if peaks else self.monitor.peak_bytes()), self.monitor.capacity_bytes()
         self.metrics["memory"] = {
-            "peak_bytes": peak, "reserved_bytes": self.monitor.reserved_bytes(), "capacity_bytes": capacity,
+            "peak_bytes": peak, "peak_bytes_per_process": peaks, "reserved_bytes": self.monitor.reserved_bytes(), "capacity_bytes": capacity,
             "fraction": peak / capacity if capacity else None, "source": self.monitor.source,
             "budget_bytes": self.guard.budget_bytes, "limit_bytes": self.guard.limit_bytes,
         }
@@ -430,7 +482,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optiona
     """
     validate(cfg)
     obj: Config = OmegaConf.to_object(cfg)
-    output_dir = Path(output_dir)
+    output_dir = make_folder(output_dir)  # a folder that cannot be made fails now, not after training
     if obj.mode == "predict" or obj.model.kind == ModelKind.api:
         from summ.predict import run_predict
 
@@ -448,9 +500,11 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optiona
     with recorded(metrics, output_dir, job):
         try:
             job.setup()
-            job.train()
+            with job.stop.installed():
+                job.train()
             job.save()
             job.evaluate()
+            job.gather_peaks()
             finished = True
         finally:
             job.record_memory()
@@ -485,13 +539,26 @@ def recorded(metrics: dict, output_dir: Path, job: Optional["_Job"] = None):
         metrics.update(status="oom", error=f"out of memory during {metrics['phase']}")
     except Diverged as exc:
         metrics.update(status="diverged", error=str(exc))
+    except Interrupted as exc:  # written, then raised: run.py says how to resume and exits
+        metrics.update(status="interrupted", error=str(exc), checkpoint=str(exc.checkpoint))
+        raise_after = exc
+    except KeyboardInterrupt as exc:  # outside the training loop (setup, evaluation): no checkpoint
+        metrics.update(status="interrupted", error=f"KeyboardInterrupt during {metrics['phase']}")
+        raise_after = exc
     except UserError as exc:
         metrics.update(status="failed", error=str(exc))
         raise_after = exc
     except Exception as exc:  # a bug or an unforeseen library error: recorded, the sweep goes on
         metrics.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
-        atomic_write_text(output_dir / "error.log", traceback.format_exc())
+        atomic_write_text(output_dir / ("error.log" if is_main_process() else f"error.rank{rank()}.log"),
+                          traceback.format_exc())
     metrics["wall_seconds"] = measure.now() - started  # the whole job: setup, training, evaluation
+    if not is_main_process():  # one set of files per run: process 0's
+        if job is not None:
+            job.tracking.finish(metrics)
+        if raise_after is not None:
+            raise raise_after
+        return
     if job is not None and job.history:
         atomic_write_text(output_dir / HISTORY_FILE, "".join(json.dumps(h) + "\n" for h in job.history))
         if job.cfg.save_visualizations:

@@ -79,6 +79,7 @@ RECORDED = {(2, 1): (3.00, 9.0), (4, 1): (4.40, 12.0), (8, 1): (4.85, 17.5), (12
             (16, 1): (4.00, 21.5), (32, 1): (None, None),
             (2, 2): (2.97, 9.2), (4, 2): (4.36, 12.2), (8, 2): (4.80, 17.7), (16, 2): (3.98, 21.6), (32, 2): (None, None)}
 GRID = [(bs, ga) for ga in (1, 2) for bs in (2, 4, 8, 16, 32)]
+_ORIGINAL = dict(RECORDED)
 
 
 def _cells(keys):
@@ -94,27 +95,65 @@ def _cells(keys):
     return out
 
 
+def _replay(table_keys, ga=1, memory_model=True, **overrides):
+    """knee_search over the recorded table, with the plugin's memory prediction, as the preset sets it."""
+    import yaml
+
+    from summ.knee import Trial, knee_search, predicted_over_limit
+
+    cells = {(c.batch_size, c.gradient_accumulation_steps): c for c in _cells(table_keys)}
+    seen = []
+
+    def measure(bs):
+        c = cells[(bs, ga)]
+        seen.append(c)
+        return Trial(bs, ga, c.status, c.samples_per_s, c.peak_bytes, job=str(bs))
+
+    preset = yaml.safe_load((ROOT / "multirun_presets" / "knee_search.yaml").read_text())["hydra"]["sweeper"]
+    kw = dict(min_batch_size=preset["min_batch_size"], max_batch_size=preset["max_batch_size"], tolerance=0.05,
+              resolution=preset["resolution"], max_trials=preset["max_trials"], patience=preset["patience"])
+    kw.update(overrides)
+    limit = int(21.6 * 2**30)
+    predict = (lambda bs: predicted_over_limit([c for c in seen if c.ok], bs, limit)) if memory_model else (lambda bs: None)
+    return knee_search(measure, predict, lambda bs: ga, **kw)
+
+
 def test_knee_search_reaches_the_grid_recommendation_in_half_the_trials_on_a_recorded_table():
-    from summ.knee import Trial, knee_search
     from summ.report import analyse
 
     grid = analyse(_cells(GRID))
     assert (grid.recommended.batch_size, grid.recommended.gradient_accumulation_steps) == (8, 1)
-
-    def replay(bs):
-        sps, peak = RECORDED[(bs, 1)]
-        return Trial(bs, 1, "ok" if sps else "oom", sps, peak and int(peak * 2**30), job=str(bs))
-
-    import yaml
-
-    preset = yaml.safe_load((ROOT / "multirun_presets" / "knee_search.yaml").read_text())["hydra"]["sweeper"]
-    result = knee_search(replay, lambda bs: None, lambda bs: 1, min_batch_size=preset["min_batch_size"],
-                         max_batch_size=preset["max_batch_size"], tolerance=0.05, resolution=preset["resolution"],
-                         max_trials=preset["max_trials"])
+    result = _replay(RECORDED)
     assert result["trials_run"] <= len(GRID) // 2
-    found = analyse(_cells([(bs, 1) for bs in result["trials"]]))
+    found = analyse(_cells([(bs, 1) for bs, t in result["trials"].items() if t.job]))
     assert (found.recommended.batch_size, found.recommended.gradient_accumulation_steps) == (8, 1)
-    assert "gained less than" in result["stopped_doubling"]
+    # the memory model (fit on 2, 4, 8) predicts 16 and then 12 over budget x headroom: not run
+    assert result["stopped_doubling"] == "predicted_over_budget at micro-batch 16" and result["last_good"] == 8
+    # without it (hydra.sweeper.use_memory_model=false) 16 runs, is slower: past the knee; 12 bisects
+    blind = _replay(RECORDED, memory_model=False)
+    assert "doubling to 16 lost more than 5%" in blind["stopped_doubling"] and blind["trials_run"] == 5
+    assert (blind["last_good"], blind["first_bad"]) == (8, 12)
+
+
+def test_one_flat_reading_does_not_stop_the_doubling():
+    """A plateau of one cell, then throughput climbs again (a 2-core CPU's timing noise does
+    this): with patience 1 the search goes on and finds the grid's answer; without, it stops."""
+    flat = {(2, 1): (75.0, 1.0), (4, 1): (133.0, 1.1), (8, 1): (131.0, 1.2), (16, 1): (152.0, 1.4),
+            (32, 1): (175.0, 1.8)}
+    RECORDED.update(flat)  # restored below
+    try:
+        from summ.report import analyse
+
+        assert analyse(_cells(list(flat))).recommended.batch_size == 32
+        patient = _replay(list(flat), resolution=1.0)
+        assert max(b for b, t in patient["trials"].items() if t.good) == 32 and patient["trials_run"] == 5
+        assert _replay(list(flat), resolution=1.0, patience=0)["last_good"] == 4  # stops at the flat reading
+        plateau = {**flat, (16, 1): (134.0, 1.4), (32, 1): (132.0, 1.8)}  # a real plateau: two flat doublings
+        RECORDED.update(plateau)
+        stopped = _replay(list(plateau), resolution=1.0)
+        assert "2 doublings in a row" in stopped["stopped_doubling"] and stopped["last_good"] == 4
+    finally:
+        RECORDED.update(_ORIGINAL)
 
 
 @pytest.mark.slow

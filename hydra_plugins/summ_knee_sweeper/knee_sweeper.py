@@ -4,9 +4,9 @@ Like DeepSpeed's autotuner and Ludwig's batch-size tuner, but at a fixed accumul
 effective batch and with memory measured rather than guessed:
 
 1. Double the micro-batch from `min_batch_size` (accumulation fixed, or derived from
-   `effective_batch_size`) until a cell ends oom or over_budget, or its samples/s gains less than
-   `tolerance` over the previous cell.
-2. Bisect between the last good and the first bad cell, down to `resolution` x the good size.
+   `effective_batch_size`) until a cell ends oom or over_budget, falls more than `tolerance`
+   below the best cell's samples/s, or stays within it `patience` + 1 times in a row.
+2. Bisect between the best cell and the next larger one tried, down to `resolution` x its size.
 3. Before each trial, once two cells have run ok, the memory model of the knee report
    (peak = a + b x micro-batch x positions) predicts the peak; a cell predicted over the limit
    is not run and counts as bad.
@@ -41,6 +41,7 @@ class KneeSweeperConf:
     gradient_accumulation_steps: int = 1  # used when effective_batch_size is null
     effective_batch_size: Optional[int] = None  # fixed samples per update; accumulation derived
     tolerance: float = 0.05  # a doubling that gains less than this is past the knee (-1: stop on memory only)
+    patience: int = 1  # flat doublings (within the tolerance of the best) in a row before stopping
     resolution: float = 0.25  # stop bisecting when the gap is under this fraction of the good size
     max_trials: int = 12
     use_memory_model: bool = True
@@ -52,12 +53,12 @@ ConfigStore.instance().store(group="hydra/sweeper", name="knee", node=KneeSweepe
 class KneeSweeper(Sweeper):
     def __init__(self, min_batch_size: int, max_batch_size: int, gradient_accumulation_steps: int,
                  effective_batch_size: Optional[int], tolerance: float, resolution: float, max_trials: int,
-                 use_memory_model: bool) -> None:
+                 use_memory_model: bool, patience: int = 1) -> None:
         if not 1 <= min_batch_size <= max_batch_size:
             raise ValueError("hydra.sweeper.min_batch_size must be >= 1 and <= max_batch_size")
         self.min_bs, self.max_bs = min_batch_size, max_batch_size
         self.ga, self.eff = gradient_accumulation_steps, effective_batch_size
-        self.tolerance, self.resolution, self.max_trials = tolerance, resolution, max_trials
+        self.tolerance, self.resolution, self.max_trials, self.patience = tolerance, resolution, max_trials, patience
         self.use_memory_model = use_memory_model
         self.returns: list[JobReturn] = []
         self.job_idx = 0
@@ -101,14 +102,11 @@ class KneeSweeper(Sweeper):
         """The predicted peak when the memory model says `bs` will not fit, else None."""
         if not self.use_memory_model or not self.limit_bytes:
             return None
-        from summ.report import fit_memory_model, load_cells
+        from summ.knee import predicted_over_limit
+        from summ.report import load_cells
 
         ok = [c for c in load_cells(Path(self.config.hydra.sweep.dir))[0] if c.ok]
-        model = fit_memory_model(ok) if len(ok) >= 2 else None
-        if model is None or model.r2 < 0.9:
-            return None
-        predicted = model.predict(bs)
-        return predicted if predicted > self.limit_bytes else None
+        return predicted_over_limit(ok, bs, self.limit_bytes)
 
     # ------------------------------------------------------------------ search
     def sweep(self, arguments: list[str]) -> Any:
@@ -123,7 +121,7 @@ class KneeSweeper(Sweeper):
         atomic_write_text(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
         result = knee_search(lambda bs: self._run(bs, arguments), self._predicted_over, self._accumulation,
                              min_batch_size=self.min_bs, max_batch_size=self.max_bs, tolerance=self.tolerance,
-                             resolution=self.resolution, max_trials=self.max_trials)
+                             resolution=self.resolution, max_trials=self.max_trials, patience=self.patience)
         summary = {**{k: v for k, v in result.items() if k != "trials"},
                    "cells": [t.__dict__ for t in sorted(result["trials"].values(), key=lambda t: t.batch_size)]}
         atomic_write_json(sweep_dir / "knee_search.json", summary)

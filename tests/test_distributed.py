@@ -1,0 +1,104 @@
+"""Past one process and past interruptions: `accelerate launch` with two CPU processes (DDP over
+gloo), checkpoints, SIGINT / SIGTERM, and resume equivalence, all through the real CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+STEPS = ["train.max_steps=60", "eval.enabled=false", "train.log_every_steps=1"]
+
+
+def cli(*args, ok=True):
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=ENV)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_history.jsonl").read_text().splitlines()]
+
+
+def interrupt(run: Path, signum: int, *extra) -> subprocess.CompletedProcess:
+    """Start a run, send `signum` once its first checkpoint exists (mid-training), wait for it."""
+    proc = subprocess.Popen([sys.executable, "run.py", f"hydra.run.dir={run}", "train.save_every_steps=5", *STEPS,
+                             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "step_5").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_a_run_interrupted_by_sigint_and_resumed_ends_as_if_never_interrupted(tmp_path):
+    cli(f"hydra.run.dir={tmp_path / 'straight'}", *STEPS)
+    run = tmp_path / "interrupted"
+    proc = interrupt(run, signal.SIGINT)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "interrupted" and "SIGINT" in m["error"]
+    stopped_at = len(history(run))
+    assert 5 <= stopped_at < 60 and Path(m["checkpoint"]).name == f"step_{stopped_at}"
+    assert f"train.resume_from={m['checkpoint']}" in proc.stderr
+    # the same command again, told to resume from this run folder's newest checkpoint
+    cli(f"hydra.run.dir={run}", "train.save_every_steps=5", *STEPS, "train.resume_from=latest")
+    resumed, straight = json.loads((run / "metrics.json").read_text()), json.loads(
+        (tmp_path / "straight" / "metrics.json").read_text())
+    assert resumed["status"] == "ok" and resumed["resumed_from"]["step"] == stopped_at
+    assert resumed["train"]["total_optimizer_steps"] == straight["train"]["total_optimizer_steps"] == 60
+    assert [h["step"] for h in history(run)] == list(range(1, 61))
+    # same data order, schedule position, dropout draws and optimizer state: the same losses
+    assert [h["lr"] for h in history(run)] == [h["lr"] for h in history(tmp_path / "straight")]
+    assert [round(h["loss"], 5) for h in history(run)] == [round(h["loss"], 5) for h in history(tmp_path / "straight")]
+    assert len(list((run / "checkpoints").glob("step_*"))) <= 2  # train.keep_checkpoints
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_records_interrupted(tmp_path):
+    run = tmp_path / "run"
+    proc = interrupt(run, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "interrupted" and Path(m["checkpoint"], "summ_state.json").is_file()
+    assert not list((run / "checkpoints").glob(".step_*"))  # no half-written checkpoint left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value,expect", [("latest", "holds no checkpoint"), ("/nonexistent", "neither a checkpoint")])
+def test_resume_from_nothing_is_one_line(tmp_path, value, expect):
+    proc = cli(f"hydra.run.dir={tmp_path}", f"train.resume_from={value}", "eval.enabled=false", ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expect in errors[0]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_two_cpu_processes(tmp_path):
+    proc = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "2", str(ROOT / "run.py"),
+                           "measure.steps=5", "eval.enabled=true", "inference=greedy", "inference.max_new_tokens=8"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "runs").iterdir()  # one folder for the launch, not one per process
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "ok" and m["num_processes"] == 2 and m["effective_batch_size"] == 16
+    t = m["train"]
+    assert t["samples_per_s_per_process"] == pytest.approx(t["samples_per_s"] / 2)  # samples/s counts both
+    assert t["samples"] == 5 * 16
+    peaks = m["memory"]["peak_bytes_per_process"]
+    assert len(peaks) == 2 and m["memory"]["peak_bytes"] == max(peaks)
+    assert m["eval"]["n"] == 30 and len((run / "dev_predictions.csv").read_text().splitlines()) == 31
+    assert proc.stdout.count("model / device") == 1  # one summary: process 0's
+    assert not list(run.glob("error*.log"))
