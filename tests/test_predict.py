@@ -154,3 +154,33 @@ def test_solar_api_without_a_key_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "UPSTAGE_API_KEY" in errors[0]
+
+
+@pytest.mark.slow
+def test_a_solar_run_is_an_ensemble_member_and_solar_is_an_augmentation_backend(bart_run, tmp_path):
+    fake = FakeSolar()
+    try:
+        solar = tmp_path / "solar"
+        cli("model=solar_api", f"solar.base_url={fake.base_url}", f"hydra.run.dir={solar}", "solar.cache_dir=null",
+            "solar.requests_per_minute=6000", env={"UPSTAGE_API_KEY": KEY})
+        proc = subprocess.run([sys.executable, "-m", "summ.ensemble", str(bart_run), str(solar), "--out",
+                               str(tmp_path / "ens")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert len(rows(tmp_path / "ens" / "ensemble_predictions.csv")) == 30
+        # back-translation through the API: ko->en then en->ko for every utterance of the chosen dialogues
+        def translate(body):
+            text = body["messages"][-1]["content"]
+            return f"(en) {text}" if "English" in body["messages"][0]["content"] else text.replace("(en) ", "") + " 네."
+
+        fake.answer = translate
+        aug = tmp_path / "aug"
+        cli("augmentation=back_translation", "augmentation.ratio=0.05", "generation.kind=solar",
+            f"solar.base_url={fake.base_url}", "solar.cache_dir=null", "generation.cache_dir=" + str(tmp_path / "gc"),
+            "solar.requests_per_minute=6000", f"hydra.run.dir={aug}", "train.epochs=1", "eval.enabled=false",
+            env={"UPSTAGE_API_KEY": KEY})
+    finally:
+        fake.close()
+    report = json.loads((aug / "metrics.json").read_text())["augmentation"]
+    assert report["added"]["back_translation"] > 0 and not report["skipped"]
+    prompts = " ".join(json.dumps(r["body"]["messages"], ensure_ascii=False) for r in fake.requests)
+    assert "English" in prompts and "영어" in prompts  # both translation directions reached the server

@@ -33,6 +33,7 @@ class FakeSolar:
     def __init__(self):
         self.requests: list[dict] = []
         self.script: list[tuple] = []
+        self.answer = None  # body -> answer text, instead of echoing the last user message
         self.lock = threading.Lock()
         fake = self
 
@@ -46,7 +47,8 @@ class FakeSolar:
                 status, headers, reply, delay = step or (200, {}, None, 0.0)
                 if reply is None:
                     last = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
-                    reply = {"choices": [{"message": {"role": "assistant", "content": f"  요약:  {last}\n\n  "},
+                    content = fake.answer(body) if fake.answer else f"  요약:  {last}\n\n  "
+                    reply = {"choices": [{"message": {"role": "assistant", "content": content},
                                           "finish_reason": "stop"}],
                              "usage": {"prompt_tokens": 10, "completion_tokens": 5}}
                 time.sleep(delay)

@@ -3,6 +3,7 @@ trackers' own stores (TensorBoard event files, an MLflow SQLite store, a wandb o
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -35,8 +36,14 @@ def steps(n: int) -> list[dict]:
 @pytest.fixture(autouse=True)
 def clean_accelerate():
     _reset_accelerate()
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
     _reset_accelerate()
+    # mlflow.set_tracking_uri also sets this variable for the process: later runs would inherit it
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def run(tcfg: TrackingConfig, run_dir: Path, run_name="job", group=None, n_steps=5, metrics=METRICS):
@@ -258,11 +265,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(cwd: Path, *args):
-    import os
     import subprocess
 
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the default store, as a user has
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          timeout=600, env={**env, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
