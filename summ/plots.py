@@ -154,12 +154,14 @@ def _plot_inference(ok: list[dict], pick: Optional[dict], path: Path) -> None:
     if pick:
         ax.plot([pick["ms_per_sample"]], [pick["rouge_mean"]], "*", color="gold", markeredgecolor="black",
                 markersize=16, label="pick", zorder=5)
-    ax.set_xscale("log")
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    times = [r["ms_per_sample"] for r in ok]
+    log_scale = max(times) / min(times) > 20  # a log axis only where the settings span decades
+    if log_scale:
+        from matplotlib.ticker import ScalarFormatter
 
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("generation time (ms per sample, log scale)")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("generation time (ms per sample" + (", log scale)" if log_scale else ")"))
     ax.set_ylabel("ROUGE mean (F1 of ROUGE-1/2/L)")
     ax.set_title("Inference settings: speed against ROUGE", fontsize=10)
     ax.grid(True, alpha=0.3)
