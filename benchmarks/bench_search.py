@@ -31,9 +31,8 @@ from pathlib import Path
 import yaml
 from common import ROOT, machine, table
 
-sys.path.insert(0, str(ROOT))
-from summ.knee import Trial, knee_search, predicted_over_limit  # noqa: E402
-from summ.report import Analysis, Cell, analyse, load_cells  # noqa: E402
+from summ.knee import Trial, knee_search, predicted_over_limit
+from summ.report import Analysis, Cell, analyse, load_cells
 
 PENALTY = 1e6
 

@@ -25,6 +25,7 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from summ.distributed import is_main_process
     from summ.io import atomic_write_json
     from summ.study import record_trial
     from summ.train import METRICS_FILE, objective_value, penalty_value
@@ -50,13 +51,11 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
     except UserError as exc:
         if multirun:  # the sweep goes on; the cell's folder says why it has no figures
             log.error("job failed: %s", exc)
-            if not (output_dir / METRICS_FILE).exists():
+            if is_main_process() and not (output_dir / METRICS_FILE).exists():
                 atomic_write_json(output_dir / METRICS_FILE, {"status": "failed", "error": str(exc)})
             return penalty_value(OmegaConf.to_object(cfg))
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    from summ.distributed import is_main_process
-
     if is_main_process():  # one summary and one trial record per launch
         if multirun:
             record_trial(hc, overrides, {**metrics, "job_dir": str(output_dir)})

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Optional
 
 from summ.errors import ConfigError
-from summ.io import atomic_write_text
+from summ.io import atomic_write_text, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
 FOLDER = "checkpoints"
 STATE_FILE = "summ_state.json"
+HISTORY = "history.jsonl"
 
 
 def _complete(d: Path) -> bool:
@@ -53,7 +54,8 @@ def resolve(resume_from: str, run_dir: Path) -> Path:
     return found[-1]
 
 
-def save(accelerator, run_dir: Path, step: int, position: dict, history: list[dict], keep: int) -> Path:
+def save(accelerator, run_dir: Path, step: int, position: dict, history: list[dict], keep: int,
+         identity: str) -> Path:
     """Every process calls this (Accelerate saves each one's RNG state); process 0 renames and prunes."""
     folder = run_dir / FOLDER
     final, tmp = folder / f"step_{step}", folder / f".step_{step}.tmp"
@@ -62,8 +64,8 @@ def save(accelerator, run_dir: Path, step: int, position: dict, history: list[di
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, **position}))
-        atomic_write_text(tmp / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, **position, "config": identity}))
+        write_jsonl(tmp / HISTORY, history)
         if final.exists():
             shutil.rmtree(final)
         tmp.replace(final)
@@ -74,14 +76,16 @@ def save(accelerator, run_dir: Path, step: int, position: dict, history: list[di
     return final
 
 
-def load(accelerator, checkpoint: Path) -> tuple[dict, list[dict]]:
-    """Restore Accelerate's state; return summ's position and the history up to it."""
-    accelerator.load_state(str(checkpoint))
+def load(accelerator, checkpoint: Path, identity: str) -> tuple[dict, list[dict]]:
+    """Restore Accelerate's state; return summ's position and the history up to it. The
+    checkpoint must come from the same config (batch, data, seed, model...): its data position
+    means nothing under another."""
     position = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-    history_file = checkpoint / "history.jsonl"
-    history = [json.loads(line) for line in history_file.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if history_file.is_file() else []
-    return position, history
+    if position.pop("config", identity) != identity:
+        raise ConfigError(f"{checkpoint} was written by a run with another config (batch, data, seed, model or "
+                          f"schedule): resume with that run's settings, or start anew without train.resume_from")
+    accelerator.load_state(str(checkpoint))
+    return position, read_jsonl(checkpoint / HISTORY)
 
 
 class StopRequest:

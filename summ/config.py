@@ -150,7 +150,7 @@ class TrainConfig:
     seed: int = 42
     log_every_steps: int = 10  # optimizer steps between progress-bar refreshes
     cpu: bool = False  # force the CPU even where CUDA is present
-    save_model: bool = False  # weights (or LoRA adapter) + tokenizer into <run dir>/model
+    save_model: bool = True  # weights (or LoRA adapter), tokenizer and config into <run dir>/model (sweep trials: off)
     k_folds: int = 1  # > 1: K models on K splits of the training set, out-of-fold predictions, ensemble
     fold_seed: int = 0  # how samples are dealt into folds
     fold: Optional[int] = None  # set by the K-fold driver: this job trains without fold `fold`
@@ -425,13 +425,21 @@ def validate(cfg: DictConfig | Config) -> None:
             raise ConfigError(f"{key}={_get(c, key)} needs bitsandbytes, which is not installed: "
                               f"pip install bitsandbytes, or set {key}=none")
     _check_device(c)
+    if (_get(c, "mode") == "train" and kind != "api" and _get(c, "inference.quantization") != "none"
+            and not _get(c, "train.save_model")):
+        raise ConfigError(f"inference.quantization={_get(c, 'inference.quantization')} measures the saved weights "
+                          f"after training: set train.save_model=true (a sweep trial saves none unless told)")
     if _get(c, "mode") == "predict" and kind != "api" and not _get(c, "model.path"):
         raise ConfigError("mode=predict summarises with a trained model: set model.path=<a training run's folder "
                           "(train.save_model=true) or a folder with config.json and *.safetensors>")
     if kind == "api":
+        from summ.distributed import world_size
         from summ.solar import validate_config
 
         validate_config(_get(c, "solar"))
+        if world_size() > 1:
+            raise ConfigError(f"model={_get(c, 'model.name')} calls a paid, rate-limited API: run it as one process "
+                              f"(python run.py ...), not under accelerate launch / torchrun")
     elif _get(c, "model.tiny") is None and not (_get(c, "model.path") or _get(c, "model.hub_id")):
         raise ConfigError(f"model '{_get(c, 'model.name')}' has no weights: set model.path=<local folder>")
     if _get(c, "data.source") in (DataSource.csv, "csv") and not _get(c, "data.dir"):

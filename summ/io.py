@@ -90,3 +90,16 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     except (TypeError, ValueError) as exc:
         raise TypeError(f"cannot write {path}: {exc}") from exc
     atomic_write_text(path, text)
+
+
+def write_jsonl(path: str | os.PathLike, rows: list) -> None:
+    """One JSON object per line (the step history), written atomically."""
+    atomic_write_text(path, "".join(json.dumps(_finite(r), ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | os.PathLike) -> list:
+    """The rows of a JSON-lines file; [] when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

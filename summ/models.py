@@ -156,16 +156,19 @@ def _weights_source(cfg: ModelConfig) -> str:
 
 
 def _quantization_config(cfg: ModelConfig):
-    if cfg.quantization == "none":
-        return None
+    return None if cfg.quantization == "none" else bitsandbytes_config(cfg.quantization, "model.quantization")
+
+
+def bitsandbytes_config(bits: str, key: str):
+    """bitsandbytes settings for loading: "8bit" (LLM.int8) or "4bit" (QLoRA's NF4, double
+    quantization, bf16 compute). `key` names the setting that asked, for the error line."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ConfigError("model.quantization needs bitsandbytes: pip install bitsandbytes, "
-                          "or set model.quantization=none") from None
+        raise ConfigError(f"{key} needs bitsandbytes: pip install bitsandbytes, or set {key}=none") from None
     from transformers import BitsAndBytesConfig
 
-    if cfg.quantization == "8bit":
+    if bits == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)

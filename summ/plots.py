@@ -30,12 +30,10 @@ def _pyplot():
 
 
 def read_history(run_dir: Path) -> list[dict]:
+    from summ.io import read_jsonl
     from summ.train import HISTORY_FILE
 
-    path = run_dir / HISTORY_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(run_dir / HISTORY_FILE)
 
 
 def save_run_plots(history: list[dict], run_dir: Path, warmup_steps: int = 0, title: str = "") -> list[Path]:

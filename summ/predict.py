@@ -19,7 +19,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -84,27 +84,11 @@ def locate_folder(folder: Path) -> Trained:
     return Trained(model_cfg, folder, adapter, int(run_cfg.train.seed))
 
 
-def _bnb_config(quantization: str):
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ConfigError(f"inference.quantization={quantization} needs bitsandbytes: pip install bitsandbytes, "
-                          f"or use dynamic_int8 / none") from None
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "bnb_8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
-
-
 def load_for_inference(trained: Trained, tok, device: torch.device, quantization: str):
     """The trained model in eval mode, quantized as asked. Weights only from safetensors."""
-    mc = trained.model_cfg
-    if quantization == "dynamic_int8" and device.type != "cpu":
-        raise ConfigError("inference.quantization=dynamic_int8 runs on the CPU only: add train.cpu=true, "
-                          "or use bnb_8bit / bnb_4bit on a GPU")
-    quant = _bnb_config(quantization) if quantization.startswith("bnb_") else None
+    mc = trained.model_cfg  # (dynamic_int8 on CUDA is refused by config.validate)
+    quant = models.bitsandbytes_config(quantization[4:], "inference.quantization") \
+        if quantization.startswith("bnb_") else None
     if trained.adapter:  # the base the adapter was trained on
         base_cfg = copy.deepcopy(mc)
         base_cfg.lora.enabled, base_cfg.quantization = False, "none"
@@ -142,13 +126,6 @@ def load_for_inference(trained: Trained, tok, device: torch.device, quantization
     return model
 
 
-def decoder_start(model, kind: ModelKind, tok) -> Optional[int]:
-    if kind != ModelKind.seq2seq:
-        return None
-    start = getattr(model.config, "decoder_start_token_id", None)
-    return tok.eos_token_id if start is None else start
-
-
 # --------------------------------------------------------------------------- generation
 
 
@@ -157,10 +134,8 @@ def generate_measured(accelerator, model, samples: Sequence, encoder, tok, cfg: 
     batch_size = cfg.inference.batch_size or cfg.batch.eval_batch_size
     preds, seconds = evaluate.generate(accelerator, model, samples, encoder, tok, cfg.inference, kind, batch_size,
                                        sort_by_length=cfg.inference.sort_by_length)
-    n = max(len(samples), 1)
-    return preds, {"n": len(samples), "generation_seconds": seconds, "generation_ms_per_sample": 1000 * seconds / n,
-                   "generation_samples_per_s": len(samples) / seconds if seconds else None,
-                   "batch_size": batch_size, "sort_by_length": cfg.inference.sort_by_length}
+    return preds, {**_speed(len(samples), seconds), "batch_size": batch_size,
+                   "sort_by_length": cfg.inference.sort_by_length}
 
 
 def submission_csv(samples: Sequence, summaries: Sequence[str]) -> str:
@@ -190,10 +165,10 @@ def run_predict(cfg: Config, output_dir: Path, metrics: dict) -> None:
                    trained_from=str(trained.weights_dir), lora_adapter=trained.adapter)
     quantization = cfg.inference.quantization
     monitor = measure.MemoryMonitor(acc.device, cfg.measure.rss_interval_ms).start()
-    metrics["phase"] = "load"
-    model = load_for_inference(trained, tok, acc.device, quantization)
-    metrics["inference"] = {"quantization": quantization, "model_bytes": model_bytes(model)}
     try:
+        metrics["phase"] = "load"
+        model = load_for_inference(trained, tok, acc.device, quantization)
+        metrics["inference"] = {"quantization": quantization, "model_bytes": model_bytes(model)}
         if cfg.eval.enabled and cfg.eval.generate and splits.dev:
             metrics["phase"] = "eval"
             preds, speed = generate_measured(acc, model, splits.dev, encoder, tok, cfg, mc.kind)
@@ -208,7 +183,7 @@ def run_predict(cfg: Config, output_dir: Path, metrics: dict) -> None:
         if cfg.predict.submission:
             metrics["phase"] = "predict"
             summaries, speed = generate_measured(acc, model, target, encoder, tok, cfg, mc.kind)
-            _write_submission(acc, output_dir, target, summaries, speed, metrics)
+            _write_submission(acc.is_main_process, output_dir, target, summaries, speed, metrics)
     finally:
         metrics["memory"] = {"peak_bytes": monitor.peak_bytes(), "source": monitor.source}
         monitor.stop()
@@ -263,44 +238,42 @@ def model_bytes(model) -> int:
     return total
 
 
-def _write_submission(acc, output_dir: Path, target, summaries, speed: dict, metrics: dict) -> None:
-    if acc.is_main_process:
+def _write_submission(is_main: bool, output_dir: Path, target, summaries, speed: dict, metrics: dict) -> None:
+    if is_main:
         atomic_write_text(output_dir / SUBMISSION_FILE, submission_csv(target, summaries))
     metrics["predict"] = {**speed, "file": str(output_dir / SUBMISSION_FILE), "rows": len(target)}
 
 
-def _predict_api(cfg: Config, output_dir: Path, metrics: dict, splits, target) -> None:
-    """model=solar_api: the same outputs through the chat-completions client."""
-    from accelerate import PartialState
+def _speed(n: int, seconds: float) -> dict:
+    """One definition of the generation speed figures (ms per sample, samples/s)."""
+    return {"n": n, "generation_seconds": seconds, "generation_ms_per_sample": 1000 * seconds / max(n, 1),
+            "generation_samples_per_s": n / seconds if seconds else None}
 
+
+def _predict_api(cfg: Config, output_dir: Path, metrics: dict, splits, target) -> None:
+    """model=solar_api: the same outputs through the chat-completions client (one process: every
+    request is paid and rate-limited, so config.validate refuses a multi-process launch)."""
     from summ.solar import SolarClient
 
-    state = PartialState()
     examples = [(s.dialogue, s.summary) for s in splits.train]
     client = SolarClient(cfg.solar)
     metrics.update(model=cfg.model.name, device=f"api:{cfg.solar.model}", num_processes=1)
+
+    def summarize(samples) -> tuple[list[str], dict]:
+        start = measure.now()
+        out = client.summarize([s.dialogue for s in samples], examples)
+        return out, _speed(len(samples), measure.now() - start)
+
     try:
         if cfg.eval.enabled and splits.dev:
             metrics["phase"] = "eval"
-            start = measure.now()
-            preds = client.summarize([s.dialogue for s in splits.dev], examples)
-            seconds = measure.now() - start
-            metrics["eval"] = {**evaluate.score(splits.dev, preds, cfg.eval.rouge_tokenizer), "n": len(preds),
-                               "generation_seconds": seconds, "generation_ms_per_sample": 1000 * seconds / len(preds),
-                               "generation_samples_per_s": len(preds) / seconds if seconds else None}
-            if cfg.eval.save_predictions and state.is_main_process:
+            preds, speed = summarize(splits.dev)
+            metrics["eval"] = {**evaluate.score(splits.dev, preds, cfg.eval.rouge_tokenizer), **speed}
+            if cfg.eval.save_predictions:
                 evaluate.save_predictions(output_dir / "dev_predictions.csv", splits.dev, preds)
         if cfg.mode == "predict" and cfg.predict.submission:
             metrics["phase"] = "predict"
-            start = measure.now()
-            summaries = client.summarize([s.dialogue for s in target], examples)
-            seconds = measure.now() - start
-            if state.is_main_process:
-                atomic_write_text(output_dir / SUBMISSION_FILE, submission_csv(target, summaries))
-            metrics["predict"] = {"n": len(target), "generation_seconds": seconds,
-                                  "file": str(output_dir / SUBMISSION_FILE), "rows": len(target)}
+            _write_submission(True, output_dir, target, *summarize(target), metrics)
     finally:
         metrics["solar"] = {"model": cfg.solar.model, "prompt_strategy": cfg.solar.prompt_strategy, **client.stats}
         client.close()
-
-

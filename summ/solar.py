@@ -317,7 +317,10 @@ class SolarBackend:
 
     def __init__(self, cfg, client: SolarClient | None = None):
         self.client = client or SolarClient(cfg)
-        self.name = f"solar:{self.client.cfg.model}"
+        # generation's cache keys texts by backend name: the name carries everything that changes
+        # an answer (URL, model, sampling, the task prompts), so new settings never get old text
+        settings = self.client.cache_key([{"role": "system", "content": json.dumps(TASK_SYSTEM, ensure_ascii=False)}])
+        self.name = f"solar:{self.client.cfg.model}:{settings[:12]}"
 
     def supports(self, task: str) -> bool:
         return task in TASKS

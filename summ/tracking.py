@@ -29,8 +29,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from summ.config import TRACKERS
-from summ.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +48,6 @@ def _installed(name: str) -> bool:
             and LoggerType(name) in get_available_trackers())
 
 
-def check_name(tcfg) -> None:
-    if tcfg.name not in TRACKERS:
-        raise ConfigError(f"tracking.name={tcfg.name} is invalid: choose one of {', '.join(TRACKERS)}")
-
-
 def tensorboard_dir(tcfg, run_dir: Path) -> Path:
     """Where TensorBoard event files go: tracking.dir, or the run's own tracking/ folder."""
     return Path(tcfg.dir) if tcfg.dir else Path(run_dir) / "tracking"
@@ -63,8 +56,7 @@ def tensorboard_dir(tcfg, run_dir: Path) -> Path:
 def accelerator_kwargs(tcfg, run_dir: Path) -> dict:
     """`log_with` (and `project_dir` for TensorBoard) for Accelerator(...); {} for no tracking or
     when the tracker's package is missing (one warning line: the run goes on untracked)."""
-    check_name(tcfg)
-    if tcfg.name == "none":
+    if tcfg.name == "none":  # (an unknown name is refused by config.validate)
         return {}
     if not _installed(tcfg.name):
         log.warning("tracking.name=%s needs the %s package (pip install %s, or pip install -e '.[track]'): "

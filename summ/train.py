@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from summ import data as data_mod
 from summ import augment, checkpoint, ensemble, evaluate, generation, measure, models, quality, tracking, tta
-from summ.config import Config, ModelKind, Precision, resolve_batch, validate
+from summ.config import Config, ModelKind, resolve_batch, validate
 from summ.distributed import is_main_process, rank
 from summ.errors import ConfigError, DataError, Diverged, Interrupted, OverBudget, UserError
-from summ.io import atomic_write_json, atomic_write_text, make_folder
+from summ.io import atomic_write_json, atomic_write_text, make_folder, write_jsonl
 from summ.loss import model_inputs, summed_token_loss
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,17 @@ HISTORY_FILE = "train_history.jsonl"  # one line per optimizer step: loss, lr, s
 MicroStepHook = Callable[[int, int], None]  # (optimizer step, micro-step in the window)
 
 
-def config_hash(cfg: DictConfig) -> str:
+def config_hash(cfg: DictConfig, leave_out: tuple[str, ...] = ()) -> str:
     """Identity of a job's resolved config, for sweep resume. The `sweep` section is left out:
-    setting sweep.resume=true must not make a finished cell look different."""
+    setting sweep.resume=true must not make a finished cell look different. `leave_out`: more
+    keys (dotted) that do not change what is computed."""
     kept = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in ("sweep", "hydra")])
+    for key in leave_out:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(kept, parent) if parent else kept
+        if node is not None and leaf in node:
+            with open_dict(node):
+                del node[leaf]
     return hashlib.sha256(OmegaConf.to_yaml(kept, resolve=True).encode()).hexdigest()[:16]
 
 
@@ -125,8 +132,6 @@ class _Job:
         num_processes = PartialState(cpu=use_cpu).num_processes
         self.bs, self.ga, _ = resolve_batch(cfg.batch.batch_size, cfg.batch.gradient_accumulation_steps,
                                               cfg.batch.effective_batch_size, num_processes)
-        if cfg.train.mixed_precision == Precision.fp16 and use_cpu:
-            raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU: use bf16 or no on the CPU")
         self.accelerator = acc = Accelerator(
             mixed_precision=cfg.train.mixed_precision.value, cpu=use_cpu,
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.ga, sync_with_dataloader=False),
@@ -203,7 +208,7 @@ class _Job:
         self.start_step, self.position = 0, {"epoch": 0, "batches": 0}
         if cfg.train.resume_from:
             ckpt = checkpoint.resolve(cfg.train.resume_from, self.output_dir)
-            self.position, self.history = checkpoint.load(acc, ckpt)
+            self.position, self.history = checkpoint.load(acc, ckpt, self.identity)
             self.start_step = self.position.pop("step")
             m["resumed_from"] = {"checkpoint": str(ckpt), "step": self.start_step}
             if self.start_step >= self.total_updates:
@@ -319,25 +324,32 @@ class _Job:
                 self.tracking.log_step(self.history[-1], step + 1)
                 if not math.isfinite(loss_value):
                     raise Diverged(f"loss became {loss_value} at optimizer step {step + 1}")
-                self.guard.check(peak)
+                peak_all, signum = self._agree(peak, self.stop.signum or 0)
+                self.guard.check(peak_all)
                 bar.update(1)
-                self._maybe_checkpoint(step + 1)
+                self._maybe_checkpoint(step + 1, signum)
                 if (step + 1) % cfg.train.log_every_steps == 0 or step == 0:
                     bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{samples / step_seconds:.1f}")
         finally:
             bar.close()
             self._record_train(timer, profile, loss_value)
 
-    def _maybe_checkpoint(self, done: int) -> None:
+    def _agree(self, peak: int, signum: int) -> tuple[int, int]:
+        """The largest peak and any stop signal over all processes, in one collective: each
+        process then makes the same budget and checkpoint decisions (none waits alone)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return peak, signum
+        both = acc.reduce(torch.tensor([peak, signum], dtype=torch.int64, device=acc.device), reduction="max")
+        return int(both[0]), int(both[1])
+
+    def _maybe_checkpoint(self, done: int, signum: int) -> None:
         """After optimizer step `done`: a checkpoint every train.save_every_steps, and on a
-        stop signal a checkpoint then Interrupted (all processes agree on the step)."""
-        acc, every = self.accelerator, self.cfg.train.save_every_steps
-        signum = self.stop.signum or 0
-        if acc.num_processes > 1:  # a signal may reach the processes in different steps
-            signum = int(acc.reduce(torch.tensor(signum, device=acc.device), reduction="max"))
-        if signum or (every and done % every == 0 and done < self.total_updates):
-            path = checkpoint.save(acc, self.output_dir, done, self.position, self.history,
-                                   self.cfg.train.keep_checkpoints)
+        stop signal a checkpoint then Interrupted. A signal in the last step lets the run finish."""
+        every, last = self.cfg.train.save_every_steps, done >= self.total_updates
+        if (signum and not last) or (every and done % every == 0 and not last):
+            path = checkpoint.save(self.accelerator, self.output_dir, done, self.position, self.history,
+                                   self.cfg.train.keep_checkpoints, self.identity)
             if signum:
                 raise Interrupted(signum, done, path)
 
@@ -407,7 +419,7 @@ class _Job:
                         json.dumps({"fname": s.fname, "references": s.summaries, "candidates": c},
                                    ensure_ascii=False) + "\n" for s, c in zip(self.oof, oof)))
         m["eval"] = result
-        self.guard.check()
+        self.guard.check(self._agree(self.monitor.peak_bytes(), 0)[0])
 
     def _tta(self, preds: list[str]) -> tuple[list[str], dict]:
         """Summaries of perturbed copies of each dev dialogue, reduced to one by MBR."""
@@ -435,9 +447,9 @@ class _Job:
             return
         from summ.predict import save_for_predict
 
-        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             save_for_predict(self.accelerator, self.model, self.tokenizer, self.cfg, self.output_dir / "model")
+        self.accelerator.wait_for_everyone()  # the saved model is complete before any process reads it
 
     # ------------------------------------------------------------------ teardown
     def gather_peaks(self) -> None:
@@ -491,9 +503,12 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optiona
             run_predict(obj, output_dir, metrics)
         return metrics
     if cfg.train.k_folds > 1 and cfg.train.fold is None:
-        return train_kfold(cfg, output_dir)
+        return train_kfold(cfg, output_dir, tracking_names)
     metrics = _skeleton(obj, config_hash(cfg))
     job = _Job(obj, output_dir, metrics, on_micro_step)
+    # what a checkpoint must match to be resumed: the config, less where and how it is saved
+    job.identity = config_hash(cfg, leave_out=("train.resume_from", "train.save_every_steps",
+                                               "train.keep_checkpoints", "tracking", "save_visualizations"))
     if tracking_names is not None:
         job.tracking_names = tracking_names
     finished = False
@@ -553,24 +568,22 @@ def recorded(metrics: dict, output_dir: Path, job: Optional["_Job"] = None):
         atomic_write_text(output_dir / ("error.log" if is_main_process() else f"error.rank{rank()}.log"),
                           traceback.format_exc())
     metrics["wall_seconds"] = measure.now() - started  # the whole job: setup, training, evaluation
-    if not is_main_process():  # one set of files per run: process 0's
-        if job is not None:
-            job.tracking.finish(metrics)
+    if not is_main_process():  # one set of files per run (and one tracker run): process 0's
         if raise_after is not None:
             raise raise_after
         return
     if job is not None and job.history:
-        atomic_write_text(output_dir / HISTORY_FILE, "".join(json.dumps(h) + "\n" for h in job.history))
-        if job.cfg.save_visualizations:
-            _save_plots(job, output_dir)
+        write_jsonl(output_dir / HISTORY_FILE, job.history)
     atomic_write_json(output_dir / METRICS_FILE, metrics)
+    if job is not None and job.history and job.cfg.save_visualizations:
+        _save_plots(job, output_dir)
     if job is not None:
         job.tracking.finish(metrics)  # the final figures and status, known only now
     if raise_after is not None:
         raise raise_after
 
 
-def train_kfold(cfg: DictConfig, output_dir: Path) -> dict:
+def train_kfold(cfg: DictConfig, output_dir: Path, tracking_names: Optional[tuple] = None) -> dict:
     """K models on K splits of the training set; out-of-fold predictions in each fold_<k>/;
     per-fold metrics with mean and standard deviation; the members' dev summaries ensembled."""
     import statistics
@@ -582,7 +595,9 @@ def train_kfold(cfg: DictConfig, output_dir: Path) -> dict:
     for fold in range(k):
         sub = cfg.copy()
         sub.train.fold = fold
-        folds.append(train(sub, output_dir / f"fold_{fold}", keep=kept))
+        run_name, group = tracking_names or (output_dir.name, None)  # each fold a tracker run, grouped by the job
+        folds.append(train(sub, output_dir / f"fold_{fold}", keep=kept,
+                           tracking_names=(f"{run_name}/fold_{fold}", group or run_name)))
     # cost figures (train, memory) are fold 0's: every fold trains the same configuration
     metrics = {key: folds[0].get(key) for key in ("model", "data", "device", "num_processes", "batch_size",
                                                   "gradient_accumulation_steps", "effective_batch_size",

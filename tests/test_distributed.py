@@ -102,3 +102,16 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     assert m["eval"]["n"] == 30 and len((run / "dev_predictions.csv").read_text().splitlines()) == 31
     assert proc.stdout.count("model / device") == 1  # one summary: process 0's
     assert not list(run.glob("error*.log"))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_config_is_refused(tmp_path):
+    cli(f"hydra.run.dir={tmp_path / 'a'}", "train.max_steps=8", "train.save_every_steps=4", "eval.enabled=false")
+    proc = cli(f"hydra.run.dir={tmp_path / 'b'}", "train.max_steps=8", "batch.batch_size=4", "eval.enabled=false",
+               f"train.resume_from={tmp_path / 'a'}", ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "another config" in errors[0]
+    # the same config (where and how often it saves aside) resumes
+    cli(f"hydra.run.dir={tmp_path / 'c'}", "train.max_steps=8", "eval.enabled=false", f"train.resume_from={tmp_path / 'a'}")
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["resumed_from"]["step"] == 4

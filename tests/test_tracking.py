@@ -100,8 +100,12 @@ def test_defaults_for_local_stores(monkeypatch):
     assert tracking.accelerator_kwargs(TrackingConfig(name="none"), Path("r")) == {}
     assert tracking.accelerator_kwargs(TrackingConfig(name="tensorboard"), Path("r")) == {
         "log_with": "tensorboard", "project_dir": str(Path("r") / "tracking")}
-    with pytest.raises(ConfigError, match="tracking.name=tensorbord is invalid"):
-        tracking.accelerator_kwargs(TrackingConfig(name="tensorbord"), Path("r"))
+    from summ.config import validate
+
+    from .conftest import compose_cfg
+
+    with pytest.raises(ConfigError, match="tracking.name=tensorbord is invalid"):  # before any tracker starts
+        validate(compose_cfg(["tracking.name=tensorbord"]))
 
 
 # ----------------------------------------------------------------------------- TensorBoard
