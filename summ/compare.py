@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -21,10 +20,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from summ.io import atomic_write_text
-from summ.report import Cell, cell_from_metrics, load_cells
+from summ.report import METRICS_FILE, Cell, load_cells, read_job
 from summ.summary import gib
 
-METRICS_FILE = "metrics.json"
+
 MAX_DEPTH = 4  # folder levels searched below a given folder for runs and sweeps
 
 # column: (how a Markdown cell shows it, whether it sorts as a number)
@@ -66,15 +65,7 @@ def _is_run(d: Path) -> bool:
 
 def _read_run(d: Path) -> tuple[Cell, Optional[str]]:
     """A run folder's metrics.json as a Cell; a missing or unreadable file gives a row and a warning."""
-    try:
-        m = json.loads((d / METRICS_FILE).read_text(encoding="utf-8"))
-        if not isinstance(m, dict) or "status" not in m:
-            raise ValueError("no status field")
-    except FileNotFoundError:
-        return Cell(job=d.name, overrides=[], status="missing"), f"{d}: no {METRICS_FILE} (the run did not finish)"
-    except (OSError, ValueError) as exc:
-        return Cell(job=d.name, overrides=[], status="corrupt"), f"{d}: {METRICS_FILE} is unreadable ({exc})"
-    return cell_from_metrics(d.name, [], m), None
+    return read_job(d, str(d))
 
 
 def collect(folders: list[Path]) -> tuple[list[Row], list[str]]:

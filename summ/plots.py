@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from summ.io import atomic_write_text
-from summ.report import GiB, _job_dirs, _read_yaml, _save_png
+from summ.report import GiB, job_dirs, read_yaml, save_png
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def save_run_plots(history: list[dict], run_dir: Path, warmup_steps: int = 0, ti
             ax.axvspan(0.5, warmup_steps + 0.5, color="gray", alpha=0.12, label=f"warm-up ({warmup_steps} steps, untimed)")
         ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
-        _save_png(fig, run_dir / name)
+        save_png(fig, run_dir / name)
         plt.close(fig)
         written.append(run_dir / name)
 
@@ -81,8 +81,8 @@ def save_run_plots(history: list[dict], run_dir: Path, warmup_steps: int = 0, ti
 
 def _inference_rows(sweep_dir: Path) -> list[dict]:
     rows = []
-    for d in _job_dirs(sweep_dir):
-        cfg = _read_yaml(d / ".hydra" / "config.yaml") or {}
+    for d in job_dirs(sweep_dir):
+        cfg = read_yaml(d / ".hydra" / "config.yaml") or {}
         inf = cfg.get("inference") or {}
         try:
             m = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
@@ -165,7 +165,7 @@ def _plot_inference(ok: list[dict], pick: Optional[dict], path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, title="quantization")
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -174,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("run_dir")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
-    cfg = _read_yaml(run_dir / ".hydra" / "config.yaml") or {}
+    cfg = read_yaml(run_dir / ".hydra" / "config.yaml") or {}
     written = save_run_plots(read_history(run_dir), run_dir, (cfg.get("measure") or {}).get("warmup_steps", 0),
                              title=(cfg.get("model") or {}).get("name", ""))
     if not written:

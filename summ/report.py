@@ -89,42 +89,49 @@ class Cell:
 # --------------------------------------------------------------------------- reading
 
 
-def _job_dirs(sweep_dir: Path) -> list[Path]:
+def job_dirs(sweep_dir: Path) -> list[Path]:
     dirs = [d for d in sweep_dir.iterdir() if d.is_dir() and ((d / ".hydra").is_dir() or (d / "metrics.json").exists())]
     return sorted(dirs, key=lambda d: (0, int(d.name)) if d.name.isdigit() else (1, d.name))
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return None
 
 
+METRICS_FILE = "metrics.json"  # every job's result (summ.train writes it)
+
+
 def load_cells(sweep_dir: Path) -> tuple[list[Cell], list[str]]:
     """One Cell per job folder; a missing or corrupt metrics.json becomes a warning and a row."""
     cells, warnings = [], []
-    for d in _job_dirs(sweep_dir):
-        overrides = _read_yaml(d / ".hydra" / "overrides.yaml") or []
-        path = d / "metrics.json"
-        try:
-            m = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(m, dict) or "status" not in m:
-                raise ValueError("no status field")
-        except FileNotFoundError:
-            warnings.append(f"job {d.name}: no metrics.json (the job did not finish)")
-            cells.append(_from_config(d, overrides, "missing"))
-            continue
-        except (OSError, ValueError) as exc:
-            warnings.append(f"job {d.name}: metrics.json is corrupt ({exc}); skipped")
-            cells.append(_from_config(d, overrides, "corrupt"))
-            continue
-        cells.append(cell_from_metrics(d.name, overrides, m))
+    for d in job_dirs(sweep_dir):
+        cell, warning = read_job(d, f"job {d.name}")
+        cells.append(cell)
+        if warning:
+            warnings.append(warning)
     return cells, warnings
 
 
+def read_job(d: Path, label: str) -> tuple[Cell, Optional[str]]:
+    """A job or run folder as a Cell, and a warning (`label`: how to name it) when its
+    metrics.json is missing or unreadable: then the Cell comes from its .hydra config."""
+    overrides = read_yaml(d / ".hydra" / "overrides.yaml") or []
+    try:
+        m = json.loads((d / METRICS_FILE).read_text(encoding="utf-8"))
+        if not isinstance(m, dict) or "status" not in m:
+            raise ValueError("no status field")
+    except FileNotFoundError:
+        return _from_config(d, overrides, "missing"), f"{label}: no {METRICS_FILE} (the job did not finish)"
+    except (OSError, ValueError) as exc:
+        return _from_config(d, overrides, "corrupt"), f"{label}: metrics.json is corrupt ({exc}); skipped"
+    return cell_from_metrics(d.name, overrides, m), None
+
+
 def _from_config(d: Path, overrides: list[str], status: str) -> Cell:
-    cfg = _read_yaml(d / ".hydra" / "config.yaml") or {}
+    cfg = read_yaml(d / ".hydra" / "config.yaml") or {}
     batch = cfg.get("batch") or {}
     bs, ga = batch.get("batch_size"), batch.get("gradient_accumulation_steps")
     return Cell(job=d.name, overrides=overrides, status=status, model=(cfg.get("model") or {}).get("name"),
@@ -458,7 +465,7 @@ def plot(a: Analysis, path: Path) -> None:
         ax_m.set_ylim(bottom=0)
     fig.suptitle(f"Knee: {', '.join(sorted({c.model for c in a.cells if c.model}))}", fontsize=11)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -513,11 +520,11 @@ def plot_pareto(cells: list[Cell], front: list[Cell], path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
-def _save_png(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     from summ.io import atomic_write_bytes
 
     buf = io.BytesIO()
@@ -526,7 +533,7 @@ def _save_png(fig, path: Path) -> None:
 
 
 def _tolerance_from_sweep(sweep_dir: Path) -> Optional[float]:
-    cfg = _read_yaml(sweep_dir / "multirun.yaml") or {}
+    cfg = read_yaml(sweep_dir / "multirun.yaml") or {}
     return (cfg.get("knee") or {}).get("tolerance")
 
 

@@ -44,11 +44,19 @@ def record_trial(hydra_cfg: Any, overrides: list[str], metrics: dict) -> None:
         return
     import optuna
 
+    import time
+
     try:
         study = optuna.load_study(study_name=hydra_cfg.sweeper.study_name, storage=hydra_cfg.sweeper.storage)
-        running = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                   if _matches(t.params, overrides)]
-        if not running:
+        for attempt in range(5):  # a busy shared database may show this job's trial a moment late
+            running = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                       if _matches(t.params, overrides)]
+            if running:
+                break
+            time.sleep(0.5 * (attempt + 1))
+        else:
+            log.warning("no running trial of study %s has this job's parameters: its attributes are not recorded",
+                        hydra_cfg.sweeper.study_name)
             return
         trial = optuna.trial.Trial(study, max(running, key=lambda t: t.number)._trial_id)
         mem, train = metrics.get("memory") or {}, metrics.get("train") or {}

@@ -27,10 +27,10 @@ from summ.distributed import is_main_process, rank
 from summ.errors import ConfigError, DataError, Diverged, Interrupted, OverBudget, UserError
 from summ.io import atomic_write_json, atomic_write_text, make_folder, write_jsonl
 from summ.loss import model_inputs, summed_token_loss
+from summ.report import METRICS_FILE  # one definition; sweep and app import it from here too
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 HISTORY_FILE = "train_history.jsonl"  # one line per optimizer step: loss, lr, step time, memory
 MicroStepHook = Callable[[int, int], None]  # (optimizer step, micro-step in the window)
 
