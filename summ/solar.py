@@ -1,24 +1,34 @@
 """The Solar API client (Upstage): dev-set summaries for model=solar_api, and back-translation
 and paraphrase text for generation.kind=solar.
 
-OpenAI-compatible chat completions (POST {solar.base_url}/chat/completions, Bearer key) through
-httpx. The key comes only from the environment variable named by solar.api_key_env, read when a
-request must actually be sent: a run whose answers are all cached needs no key. The key is never
-logged, cached, written to disk or put in an error message.
+Upstage's API is OpenAI-compatible, so requests go through the official `openai` SDK
+(chat.completions.create at solar.base_url). The SDK decides what to retry (429, 408, 409, 5xx,
+timeouts, dropped connections; x-should-retry obeyed; in 3.x nothing when Retry-After asks for
+over 2 minutes) and raises typed errors, which end a run as one line: ConfigError for what the
+user fixes (key, URL, model), SolarError otherwise. This module adds:
 
-Requests are throttled client-side to solar.requests_per_minute (evenly spaced starts, shared by
-solar.concurrency worker threads), retried with exponential backoff on 429, 5xx, timeouts and
-connection errors (a Retry-After header sets the wait; every wait is capped by solar.max_backoff_s),
-and cached on disk by a hash of (base_url, model, messages, sampling settings), so a rerun or a
-sweep never pays for the same answer twice. Answers come back in input order.
+- a client-side throttle: every HTTP attempt, retries included, takes a slot of
+  solar.requests_per_minute shared by solar.concurrency threads; a server's Retry-After (or
+  retry-after-ms) pauses all threads;
+- the wait before a retry: that Retry-After, else solar.backoff_s doubling, capped by
+  solar.max_backoff_s, and cut short once another request of the batch has failed;
+- no retries when no connection can be made (refused, unknown host): a down or mistyped
+  endpoint fails at once, naming solar.base_url;
+- a disk cache keyed by (base_url, model, messages, sampling settings), so a rerun or a sweep
+  never pays for the same answer twice. Answers come back in input order.
+
+The key comes only from the environment variable named by solar.api_key_env, read when a request
+must actually be sent: a run whose answers are all cached needs no key. The key is never logged,
+cached, written to disk or put in an error message.
 """
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
+import math
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -26,6 +36,7 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import httpx
+import openai
 from tqdm.auto import tqdm
 
 from summ.errors import ConfigError
@@ -87,22 +98,6 @@ def postprocess(answer: str) -> str:
     return _ANSWER_LABEL.sub("", clean_prediction(answer, ()))
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delay-seconds or HTTP-date); None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def validate_config(cfg) -> None:
     """Value rules for the `solar` section. Raises ConfigError with the key to change."""
     if cfg.prompt_strategy not in PROMPT_STRATEGIES:
@@ -129,20 +124,48 @@ class RateLimiter:
         self._next = 0.0
         self._lock = threading.Lock()
 
-    def wait(self) -> float:
-        """Block until this caller's slot; returns the seconds waited."""
+    def wait(self, stop: threading.Event | None = None) -> float:
+        """Block until this caller's slot, or until `stop` is set; returns the seconds waited."""
         with self._lock:
             now = time.monotonic()
             start = max(now, self._next)
             self._next = start + self.interval_s
         if start > now:
-            time.sleep(start - now)
+            (stop or threading.Event()).wait(start - now)
         return start - now
 
     def hold(self, seconds: float) -> None:
         """No slot starts within `seconds` from now (the server said it is over its limit)."""
         with self._lock:
             self._next = max(self._next, time.monotonic() + seconds)
+
+
+class _OpenAI(openai.OpenAI):
+    """The SDK's client with our wait before a retry. _sleep_for_retry is the SDK's one place for
+    that wait (the same signature in openai 2.x and 3.x); what is retried stays the SDK's choice."""
+
+    def __init__(self, *, before_retry, **kwargs):
+        self._before_retry = before_retry
+        super().__init__(**kwargs)
+
+    def _sleep_for_retry(self, *, retries_taken: int, max_retries: int, options, response) -> None:
+        # the SDK's parser: retry-after-ms or Retry-After (seconds or a date), as its retry decision read it
+        retry_after = self._parse_retry_after_header(response.headers) if response is not None else None
+        self._before_retry(retries_taken + 1, max_retries, response, retry_after)
+
+
+class _Gate(httpx.BaseTransport):
+    """The transport under the SDK's HTTP client: every attempt, retries included, passes here."""
+
+    def __init__(self, send):
+        self._send = send
+        self._inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self._send(self._inner, request)
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 class SolarClient:
@@ -161,7 +184,12 @@ class SolarClient:
         self.path = httpx.URL(self.url).path
         self._limiter = RateLimiter(cfg.requests_per_minute)
         self._cache = DiskCache(Path(cfg.cache_dir).expanduser() / "solar.sqlite") if cfg.cache_dir else None
-        self._http = httpx.Client(timeout=cfg.timeout_s)
+        # connecting takes seconds at most (the SDK's own default is 5 s): an endpoint that drops
+        # packets costs each attempt that, not solar.timeout_s
+        timeout = httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 5.0))
+        self._http = httpx.Client(transport=_Gate(self._send), timeout=timeout)
+        self._sdk: _OpenAI | None = None  # made when a request must be sent: only then is the key read
+        self._local = threading.local()  # the batch's stop event, for the transport and the retry wait
         self._lock = threading.Lock()
         self.stats: dict = {"requests_sent": 0, "cache_hits": 0, "retries": 0, "prompt_tokens": 0,
                             "completion_tokens": 0, "truncated": 0, "wait_s": 0.0, "wall_s": 0.0}
@@ -194,10 +222,10 @@ class SolarClient:
         todo = {k: m for k, m in zip(keys, conversations) if k not in found}
         self._count(cache_hits=len(keys) - len(todo))
         if todo:
-            key = self._api_key()  # a missing key fails here, once, before any thread starts
+            sdk = self._client(self._api_key())  # a missing key fails here, once, before any thread starts
             stop = threading.Event()
             pool = ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(todo)), thread_name_prefix="solar")
-            futures = {pool.submit(self._request, m, key, stop): k for k, m in todo.items()}
+            futures = {pool.submit(self._request, sdk, m, stop): k for k, m in todo.items()}
             try:
                 for fut in tqdm(as_completed(futures), total=len(futures), desc="solar", disable=None, leave=False):
                     found[futures[fut]] = fut.result()
@@ -226,85 +254,134 @@ class SolarClient:
                               f"(solar.api_key_env names the variable)")
         return key
 
+    def _client(self, key: str) -> _OpenAI:
+        with self._lock:
+            if self._sdk is None or self._sdk.api_key != key:
+                self._sdk = _OpenAI(
+                    before_retry=self._before_retry, base_url=str(self.cfg.base_url), api_key=key,
+                    max_retries=int(self.cfg.max_retries), timeout=self._http.timeout, http_client=self._http,
+                    # the SDK also reads OPENAI_* variables meant for OpenAI: an Authorization from
+                    # OPENAI_CUSTOM_HEADERS must not replace the Solar key, nor OpenAI ids reach Upstage
+                    default_headers={"Authorization": f"Bearer {key}", "OpenAI-Organization": openai.Omit(),
+                                     "OpenAI-Project": openai.Omit()})
+            return self._sdk
+
     def _count(self, **amounts) -> None:
         with self._lock:
             for name, amount in amounts.items():
                 self.stats[name] += amount
 
-    def _one_line(self, text: str, key: str) -> str:
+    def _one_line(self, text: str) -> str:
         """Server text fit for an error message: one line, short, the key masked if echoed."""
-        text = " ".join(text.replace(key, "***").split())
+        key = self._sdk.api_key if self._sdk else ""
+        text = " ".join((text.replace(key, "***") if key else text).split())
         return text[:300]
 
-    def _request(self, messages: Messages, key: str, stop: threading.Event) -> str:
-        body = {"model": self.cfg.model, "messages": messages, **self._sampling(), "stream": False}
-        headers = {"Authorization": f"Bearer {key}"}
-        attempt = 0
-        while True:
-            if stop.is_set():  # another request failed: the batch is over
-                raise CancelledError
-            self._count(wait_s=self._limiter.wait())
-            self._count(requests_sent=1)
-            retry_after = None
-            try:
-                resp = self._http.post(self.url, json=body, headers=headers)
-            except httpx.TimeoutException:
-                last = f"timed out after {self.cfg.timeout_s:g} s (raise solar.timeout_s or try again later)"
-            except httpx.TransportError as exc:  # refused, reset or broken connections
-                last = f"{type(exc).__name__}: {self._one_line(str(exc), key)}"
-            else:
-                if resp.is_success:
-                    return self._answer(resp, messages, key)
-                self._fail_at_once(resp, key)
-                retry_after = retry_after_seconds(resp.headers.get("retry-after"))
-                last = f"HTTP {resp.status_code}: {self._error_text(resp, key)}"
-            if attempt == self.cfg.max_retries:
-                raise SolarError(f"POST {self.path} failed after {attempt + 1} attempts "
-                                 f"(solar.max_retries={self.cfg.max_retries}), last: {last}")
-            attempt += 1
-            delay = min(self.cfg.backoff_s * 2 ** (attempt - 1) if retry_after is None else retry_after,
-                        self.cfg.max_backoff_s)
-            log.warning("Solar API: POST %s %s; retry %d/%d in %.1f s", self.path, last, attempt,
-                        self.cfg.max_retries, delay)
-            if retry_after is not None:
-                self._limiter.hold(delay)  # the server asked for a pause: every thread takes it
-            self._count(retries=1, wait_s=delay)
-            if stop.wait(delay):
-                raise CancelledError
+    def _send(self, transport: httpx.BaseTransport, request: httpx.Request) -> httpx.Response:
+        """One HTTP attempt: a throttle slot, then the request."""
+        stop = self._local.stop
+        if stop.is_set():  # another request failed: the batch is over
+            raise CancelledError
+        self._count(wait_s=self._limiter.wait(stop))
+        if stop.is_set():
+            raise CancelledError
+        self._count(requests_sent=1)
+        return transport.handle_request(request)
 
-    def _fail_at_once(self, resp: httpx.Response, key: str) -> None:
-        """4xx other than 429 (and 408) will not get better by asking again."""
-        status = resp.status_code
-        if status in (429, 408) or status >= 500:
-            return
-        if status in (401, 403):
-            raise ConfigError(f"the Solar API refused the key (HTTP {status} from POST {self.path}): check that "
-                              f"${self.cfg.api_key_env} holds a valid Upstage API key")
-        if status == 404:
+    def _before_retry(self, retry: int, max_retries: int, response: httpx.Response | None,
+                      retry_after: float | None) -> None:
+        """The wait before the SDK's retry number `retry`, or an error where asking again is no use."""
+        if response is not None:
+            why = f"HTTP {response.status_code}: {self._error_text(response)}"
+        else:  # the SDK calls this while it handles the timeout or connection error
+            exc = sys.exc_info()[1]
+            self._raise_unless_retryable(exc)
+            why = self._failure(exc)
+        if retry_after is not None and math.isfinite(retry_after):
+            delay = min(max(retry_after, 0.0), self.cfg.max_backoff_s)
+            self._limiter.hold(delay)  # the server asked for a pause: every thread takes it
+        else:
+            delay = min(self.cfg.backoff_s * 2 ** (retry - 1), self.cfg.max_backoff_s)
+        log.warning("Solar API: POST %s %s; retry %d/%d in %.1f s", self.path, why, retry, max_retries, delay)
+        self._count(retries=1, wait_s=delay)
+        if self._local.stop.wait(delay):
+            raise CancelledError
+
+    def _raise_unless_retryable(self, exc: BaseException | None) -> None:
+        """Raise instead of letting the SDK retry (it retries every failed connection, and openai 2.x
+        any exception from the transport) when the batch is over or no connection can be made."""
+        if isinstance(exc, CancelledError) or self._local.stop.is_set():
+            raise CancelledError
+        if isinstance(exc, httpx.ConnectError):
+            # nothing answers at that address (refused, unknown host): asking again for half a
+            # minute only delays saying so
+            raise ConfigError(f"cannot connect to the Solar API at solar.base_url={self.cfg.base_url} "
+                              f"({self._one_line(str(exc)) or type(exc).__name__}): check solar.base_url, "
+                              f"or the server is unreachable") from None
+
+    def _failure(self, exc: BaseException | None) -> str:
+        """A request that got no response, in words."""
+        if isinstance(exc, (httpx.TimeoutException, openai.APITimeoutError)):
+            return f"timed out after {self.cfg.timeout_s:g} s"
+        if exc is None:
+            return "got no response"
+        return f"{type(exc).__name__}: {self._one_line(str(exc))}"
+
+    @staticmethod
+    def _attempts(request: httpx.Request) -> int:
+        """How many attempts the SDK made: it numbers each one in a header."""
+        try:
+            return int(request.headers.get("x-stainless-retry-count", 0)) + 1
+        except (AttributeError, ValueError):
+            return 1
+
+    def _request(self, sdk: _OpenAI, messages: Messages, stop: threading.Event) -> str:
+        self._local.stop = stop
+        try:
+            completion = sdk.chat.completions.create(model=self.cfg.model, messages=messages, stream=False,
+                                                     **self._sampling())
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            raise ConfigError(f"the Solar API refused the key (HTTP {exc.status_code} from POST {self.path}): "
+                              f"check that ${self.cfg.api_key_env} holds a valid Upstage API key") from None
+        except openai.NotFoundError:
             raise ConfigError(f"HTTP 404 from POST {self.path}: check solar.base_url={self.cfg.base_url} and "
-                              f"solar.model={self.cfg.model}")
-        raise SolarError(f"HTTP {status} from POST {self.path}: {self._error_text(resp, key)}")
+                              f"solar.model={self.cfg.model}") from None
+        except (openai.APIStatusError, openai.APIConnectionError) as exc:  # after the SDK's retries
+            if isinstance(exc, openai.APIConnectionError):  # with no retries left, or none configured
+                self._raise_unless_retryable(exc.__cause__)
+            n = self._attempts(exc.request)
+            tries = f" after {n} attempts (solar.max_retries={self.cfg.max_retries}); the last" if n > 1 else ""
+            if isinstance(exc, openai.APIStatusError):
+                raise SolarError(f"POST {self.path} failed{tries}: HTTP {exc.status_code}: "
+                                 f"{self._error_text(exc.response)}") from None
+            hint = ": raise solar.timeout_s or try again later" if isinstance(exc, openai.APITimeoutError) else ""
+            raise SolarError(f"POST {self.path} failed{tries}: {self._failure(exc.__cause__ or exc)}{hint}") from None
+        except (openai.APIError, ValueError) as exc:  # a 200 whose body is not what the API sends
+            raise SolarError(f"the answer to POST {self.path} cannot be read: "
+                             f"{type(exc).__name__}: {self._one_line(str(exc))}") from None
+        return self._answer(completion, messages)
 
-    def _error_text(self, resp: httpx.Response, key: str) -> str:
+    def _error_text(self, resp: httpx.Response) -> str:
         try:
             err = resp.json().get("error")
             text = err.get("message") if isinstance(err, dict) else err
         except (ValueError, AttributeError):
             text = None
-        return self._one_line(str(text or resp.text or resp.reason_phrase), key)
+        text = self._one_line(str(text or resp.text or resp.reason_phrase))
+        wait = resp.headers.get("retry-after")
+        return f"{text} (Retry-After: {wait})" if wait else text
 
-    def _answer(self, resp: httpx.Response, messages: Messages, key: str) -> str:
+    def _answer(self, completion, messages: Messages) -> str:
         try:
-            data = resp.json()
-            choice = data["choices"][0]
-            content = choice["message"]["content"] or ""
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise SolarError(f"HTTP {resp.status_code} from POST {self.path} has no choices[0].message.content: "
-                             f"{self._one_line(resp.text, key)}") from None
-        usage = data.get("usage") or {}
-        self._count(prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                    completion_tokens=int(usage.get("completion_tokens") or 0),
-                    truncated=int(choice.get("finish_reason") == "length"))
+            choice = completion.choices[0]
+            content = choice.message.content or ""
+        except (AttributeError, IndexError, KeyError, TypeError):
+            raise SolarError(f"the answer to POST {self.path} has no choices[0].message.content: "
+                             f"{self._one_line(str(completion))}") from None
+        usage = getattr(completion, "usage", None)
+        self._count(prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                    completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+                    truncated=int(getattr(choice, "finish_reason", None) == "length"))
         answer = postprocess(content)
         if answer and self._cache:  # an empty answer is asked again next time
             self._cache.put_many({self.cache_key(messages): answer})

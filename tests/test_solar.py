@@ -1,20 +1,23 @@
 """The Solar API client against a real OpenAI-compatible HTTP server on 127.0.0.1 (nothing
-patched): request bodies per prompt strategy, retries on 429 / 500 / timeouts, one-line errors,
-the throttle, the cache, and the key kept off disk."""
+patched): request bodies per prompt strategy, the openai SDK's retries on 429 / 500 / timeouts with
+our waits, no retries for a refused connection, one-line errors, the throttle on every attempt,
+the cache, and the key kept off disk."""
 from __future__ import annotations
 
 import itertools
 import json
 import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 from omegaconf import OmegaConf
 
 from summ.errors import ConfigError, UserError
-from summ.solar import SolarBackend, SolarClient, SolarError, retry_after_seconds
+from summ.solar import SolarBackend, SolarClient, SolarError
 
 from .conftest import compose_cfg
 
@@ -26,9 +29,10 @@ EXAMPLES = [("#Person1#: 점심 먹었어?\n#Person2#: 아직이야.", "#Person2
 
 
 class FakeSolar:
-    """An OpenAI-compatible /v1/chat/completions. Each request is recorded; `script` holds
-    (status, headers, body, delay_s) for the next requests, then it answers 200 with the last
-    line of the last user message (so answers can be matched to prompts)."""
+    """An OpenAI-compatible /v1/chat/completions. Each request is recorded (headers looked up
+    case-insensitively, as HTTP has them); `script` holds (status, headers, body, delay_s) for the
+    next requests, then it answers 200 with the last line of the last user message (so answers
+    can be matched to prompts)."""
 
     def __init__(self):
         self.requests: list[dict] = []
@@ -41,8 +45,8 @@ class FakeSolar:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake.lock:
-                    fake.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
-                                          "t": time.monotonic()})
+                    fake.requests.append({"path": self.path, "headers": httpx.Headers(self.headers.items()),
+                                          "body": body, "t": time.monotonic()})
                     step = fake.script.pop(0) if fake.script else None
                 status, headers, reply, delay = step or (200, {}, None, 0.0)
                 if reply is None:
@@ -161,40 +165,108 @@ def test_429_waits_as_long_as_retry_after_says(server, make_client, caplog):
     assert "HTTP 429" in caplog.text and KEY not in caplog.text
 
 
-def test_retry_after_forms():
-    assert retry_after_seconds("3") == 3.0 and retry_after_seconds(None) is None
-    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
-    future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 < retry_after_seconds(future) <= 30
+def test_retry_after_pauses_every_thread(server, make_client):
+    # two threads: the first request gets the 429, the second's slot (0.1 s later) was given
+    # before it came back; the third conversation's slot waits out the server's 0.5 s
+    server.script = [(429, {"retry-after-ms": "500"}, {"error": {"message": "slow down"}}, 0.0)]
+    client = make_client(requests_per_minute=600, concurrency=2, cache_dir=None)
+    assert client.complete_many([[{"role": "user", "content": t}] for t in "ABC"]) == list("ABC")
+    sent = [(r["body"]["messages"][-1]["content"], r["t"]) for r in server.requests]
+    (limited, t0), (other, _) = sent[:2]
+    (late,) = set("ABC") - {limited, other}
+    assert [t for c, t in sent if c == limited][1] - t0 >= 0.45
+    assert [t for c, t in sent if c == late][0] - t0 >= 0.45
+    assert client.stats["retries"] == 1 and client.stats["requests_sent"] == 4
 
 
-def test_repeated_500_fails_after_max_retries_plus_one_attempts(server, make_client):
+def test_repeated_500_fails_after_max_retries_with_the_configured_backoff(server, make_client):
     server.script = [(500, {}, {"error": {"message": "internal\nerror"}}, 0.0)] * 10
-    client = make_client(max_retries=2, backoff_s=0.01)
+    client = make_client(max_retries=2, backoff_s=0.05)
+    start = time.monotonic()
     with pytest.raises(SolarError) as err:
         client.complete([{"role": "user", "content": "안녕"}])
     message = str(err.value)
-    assert len(server.requests) == 3
+    assert len(server.requests) == 3 and client.stats["requests_sent"] == 3 and client.stats["retries"] == 2
     assert "\n" not in message and "HTTP 500" in message and "/v1/chat/completions" in message
-    assert "3 attempts" in message and KEY not in message
+    assert "3 attempts" in message and "internal error" in message and KEY not in message
+    t = [r["t"] for r in server.requests]
+    assert t[1] - t[0] >= 0.045 and t[2] - t[1] >= 0.095  # solar.backoff_s doubling...
+    assert time.monotonic() - start < 1.0  # ...not the SDK's own 0.5 s, 1 s (less up to 25 %)
 
 
 def test_timeouts_fail_clearly_after_retries(server, make_client):
     server.script = [(200, {}, None, 0.6)] * 10
     client = make_client(timeout_s=0.2, max_retries=1, backoff_s=0.01)
     start = time.monotonic()
-    with pytest.raises(SolarError, match="timed out") as err:
+    with pytest.raises(SolarError, match="timed out after 0.2 s") as err:
         client.complete([{"role": "user", "content": "안녕"}])
     assert len(server.requests) == 2 and time.monotonic() - start < 2
-    assert "\n" not in str(err.value) and "/v1/chat/completions" in str(err.value)
+    message = str(err.value)
+    assert "\n" not in message and "/v1/chat/completions" in message and "2 attempts" in message
+    assert "solar.timeout_s" in message and client.stats["retries"] == 1
 
 
-def test_refused_key_fails_at_once_with_one_line(server, make_client):
-    server.script = [(401, {}, {"error": {"message": f"invalid key {KEY}"}}, 0.0)]
-    with pytest.raises(UserError) as err:
+@pytest.mark.parametrize("max_retries", [0, 5])
+def test_refused_connection_fails_at_once_naming_the_url(make_client, max_retries):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    client = make_client(base_url=url, max_retries=max_retries, backoff_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        client.complete([{"role": "user", "content": "안녕"}])
+    message = str(err.value)
+    assert time.monotonic() - start < 3
+    assert "\n" not in message and f"solar.base_url={url}" in message and "unreachable" in message
+    assert KEY not in message and client.stats["requests_sent"] == 1 and client.stats["retries"] == 0
+
+
+def test_throttle_spaces_retries_too(server, make_client):
+    server.script = [(500, {}, {"error": {"message": "busy"}}, 0.0)] * 2
+    client = make_client(requests_per_minute=600, backoff_s=0.0, cache_dir=None)
+    assert client.complete([{"role": "user", "content": "안녕"}]) == "안녕"
+    times = [r["t"] for r in server.requests]
+    assert len(times) == 3 and all(b - a >= 0.08 for a, b in itertools.pairwise(times))
+
+
+def test_a_failure_cuts_short_the_other_requests_retry_waits(server, make_client):
+    # one request gets a 503 and would wait 30 s to retry; the other's refused key (0.3 s later)
+    # ends the batch, and the waiting request gives up at once
+    server.script = [(503, {}, {"error": {"message": "later"}}, 0.0),
+                     (401, {}, {"error": {"message": "bad key"}}, 0.3)]
+    client = make_client(concurrency=2, backoff_s=30, max_backoff_s=60, cache_dir=None)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=ENV):
+        client.complete_many([[{"role": "user", "content": t}] for t in "AB"])
+    assert time.monotonic() - start < 2 and len(server.requests) == 2
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_key_fails_at_once_with_one_line(server, make_client, status):
+    server.script = [(status, {}, {"error": {"message": f"invalid key {KEY}"}}, 0.0)]
+    with pytest.raises(ConfigError) as err:
         make_client().complete([{"role": "user", "content": "안녕"}])
     assert len(server.requests) == 1  # a 4xx other than 429 is not retried
     assert "\n" not in str(err.value) and ENV in str(err.value) and KEY not in str(err.value)
+
+
+def test_404_names_the_url_and_the_model(server, make_client):
+    server.script = [(404, {}, {"error": {"message": "no such model"}}, 0.0)]
+    with pytest.raises(ConfigError) as err:
+        make_client(model="solar-nope").complete([{"role": "user", "content": "안녕"}])
+    message = str(err.value)
+    assert len(server.requests) == 1 and "\n" not in message
+    assert f"solar.base_url={server.base_url}" in message and "solar.model=solar-nope" in message
+
+
+def test_openai_environment_variables_do_not_reach_upstage(server, make_client, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-other")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-other")
+    monkeypatch.setenv("OPENAI_CUSTOM_HEADERS", "Authorization: Bearer sk-openai-other")
+    make_client().complete([{"role": "user", "content": "안녕"}])
+    headers = server.requests[0]["headers"]  # case-insensitive, like HTTP
+    assert headers["Authorization"] == f"Bearer {KEY}" and "OpenAI-Organization" not in headers
 
 
 def test_missing_key_is_one_line_naming_the_variable(server, make_client, monkeypatch):
