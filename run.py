@@ -16,20 +16,26 @@ import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+# no per-file progress bars from transformers / huggingface_hub ("Loading weights", "Writing model
+# shards"): read before they are imported; our own progress goes to the log
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from summ import distributed  # noqa: E402
+from summ.app import guard_hydra_writes  # noqa: E402
 from summ.config import register_configs  # noqa: E402
 
 register_configs()
+guard_hydra_writes()
 
 
 # Targets the configs may instantiate: our callback, Hydra's own plugins, Optuna's samplers, logging.
 TRUSTED_TARGETS = ["summ.*", "hydra_plugins.*", "hydra.*", "optuna.*", "logging.*"]
 
 
+# No version_base: Hydra 1.4 deprecated the argument; left out, it means this release's defaults.
 @hydra.main(config_path="conf", config_name="config", execution_whitelist=TRUSTED_TARGETS)
 def main(cfg: DictConfig) -> float:
     from summ.app import run

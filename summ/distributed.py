@@ -63,8 +63,13 @@ def relaunch(processes: int, port: Optional[int]) -> int:
 
 
 def share_run_stamp() -> None:
-    """Process 0's clock, for every process's `${summ_now:...}` (one run folder per launch)."""
-    if world_size() < 2 or STAMP_ENV in os.environ:
+    """One launch time for `${summ_now:...}`: fixed at start, so a sweep's folder name does not move
+    while its jobs resolve it again one by one, and process 0's clock for every process of a
+    distributed launch (one run folder per launch). Children (workers, relaunches) inherit it."""
+    if STAMP_ENV in os.environ:
+        return
+    if world_size() < 2:
+        os.environ[STAMP_ENV] = repr(time.time())
         return
     import torch
     from accelerate import PartialState

@@ -1,4 +1,26 @@
-"""Errors a user can cause and fix. Each carries one line that says what to change."""
+"""Errors a user can cause and fix (each carries one line that says what to change), and the
+exit codes a script or a scheduler reads from a run.
+
+| exit code | meaning |
+|---:|---|
+| 0 | ok (a multirun: at least one job ended ok) |
+| 1 | failed: a crash or an unforeseen library error (error.log in the run folder), a service down |
+| 2 | user error: a bad config, data, weights, API key, or a folder or disk that cannot take the files |
+| 3 | the cell did not fit or did not train: oom, over_budget, diverged |
+| 130 / 143 | interrupted by SIGINT / SIGTERM (128 + the signal's number); a checkpoint says where |
+"""
+
+EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_RESOURCE = 0, 1, 2, 3
+RESOURCE_STATUSES = ("oom", "over_budget", "diverged")
+
+
+def exit_code(status: str, user_error: bool = False) -> int:
+    """The process exit code for a run's status (see the table above)."""
+    if status == "ok":
+        return EXIT_OK
+    if user_error:
+        return EXIT_USER_ERROR
+    return EXIT_RESOURCE if status in RESOURCE_STATUSES else EXIT_FAILED
 
 
 class UserError(Exception):

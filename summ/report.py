@@ -80,6 +80,16 @@ class Cell:
             return None
         return self.peak_bytes / self.budget_bytes
 
+    def settings(self) -> dict[str, str]:
+        """The cell's own overrides other than the batch split (preset and Hydra's keys aside)."""
+        out = {}
+        for o in self.overrides:
+            key, _, value = o.lstrip("+~").partition("=")
+            if not key.startswith(("batch.batch_size", "batch.gradient_accumulation_steps",
+                                   "batch.effective_batch_size", "hydra.", "preset")):
+                out[key] = value
+        return out
+
     def other_settings(self) -> tuple:
         """Everything that defines the cell except how the batch is split."""
         rest = tuple(sorted(o for o in self.overrides if not o.split("=", 1)[0].lstrip("+~").startswith("batch.")))
@@ -121,13 +131,36 @@ def read_job(d: Path, label: str) -> tuple[Cell, Optional[str]]:
     overrides = read_yaml(d / ".hydra" / "overrides.yaml") or []
     try:
         m = json.loads((d / METRICS_FILE).read_text(encoding="utf-8"))
-        if not isinstance(m, dict) or "status" not in m:
+        if not isinstance(m, dict) or not isinstance(m.get("status"), str):
             raise ValueError("no status field")
+        _check_figures(m)
     except FileNotFoundError:
         return _from_config(d, overrides, "missing"), f"{label}: no {METRICS_FILE} (the job did not finish)"
     except (OSError, ValueError) as exc:
         return _from_config(d, overrides, "corrupt"), f"{label}: metrics.json is corrupt ({exc}); skipped"
     return cell_from_metrics(d.name, overrides, m), None
+
+
+# The figures a report reads, each a number (or null) in a sound metrics.json.
+NUMBERS = {"": ("batch_size", "gradient_accumulation_steps", "effective_batch_size", "epoch_seconds_projected", "mfu"),
+           "train": ("samples_per_s", "tokens_per_s", "seconds_per_sample", "step_time_s_median", "step_time_s_p90",
+                     "max_micro_batch_positions", "pad_fraction"),
+           "memory": ("peak_bytes", "fraction", "budget_bytes", "limit_bytes"),
+           "eval": ("loss", "rouge1", "rouge2", "rougeL", "rouge_mean")}
+
+
+def _check_figures(m: dict) -> None:
+    """ValueError naming the first figure that is not a number (a hand-edited or foreign file)."""
+    for section, keys in NUMBERS.items():
+        node = m.get(section) if section else m
+        if node is None:
+            continue
+        if not isinstance(node, dict):
+            raise ValueError(f"{section} is not an object")
+        for key in keys:
+            value = node.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{section + '.' if section else ''}{key} is {value!r}, not a number")
 
 
 def _from_config(d: Path, overrides: list[str], status: str) -> Cell:
@@ -207,6 +240,11 @@ class Analysis:
     limit_bytes: Optional[int]
     budget_bytes: Optional[int]
     warnings: list[str]
+    varied: list[str] = field(default_factory=list)  # settings that differ across cells, shown per cell
+
+    def setting_text(self, c: Cell) -> str:
+        s = c.settings()
+        return " ".join(f"{k}={s.get(k, '-')}" for k in self.varied)
 
     @property
     def measured_largest_fitting(self) -> Optional[int]:
@@ -238,8 +276,15 @@ def _sort_key(c: Cell) -> tuple:
     return (c.effective_batch_size or 0, c.batch_size or 0, c.gradient_accumulation_steps or 0, c.job)
 
 
+def varied_settings(cells: list[Cell]) -> list[str]:
+    """Keys whose value is not the same in every cell (a grid's or a study's other dimensions)."""
+    keys = sorted({k for c in cells for k in c.settings()})
+    return [k for k in keys if len({c.settings().get(k) for c in cells}) > 1]
+
+
 def analyse(cells: list[Cell], tolerance: float = 0.05, warnings: Optional[list[str]] = None) -> Analysis:
     cells = sorted(cells, key=_sort_key)
+    varied = varied_settings(cells)
     for c in cells:
         c.flags = []
     _flag_memory_pressure(cells, tolerance)
@@ -250,7 +295,7 @@ def analyse(cells: list[Cell], tolerance: float = 0.05, warnings: Optional[list[
     model = fit_memory_model(cells)
     if not ok:
         return Analysis(cells, tolerance, None, None, "no cell finished ok: nothing to recommend", model,
-                        limit, budget, warnings or [])
+                        limit, budget, warnings or [], varied)
     fastest = max(ok, key=lambda c: c.samples_per_s)
     within = [c for c in ok if c.samples_per_s >= fastest.samples_per_s * (1 - tolerance)]
     rec = min(within, key=lambda c: (c.batch_size, c.gradient_accumulation_steps, c.effective_batch_size))
@@ -258,8 +303,10 @@ def analyse(cells: list[Cell], tolerance: float = 0.05, warnings: Optional[list[
     if fastest is not rec:
         fastest.flags.append("fastest")
     excluded = [c for c in cells if c.status in ("oom", "over_budget")]
+    with_settings = " ".join(f"{k}={rec.settings().get(k, '-')}" for k in varied)
     parts = [f"micro-batch {rec.batch_size} x accumulation {rec.gradient_accumulation_steps} "
-             f"(effective {rec.effective_batch_size}) trains at {rec.samples_per_s:.1f} samples/s"]
+             f"(effective {rec.effective_batch_size}){' with ' + with_settings if with_settings else ''} "
+             f"trains at {rec.samples_per_s:.1f} samples/s"]
     if rec is fastest:
         parts.append("the fastest cell measured")
     else:
@@ -283,7 +330,8 @@ def analyse(cells: list[Cell], tolerance: float = 0.05, warnings: Optional[list[
         parts.append(f"{len(excluded)} cell(s) did not fit ("
                      + ", ".join(f"{c.batch_size} x {c.gradient_accumulation_steps}: {c.status}" for c in excluded)
                      + ") and were excluded")
-    return Analysis(cells, tolerance, rec, fastest, "; ".join(parts) + ".", model, limit, budget, warnings or [])
+    return Analysis(cells, tolerance, rec, fastest, "; ".join(parts) + ".", model, limit, budget, warnings or [],
+                    varied)
 
 
 # --------------------------------------------------------------------------- writing
@@ -308,13 +356,13 @@ CSV_COLUMNS = ["job", "overrides", "status", "error", "model", "batch_size", "gr
 def sweep_csv(a: Analysis) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(CSV_COLUMNS)
+    w.writerow(CSV_COLUMNS[:3] + ["settings"] + CSV_COLUMNS[3:])
     for c in a.cells:
-        row = []
+        row = [a.setting_text(c)]
         for col in CSV_COLUMNS:
             v = getattr(c, col)
             row.append(" ".join(v) if col == "overrides" else ";".join(v) if col == "flags" else "" if v is None else v)
-        w.writerow(row)
+        w.writerow(row[1:4] + row[:1] + row[4:])
     return buf.getvalue()
 
 
@@ -336,19 +384,29 @@ def knee_markdown(a: Analysis, sweep_dir: Path) -> str:
     else:
         lines.append(a.reason)
     lines += ["", f"Rule: among ok cells under budget x headroom, the smallest micro-batch whose samples/s is "
-                  f"within {a.tolerance:.0%} (`knee.tolerance`) of the best; ties go to fewer accumulation steps.",
+                  f"within {a.tolerance:.0%} (`knee.tolerance`) of the best; ties go to fewer accumulation steps."]
+    sweeper = ((read_yaml(sweep_dir / "multirun.yaml") or {}).get("hydra") or {}).get("sweeper") or {}
+    if "optuna" in str(sweeper.get("_target_", "")).lower():
+        lines += ["", "An Optuna search: its best trial (the lowest objective over the whole study, this folder's "
+                      "cells and earlier ones) is written to `best_overrides.txt` as a command. The rule above "
+                      "instead takes the smallest micro-batch within the tolerance among this folder's cells, so "
+                      "the two can differ; the settings column shows what else each cell changed."]
+    lines += [
+              "", "## Cells", "",
               "", "## Cells", "",
               "Ordered by effective batch, then micro-batch. Per-sample cost is the figure to compare; "
               "step time grows with the work per step and says little alone.", "",
-              "| eff. batch | micro-batch | accum. | status | samples/s | tokens/s | pad | ms/sample | step s (median) "
+              "| eff. batch | micro-batch | accum. | " + ("settings | " if a.varied else "")
+              + "status | samples/s | tokens/s | pad | ms/sample | step s (median) "
               "| peak memory | % of budget | epoch s (proj.) | ROUGE mean | notes |",
-              "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---:|---:|---:|" + ("---|" if a.varied else "") + "---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in a.cells:
         notes = ", ".join(f"**{f}**" for f in c.flags)
         if c.error and not c.ok:
             notes = (notes + "; " if notes else "") + c.error.replace("|", "/")
+        settings = f"| {a.setting_text(c)} " if a.varied else ""
         lines.append(f"| {c.effective_batch_size or '-'} | {c.batch_size or '-'} | {c.gradient_accumulation_steps or '-'} "
-                     f"| {c.status} | {_f(c.samples_per_s, '.2f')} | {_f(c.tokens_per_s, '.0f')} | {_f(c.pad_fraction, '.0%')} "
+                     f"{settings}| {c.status} | {_f(c.samples_per_s, '.2f')} | {_f(c.tokens_per_s, '.0f')} | {_f(c.pad_fraction, '.0%')} "
                      f"| {_f(c.seconds_per_sample and 1000 * c.seconds_per_sample, '.2f')} "
                      f"| {_f(c.step_time_s_median, '.3f')} | {_gib(c.peak_bytes)} | {_f(c.budget_fraction, '.0%')} "
                      f"| {_f(c.epoch_seconds_projected, '.0f')} | {_f(c.rouge_mean, '.4f')} | {notes} |")
@@ -567,46 +625,74 @@ except ImportError:  # pragma: no cover - hydra is a hard dependency
 
 
 class KneeReportCallback(Callback):
-    """Writes the knee report (or, for mode=predict jobs, the inference report) into the sweep
-    folder when a multirun ends."""
+    """When a multirun ends: the knee report (or, for mode=predict jobs, the inference report) in
+    the sweep folder, the study's best command, and the exit code: non-zero when the report cannot
+    be written or no job ended ok (the jobs' own folders keep their results either way)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        from summ.app import say
+        from summ.distributed import is_main_process
+        from summ.errors import EXIT_FAILED, RESOURCE_STATUSES, exit_code
+
+        if not is_main_process():
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
-            return
-        if config.get("mode") == "predict":  # an inference sweep: speed against ROUGE, not a knee
-            from summ.plots import inference_report
-
-            try:
-                inference_report(sweep_dir, config.get("knee", {}).get("tolerance", 0.05))
-                print(f"\ninference report: {sweep_dir / 'inference_report.md'}")
-            except Exception as exc:
-                log.error("inference report failed (%s) in %s", exc, sweep_dir)
-            return
+            say(f"error: the sweep folder {sweep_dir} does not exist, so no report was written: the jobs ran in "
+                f"other folders (a hydra.sweep.dir that names a new folder per job?)", err=True)
+            sys.exit(EXIT_FAILED)
+        predict = config.get("mode") == "predict"
         try:
-            a = build_report(sweep_dir, tolerance=config.get("knee", {}).get("tolerance"))
-        except Exception as exc:  # the report must never cost the sweep its results
-            log.error("knee report failed (%s); rebuild it with: python -m summ.report %s", exc, sweep_dir)
-            return
-        log.info("knee report: %s", sweep_dir / "knee_report.md")
-        print(f"\nknee report: {sweep_dir / 'knee_report.md'}\n{a.reason}")
-        from summ.study import write_best
+            if predict:  # an inference sweep: speed against ROUGE, not a knee
+                from summ.plots import inference_report
 
-        command = write_best(config, sweep_dir)
-        if command:
-            print(f"best trial of the study ({sweep_dir / 'best_overrides.txt'}):\n  {command}")
+                inference_report(sweep_dir, config.get("knee", {}).get("tolerance", 0.05))
+                statuses = [c.status for c in load_cells(sweep_dir)[0]]
+            else:
+                a = build_report(sweep_dir, tolerance=config.get("knee", {}).get("tolerance"))
+                statuses = [c.status for c in a.cells]
+        except Exception as exc:
+            say(f"error: the {'inference' if predict else 'knee'} report could not be written in {sweep_dir} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the jobs' results are "
+                f"kept: rebuild it with python -m summ.report {sweep_dir}", err=True)
+            sys.exit(EXIT_FAILED)
+        if predict:
+            say(f"\ninference report: {sweep_dir / 'inference_report.md'}")
+        else:
+            log.info("knee report: %s", sweep_dir / "knee_report.md")
+            say(f"\nknee report: {sweep_dir / 'knee_report.md'}\n{a.reason}")
+            from summ.study import write_best
+
+            command = write_best(config, sweep_dir)
+            if command:
+                say(f"best trial of the study ({sweep_dir / 'best_overrides.txt'}):\n  {command}")
+        if OK not in statuses:
+            kinds = sorted(set(statuses)) or ["no job"]
+            say(f"error: no job of the sweep ended ok ({', '.join(kinds)}): see the notes in "
+                f"{sweep_dir / ('inference_report.md' if predict else 'knee_report.md')}", err=True)
+            resource = statuses and all(s in RESOURCE_STATUSES for s in statuses)
+            sys.exit(exit_code("oom") if resource else EXIT_FAILED)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1) (0.05 = within 5% of the best)")
+    return value
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m summ.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", help="a multirun folder (holds one numbered folder per job)")
-    parser.add_argument("--tolerance", type=float, default=None,
+    parser.add_argument("--tolerance", type=_fraction, default=None,
                         help="samples/s tolerance of the recommendation rule (default: the sweep's knee.tolerance, or 0.05)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    from summ.errors import UserError
+
     try:
         a = build_report(args.sweep_dir, args.tolerance)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print((Path(args.sweep_dir) / "knee_report.md").read_text(encoding="utf-8"))
