@@ -56,7 +56,35 @@ def resolve(resume_from: str, run_dir: Path) -> Path:
 
 def save(accelerator, run_dir: Path, step: int, position: dict, history: list[dict], keep: int,
          identity: str) -> Path:
-    """Every process calls this (Accelerate saves each one's RNG state); process 0 renames and prunes."""
+    """Every process calls this (Accelerate saves each one's RNG state); process 0 renames and prunes.
+    SIGINT and SIGTERM wait until it is done: a checkpoint is written whole, or the previous one stays."""
+    with _signals_deferred():
+        return _save(accelerator, run_dir, step, position, history, keep, identity)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT / SIGTERM noted, not acted on, for the duration (a second Ctrl-C during torch.save
+    would leave a half-written checkpoint and a traceback)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def wait(signum, frame):
+        log.warning("%s while a checkpoint is being written: it finishes first", signal.Signals(signum).name)
+
+    for s in previous:
+        signal.signal(s, wait)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _save(accelerator, run_dir: Path, step: int, position: dict, history: list[dict], keep: int,
+          identity: str) -> Path:
     folder = run_dir / FOLDER
     final, tmp = folder / f"step_{step}", folder / f".step_{step}.tmp"
     if accelerator.is_main_process and tmp.exists():

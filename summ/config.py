@@ -346,8 +346,28 @@ def register_configs() -> None:
     OmegaConf.register_resolver("summ_precisions", _precisions, replace=True)
     from summ.distributed import now
 
-    # ${summ_now:FORMAT}: like Hydra's ${now:}, but one time for every process of a launch
+    # ${summ_now:FORMAT}: like Hydra's ${now:}, but one time for the whole launch: every job of a
+    # sweep (which resolves hydra.sweep.dir once per job) and every process of a distributed launch
     OmegaConf.register_resolver("summ_now", now, replace=True)
+    OmegaConf.register_resolver("summ_run_name", run_name, replace=True)
+
+    def _study_seed(base, storage=None, study_name=None) -> int:
+        from summ.study import study_seed
+
+        return study_seed(base, storage, study_name)
+
+    OmegaConf.register_resolver("summ_study_seed", _study_seed, replace=True)
+
+
+def run_name(mode: Any, model: Any, kind: Any, batch_size: Any, accumulation: Any,
+             effective_batch_size: Any = None, k_folds: Any = 1) -> str:
+    """A run folder's name after what ran: `train_tiny_bart_bs32x2`, `train_..._k5` for K-fold,
+    `predict_tiny_bart`, `eval_solar_api` (a hosted model evaluated, nothing trained)."""
+    if str(mode) == "predict" or str(kind).endswith("api"):
+        return f"{'predict' if str(mode) == 'predict' else 'eval'}_{model}"
+    if effective_batch_size and batch_size and int(effective_batch_size) % int(batch_size) == 0:
+        accumulation = int(effective_batch_size) // int(batch_size)
+    return f"train_{model}_bs{batch_size}x{accumulation}" + (f"_k{k_folds}" if k_folds and int(k_folds) > 1 else "")
 
 
 def _positive(name: str, value: Optional[float], allow_zero: bool = False) -> None:
@@ -358,9 +378,29 @@ def _positive(name: str, value: Optional[float], allow_zero: bool = False) -> No
         raise ConfigError(f"{name}={value} is invalid: it must be {bound}")
 
 
+def _refuse_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+    """A key its schema does not have, added with Hydra's `+` (which opens the struct for it):
+    `+batch.batchsize=16` would otherwise run at the default micro-batch without a word."""
+    import dataclasses
+
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        if key == "hydra" and not prefix:
+            continue
+        if known is not None and key not in known:
+            raise ConfigError(f"{prefix}{key} is not a setting (a typo?): remove it; python run.py --cfg job lists "
+                              f"every setting")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            _refuse_unknown_keys(child, f"{prefix}{key}.")
+
+
 def validate(cfg: DictConfig | Config) -> None:
     """Value rules that types cannot express. Raises ConfigError with the key to change."""
     c: Any = cfg
+    if isinstance(cfg, DictConfig):
+        _refuse_unknown_keys(cfg)
     for key in ("batch.batch_size", "batch.gradient_accumulation_steps", "batch.eval_batch_size",
                 "batch.effective_batch_size", "data.encoder_max_len", "data.decoder_max_len",
                 "data.max_train_samples", "data.max_eval_samples", "train.epochs", "train.max_steps",
@@ -373,6 +413,19 @@ def validate(cfg: DictConfig | Config) -> None:
                 "train.label_smoothing", "train.warmup_ratio", "augmentation.ratio", "tta.num_aug", "train.adam_epsilon",
                 "knee.tolerance"):
         _positive(key, _get(c, key), allow_zero=True)
+    if _get(c, "knee.tolerance") >= 1:
+        raise ConfigError(f"knee.tolerance={_get(c, 'knee.tolerance')} is a fraction of the best samples/s: "
+                          f"it must be in [0, 1) (0.05 = within 5%)")
+    for key, least in (("data.encoder_max_len", 8), ("data.decoder_max_len", 4)):
+        if _get(c, key) < least:
+            raise ConfigError(f"{key}={_get(c, key)} is too short to hold the special tokens and any text: "
+                              f"it must be >= {least}")
+    if _get(c, "model.tiny") is not None:  # a real model's limit is in its config.json, read at load
+        enc, dec, limit = _get(c, "data.encoder_max_len"), _get(c, "data.decoder_max_len"), _get(c, "model.tiny.max_positions")
+        causal = _enum_name(_get(c, "model.kind")) == "causal"  # prompt and summary share the positions
+        if (enc + dec if causal else max(enc, dec)) > limit:
+            raise ConfigError(f"data.encoder_max_len={enc} and data.decoder_max_len={dec} do not fit the model's "
+                              f"{limit} positions (model.tiny.max_positions): lower them")
     if not 0 <= _get(c, "data.quality_threshold") <= 1:
         raise ConfigError(f"data.quality_threshold={_get(c, 'data.quality_threshold')} must be in [0, 1]")
     if not 0 < _get(c, "measure.headroom") <= 1:

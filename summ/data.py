@@ -53,14 +53,17 @@ def read_csv(path: Path, need_summary: bool) -> list[Sample]:
     """Read one competition CSV (UTF-8 with or without BOM, CRLF or LF, quoted multi-line fields)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found; set data.dir to the folder that holds it")
+    csv.field_size_limit(2**31 - 1)  # the module's default (128 KiB per field) refuses a long dialogue
     try:
         with path.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.DictReader(fh)
             columns = [c.strip() for c in (reader.fieldnames or [])]
             reader.fieldnames = columns
             rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: unreadable as UTF-8 CSV ({exc}); re-save it as UTF-8 CSV") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc}); check its quoting (every quoted field closed)") from None
     required = ["fname", "dialogue"] + (["summary"] if need_summary else [])
     missing = [c for c in required if c not in columns]
     if missing:
@@ -78,8 +81,9 @@ def _clean(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Load train/dev/test for the configured source, then apply max_train/max_eval_samples."""
+def load_splits(cfg: DataConfig, need_train: bool = True) -> Splits:
+    """Load train/dev/test for the configured source, then apply max_train/max_eval_samples.
+    `need_train=False` (predict): a missing train file is an empty training set, not an error."""
     if cfg.source == DataSource.synthetic:
         from summ.synthetic import generate
 
@@ -89,11 +93,16 @@ def load_splits(cfg: DataConfig) -> Splits:
                 generate(cfg.synthetic_eval_size, seed=cfg.synthetic_seed + 2, prefix="test")]
     else:
         folder = bundled_sample_dir() if cfg.source == DataSource.bundled else Path(cfg.dir).expanduser()
-        train = read_csv(folder / cfg.train_file, need_summary=True)
+        if not folder.is_dir():
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise DataError(f"data.dir={cfg.dir} {what}: set data.dir to the folder that holds "
+                            f"{cfg.train_file}, {cfg.dev_file} and {cfg.test_file}")
+        train_path = folder / cfg.train_file
+        train = read_csv(train_path, need_summary=True) if need_train or train_path.is_file() else []
         dev = read_csv(folder / cfg.dev_file, need_summary=True)
         test_path = folder / cfg.test_file
         test = read_csv(test_path, need_summary=False) if test_path.is_file() else []
-    if not train:
+    if not train and need_train:
         raise DataError(f"data={cfg.name}: the training set is empty")
     if cfg.max_train_samples is not None:
         train = train[: cfg.max_train_samples]
@@ -131,16 +140,24 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    @staticmethod
+    def _fit(rows: list[list[int]], limit: int) -> list[list[int]]:
+        """Each row cut to `limit`, its last (special) token kept: a fast tokenizer leaves a row
+        untruncated when the limit cannot hold its special tokens, without a word."""
+        return [ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:] for ids in rows]
+
     def _prompts(self, dialogues: list[str]) -> list[list[int]]:
         if self.kind == ModelKind.seq2seq:
-            return self.tok(dialogues, truncation=True, max_length=self.encoder_max_len)["input_ids"]
+            return self._fit(self.tok(dialogues, truncation=True, max_length=self.encoder_max_len)["input_ids"],
+                             self.encoder_max_len)
         bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
         body = self.tok(dialogues, add_special_tokens=False)["input_ids"] if dialogues else []
         return [bos + self._prefix + ids[: self.encoder_max_len] + self._suffix for ids in body]
 
     def _targets(self, summaries: list[str]) -> list[list[int]]:
         if self.kind == ModelKind.seq2seq:
-            return self.tok(summaries, truncation=True, max_length=self.decoder_max_len)["input_ids"]
+            return self._fit(self.tok(summaries, truncation=True, max_length=self.decoder_max_len)["input_ids"],
+                             self.decoder_max_len)
         body = self.tok(summaries, add_special_tokens=False)["input_ids"] if summaries else []
         return [ids[: self.decoder_max_len - 1] + [self.tok.eos_token_id] for ids in body]
 

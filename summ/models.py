@@ -135,9 +135,12 @@ def _weights_source(cfg: ModelConfig) -> str:
     tokenizer, the data or the model load."""
     if cfg.path:
         path = Path(cfg.path).expanduser()
+        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+            path = path / "model"  # a training run's folder: the weights it saved
         if not (path / "config.json").is_file():
             raise WeightsNotFound(f"model.path={cfg.path} has no config.json: point model.path at a folder "
                                   f"with config.json, the tokenizer and *.safetensors weights")
+        _check_json(path / "config.json", "model.path")
         if not any(path.glob("*.safetensors")):
             pickled = sorted(f.name for pattern in PICKLED_WEIGHTS for f in path.glob(pattern))
             found = f"only {', '.join(pickled)}" if pickled else "no weights"
@@ -153,6 +156,19 @@ def _weights_source(cfg: ModelConfig) -> str:
         raise WeightsNotFound(f"model={cfg.name}: the cached weights of {cfg.hub_id} are not safetensors, and "
                               f"weights load only from safetensors: {RESAVE_HINT}")
     return cfg.hub_id
+
+
+def _check_json(path: Path, key: str) -> None:
+    """A config file that is not a JSON object: one line now, not a library traceback later."""
+    import json
+
+    try:
+        ok = isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise WeightsNotFound(f"{key}: {path} is unreadable ({str(exc).splitlines()[0]}): restore it from the "
+                              f"model's original files") from None
+    if not ok:
+        raise WeightsNotFound(f"{key}: {path} is not a JSON object: restore it from the model's original files")
 
 
 def _quantization_config(cfg: ModelConfig):
@@ -179,14 +195,20 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def load_tokenizer(cfg: ModelConfig):
-    """The model's tokenizer with the competition's masked tokens as special tokens."""
-    if cfg.tiny:
+    """The model's tokenizer with the competition's masked tokens as special tokens. A tiny model
+    given a model.path (a saved tiny run) reads it from there, like any model."""
+    if cfg.tiny and not cfg.path:
         tok = tiny_tokenizer()
     else:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(_weights_source(cfg), local_files_only=True,
-                                            trust_remote_code=cfg.trust_remote_code)
+        source = _weights_source(cfg)
+        try:
+            tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise WeightsNotFound(f"model={cfg.name}: no loadable tokenizer in {source} "
+                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): the folder "
+                                  f"needs the tokenizer files beside config.json") from None
         tok.add_special_tokens({"additional_special_tokens": MASKED_TOKENS}, replace_extra_special_tokens=False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -209,8 +231,9 @@ def preimport(cfg: ModelConfig) -> None:
 
 
 def load(cfg: ModelConfig, tok, seed: int, device: torch.device) -> LoadedModel:
-    """The model for `tok`: LoRA/QLoRA and gradient checkpointing applied."""
-    source = None if cfg.tiny else _weights_source(cfg)
+    """The model for `tok`: LoRA/QLoRA and gradient checkpointing applied. A tiny architecture is
+    built with random init unless model.path names weights to start from."""
+    source = None if cfg.tiny and not cfg.path else _weights_source(cfg)
     quant = _quantization_config(cfg)
     kwargs: dict[str, Any] = {}
     if cfg.attn_implementation:
@@ -226,7 +249,7 @@ def load(cfg: ModelConfig, tok, seed: int, device: torch.device) -> LoadedModel:
             kwargs.update(quantization_config=quant, device_map={"": device})
         try:
             model = _auto_class(cfg.kind).from_pretrained(source, **kwargs)
-        except OSError as exc:  # transformers' word for weights it cannot find or read
+        except (OSError, ValueError, KeyError) as exc:  # weights or a config.json transformers cannot read
             where = f"model.path={cfg.path}" if cfg.path else f"model={cfg.name} ({source})"
             raise WeightsNotFound(f"{where}: no loadable safetensors weights ({str(exc).splitlines()[0]}): "
                                   f"{RESAVE_HINT}") from None
@@ -238,8 +261,11 @@ def load(cfg: ModelConfig, tok, seed: int, device: torch.device) -> LoadedModel:
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:  # transformers 5 renamed it; the old name warns on every run
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         from peft import LoraConfig, TaskType, get_peft_model
 

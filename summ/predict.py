@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from summ import data as data_mod
 from summ import evaluate, measure, models
 from summ.config import Config, ModelConfig, ModelKind
-from summ.errors import ConfigError, WeightsNotFound
+from summ.errors import ConfigError, DataError, WeightsNotFound
 from summ.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,32 @@ SUBMISSION_FILE = "submission.csv"
 
 
 def save_for_predict(accelerator, model, tokenizer, cfg: Config, target: Path) -> None:
-    """Weights (the LoRA adapter alone for peft models, safetensors), tokenizer and resolved config."""
-    accelerator.unwrap_model(model).save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
-    atomic_write_text(target / SAVED_CONFIG, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    """Weights (the LoRA adapter alone for peft models, safetensors), tokenizer and resolved config,
+    all or nothing: written into a temporary folder beside `target`, renamed when complete. A full
+    disk is one line (WriteFailed) and leaves no partial folder; an earlier `target` stays whole."""
+    import shutil
+
+    from summ.io import WriteFailed, make_folder
+
+    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_folder(target.parent, for_file=target)
+    try:
+        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / SAVED_CONFIG, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        if target.exists():
+            target.replace(old)
+        tmp.replace(target)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            old.replace(target)
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, OSError) or "os error" in text or "No space left" in text:  # safetensors' own errors too
+            raise WriteFailed(f"cannot write {target}: {getattr(exc, 'strerror', None) or text}") from exc
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- loading
@@ -64,6 +86,7 @@ def locate(cfg: Config) -> Trained:
         if (folder / SAVED_CONFIG).is_file():
             return locate_folder(folder)
     if (path / "config.json").is_file():
+        models._check_json(path / "config.json", "model.path")
         return Trained(copy.deepcopy(cfg.model), path, False, cfg.train.seed)
     if (path / "adapter_config.json").is_file():
         raise WeightsNotFound(f"model.path={cfg.model.path} holds a LoRA adapter without {SAVED_CONFIG}: point "
@@ -74,7 +97,13 @@ def locate(cfg: Config) -> Trained:
 
 def locate_folder(folder: Path) -> Trained:
     """A folder written by save_for_predict."""
-    run_cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(folder / SAVED_CONFIG))
+    try:
+        run_cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(folder / SAVED_CONFIG))
+    except Exception as exc:  # a damaged or foreign file: YAML or schema errors
+        raise WeightsNotFound(f"{folder / SAVED_CONFIG} is unreadable ({str(exc).splitlines()[0]}): point "
+                              f"model.path at an intact training run") from None
+    if (folder / "config.json").is_file():
+        models._check_json(folder / "config.json", "model.path")
     model_cfg: ModelConfig = OmegaConf.to_object(run_cfg.model)
     adapter = (folder / "adapter_config.json").is_file()
     weights = "adapter_model.safetensors" if adapter else "*.safetensors"
@@ -102,7 +131,7 @@ def load_for_inference(trained: Trained, tok, device: torch.device, quantization
     auto = models._auto_class(mc.kind)
     try:
         model = auto.from_pretrained(source, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise WeightsNotFound(f"{source} has no safetensors weights ({str(exc).splitlines()[0]}): "
                               f"re-save them with save_pretrained(safe_serialization=True)") from None
     if model.get_input_embeddings().num_embeddings < len(tok):
@@ -152,8 +181,12 @@ def run_predict(cfg: Config, output_dir: Path, metrics: dict) -> None:
     and the submission. Fills `metrics`; the caller writes it."""
     from accelerate import Accelerator
 
-    splits = data_mod.load_splits(cfg.data)
+    api = cfg.model.kind == ModelKind.api
+    # only a few-shot prompt reads the training set; a trained model's predict needs none
+    splits = data_mod.load_splits(cfg.data, need_train=api and cfg.solar.prompt_strategy != "zero_shot")
     target = splits.test if cfg.predict.split == "test" else splits.dev
+    if cfg.mode == "predict" and cfg.predict.submission:
+        _check_target(cfg, target)
     if cfg.model.kind == ModelKind.api:
         return _predict_api(cfg, output_dir, metrics, splits, target)
     acc = Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available())
@@ -187,6 +220,22 @@ def run_predict(cfg: Config, output_dir: Path, metrics: dict) -> None:
     finally:
         metrics["memory"] = {"peak_bytes": monitor.peak_bytes(), "source": monitor.source}
         monitor.stop()
+
+
+def _check_target(cfg: Config, target) -> None:
+    """The submission's rows: refused when there are none, a warning for repeated ids."""
+    from collections import Counter
+
+    split_file = cfg.data.test_file if cfg.predict.split == "test" else cfg.data.dev_file
+    if not target:
+        raise DataError(f"mode=predict writes a submission for the {cfg.predict.split} set, but {split_file} is "
+                        f"missing or empty in {cfg.data.dir or 'the bundled sample'}: add it, set predict.split=dev, "
+                        f"or predict.submission=false")
+    repeated = sorted(f for f, n in Counter(s.fname for s in target).items() if n > 1)
+    if repeated:
+        log.warning("%s repeats %d fname(s) (%s%s): each row gets its own summary, and a scorer keyed by fname "
+                    "will see duplicates", split_file, len(repeated), ", ".join(repeated[:5]),
+                    ", ..." if len(repeated) > 5 else "")
 
 
 def _measure(acc, model, samples, encoder, tok, cfg: Config, kind: ModelKind) -> dict:
@@ -241,7 +290,10 @@ def model_bytes(model) -> int:
 def _write_submission(is_main: bool, output_dir: Path, target, summaries, speed: dict, metrics: dict) -> None:
     if is_main:
         atomic_write_text(output_dir / SUBMISSION_FILE, submission_csv(target, summaries))
-    metrics["predict"] = {**speed, "file": str(output_dir / SUBMISSION_FILE), "rows": len(target)}
+    from collections import Counter
+
+    metrics["predict"] = {**speed, "file": str(output_dir / SUBMISSION_FILE), "rows": len(target),
+                          "repeated_fnames": sum(1 for n in Counter(s.fname for s in target).values() if n > 1)}
 
 
 def _speed(n: int, seconds: float) -> dict:

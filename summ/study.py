@@ -14,7 +14,6 @@ from summ.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 BEST_FILE = "best_overrides.txt"
-TRIAL_ONLY = ("hydra.", "preset=", "measure.steps=", "measure.warmup_steps=", "sweep.")
 
 
 def precision_choices() -> str:
@@ -25,6 +24,20 @@ def precision_choices() -> str:
     if torch.cuda.is_available():
         values = ["no", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
     return f"choice({','.join(values)})"
+
+
+def study_seed(base: int, storage: Optional[str], study_name: Optional[str]) -> int:
+    """The resolver behind ${summ_study_seed:...}: `base` plus the trials the study already holds.
+    A seeded sampler started again on the same study would otherwise propose the very trials it
+    proposed last time; this stays reproducible (the same study state gives the same seed)."""
+    if not storage or not study_name:
+        return int(base)
+    import optuna
+
+    try:
+        return int(base) + len(optuna.load_study(study_name=study_name, storage=storage).trials)
+    except Exception:  # no such study yet (KeyError), or no database file: a new study
+        return int(base)
 
 
 def _is_optuna(hydra_cfg: Any) -> bool:
@@ -62,30 +75,112 @@ def record_trial(hydra_cfg: Any, overrides: list[str], metrics: dict) -> None:
         mem, train = metrics.get("memory") or {}, metrics.get("train") or {}
         for key, value in (("status", metrics.get("status")), ("error", metrics.get("error")),
                            ("peak_bytes", mem.get("peak_bytes")), ("samples_per_s", train.get("samples_per_s")),
-                           ("tokens_per_s", train.get("tokens_per_s")), ("job_dir", metrics.get("job_dir"))):
-            trial.set_user_attr(key, value)
+                           ("tokens_per_s", train.get("tokens_per_s")), ("job_dir", metrics.get("job_dir")),
+                           ("config_hash", metrics.get("config_hash")), ("reused_from", metrics.get("reused_trial"))):
+            if key != "reused_from" or value is not None:
+                trial.set_user_attr(key, value)
     except Exception as exc:  # attributes are a convenience: never fail the trial for them
         log.warning("could not record trial attributes in the Optuna study: %s", exc)
 
 
+def finished_trial_for(hydra_cfg: Any, cfg_hash: str) -> Optional[tuple[int, str]]:
+    """(number, job folder) of the newest COMPLETE trial of this Optuna study whose config hash is
+    `cfg_hash` and that measured it itself (not a reuse), or None."""
+    if not _is_optuna(hydra_cfg) or not hydra_cfg.sweeper.get("storage"):
+        return None
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=hydra_cfg.sweeper.study_name, storage=hydra_cfg.sweeper.storage)
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    except Exception as exc:  # no study yet, or a storage that cannot answer: measure
+        log.debug("no earlier trials to reuse: %s", exc)
+        return None
+    same = [t for t in done if t.user_attrs.get("config_hash") == cfg_hash and t.user_attrs.get("job_dir")
+            and t.user_attrs.get("reused_from") is None]
+    if not same:
+        return None
+    t = max(same, key=lambda t: t.number)
+    return t.number, t.user_attrs["job_dir"]
+
+
 def write_best(config: DictConfig, sweep_dir: Path) -> Optional[str]:
-    """After an Optuna sweep: the best trial's overrides as one command, saved and returned."""
-    results = sweep_dir / "optimization_results.yaml"
-    if not results.is_file():
+    """After a single-objective Optuna sweep: the study's best trial as one command that trains
+    that cell anew (reproduce_command), saved to best_overrides.txt and returned."""
+    if not _is_optuna(config.hydra) or not config.hydra.sweeper.get("storage"):
         return None
-    res = OmegaConf.load(results)
-    if "best_params" not in res:  # a multi-objective study has a front, not one best
+    import optuna
+
+    study = optuna.load_study(study_name=config.hydra.sweeper.study_name, storage=config.hydra.sweeper.storage)
+    if len(study.directions) != 1:  # a multi-objective study has a front (pareto_report.md), not one best
         return None
-    swept = set(res.best_params.keys())
-    # keep the user's own choices (model, data, ...); drop the trial's measurement knobs
-    fixed = [o for o in config.hydra.overrides.task
-             if not o.startswith(TRIAL_ONLY) and o.split("=", 1)[0] not in swept]
-    best = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in res.best_params.items()]
-    command = "python run.py " + " ".join(fixed + best)
+    try:
+        best = study.best_trial
+    except ValueError:  # no COMPLETE trial
+        return None
+    job_dir = best.user_attrs.get("job_dir")
+    if not job_dir or not (Path(job_dir) / ".hydra" / "config.yaml").is_file():
+        log.warning("the best trial (%d) left no job folder to rebuild its command from", best.number)
+        return None
+    command = reproduce_command(Path(job_dir))
     atomic_write_text(sweep_dir / BEST_FILE,
-                      f"# best trial of study {config.hydra.sweeper.study_name}: {res.best_value:.6g} "
-                      f"({config.objective}); run it with:\n{command}\n")
+                      f"# best trial {best.number} of study {study.study_name}: {best.value:.6g} "
+                      f"({config.objective}), measured in {job_dir}; train that cell with:\n{command}\n")
     return command
+
+
+# Settings that only shape a measurement trial; the command trains the cell for real.
+TRIAL_KEYS = ("measure.steps", "measure.warmup_steps", "measure.samples", "measure.warmup_samples",
+              "objective", "objective_penalty")
+
+
+def reproduce_command(job_dir: Path) -> str:
+    """`python run.py ...` for the cell measured in `job_dir`: the config groups it chose where they
+    differ from the defaults (data=synthetic from a preset, say), then every value that differs from
+    those groups' defaults (the swept settings and whatever a preset or the user set), less the
+    trial's measurement knobs and the sweep section."""
+    from hydra import compose
+
+    job_cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+    chosen = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices
+    defaults = compose(config_name="config", return_hydra_config=True).hydra.runtime.choices
+    groups = [f"{g}={c}" for g, c in chosen.items() if g in defaults and g != "preset" and "/" not in g
+              and c is not None and c != defaults[g]]
+    base = compose(config_name="config", overrides=groups)
+    wanted = _leaves(OmegaConf.to_container(job_cfg, resolve=True, enum_to_str=True))
+    have = _leaves(OmegaConf.to_container(base, resolve=True, enum_to_str=True))
+
+    def kept(key: str) -> bool:
+        return key in wanted and not key.startswith("sweep.") and key not in TRIAL_KEYS
+
+    # the job's own overrides first (the swept settings, shown even where they equal a default)
+    own = [o.split("=", 1)[0].lstrip("+~") for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml") if "=" in o]
+    keys = [k for k in own if kept(k)]
+    keys += [k for k in wanted if kept(k) and k not in keys and k in have and wanted[k] != have[k]]
+    return " ".join(["python run.py", *groups, *(f"{k}={_override_value(wanted[k])}" for k in keys)])
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _override_value(v: Any) -> str:
+    """A value as Hydra's override grammar reads it back."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_override_value(x) for x in v) + "]"
+    text = str(v)
+    if isinstance(v, str) and (not text or any(c in text for c in " ,=[]{}()'\"\\:$")):
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return text
 
 
 RDB_URLS = ("postgresql", "mysql", "mariadb", "oracle", "mssql")
@@ -96,6 +191,10 @@ def prepare_storage(hydra_cfg: Any, attempts: int = 8) -> None:
     moment on an empty database race to create them (PostgreSQL: UniqueViolation on pg_type) and
     the loser would die; here it waits a moment and finds them made."""
     url = str(OmegaConf.select(hydra_cfg, "sweeper.storage", default="") or "")
+    if _is_optuna(hydra_cfg) and url.startswith("sqlite:///"):  # SQLite makes the file, not its folder
+        from summ.io import make_folder
+
+        make_folder(Path(url[len("sqlite:///"):]).parent)
     if not _is_optuna(hydra_cfg) or not url.startswith(RDB_URLS):
         return
     import random
@@ -115,8 +214,72 @@ def prepare_storage(hydra_cfg: Any, attempts: int = 8) -> None:
             time.sleep(0.2 + random.random())
 
 
+def check_sweeper(hydra_cfg: Any) -> None:
+    """Settings of the Optuna or knee sweeper that cannot work, refused before the first trial."""
+    from summ.errors import ConfigError
+
+    sweeper = hydra_cfg.sweeper
+    target = str(sweeper.get("_target_", "")).lower()
+    if "optuna" in target:
+        counts, ranges = ("n_trials", "n_jobs"), ()
+    elif "knee" in target:
+        counts, ranges = ("min_batch_size", "max_batch_size", "max_trials"), (("tolerance", -1.0, 1.0),
+                                                                              ("resolution", 0.0, 1.0))
+    else:
+        return
+    for key in counts:
+        value = sweeper.get(key)
+        if value is not None and value < 1:
+            raise ConfigError(f"hydra.sweeper.{key}={value} is invalid: it must be >= 1")
+    for key, low, high in ranges:
+        value = sweeper.get(key)
+        if value is not None and not low <= value < high:
+            raise ConfigError(f"hydra.sweeper.{key}={value} is invalid: it must be in [{low:g}, {high:g})")
+    if "knee" in target and sweeper.min_batch_size > sweeper.max_batch_size:
+        raise ConfigError(f"hydra.sweeper.min_batch_size={sweeper.min_batch_size} exceeds "
+                          f"hydra.sweeper.max_batch_size={sweeper.max_batch_size}")
+
+
+def metric_names(objective: str) -> list[str]:
+    """What the study's values are, for optuna-dashboard and study.trials_dataframe()."""
+    if objective == "seconds_per_sample_and_rouge":
+        return ["train_seconds_per_sample", "rouge_mean"]
+    return [objective]
+
+
+def name_objectives(config: DictConfig) -> None:
+    """Create the study (if new) with the sweeper's directions and name its values."""
+    hydra_cfg = config.hydra
+    if not _is_optuna(hydra_cfg) or not hydra_cfg.sweeper.get("storage"):
+        return
+    import optuna
+
+    direction = hydra_cfg.sweeper.direction
+    directions = [str(d) for d in direction] if OmegaConf.is_list(direction) else [str(direction)]
+    study = optuna.create_study(study_name=hydra_cfg.sweeper.study_name, storage=hydra_cfg.sweeper.storage,
+                                directions=directions, load_if_exists=True)
+    names = metric_names(str(config.objective))
+    if len(names) == len(directions) and study.metric_names != names:
+        import warnings
+
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and still the way to name them
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
+
+
 class OptunaStorageCallback(Callback):
-    """Before an Optuna sweep opens its study: the storage's tables exist (prepare_storage)."""
+    """Before a sweep: its settings checked (one line, exit code 2), and for an Optuna study the
+    storage's tables made (prepare_storage) and its objective named."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import sys
+
+        from summ.errors import ConfigError
+
+        try:
+            check_sweeper(config.hydra)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
         prepare_storage(config.hydra)
+        name_objectives(config)

@@ -83,6 +83,9 @@ def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
                  ("ROUGE-1/2/L", " / ".join(_fmt(ev.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL"))
                   + f"  (sum {_fmt(ev.get('rouge_sum'), '.4f')}, mean {_fmt(ev.get('rouge_mean'), '.4f')}, "
                     f"n={ev.get('n')})")]
+        if m.get("random_init") and ev.get("rouge_mean") is not None:
+            rows.append(("", "a randomly initialised test-size model: ROUGE near zero is expected; real scores "
+                             "need pretrained weights (model=kobart model.path=...)"))
         if ev.get("generation_ms_per_sample") is not None:
             rows += _generation_rows(ev, "dev")
     if m.get("data_quality"):

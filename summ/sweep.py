@@ -40,6 +40,35 @@ def reusable_metrics(output_dir: Path, cfg_hash: str) -> Optional[dict]:
     return _final_for(output_dir / METRICS_FILE, cfg_hash)
 
 
+# What a job leaves in its folder besides Hydra's own files (.hydra/, the log).
+RESULT_FILES = ("metrics.json", "train_history.jsonl", "dev_predictions.csv", "error.log", "data_quality.csv",
+                "oof_predictions.csv", "oof_candidates.jsonl", "submission.csv")
+
+
+def set_aside_earlier_result(output_dir: Path, cfg_hash: str) -> Optional[Path]:
+    """A job folder that already holds a result this job will not reuse (another config under
+    sweep.resume, a failed cell, a sweep run again into the same folder): its result files move to
+    superseded_<its config hash>[_n]/ inside the folder, never overwritten. Returns that folder."""
+    present = [output_dir / f for f in RESULT_FILES if (output_dir / f).exists()]
+    if not present:
+        return None
+    try:
+        old_hash = json.loads((output_dir / METRICS_FILE).read_text(encoding="utf-8")).get("config_hash") or "unknown"
+    except (OSError, ValueError, AttributeError):
+        old_hash = "unreadable"
+    target, n = output_dir / f"superseded_{old_hash}", 1
+    while target.exists():
+        n += 1
+        target = output_dir / f"superseded_{old_hash}_{n}"
+    target.mkdir(parents=True)
+    for path in present:
+        path.replace(target / path.name)
+    why = "another config" if old_hash not in (cfg_hash, "unknown", "unreadable") else "an unfinished or failed run"
+    log.warning("%s held a result of %s (config %s, this job's %s): moved to %s; this cell is measured again",
+                output_dir, why, old_hash, cfg_hash, target)
+    return target
+
+
 def reused_from_sweep(sweep_dir: Path, cfg_hash: str) -> Optional[tuple[Path, dict]]:
     """(job folder, metrics) of a finished cell in another sweep folder with the same config."""
     if not sweep_dir.is_dir():
@@ -64,3 +93,19 @@ def _final_for(path: Path, cfg_hash: str) -> Optional[dict]:
     if metrics.get("status") in FINAL_STATUSES and metrics.get("config_hash") == cfg_hash:
         return metrics
     return None
+
+
+def reused_from_study(hydra_cfg, overrides: Sequence[str], cfg_hash: str) -> Optional[tuple[Path, dict]]:
+    """(job folder, metrics) of an earlier COMPLETE trial of this job's Optuna study that measured
+    the same config (same config hash), so a study never measures one configuration twice; None
+    outside an Optuna sweep with storage, or when no such trial left a readable result."""
+    from summ.study import finished_trial_for
+
+    found = finished_trial_for(hydra_cfg, cfg_hash)
+    if found is None:
+        return None
+    number, job_dir = found
+    metrics = _final_for(Path(job_dir) / METRICS_FILE, cfg_hash)
+    if metrics is None:
+        return None
+    return Path(job_dir), {**metrics, "reused_trial": number}

@@ -95,6 +95,7 @@ def _skeleton(cfg: Config, cfg_hash: str) -> dict:
         "effective_batch_size": None, "mixed_precision": cfg.train.mixed_precision.value,
         "gradient_checkpointing": cfg.model.gradient_checkpointing, "quantization": cfg.model.quantization,
         "lora": cfg.model.lora.enabled, "config_hash": cfg_hash,
+        "random_init": cfg.model.tiny is not None and not cfg.model.path,  # a test-size model, not pretrained
         "train": None, "memory": None, "eval": None,
         "epoch_seconds_projected": None, "mfu": None,
     }
@@ -283,6 +284,9 @@ class _Job:
         windows = self._windows()
         loss_value = None
         bar.update(self.start_step)
+        # no bar (output to a file or a pipe): a progress line in the log every train.log_every_steps
+        lines = bar.disable and acc.is_main_process
+        started = measure.now()
         try:
             for step in range(self.start_step, self.total_updates):
                 measure.synchronize(device)
@@ -330,6 +334,11 @@ class _Job:
                 self._maybe_checkpoint(step + 1, signum)
                 if (step + 1) % cfg.train.log_every_steps == 0 or step == 0:
                     bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{samples / step_seconds:.1f}")
+                    if lines:
+                        done = step + 1 - self.start_step
+                        eta = (measure.now() - started) / done * (self.total_updates - step - 1)
+                        log.info("step %d/%d | loss %.4f | %.1f samples/s | ETA %s", step + 1, self.total_updates,
+                                 loss_value, samples / step_seconds, _duration(eta))
         finally:
             bar.close()
             self._record_train(timer, profile, loss_value)
@@ -527,6 +536,11 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optiona
                 keep.append((job.accelerator.unwrap_model(job.model).eval(), job.tokenizer, job.encoder))
             job.close()
     return metrics
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _save_plots(job: "_Job", output_dir: Path) -> None:
