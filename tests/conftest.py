@@ -20,11 +20,11 @@ CONF = ROOT / "conf"
 FAST = ["train.epochs=1", "eval.generate=false", "measure.warmup_steps=1", "measure.rss_interval_ms=5"]
 
 
-def compose_cfg(overrides=()):
+def compose_cfg(overrides=(), **kwargs):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF)):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), **kwargs)
 
 
 @pytest.fixture

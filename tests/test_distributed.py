@@ -87,7 +87,10 @@ def test_resume_from_nothing_is_one_line(tmp_path, value, expect):
 
 @pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes(tmp_path):
-    proc = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "2", str(ROOT / "run.py"),
+    # the accelerate script of this interpreter's environment, found without PATH (a virtualenv
+    # that is not activated, as `venv/bin/python -m pytest` runs it)
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    proc = subprocess.run([accelerate, "launch", "--cpu", "--num_processes", "2", str(ROOT / "run.py"),
                            "measure.steps=5", "eval.enabled=true", "inference=greedy", "inference.max_new_tokens=8"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]

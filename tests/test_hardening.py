@@ -227,11 +227,10 @@ def test_user_errors_end_in_one_line_and_exit_2(tmp_path, bin_only, overrides, e
     assert len(errors) == 1 and expect.format(bin_only=bin_only) in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert seconds < 60
-    metrics = run_dir / "metrics.json"
-    if before_setup:  # validate() refused it: nothing was measured or recorded
-        assert not metrics.exists()
-    else:  # found while loading: recorded as a failed job
-        assert json.loads(metrics.read_text())["status"] == "failed"
+    metrics = json.loads((run_dir / "metrics.json").read_text())  # whatever happened, it says why
+    assert metrics["status"] == "failed" and expect.format(bin_only=bin_only) in metrics["error"]
+    if before_setup:  # validate() refused it: nothing was measured
+        assert metrics.get("train") is None
 
 
 @pytest.mark.slow

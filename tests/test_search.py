@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic_train_size=600", "measure.steps=2", "measure.warmup_steps=1"]
 
 
-def cli(*args, timeout=600):
+def cli(*args, timeout=600, code=0):
     proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == code, proc.stderr[-3000:]
     return proc
 
 
@@ -26,7 +26,8 @@ def test_optuna_study_persists_penalises_infeasible_trials_and_writes_the_best(t
     common = ["-m", "preset=optuna_step_time", f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=2", *SMALL]
     cli(*common, f"hydra.sweep.dir={tmp_path}/a")
     # the same command again continues the study; this time every cell is over a tiny budget
-    cli(*common, f"hydra.sweep.dir={tmp_path}/b", "measure.memory_budget_gb=0.0001")
+    # (no cell of that sweep fits: it exits 3, as an over_budget run does)
+    cli(*common, f"hydra.sweep.dir={tmp_path}/b", "measure.memory_budget_gb=0.0001", code=3)
     study = optuna.load_study(study_name="tiny_bart-synthetic-seconds_per_sample", storage=storage)
     trials = study.get_trials()
     assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
