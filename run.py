@@ -10,7 +10,8 @@ Optuna search (hydra-optuna-sweeper):
 Several processes (DDP through Accelerate; gloo on CPU):
     accelerate launch --cpu --num_processes 2 run.py measure.steps=5 eval.enabled=false
 
-The config is composed from conf/ (schemas in summ/config.py); the work is summ.app.run.
+The config is composed from conf/ (schemas in summ/config.py); the work is summ.app.run
+(a single run: summ.pipeline.run_job; a sweep's job: summ.sweeps.trials.run_trial).
 """
 import os
 import sys
@@ -24,10 +25,9 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from summ import distributed  # noqa: E402
-from summ.app import guard_hydra_writes  # noqa: E402
-from summ.config import register_configs  # noqa: E402
+from summ.app import guard_hydra_writes, register  # noqa: E402
 
-register_configs()
+register()
 guard_hydra_writes()
 
 

@@ -23,12 +23,13 @@ OVERRIDES = ["data=synthetic", "data.synthetic_train_size=2000", "batch.batch_si
 def hf_trainer(steps: int) -> dict:
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
-    from summ import data as D
-    from summ import measure
+    from summ.data.sampler import EpochSampler
+    from summ.data.tokenize import Collator
+    from summ.measure.timing import now
 
     cfg, tok, ds, loaded = same_inputs(OVERRIDES, steps)
-    collator = D.Collator(tok.pad_token_id, cfg.model.kind, loaded.decoder_start_token_id)
-    sampler = D.EpochSampler(ds.lengths(), seed=cfg.train.seed)
+    collator = Collator(tok.pad_token_id, cfg.model.kind, loaded.decoder_start_token_id)
+    sampler = EpochSampler(ds.lengths(), seed=cfg.train.seed)
     warm = cfg.measure.warmup_steps
     total = warm + steps
 
@@ -37,7 +38,7 @@ def hf_trainer(steps: int) -> dict:
             self.ends: list[float] = []
 
         def on_step_end(self, args, state, control, **kw):
-            self.ends.append(measure.now())
+            self.ends.append(now())
 
     class SameSampler(Seq2SeqTrainer):
         def _get_train_sampler(self, *a, **k):

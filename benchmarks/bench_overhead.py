@@ -21,15 +21,16 @@ OVERRIDES = ["data=synthetic", "data.synthetic_train_size=2000", "batch.batch_si
 def bare(steps: int) -> dict:
     from transformers import get_scheduler
 
-    from summ import data as D
-    from summ import measure
-    from summ.loss import model_inputs, summed_token_loss
+    from summ.data.sampler import EpochSampler
+    from summ.data.tokenize import Collator
+    from summ.measure.timing import now
+    from summ.modeling.loss import model_inputs, summed_token_loss
 
     cfg, tok, ds, loaded = same_inputs(OVERRIDES, steps)
     model = loaded.model.train()
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch.batch_size, drop_last=True,
-                                         sampler=D.EpochSampler(ds.lengths(), seed=cfg.train.seed),
-                                         collate_fn=D.Collator(tok.pad_token_id, cfg.model.kind,
+                                         sampler=EpochSampler(ds.lengths(), seed=cfg.train.seed),
+                                         collate_fn=Collator(tok.pad_token_id, cfg.model.kind,
                                                                loaded.decoder_start_token_id))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
@@ -41,7 +42,7 @@ def bare(steps: int) -> dict:
     it = iter(loader)
     samples, seconds, loss = 0, 0.0, None
     for step in range(total):
-        start = measure.now()
+        start = now()
         batch = next(it)
         n = int((batch["labels"] != -100).sum())
         logits = model(**model_inputs(batch)).logits
@@ -53,7 +54,7 @@ def bare(steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         loss_value = loss.item()
         if step >= cfg.measure.warmup_steps:
-            seconds += measure.now() - start
+            seconds += now() - start
             samples += batch["input_ids"].size(0)
     return {"samples_per_s": samples / seconds, "final_loss": loss_value}
 

@@ -28,20 +28,22 @@ def epoch_pad_fraction(overrides: list[str]) -> float:
     """Padded share of all positions over one epoch of training batches (no model needed)."""
     from omegaconf import OmegaConf
 
-    from summ import data as D
-    from summ import models
-    from summ.measure import batch_token_counts
+    from summ.data.sampler import EpochSampler
+    from summ.data.splits import load_splits
+    from summ.data.tokenize import Collator, Encoder, TokenizedDataset
+    from summ.modeling import models
+    from summ.data.tokenize import batch_token_counts
 
     cfg = OmegaConf.to_object(compose(BASE + overrides))
     tok = models.load_tokenizer(cfg.model)
-    enc = D.Encoder(tok, cfg.model.kind, cfg.model.prompt_template, cfg.data.encoder_max_len, cfg.data.decoder_max_len)
-    ds = D.TokenizedDataset(D.load_splits(cfg.data).train, enc)
+    enc = Encoder(tok, cfg.model.kind, cfg.model.prompt_template, cfg.data.encoder_max_len, cfg.data.decoder_max_len)
+    ds = TokenizedDataset(load_splits(cfg.data).train, enc)
     widths = enc.max_widths() if cfg.data.padding == "max_length" else (None, None)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=cfg.batch.batch_size, drop_last=True,
-        sampler=D.EpochSampler(ds.lengths(), seed=cfg.train.seed, group_by_length=cfg.data.group_by_length,
+        sampler=EpochSampler(ds.lengths(), seed=cfg.train.seed, group_by_length=cfg.data.group_by_length,
                                batch_size=cfg.batch.batch_size),
-        collate_fn=D.Collator(tok.pad_token_id, cfg.model.kind, tok.eos_token_id, *widths))
+        collate_fn=Collator(tok.pad_token_id, cfg.model.kind, tok.eos_token_id, *widths))
     real = pad = 0
     for batch in loader:
         r, p = batch_token_counts(batch)
@@ -50,10 +52,10 @@ def epoch_pad_fraction(overrides: list[str]) -> float:
 
 
 def run(overrides: list[str], steps: int) -> dict:
-    from summ.train import train
+    from summ.pipeline import run_job
 
     with tempfile.TemporaryDirectory() as tmp:
-        m = train(compose(BASE + overrides + [f"measure.steps={steps}"]), tmp)
+        m = run_job(compose(BASE + overrides + [f"measure.steps={steps}"]), tmp).to_dict()
     return {"samples_per_s": m["train"]["samples_per_s"], "pad_fraction": m["train"]["pad_fraction"]}
 
 

@@ -31,8 +31,9 @@ from pathlib import Path
 import yaml
 from common import ROOT, machine, table
 
-from summ.knee import Trial, knee_search, predicted_over_limit
-from summ.report import Analysis, Cell, analyse, load_cells
+from summ.sweeps.knee_search import Trial, knee_search, predicted_over_limit
+from summ.reports.cells import Cell, load_cells
+from summ.reports.knee import Analysis, analyse
 
 PENALTY = 1e6
 

@@ -17,7 +17,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from summ.config import register_configs
+    from summ.app import register as register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -69,11 +69,11 @@ def summ_loop(overrides: list[str], steps: int) -> dict:
     """summ's own loop (train()) for `steps` measured steps: samples/s and the last step's loss."""
     import tempfile
 
-    from summ.train import train
+    from summ.pipeline import run_job
 
     with tempfile.TemporaryDirectory() as tmp:
-        m = train(compose(overrides + [f"measure.steps={steps}"]), tmp)
-    return {"samples_per_s": m["train"]["samples_per_s"], "final_loss": m["train"]["final_loss"]}
+        m = run_job(compose(overrides + [f"measure.steps={steps}"]), tmp)
+    return {"samples_per_s": m.train.samples_per_s, "final_loss": m.train.final_loss}
 
 
 def same_inputs(overrides: list[str], steps: int):
@@ -82,13 +82,14 @@ def same_inputs(overrides: list[str], steps: int):
     import torch
     from omegaconf import OmegaConf
 
-    from summ import data as D
-    from summ import models
+    from summ.data.splits import load_splits
+    from summ.data.tokenize import Encoder, TokenizedDataset
+    from summ.modeling import models
 
     cfg = OmegaConf.to_object(compose(overrides + [f"measure.steps={steps}"]))
     tok = models.load_tokenizer(cfg.model)
-    enc = D.Encoder(tok, cfg.model.kind, cfg.model.prompt_template, cfg.data.encoder_max_len, cfg.data.decoder_max_len)
-    ds = D.TokenizedDataset(D.load_splits(cfg.data).train, enc)
+    enc = Encoder(tok, cfg.model.kind, cfg.model.prompt_template, cfg.data.encoder_max_len, cfg.data.decoder_max_len)
+    ds = TokenizedDataset(load_splits(cfg.data).train, enc)
     return cfg, tok, ds, models.load(cfg.model, tok, cfg.train.seed, torch.device("cpu"))
 
 

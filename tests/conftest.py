@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded in tests
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from summ.config import register_configs  # noqa: E402
+from summ.app import register as register_configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -35,7 +35,7 @@ def cfg_factory():
 @pytest.fixture
 def run_job(tmp_path):
     """Compose with overrides and run one job in a fresh folder; returns (metrics, folder)."""
-    from summ.train import train
+    from summ.pipeline import run_job
 
     counter = {"n": 0}
 
@@ -43,6 +43,6 @@ def run_job(tmp_path):
         counter["n"] += 1
         out = tmp_path / f"job{counter['n']}"
         cfg = compose_cfg((FAST if fast else []) + list(overrides))
-        return train(cfg, out, on_micro_step=on_micro_step), out
+        return run_job(cfg, out, on_micro_step=on_micro_step).to_dict(), out
 
     return _run

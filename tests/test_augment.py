@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from summ.augment import augment, rewrite_with_backend
-from summ.data import bundled_sample_dir, read_csv
-from summ.ensemble import mbr_select
-from summ.textops import mask_words, replace_synonyms, shuffle_turns
-from summ.tta import perturb
+from summ.data.augment import augment, rewrite_with_backend
+from summ.data.samples import bundled_sample_dir, read_csv
+from summ.inference.ensemble import mbr_select
+from summ.data.textops import mask_words, replace_synonyms, shuffle_turns
+from summ.inference.tta import perturb
 
 TOKENS = re.compile(r"#[A-Za-z]+\d*#")
 TRAIN = read_csv(bundled_sample_dir() / "train.csv", need_summary=True)
@@ -85,7 +85,7 @@ def tiny_translators(tmp_path_factory):
     """Two tiny local seq2seq models standing in for a MarianMT ko-en / en-ko pair."""
     import torch
 
-    from summ import models
+    from summ.modeling import models
     from tests.conftest import compose_cfg
     from omegaconf import OmegaConf
 
@@ -102,7 +102,7 @@ def tiny_translators(tmp_path_factory):
 
 
 def test_back_translation_through_local_models_is_cached_and_keeps_tokens(tiny_translators, tmp_path):
-    from summ.generation import build
+    from summ.inference.backends import build
 
     gen = SimpleNamespace(kind="local", ko_en_path=tiny_translators["ko_en"], en_ko_path=tiny_translators["en_ko"],
                           paraphrase_path=None, batch_size=8, max_new_tokens=12, num_beams=1)
@@ -145,8 +145,8 @@ def test_dev_and_test_are_never_augmented(run_job):
 
 
 def test_tta_paraphrase_goes_through_the_backend_and_keeps_tokens(tiny_translators, tmp_path):
-    from summ.generation import build
-    from summ.tta import usable_methods
+    from summ.inference.backends import build
+    from summ.inference.tta import usable_methods
 
     gen = SimpleNamespace(kind="local", ko_en_path=None, en_ko_path=None, paraphrase_path=tiny_translators["ko_en"],
                           batch_size=8, max_new_tokens=12, num_beams=1)

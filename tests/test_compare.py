@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from summ.compare import COLUMNS, main
+from summ.reports.compare import COLUMNS, main
 
 GiB = 2**30
 

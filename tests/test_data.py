@@ -7,11 +7,12 @@ import statistics
 import pytest
 
 from summ.config import ModelKind
-from summ.data import (IGNORE_INDEX, MASKED_TOKENS, Collator, EpochSampler, Encoder, Sample, TokenizedDataset,
-                       bundled_sample_dir, read_csv)
+from summ.data.sampler import EpochSampler
+from summ.data.samples import MASKED_TOKENS, Sample, bundled_sample_dir, read_csv
+from summ.data.tokenize import IGNORE_INDEX, Collator, Encoder, TokenizedDataset
 from summ.errors import DataError
-from summ.measure import batch_token_counts
-from summ.models import tiny_tokenizer
+from summ.data.tokenize import batch_token_counts
+from summ.modeling.models import tiny_tokenizer
 
 
 def test_reads_bom_crlf_and_multiline_quoted_fields(tmp_path):
@@ -133,7 +134,7 @@ def test_length_grouping_cuts_padding():
 
 
 def test_synthetic_follows_competition_lengths():
-    from summ.synthetic import generate
+    from summ.data.synthetic import generate
 
     data = generate(3000, seed=0)
     lengths = [len(s.dialogue) for s in data]

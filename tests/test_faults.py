@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from summ.io import WriteFailed
+from summ.files import WriteFailed
 
 from .conftest import ROOT, compose_cfg
 
@@ -119,7 +119,7 @@ def test_a_truncated_metrics_json_in_a_real_sweep_is_a_warning(killed_and_resume
 
 
 def test_a_job_whose_folder_cannot_exist_fails_with_one_line(tmp_path):
-    from summ.train import train
+    from summ.pipeline import run_job as train
 
     blocker = tmp_path / "outputs"
     blocker.write_text("a file where the run folder's parent should be\n")

@@ -15,10 +15,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from summ import models
-from summ.config import validate
+from summ.modeling import models
+from summ.validation import validate
 from summ.errors import ConfigError, UserError, WeightsNotFound
-from summ.io import WriteFailed, atomic_write_json, atomic_write_text
+from summ.files import WriteFailed, atomic_write_json, atomic_write_text
 
 from .conftest import CONF, ROOT, compose_cfg
 
@@ -148,7 +148,7 @@ def _tiny_bart(folder: Path, pickled: bool) -> Path:
     safetensors (save_pretrained), or only a pickled pytorch_model.bin as older checkpoints ship."""
     model_cfg = OmegaConf.to_object(compose_cfg(["model=tiny_bart"]).model)
     tok = models.tiny_tokenizer()
-    model = models._tiny_model(model_cfg, tok, seed=0)
+    model = models.tiny_model(model_cfg, tok, seed=0)
     tok.save_pretrained(folder)
     if pickled:
         model.config.save_pretrained(folder)

@@ -5,7 +5,7 @@ import csv
 
 import pytest
 
-from summ.data import fold_indices
+from summ.data.splits import fold_indices
 
 
 def test_folds_are_disjoint_and_cover_everything():
@@ -35,7 +35,7 @@ def test_two_folds_with_an_ensemble(run_job, strategy):
 
 
 def test_stacking_selector_learns_which_feature_predicts_rouge():
-    from summ.ensemble import fit_selector, stack_select
+    from summ.inference.ensemble import fit_selector, stack_select
 
     # references reward the candidate that agrees with the others; a lone outlier scores 0
     groups = []
@@ -54,15 +54,17 @@ def test_logit_average_of_identical_members_is_the_member(model):
     from accelerate import Accelerator
     from omegaconf import OmegaConf
 
-    from summ import data as D
-    from summ import evaluate, models
+    from summ.data.splits import load_splits
+    from summ.data.tokenize import Encoder
+    from summ.inference import evaluate
+    from summ.modeling import models
     from tests.conftest import compose_cfg
 
     cfg = OmegaConf.to_object(compose_cfg([f"model={model}", "inference.num_beams=3", "inference.max_new_tokens=8"]))
     tok = models.load_tokenizer(cfg.model)
     lm = models.load(cfg.model, tok, 0, torch.device("cpu")).model.eval()
-    enc = D.Encoder(tok, cfg.model.kind, cfg.model.prompt_template, 64, 16)
-    dev = D.load_splits(cfg.data).dev[:4]
+    enc = Encoder(tok, cfg.model.kind, cfg.model.prompt_template, 64, 16)
+    dev = load_splits(cfg.data).dev[:4]
     acc = Accelerator(cpu=True)
     alone, _ = evaluate.generate(acc, lm, dev, enc, tok, cfg.inference, cfg.model.kind, 4)
     paired, _ = evaluate.generate(acc, lm, dev, enc, tok, cfg.inference, cfg.model.kind, 4, co_members=[lm])
@@ -73,7 +75,7 @@ def test_logit_average_of_identical_members_is_the_member(model):
 
 
 def test_ensemble_across_runs(run_job, capsys):
-    from summ.ensemble import main
+    from summ.inference.ensemble import main
 
     runs = []
     for seed in (1, 2):

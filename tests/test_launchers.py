@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from summ.config import register_configs
+from summ.app import register as register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.synthetic_train_size=600", "measure.steps=2", "measure.warmup_steps=1"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from summ.data import bundled_sample_dir
+from summ.data.samples import bundled_sample_dir
 
 from .test_solar import KEY, FakeSolar
 

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from summ.data import Sample, bundled_sample_dir, read_csv
-from summ.quality import assess
+from summ.data.samples import Sample, bundled_sample_dir, read_csv
+from summ.data.quality import assess
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = "#Person1#: 안녕하세요, 예약을 바꾸고 싶어요.\n#Person2#: 네, 언제로 바꿔 드릴까요?\n#Person1#: 금요일 저녁으로 부탁드려요."

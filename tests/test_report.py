@@ -6,7 +6,9 @@ import json
 import pytest
 import yaml
 
-from summ.report import analyse, build_report, fit_memory_model, load_cells, main
+from summ.reports.cells import load_cells
+from summ.reports.knee import analyse, fit_memory_model
+from summ.reports.knee_report import build_report, main
 
 GB = 10**9
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from summ.config import RougeTokenizer
-from summ.scoring import clean_prediction, rouge_scores
+from summ.inference.scoring import clean_prediction, rouge_scores
 
 REF = "#Person1#은 #Person2#에게 내일 회의 시간을 알려줍니다."
 

@@ -84,7 +84,7 @@ _ORIGINAL = dict(RECORDED)
 
 
 def _cells(keys):
-    from summ.report import Cell
+    from summ.reports.cells import Cell
 
     out = []
     for bs, ga in keys:
@@ -100,7 +100,7 @@ def _replay(table_keys, ga=1, memory_model=True, **overrides):
     """knee_search over the recorded table, with the plugin's memory prediction, as the preset sets it."""
     import yaml
 
-    from summ.knee import Trial, knee_search, predicted_over_limit
+    from summ.sweeps.knee_search import Trial, knee_search, predicted_over_limit
 
     cells = {(c.batch_size, c.gradient_accumulation_steps): c for c in _cells(table_keys)}
     seen = []
@@ -120,7 +120,7 @@ def _replay(table_keys, ga=1, memory_model=True, **overrides):
 
 
 def test_knee_search_reaches_the_grid_recommendation_in_half_the_trials_on_a_recorded_table():
-    from summ.report import analyse
+    from summ.reports.knee import analyse
 
     grid = analyse(_cells(GRID))
     assert (grid.recommended.batch_size, grid.recommended.gradient_accumulation_steps) == (8, 1)
@@ -143,7 +143,7 @@ def test_one_flat_reading_does_not_stop_the_doubling():
             (32, 1): (175.0, 1.8)}
     RECORDED.update(flat)  # restored below
     try:
-        from summ.report import analyse
+        from summ.reports.knee import analyse
 
         assert analyse(_cells(list(flat))).recommended.batch_size == 32
         patient = _replay(list(flat), resolution=1.0)
@@ -164,7 +164,7 @@ def test_knee_search_reaches_the_grid_recommendation_on_the_real_tiny_model(tmp_
     timing it again), so both decide on the same numbers: timing noise between two separate runs
     on a small CPU is larger than the 5% knee tolerance. The sweeper searches one accumulation
     value, the grid's answer's, over powers of two (resolution 1: the grid has no cell between)."""
-    from summ.report import build_report
+    from summ.reports.knee_report import build_report
 
     same = ["data.synthetic_train_size=600", "measure.warmup_steps=1", "measure.steps=3", "data.padding=max_length",
             "data.encoder_max_len=128", "data.decoder_max_len=32"]

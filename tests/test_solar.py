@@ -17,7 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from summ.errors import ConfigError, UserError
-from summ.solar import SolarBackend, SolarClient, SolarError
+from summ.inference.solar import SolarBackend, SolarClient, SolarError
 
 from .conftest import compose_cfg
 

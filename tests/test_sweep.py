@@ -55,7 +55,7 @@ def test_grid_with_a_small_budget_marks_over_budget_and_recommends_within_it(tmp
     assert rec["status"] == "ok" and int(rec["batch_size"]) < 32
     assert (sweep / "knee.png").stat().st_size > 10_000
     # the memory model's largest fitting micro-batch is within one grid step of the measured one
-    from summ.report import build_report
+    from summ.reports.knee_report import build_report
 
     a = build_report(sweep)
     measured = a.measured_largest_fitting

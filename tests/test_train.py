@@ -21,7 +21,7 @@ def test_metrics_contract(run_job):
     assert on_disk["status"] == "ok" and on_disk["error"] is None
     assert TOP_KEYS <= set(on_disk)
     assert TRAIN_KEYS <= set(on_disk["train"])
-    assert {"peak_bytes", "reserved_bytes", "capacity_bytes", "fraction", "source"} <= set(on_disk["memory"])
+    assert {"peak_bytes", "observed_peak_bytes", "reserved_peak_bytes", "capacity_bytes", "fraction", "source"} <= set(on_disk["memory"])
     assert {"loss", "rouge1", "rouge2", "rougeL", "rouge_sum", "rouge_mean", "n"} <= set(on_disk["eval"])
     t = on_disk["train"]
     assert t["samples_per_s"] == pytest.approx(t["samples"] / t["seconds"])

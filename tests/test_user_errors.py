@@ -17,9 +17,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from summ import data as data_mod
-from summ import models
-from summ.config import run_name, validate
+from summ.data.samples import Sample, bundled_sample_dir
+from summ.data.splits import load_splits
+from summ.data.tokenize import Encoder
+from summ.modeling import models
+from summ.config import run_name
+from summ.validation import validate
 from summ.errors import ConfigError, DataError, WeightsNotFound
 
 from .conftest import CONF, ROOT, compose_cfg
@@ -60,8 +63,8 @@ def test_values_outside_their_range_and_unknown_keys_are_refused(override, says)
 
 def test_truncation_holds_even_where_the_tokenizer_would_not_truncate():
     tok = models.tiny_tokenizer()
-    enc = data_mod.Encoder(tok, compose_cfg([]).model.kind, "{dialogue}", encoder_max_len=2, decoder_max_len=2)
-    feats = enc.encode(data_mod.Sample("f", "#Person1#: 안녕하세요 오늘 날씨가 좋네요", ["요약 문장입니다"]))
+    enc = Encoder(tok, compose_cfg([]).model.kind, "{dialogue}", encoder_max_len=2, decoder_max_len=2)
+    feats = enc.encode(Sample("f", "#Person1#: 안녕하세요 오늘 날씨가 좋네요", ["요약 문장입니다"]))
     assert len(feats.input_ids) == 2 and len(feats.labels) == 2
     assert feats.input_ids[-1] == tok.eos_token_id
 
@@ -79,7 +82,7 @@ def test_run_folders_are_named_after_what_ran():
 def test_a_tiny_model_given_model_path_starts_from_those_weights(tmp_path):
     model_cfg = OmegaConf.to_object(compose_cfg([]).model)
     tok = models.tiny_tokenizer()
-    saved = models._tiny_model(model_cfg, tok, seed=7)
+    saved = models.tiny_model(model_cfg, tok, seed=7)
     saved.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     given = OmegaConf.to_object(compose_cfg([f"model.path={tmp_path}"]).model)
@@ -92,17 +95,17 @@ def test_data_mistakes_get_the_right_advice(tmp_path):
     as_file = tmp_path / "train.csv"
     as_file.write_text("fname,dialogue,summary\n")
     with pytest.raises(DataError, match="is a file, not a folder"):
-        data_mod.load_splits(OmegaConf.to_object(compose_cfg(["data=dialogsum_ko", f"data.dir={as_file}"]).data))
+        load_splits(OmegaConf.to_object(compose_cfg(["data=dialogsum_ko", f"data.dir={as_file}"]).data))
     long_dialogue = "#Person1#: " + "가" * 1_000_000
     folder = tmp_path / "long"
     folder.mkdir()
     with (folder / "train.csv").open("w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows([["fname", "dialogue", "summary"], ["t1", long_dialogue, "요약"]])
     shutil.copy(folder / "train.csv", folder / "dev.csv")
-    splits = data_mod.load_splits(OmegaConf.to_object(compose_cfg(["data=dialogsum_ko", f"data.dir={folder}"]).data))
+    splits = load_splits(OmegaConf.to_object(compose_cfg(["data=dialogsum_ko", f"data.dir={folder}"]).data))
     assert len(splits.train[0].dialogue) == len(long_dialogue)  # a 1 MB field is read, not called "not UTF-8"
     (folder / "train.csv").unlink()  # predict needs no training set
-    assert data_mod.load_splits(OmegaConf.to_object(
+    assert load_splits(OmegaConf.to_object(
         compose_cfg(["data=dialogsum_ko", f"data.dir={folder}"]).data), need_train=False).train == []
 
 
@@ -111,7 +114,7 @@ def test_a_corrupt_config_json_is_one_line_for_train_and_predict(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x")
     with pytest.raises(WeightsNotFound, match=r"config\.json is unreadable"):
         models.load_tokenizer(OmegaConf.to_object(compose_cfg(["model=kobart", f"model.path={tmp_path}"]).model))
-    from summ.predict import locate
+    from summ.modeling.saved import locate
 
     with pytest.raises(WeightsNotFound, match=r"config\.json is unreadable"):
         locate(OmegaConf.to_object(compose_cfg(["mode=predict", f"model.path={tmp_path}"])))
@@ -150,7 +153,7 @@ def test_failures_exit_non_zero_with_one_line(tmp_path):
     folder = tmp_path / "no_test"
     folder.mkdir()
     for name in ("train.csv", "dev.csv"):
-        shutil.copy(data_mod.bundled_sample_dir() / name, folder / name)
+        shutil.copy(bundled_sample_dir() / name, folder / name)
     proc = cli("mode=predict", f"model.path={bad}", "data=dialogsum_ko", f"data.dir={folder}",
                f"hydra.run.dir={tmp_path / 'c'}")
     assert proc.returncode == 2 and "test.csv is missing or empty" in one_error_line(proc)

@@ -10,14 +10,13 @@ effective batch and with memory measured rather than guessed:
 3. Before each trial, once two cells have run ok, the memory model of the knee report
    (peak = a + b x micro-batch x positions) predicts the peak; a cell predicted over the limit
    is not run and counts as bad.
-The search itself is summ.knee.knee_search; this class measures each cell as a Hydra job.
+The search itself is summ.sweeps.knee_search.knee_search; this class measures each cell as a Hydra job.
 
-Each trial is an ordinary job (metrics.json in its folder), so the knee report, `sweep.resume`
+Each trial is an ordinary job (its metrics in its folder), so the knee report, `sweep.resume`
 and `python -m summ.report` work as for a grid. The decisions are written to knee_search.json.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,11 @@ from hydra.core.utils import JobReturn
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
+
+from summ.files import atomic_write_json
+from summ.reports.cells import load_cells, read_job
+from summ.run_folder import KNEE_SEARCH_FILE, MULTIRUN_YAML, write_text
+from summ.sweeps.knee_search import Trial, knee_search, predicted_over_limit
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +80,6 @@ class KneeSweeper(Sweeper):
         return self.eff // bs if self.eff % bs == 0 else None
 
     def _run(self, bs: int, arguments: list[str]):
-        from summ.knee import Trial
-        from summ.report import cell_from_metrics
-
         ga = self._accumulation(bs)
         overrides = [*arguments, f"batch.batch_size={bs}", f"batch.gradient_accumulation_steps={ga}",
                      "batch.effective_batch_size=null"]
@@ -86,11 +87,7 @@ class KneeSweeper(Sweeper):
         self.job_idx += 1
         self.returns.append(ret)
         out = Path(ret.hydra_cfg.hydra.runtime.output_dir)
-        try:
-            metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            metrics = {"status": "failed"}
-        cell = cell_from_metrics(out.name, overrides, metrics)
+        cell = read_job(out, f"job {out.name}")[0]  # a job without usable metrics: status missing/corrupt
         if cell.limit_bytes:
             self.limit_bytes = cell.limit_bytes
         trial = Trial(bs, ga, cell.status, cell.samples_per_s, cell.peak_bytes, out.name)
@@ -102,29 +99,23 @@ class KneeSweeper(Sweeper):
         """The predicted peak when the memory model says `bs` will not fit, else None."""
         if not self.use_memory_model or not self.limit_bytes:
             return None
-        from summ.knee import predicted_over_limit
-        from summ.report import load_cells
-
         ok = [c for c in load_cells(Path(self.config.hydra.sweep.dir))[0] if c.ok]
         return predicted_over_limit(ok, bs, self.limit_bytes)
 
     # ------------------------------------------------------------------ search
     def sweep(self, arguments: list[str]) -> Any:
-        from summ.io import atomic_write_json, atomic_write_text
-        from summ.knee import knee_search
-
         if any("," in a.split("=", 1)[-1] or "(" in a for a in arguments):
             raise ValueError("the knee sweeper chooses the batch itself: pass single values only "
                              f"(got {' '.join(arguments)})")
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
+        write_text(sweep_dir, MULTIRUN_YAML, OmegaConf.to_yaml(self.config))
         result = knee_search(lambda bs: self._run(bs, arguments), self._predicted_over, self._accumulation,
                              min_batch_size=self.min_bs, max_batch_size=self.max_bs, tolerance=self.tolerance,
                              resolution=self.resolution, max_trials=self.max_trials, patience=self.patience)
         summary = {**{k: v for k, v in result.items() if k != "trials"},
                    "cells": [t.__dict__ for t in sorted(result["trials"].values(), key=lambda t: t.batch_size)]}
-        atomic_write_json(sweep_dir / "knee_search.json", summary)
+        atomic_write_json(sweep_dir / KNEE_SEARCH_FILE, summary)
         log.info("knee search: %d trials; %s; knee between micro-batch %s and %s", result["trials_run"],
                  result["stopped_doubling"], result["last_good"], result["first_bad"])
         return self.returns

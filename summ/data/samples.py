@@ -1,0 +1,68 @@
+"""The competition's data format: one dialogue sample, the masked tokens it uses, and reading
+the competition CSVs (UTF-8 with or without BOM, CRLF or LF, quoted multi-line fields)."""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from summ.errors import DataError
+
+# Tokens the competition uses to mask speakers and personal data; never split by a tokenizer.
+SPEAKER_TAGS = [f"#Person{i}#" for i in range(1, 8)]
+MASKED_TOKENS = SPEAKER_TAGS + [
+    "#PhoneNumber#", "#Address#", "#PassportNumber#", "#DateOfBirth#",
+    "#SSN#", "#CardNumber#", "#CarNumber#", "#Email#",
+]
+TURN = re.compile(r"^(#Person[1-9]#:\s*)(.*)$")  # one dialogue line: (speaker prefix, utterance)
+_REFERENCE_COLUMN = re.compile(r"^summary\d*$")
+
+
+@dataclass
+class Sample:
+    fname: str
+    dialogue: str
+    summaries: list[str] = field(default_factory=list)  # one or more references; empty for test
+    topic: str = ""
+
+    @property
+    def summary(self) -> str:
+        return self.summaries[0] if self.summaries else ""
+
+
+def bundled_sample_dir() -> Path:
+    return Path(str(resources.files("summ") / "resources" / "sample"))
+
+
+def read_csv(path: Path, need_summary: bool) -> list[Sample]:
+    """Read one competition CSV (UTF-8 with or without BOM, CRLF or LF, quoted multi-line fields)."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; set data.dir to the folder that holds it")
+    csv.field_size_limit(2**31 - 1)  # the module's default (128 KiB per field) refuses a long dialogue
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = columns
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc}); check its quoting (every quoted field closed)") from None
+    required = ["fname", "dialogue"] + (["summary"] if need_summary else [])
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
+    ref_cols = sorted((c for c in columns if _REFERENCE_COLUMN.match(c)), key=lambda c: (len(c), c))
+    samples = []
+    for row in rows:
+        refs = [_clean(row[c]) for c in ref_cols if row.get(c) is not None and row[c].strip()]
+        samples.append(Sample(fname=_clean(row["fname"]), dialogue=_clean(row["dialogue"]),
+                              summaries=refs, topic=_clean(row.get("topic") or "")))
+    return samples
+
+
+def _clean(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()

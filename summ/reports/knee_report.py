@@ -1,0 +1,220 @@
+"""The knee report of a sweep: which micro-batch x accumulation trains fastest per sample
+within the memory budget, and why. Built from the job folders alone, so it can be rebuilt at any
+time (summ-report <sweep_dir>, or python -m summ.report); a Hydra callback writes it at the end
+of every multirun (summ/sweeps/callbacks.py). Writes sweep.csv, knee_report.md and knee.png
+(and pareto_report.md, pareto.png where cells were evaluated) into the sweep folder.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+from summ.errors import UserError
+from summ.reports.cells import Cell, load_cells
+from summ.reports.knee import Analysis, analyse, gib_text, pareto_front
+from summ.reports.plots import plot_knee, plot_pareto
+from summ.run_folder import (KNEE_PNG, KNEE_REPORT, MULTIRUN_YAML, PARETO_PNG, PARETO_REPORT, SWEEP_CSV, GIB,
+                             read_yaml, write_text)
+
+log = logging.getLogger(__name__)
+
+
+def _f(v: Optional[float], spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+CSV_COLUMNS = ["job", "overrides", "status", "error", "model", "batch_size", "gradient_accumulation_steps",
+               "effective_batch_size", "mixed_precision", "gradient_checkpointing", "samples_per_s", "tokens_per_s",
+               "pad_fraction",
+               "seconds_per_sample", "step_time_s_median", "step_time_s_p90", "peak_bytes", "capacity_fraction",
+               "budget_fraction", "epoch_seconds_projected", "mfu", "eval_loss", "rouge1", "rouge2", "rougeL", "rouge_mean",
+               "flags"]
+
+
+def sweep_csv(a: Analysis) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(CSV_COLUMNS[:3] + ["settings"] + CSV_COLUMNS[3:])
+    for c in a.cells:
+        row = [a.setting_text(c)]
+        for col in CSV_COLUMNS:
+            v = getattr(c, col)
+            row.append(" ".join(v) if col == "overrides" else ";".join(v) if col == "flags" else "" if v is None else v)
+        w.writerow(row[1:4] + row[:1] + row[4:])
+    return buf.getvalue()
+
+
+def knee_markdown(a: Analysis, sweep_dir: Path) -> str:
+    """knee_report.md. Long because the report is one document read top to bottom: its sections
+    are written in the order a reader meets them."""
+    lines = [f"# Knee report: {sweep_dir}", ""]
+    models = sorted({c.model for c in a.cells if c.model})
+    lines.append(f"Model: {', '.join(models) or '-'}. Memory budget: {gib_text(a.budget_bytes)}, "
+                 f"stop limit (budget x headroom): {gib_text(a.limit_bytes)}. "
+                 f"Cells: {len(a.cells)} ({sum(c.ok for c in a.cells)} ok).")
+    lines += ["", "## Recommendation", ""]
+    if a.recommended:
+        lines.append(f"**micro-batch {a.recommended.batch_size} x accumulation "
+                     f"{a.recommended.gradient_accumulation_steps}** (job {a.recommended.job}): {a.reason}")
+        if a.fastest is not None:
+            lines.append("")
+            lines.append(f"Fastest cell overall: micro-batch {a.fastest.batch_size} x accumulation "
+                         f"{a.fastest.gradient_accumulation_steps} at {a.fastest.samples_per_s:.1f} samples/s "
+                         f"(job {a.fastest.job}).")
+    else:
+        lines.append(a.reason)
+    lines += ["", f"Rule: among ok cells under budget x headroom, the smallest micro-batch whose samples/s is "
+                  f"within {a.tolerance:.0%} (`knee.tolerance`) of the best; ties go to fewer accumulation steps."]
+    sweeper = ((read_yaml(sweep_dir / MULTIRUN_YAML) or {}).get("hydra") or {}).get("sweeper") or {}
+    if "optuna" in str(sweeper.get("_target_", "")).lower():
+        lines += ["", "An Optuna search: its best trial (the lowest objective over the whole study, this folder's "
+                      "cells and earlier ones) is written to `best_overrides.txt` as a command. The rule above "
+                      "instead takes the smallest micro-batch within the tolerance among this folder's cells, so "
+                      "the two can differ; the settings column shows what else each cell changed."]
+    lines += [
+              "", "## Cells", "",
+              "", "## Cells", "",
+              "Ordered by effective batch, then micro-batch. Per-sample cost is the figure to compare; "
+              "step time grows with the work per step and says little alone.", "",
+              "| eff. batch | micro-batch | accum. | " + ("settings | " if a.varied else "")
+              + "status | samples/s | tokens/s | pad | ms/sample | step s (median) "
+              "| peak memory | % of budget | epoch s (proj.) | ROUGE mean | notes |",
+              "|---:|---:|---:|" + ("---|" if a.varied else "") + "---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for c in a.cells:
+        notes = ", ".join(f"**{f}**" for f in c.flags)
+        if c.error and not c.ok:
+            notes = (notes + "; " if notes else "") + c.error.replace("|", "/")
+        settings = f"| {a.setting_text(c)} " if a.varied else ""
+        lines.append(f"| {c.effective_batch_size or '-'} | {c.batch_size or '-'} | {c.gradient_accumulation_steps or '-'} "
+                     f"{settings}| {c.status} | {_f(c.samples_per_s, '.2f')} | {_f(c.tokens_per_s, '.0f')} | {_f(c.pad_fraction, '.0%')} "
+                     f"| {_f(c.seconds_per_sample and 1000 * c.seconds_per_sample, '.2f')} "
+                     f"| {_f(c.step_time_s_median, '.3f')} | {gib_text(c.peak_bytes)} | {_f(c.budget_fraction, '.0%')} "
+                     f"| {_f(c.epoch_seconds_projected, '.0f')} | {_f(c.rouge_mean, '.4f')} | {notes} |")
+    groups: dict[int, list[Cell]] = defaultdict(list)
+    for c in a.cells:
+        if c.effective_batch_size:
+            groups[c.effective_batch_size].append(c)
+    same = {k: v for k, v in groups.items() if len(v) > 1}
+    if same:
+        lines += ["", "## Same effective batch, different split", "",
+                  "Same samples per optimizer step (same work per update); only micro-batch x accumulation differs.", ""]
+        for eff, members in sorted(same.items()):
+            best = max((c.samples_per_s for c in members if c.ok), default=None)
+            parts = []
+            for c in sorted(members, key=lambda c: c.batch_size or 0):
+                if c.ok and best:
+                    parts.append(f"{c.batch_size} x {c.gradient_accumulation_steps}: {c.samples_per_s:.1f} samples/s "
+                                 f"({c.samples_per_s / best:.0%} of best), {gib_text(c.peak_bytes)}")
+                else:
+                    parts.append(f"{c.batch_size} x {c.gradient_accumulation_steps}: {c.status}")
+            lines.append(f"- effective {eff}: " + "; ".join(parts))
+    lines += ["", "## Memory model", ""]
+    mm = a.memory_model
+    if mm is None:
+        lines.append("Not enough ok cells with different micro-batch sizes to fit one.")
+    else:
+        lines.append(f"peak = {mm.intercept / GIB:.3f} GiB + {mm.slope:.0f} bytes x (micro-batch x padded positions); "
+                     f"{mm.positions_per_sample:.0f} padded positions per sample in the largest micro-batch; "
+                     f"R^2 = {mm.r2:.3f} over {mm.n} ok cells.")
+        if a.limit_bytes:
+            lines.append("")
+            lines.append(f"Largest micro-batch predicted to fit the limit of {gib_text(a.limit_bytes)}: "
+                         f"**{a.predicted_largest_fitting}** (largest measured ok: {a.measured_largest_fitting}).")
+        measured = {c.batch_size for c in a.cells if c.ok}
+        top = max([c.batch_size for c in a.cells if c.batch_size] or [1])
+        candidates = sorted({c.batch_size for c in a.cells if c.batch_size and not c.ok}
+                            | {2 ** k for k in range(0, int(math.log2(top)) + 2)})
+        rows = [b for b in candidates if b not in measured]
+        if rows:
+            lines += ["", "Predicted, not measured:", "", "| micro-batch | predicted peak | fits the limit |",
+                      "|---:|---:|---|"]
+            for b in rows:
+                p = mm.predict(b)
+                fits = "-" if not a.limit_bytes else ("yes" if p <= a.limit_bytes else "no")
+                lines.append(f"| {b} | {gib_text(p)} (predicted) | {fits} |")
+    if a.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in a.warnings]
+    lines += ["", "Files: `sweep.csv` (one row per job), `knee.png` (samples/s and peak memory against micro-batch)."]
+    return "\n".join(lines) + "\n"
+
+
+def _describe(c: Cell) -> str:
+    rest = [o for o in c.overrides
+            if not o.startswith(("batch.batch_size=", "batch.gradient_accumulation_steps=", "preset="))]
+    return f"{c.batch_size} x {c.gradient_accumulation_steps}" + (f" ({' '.join(rest)})" if rest else "")
+
+
+def pareto_markdown(cells: list[Cell], front: list[Cell], sweep_dir: Path) -> str:
+    scored = [c for c in cells if c.ok and c.rouge_mean is not None]
+    lines = [f"# Speed against quality: {sweep_dir}", "",
+             f"{len(scored)} evaluated cells; {len(front)} on the Pareto front (no other cell is both faster per "
+             f"sample and better on ROUGE mean).", "",
+             "| job | micro-batch x accum. (other settings) | ms/sample | samples/s | ROUGE-1 | ROUGE-2 | ROUGE-L "
+             "| ROUGE mean | on the front |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c in sorted(scored, key=lambda c: c.seconds_per_sample):
+        lines.append(f"| {c.job} | {_describe(c)} | {1000 * c.seconds_per_sample:.2f} | {_f(c.samples_per_s, '.1f')} "
+                     f"| {_f(c.rouge1, '.4f')} | {_f(c.rouge2, '.4f')} | {_f(c.rougeL, '.4f')} | {c.rouge_mean:.4f} "
+                     f"| {'**yes**' if c in front else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def _tolerance_from_sweep(sweep_dir: Path) -> Optional[float]:
+    cfg = read_yaml(sweep_dir / MULTIRUN_YAML) or {}
+    return (cfg.get("knee") or {}).get("tolerance")
+
+
+def build_report(sweep_dir: str | Path, tolerance: Optional[float] = None) -> Analysis:
+    """Read every job folder under sweep_dir and write sweep.csv, knee_report.md and knee.png."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir}: no such sweep folder")
+    if tolerance is None:
+        tolerance = _tolerance_from_sweep(sweep_dir)
+        tolerance = 0.05 if tolerance is None else tolerance
+    cells, warnings = load_cells(sweep_dir)
+    for w in warnings:
+        log.warning(w)
+    a = analyse(cells, tolerance, warnings)
+    write_text(sweep_dir, SWEEP_CSV, sweep_csv(a))
+    write_text(sweep_dir, KNEE_REPORT, knee_markdown(a, sweep_dir))
+    if any(c.ok for c in a.cells):
+        plot_knee(a, sweep_dir / KNEE_PNG)
+    front = pareto_front(a.cells)
+    if front:  # cells were evaluated: speed against quality too
+        write_text(sweep_dir, PARETO_REPORT, pareto_markdown(a.cells, front, sweep_dir))
+        plot_pareto(a.cells, front, sweep_dir / PARETO_PNG)
+    return a
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1) (0.05 = within 5% of the best)")
+    return value
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="summ-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", help="a multirun folder (holds one numbered folder per job)")
+    parser.add_argument("--tolerance", type=_fraction, default=None,
+                        help="samples/s tolerance of the recommendation rule (default: the sweep's knee.tolerance, or 0.05)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    try:
+        a = build_report(args.sweep_dir, args.tolerance)
+    except (FileNotFoundError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print((Path(args.sweep_dir) / KNEE_REPORT).read_text(encoding="utf-8"))
+    return 0 if a.cells else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

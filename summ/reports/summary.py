@@ -1,0 +1,115 @@
+"""The short table a run prints at its end: the figures users compare, with their units."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from summ.run_folder import GIB, METRICS_FILE
+
+
+def _fmt(value, spec: str = ".3g", unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:{spec}}{unit}"
+
+
+def gib(n_bytes: Optional[float]) -> Optional[float]:
+    return None if n_bytes is None else n_bytes / GIB
+
+
+def _generation_rows(ev: dict, what: str) -> list[tuple[str, str]]:
+    rows = [(f"{what} generation", f"{_fmt(ev.get('generation_ms_per_sample'), '.1f', ' ms/sample')}, "
+                                   f"{_fmt(ev.get('generation_samples_per_s'), '.2f', ' samples/s')} "
+                                   f"(batch {ev.get('batch_size', '-')}, sorted by length: {ev.get('sort_by_length', '-')})")]
+    q = ev.get("quantized") or (ev if ev.get("unquantized") else None)
+    if q:
+        rows.append(("quantized", f"{q.get('quantization', '')}: ROUGE mean change {_fmt(q.get('rouge_mean_change'), '+.4f')}, "
+                                  f"speed-up {_fmt(q.get('speedup'), '.2f', 'x')} against unquantized"))
+    return rows
+
+
+def format_predict_summary(m: dict, output_dir: Optional[Path] = None) -> str:
+    ev, pr, inf = m.get("eval") or {}, m.get("predict") or {}, m.get("inference") or {}
+    rows = [("status", m["status"] + (f" ({m['error']})" if m.get("error") else "")),
+            ("model / device", f"{m['model']} / {m.get('device')}"),
+            ("weights", f"{m.get('trained_from', '-')}" + (" (LoRA adapter)" if m.get("lora_adapter") else "")),
+            ("inference", f"quantization {inf.get('quantization', '-')}, "
+                          f"{_fmt(gib(inf.get('model_bytes')), '.3f', ' GiB')} of weights")]
+    if ev:
+        rows.append(("dev ROUGE-1/2/L", " / ".join(_fmt(ev.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL"))
+                     + f"  (mean {_fmt(ev.get('rouge_mean'), '.4f')}, n={ev.get('n')})"))
+        rows += _generation_rows(ev, "dev")
+    if pr:
+        rows.append(("submission", f"{pr['rows']} rows in {pr['file']} "
+                                   f"({_fmt(pr.get('generation_ms_per_sample'), '.1f', ' ms/sample')})"))
+    if m.get("solar"):
+        s = m["solar"]
+        rows.append(("solar api", f"{s['model']} {s['prompt_strategy']}: {s['requests_sent']} requests, "
+                                  f"{s['cache_hits']} cached, {s['retries']} retries"))
+    if output_dir is not None:
+        rows.append(("metrics", str(Path(output_dir) / METRICS_FILE)))
+    return _table(rows)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
+    if m.get("mode") == "predict" or m.get("solar"):
+        return format_predict_summary(m, output_dir)
+    t, mem, ev = m.get("train") or {}, m.get("memory") or {}, m.get("eval") or {}
+    rows = [
+        ("status", m["status"] + (f" ({m['error']})" if m.get("error") else "")),
+        ("model / device", f"{m['model']} / {m.get('device')} x{m.get('num_processes')}"),
+        ("batch", f"micro {m['batch_size']} x accum {m['gradient_accumulation_steps']} "
+                  f"= effective {m.get('effective_batch_size')}"),
+        ("measured steps", f"{t.get('optimizer_steps', 0)} optimizer, {t.get('micro_steps', 0)} micro "
+                           f"(+{t.get('warmup_optimizer_steps', 0)} warmup)"),
+        ("samples/s", _fmt(t.get("samples_per_s"), ".2f") + (
+            f"  (all {m['num_processes']} processes; {_fmt(t.get('samples_per_s_per_process'), '.2f')} per process)"
+            if (m.get("num_processes") or 1) > 1 else "")),
+        ("tokens/s", _fmt(t.get("tokens_per_s"), ".0f") + f"  (pad {_fmt(t.get('pad_fraction'), '.1%')} of positions)"),
+        ("ms per sample", _fmt(1000 * t["seconds_per_sample"] if t.get("seconds_per_sample") else None, ".1f")),
+        ("step time", f"median {_fmt(t.get('step_time_s_median'), '.3f', ' s')}, "
+                      f"p90 {_fmt(t.get('step_time_s_p90'), '.3f', ' s')}"),
+        ("peak memory", f"{_fmt(gib(mem.get('peak_bytes')), '.3f', ' GiB')} "
+                        f"({_fmt(mem.get('fraction'), '.1%')} of capacity, {mem.get('source', '-')})"),
+        ("epoch (projected)", _fmt(m.get("epoch_seconds_projected"), ".1f", " s")),
+        ("MFU", _fmt(m.get("mfu"), ".1%")),
+        ("final train loss", _fmt(t.get("final_loss"), ".4f")),
+    ]
+    if m.get("eval"):
+        rows += [("eval loss", _fmt(ev.get("loss"), ".4f")),
+                 ("ROUGE-1/2/L", " / ".join(_fmt(ev.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL"))
+                  + f"  (sum {_fmt(ev.get('rouge_sum'), '.4f')}, mean {_fmt(ev.get('rouge_mean'), '.4f')}, "
+                    f"n={ev.get('n')})")]
+        if m.get("random_init") and ev.get("rouge_mean") is not None:
+            rows.append(("", "a randomly initialised test-size model: ROUGE near zero is expected; real scores "
+                             "need pretrained weights (model=kobart model.path=...)"))
+        if ev.get("generation_ms_per_sample") is not None:
+            rows += _generation_rows(ev, "dev")
+    if m.get("data_quality"):
+        dq = m["data_quality"]
+        rows.append(("data quality", f"{dq['train_dropped']} training samples under {dq['threshold']} left out "
+                                     f"(data_quality.csv)"))
+    if m.get("augmentation"):
+        a = m["augmentation"]
+        rows.append(("augmentation", ", ".join(f"{k} +{v}" for k, v in a["added"].items())
+                     + "".join(f", {k} skipped" for k in a["skipped"])))
+    if ev.get("tta"):
+        t = ev["tta"]
+        rows.append(("ROUGE mean with TTA", f"{t['rouge_mean']:.4f} ({'+'.join(t['methods'])} x{t['num_aug']}, "
+                                            f"+{t['extra_ms_per_sample']:.0f} ms/sample)"))
+    if m.get("kfold"):
+        kf, ens = m["kfold"], ev.get("ensemble") or {}
+        rows.append(("k-fold", f"{kf['k']} folds: ROUGE mean {_fmt(kf['rouge_mean']['mean'], '.4f')} "
+                               f"+/- {_fmt(kf['rouge_mean']['std'], '.4f')}; samples/s "
+                               f"{_fmt(kf['samples_per_s']['mean'], '.1f')}"))
+        if ens:
+            rows.append(("ensemble", f"{ens['strategy']}: ROUGE mean {_fmt(ev.get('rouge_mean'), '.4f')} (members "
+                                     + ", ".join(_fmt(r, ".4f") for r in ens["members_rouge_mean"]) + ")"))
+    if output_dir is not None:
+        rows.append(("metrics", str(Path(output_dir) / METRICS_FILE)))
+    return _table(rows)

@@ -1,0 +1,301 @@
+"""The run folder's contract: the names of the files a run and a sweep leave, the metrics record
+written into metrics.json, and the one reader every consumer uses (reports, compare, plots, sweep
+resume and reuse, the knee sweeper, ensembles).
+
+One policy for a folder whose metrics.json cannot be used: `read_metrics` returns no record and a
+one-line problem ("missing", or "corrupt: <why>"); the caller decides whether that is a warning
+row (reports) or a cell to measure again (resume). A figure that is not a number makes the file
+corrupt, so no report ever formats a string as a rate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from summ.files import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30  # bytes in a GiB: every *_bytes figure is shown in GiB
+
+# A run folder (or a sweep's job folder)
+METRICS_FILE = "metrics.json"  # RunMetrics, written whatever happened
+HISTORY_FILE = "train_history.jsonl"  # one line per optimizer step: loss, lr, step time, memory
+DEV_PREDICTIONS_FILE = "dev_predictions.csv"
+OOF_PREDICTIONS_FILE = "oof_predictions.csv"  # a K-fold member's held-out fold
+ENSEMBLE_PREDICTIONS_FILE, ENSEMBLE_REPORT = "ensemble_predictions.csv", "ensemble_report.md"  # summ-ensemble
+OOF_CANDIDATES_FILE = "oof_candidates.jsonl"  # what the stacking selector trains on
+SUBMISSION_FILE = "submission.csv"
+DATA_QUALITY_FILE = "data_quality.csv"
+ERROR_LOG = "error.log"  # the traceback of an unforeseen failure
+MODEL_DIR = "model"  # weights (or LoRA adapter), tokenizer and SAVED_CONFIG, for mode=predict
+SAVED_CONFIG = "summ_config.yaml"
+CHECKPOINTS_DIR = "checkpoints"
+HYDRA_DIR = ".hydra"
+# What a run leaves besides Hydra's files: moved aside together when a result is superseded.
+RESULT_FILES = (METRICS_FILE, HISTORY_FILE, DEV_PREDICTIONS_FILE, ERROR_LOG, DATA_QUALITY_FILE, OOF_PREDICTIONS_FILE,
+                OOF_CANDIDATES_FILE, SUBMISSION_FILE)
+RUN_PLOTS = ("loss.png", "throughput.png", "memory.png")
+
+# A sweep folder
+SWEEP_CSV, KNEE_REPORT, KNEE_PNG = "sweep.csv", "knee_report.md", "knee.png"
+PARETO_REPORT, PARETO_PNG = "pareto_report.md", "pareto.png"
+INFERENCE_REPORT, INFERENCE_PNG = "inference_report.md", "inference.png"
+BEST_FILE = "best_overrides.txt"  # an Optuna study's best trial as a command
+KNEE_SEARCH_FILE = "knee_search.json"  # the knee sweeper's path
+MULTIRUN_YAML = "multirun.yaml"
+OPTUNA_RESULTS = "optimization_results.yaml"
+
+STATUSES = ("ok", "oom", "over_budget", "diverged", "failed", "interrupted")
+FINAL_STATUSES = ("ok", "oom", "over_budget", "diverged")  # re-measuring would not change them
+
+
+@dataclass
+class TrainFigures:
+    """What the measured optimizer steps cost (summ/measure/timing.py defines each figure)."""
+
+    optimizer_steps: int = 0  # measured steps (warm-up excluded)
+    micro_steps: int = 0
+    warmup_optimizer_steps: int = 0
+    total_optimizer_steps: int = 0  # every step the run took (a resumed run counts from its checkpoint)
+    samples: int = 0  # in the measured steps, all processes
+    tokens: int = 0  # non-pad tokens the model read in the measured steps
+    pad_tokens: int = 0
+    pad_fraction: Optional[float] = None
+    seconds: float = 0.0  # wall time of the measured steps, bookkeeping included
+    loop_seconds: Optional[float] = None  # wall time of the whole training loop, warm-up and bookkeeping included
+    samples_per_s: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    seconds_per_sample: Optional[float] = None
+    seconds_per_token: Optional[float] = None
+    samples_per_s_interval: Optional[list] = None  # [q1, q3] of the per-step rates: the noise next to a 5% rule
+    samples_per_s_per_process: Optional[float] = None
+    tokens_per_s_per_process: Optional[float] = None
+    step_time_s_median: Optional[float] = None
+    step_time_s_p90: Optional[float] = None
+    micro_step_time_s_median: Optional[float] = None
+    max_micro_batch_positions: int = 0  # padded positions of the largest micro-batch measured
+    positions_per_s: Optional[float] = None  # padded positions (real + pad) per second
+    epoch_positions: Optional[int] = None  # padded positions of one epoch in the sampler's exact order
+    flops_per_token: Optional[float] = None  # model FLOPs per non-pad token, forward and backward, no recompute
+    hardware_flops_per_position: Optional[float] = None  # as executed: recompute included, per padded position
+    activation_bytes_first_micro_batch: Optional[int] = None  # tensors saved for backward, parameters excluded
+    final_loss: Optional[float] = None
+
+
+@dataclass
+class MemoryFigures:
+    """Peak memory of the run: bytes above the run's own baseline unless named otherwise."""
+
+    peak_bytes: int = 0  # the worst of observed and probe: what the budget, the report and the sweeper use
+    observed_peak_bytes: int = 0  # during the steps that ran
+    probe_peak_bytes: Optional[int] = None  # one micro-batch at the maximum widths (measure.memory_probe)
+    eval_peak_bytes: Optional[int] = None  # evaluation and generation; never judged against the budget
+    reserved_peak_bytes: Optional[int] = None  # the allocator's reserved peak (CUDA) or resident set (CPU)
+    peak_bytes_per_process: Optional[list] = None
+    weights_bytes: Optional[int] = None  # the model as loaded; a model kept loaded across a sweep counts it here
+    context_bytes: Optional[int] = None  # CUDA context and other processes' memory on the device at start
+    alloc_retries: Optional[int] = None  # the CUDA allocator freed its cache to satisfy a request: memory pressure
+    num_ooms: Optional[int] = None
+    capacity_bytes: Optional[int] = None
+    fraction: Optional[float] = None  # peak_bytes of capacity_bytes
+    budget_bytes: Optional[int] = None
+    limit_bytes: Optional[int] = None  # budget x headroom
+    source: str = ""  # how it was measured (cuda_max_memory_allocated, cpu_peak_rss_above_baseline, ...)
+
+
+@dataclass
+class RunMetrics:
+    """metrics.json: one run's outcome and figures. Sections that only some runs have (eval,
+    predict, kfold, solar, ...) are plain dicts documented where they are filled."""
+
+    status: str = "failed"
+    error: Optional[str] = None
+    phase: Optional[str] = None  # where a failure happened: setup, load, train, eval, predict, ensemble
+    mode: str = "train"
+    model: Optional[str] = None
+    data: Optional[str] = None
+    device: Optional[str] = None
+    num_processes: Optional[int] = None
+    batch_size: Optional[int] = None
+    gradient_accumulation_steps: Optional[int] = None
+    effective_batch_size: Optional[int] = None
+    mixed_precision: Optional[str] = None
+    gradient_checkpointing: Optional[bool] = None
+    quantization: Optional[str] = None
+    lora: Optional[bool] = None
+    config_hash: Optional[str] = None
+    random_init: bool = False  # a test-size model with random weights: its ROUGE means nothing
+    trainable_params: Optional[int] = None
+    total_params: Optional[int] = None
+    train_set_size: Optional[int] = None  # samples one epoch draws from (after fold, quality filter, augmentation)
+    eval_set_size: Optional[int] = None
+    train: Optional[TrainFigures] = None
+    memory: Optional[MemoryFigures] = None
+    eval: Optional[dict] = None  # loss, rouge1/2/L, rouge_sum, rouge_mean, n, generation speed, tta, quantized, oof
+    epoch_seconds_projected: Optional[float] = None  # one epoch's padded positions at the measured positions/s
+    mfu: Optional[float] = None  # model FLOPs utilisation: flops_per_token x tokens/s / peak
+    hfu: Optional[float] = None  # hardware FLOPs utilisation: padding and recompute included
+    wall_seconds: Optional[float] = None  # the whole job: setup, training, evaluation
+    machine: Optional[dict] = None  # what competed with the run: load average, CPU time, other GPU processes
+    reused: Optional[dict] = None  # what this cell took from earlier cells of its sweep (data, model)
+    resumed_from: Optional[dict] = None
+    checkpoint: Optional[str] = None
+    augmentation: Optional[dict] = None
+    data_quality: Optional[dict] = None
+    folds: Optional[list] = None
+    kfold: Optional[dict] = None
+    trained_from: Optional[str] = None
+    lora_adapter: Optional[bool] = None
+    inference: Optional[dict] = None
+    predict: Optional[dict] = None
+    solar: Optional[dict] = None
+    reused_from: Optional[str] = None  # a finished cell of another sweep or trial whose result this is
+    reused_trial: Optional[int] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def write_metrics(folder: Path, record: RunMetrics) -> None:
+    atomic_write_json(Path(folder) / METRICS_FILE, record.to_dict())
+
+
+def write_history(folder: Path, history: list[dict]) -> None:
+    write_jsonl(Path(folder) / HISTORY_FILE, history)
+
+
+def read_history(folder: Path) -> list[dict]:
+    return read_jsonl(Path(folder) / HISTORY_FILE)
+
+
+@dataclass
+class MetricsRead:
+    record: Optional[RunMetrics]
+    problem: Optional[str] = None  # "missing", or "corrupt: <why>"
+    raw: dict = field(default_factory=dict)  # the file as read (keys a newer summ wrote are kept here)
+
+
+def read_metrics(folder: Path) -> MetricsRead:
+    """The run's metrics.json as a RunMetrics; no record and a one-line problem when it is
+    missing or unusable (not JSON, no status, a figure that is not a number)."""
+    path = Path(folder) / METRICS_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return MetricsRead(None, "missing")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return MetricsRead(None, f"corrupt: {str(exc).splitlines()[0]}")
+    try:
+        return MetricsRead(_record(raw), None, raw)
+    except (TypeError, ValueError) as exc:
+        return MetricsRead(None, f"corrupt: {exc}", raw if isinstance(raw, dict) else {})
+
+
+def _record(raw: Any) -> RunMetrics:
+    if not isinstance(raw, dict) or raw.get("status") not in STATUSES:
+        raise ValueError(f"no valid status (one of {', '.join(STATUSES)})")
+    top = _typed(RunMetrics, raw, "")
+    top["train"] = None if raw.get("train") is None else TrainFigures(**_typed(TrainFigures, raw["train"], "train."))
+    top["memory"] = None if raw.get("memory") is None else MemoryFigures(**_typed(MemoryFigures, raw["memory"], "memory."))
+    return RunMetrics(**top)
+
+
+_NUMBER_TYPES = ("int", "float", "Optional[int]", "Optional[float]")
+
+
+def _typed(cls, raw: Any, prefix: str) -> dict:
+    """The fields of `cls` found in `raw`, each number checked to be one."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'the file'} is not an object")
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        value = raw[f.name]
+        if str(f.type) in _NUMBER_TYPES and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{prefix}{f.name} is {value!r}, not a number")
+        out[f.name] = value
+    return out
+
+
+def read_predictions(folder: Path, name: str = DEV_PREDICTIONS_FILE) -> Optional[list[dict]]:
+    """The rows of a predictions CSV (fname, prediction, reference, all_references), or None."""
+    import csv
+
+    path = Path(folder) / name
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file, or None when it is missing or unreadable."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def job_overrides(folder: Path) -> list[str]:
+    """The overrides Hydra recorded for a job (the cell's own settings)."""
+    found = read_yaml(Path(folder) / HYDRA_DIR / "overrides.yaml")
+    return [str(o) for o in found] if isinstance(found, list) else []
+
+
+def job_config(folder: Path) -> dict:
+    """The job's composed config as Hydra saved it ({} when absent)."""
+    found = read_yaml(Path(folder) / HYDRA_DIR / "config.yaml")
+    return found if isinstance(found, dict) else {}
+
+
+def is_run_folder(folder: Path) -> bool:
+    return (Path(folder) / METRICS_FILE).is_file() or (Path(folder) / HYDRA_DIR).is_dir()
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """A sweep's job folders, in job order (0, 1, ..., then any others by name)."""
+    dirs = [d for d in Path(sweep_dir).iterdir() if d.is_dir() and is_run_folder(d)]
+    return sorted(dirs, key=lambda d: (0, int(d.name)) if d.name.isdigit() else (1, d.name))
+
+
+def set_aside(folder: Path, cfg_hash: str) -> Optional[Path]:
+    """A folder that already holds a result the new run will not reuse (another config under
+    sweep.resume, a failed cell, a command run again into the same folder): its result files move
+    to superseded_<their config hash>[_n]/ inside it, never overwritten. Returns that folder."""
+    folder = Path(folder)
+    present = [folder / f for f in RESULT_FILES if (folder / f).exists()]
+    if not present:
+        return None
+    earlier = read_metrics(folder)
+    old_hash = (earlier.record.config_hash if earlier.record else earlier.raw.get("config_hash")) or "unknown"
+    target, n = folder / f"superseded_{old_hash}", 1
+    while target.exists():
+        n += 1
+        target = folder / f"superseded_{old_hash}_{n}"
+    target.mkdir(parents=True)
+    for path in present:
+        path.replace(target / path.name)
+    why = "another config" if old_hash not in (cfg_hash, "unknown") else "an unfinished or failed run"
+    log.warning("%s held a result of %s (config %s, this run's %s): moved to %s; it is measured again",
+                folder, why, old_hash, cfg_hash, target)
+    return target
+
+
+def write_text(folder: Path, name: str, text: str) -> Path:
+    """One of the files named above, written atomically."""
+    path = Path(folder) / name
+    atomic_write_text(path, text)
+    return path

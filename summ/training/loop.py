@@ -1,0 +1,412 @@
+"""One training run: data and model prepared, the Accelerate loop (gradient accumulation,
+clipping, mixed precision), evaluation, and what each sample cost. Setup reads as its steps;
+the loop reads top to bottom. Every outcome ends in the run's metrics record (summ/training/outcome.py), and
+the process is left clean for the next job of a sweep.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from summ.config import Config, resolve_batch
+from summ.data.sampler import EpochSampler
+from summ.data.tokenize import Collator, Encoder, batch_token_counts, label_token_count
+from summ.errors import ConfigError, Diverged, Interrupted
+from summ.inference import backends
+from summ.measure import flops, machine, timing
+from summ.measure.memory import BudgetGuard, MemoryMonitor, release_memory
+from summ.modeling import models
+from summ.modeling.loss import model_inputs, summed_token_loss
+from summ.modeling.saved import save_for_predict
+from summ.run_folder import MODEL_DIR, MemoryFigures, RunMetrics, TrainFigures
+from summ.training import checkpoint, tracking
+from summ.training.evaluation import evaluate
+from summ.training.outcome import recorded
+from summ.training.prepare import prepare_data, tokenize
+
+log = logging.getLogger(__name__)
+
+MicroStepHook = Callable[[int, int], None]  # (optimizer step, micro-step in the window)
+
+
+def build_optimizer(decay: list, no_decay: list, tcfg) -> torch.optim.Optimizer:
+    """AdamW, weight decay off for biases and norms; the fused kernel (one launch for all
+    parameters, as the HF Trainer's default adamw_torch_fused) where every parameter allows it."""
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=tcfg.learning_rate, eps=tcfg.adam_epsilon, fused=fused or None)
+
+
+def schedule_length(cfg: Config, updates_per_epoch: int, effective_batch: int) -> int:
+    """Optimizer steps the run takes, by the first rule that applies: a measurement window
+    (measure.warmup_steps + measure.steps), train.total_samples, train.max_steps, then epochs."""
+    if cfg.measure.steps:
+        return cfg.measure.warmup_steps + cfg.measure.steps
+    if cfg.train.total_samples:
+        return max(1, round(cfg.train.total_samples / effective_batch))
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return cfg.train.epochs * updates_per_epoch
+
+
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide state; a sweep's next job may use another precision."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+class Job:
+    """State of one run, held in one place so that close() can drop every reference."""
+
+    def __init__(self, cfg: Config, output_dir: Path, metrics: RunMetrics, identity: str,
+                 on_micro_step: Optional[MicroStepHook] = None,
+                 tracking_names: Optional[tuple[str, Optional[str]]] = None):
+        self.cfg, self.output_dir, self.metrics, self.on_micro_step = cfg, output_dir, metrics, on_micro_step
+        self.identity = identity  # what a checkpoint must match to be resumed
+        self.accelerator = self.model = self.optimizer = self.monitor = self.guard = None
+        self.history: list[dict] = []
+        self.tracking = tracking.Tracking()  # inactive until setup starts it
+        self.stop = checkpoint.StopRequest()  # SIGINT / SIGTERM while training
+        self.tracking_names = tracking_names or (output_dir.name, None)  # (run, sweep group)
+        self.process_peaks: Optional[list[int]] = None
+        self._backend = None
+
+    # ------------------------------------------------------------------ setup, step by step
+    def setup(self) -> None:
+        self.metrics.phase = "setup"
+        self._start_accelerator()
+        self.metrics.phase = "load"
+        self._prepare_data()
+        self.monitor = MemoryMonitor(self.accelerator.device, self.cfg.measure.rss_interval_ms).start()
+        self.guard = BudgetGuard(self.monitor, self.cfg.measure.memory_budget_gb, self.cfg.measure.headroom)
+        self._load_model()  # memory is counted from here: model, optimizer state, activations (as on a GPU)
+        self._make_loaders_and_optimizer()
+        self._make_schedule()
+        self._resume()
+        self._say_plan()
+
+    def _start_accelerator(self) -> None:
+        from accelerate import Accelerator, PartialState
+        from accelerate.utils import GradientAccumulationPlugin, set_seed
+
+        cfg, m = self.cfg, self.metrics
+        reset_accelerate()
+        use_cpu = cfg.train.cpu or not torch.cuda.is_available()
+        num_processes = PartialState(cpu=use_cpu).num_processes
+        self.bs, self.ga, _ = resolve_batch(cfg.batch.batch_size, cfg.batch.gradient_accumulation_steps,
+                                            cfg.batch.effective_batch_size, num_processes)
+        self.accelerator = acc = Accelerator(
+            mixed_precision=str(cfg.train.mixed_precision), cpu=use_cpu,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.ga, sync_with_dataloader=False),
+            **tracking.accelerator_kwargs(cfg.tracking, self.output_dir))
+        self.tracking = tracking.start(acc, cfg.tracking, cfg, *self.tracking_names)
+        set_seed(cfg.train.seed)
+        m.device, m.num_processes = machine.device_name(acc.device), acc.num_processes
+        m.gradient_accumulation_steps, m.effective_batch_size = self.ga, self.bs * self.ga * acc.num_processes
+
+    def backend(self):
+        """The generation backend (back-translation, paraphrase), built on first use, or None."""
+        if self._backend is None:
+            self._backend = backends.build(self.cfg.generation, Path(self.cfg.generation.cache_dir), self.cfg.solar)
+        return self._backend
+
+    def _prepare_data(self) -> None:
+        cfg = self.cfg
+        self.data = prepare_data(cfg, self.backend, self.output_dir if self.accelerator.is_main_process else None)
+        self.metrics.augmentation, self.metrics.data_quality = self.data.augmentation, self.data.data_quality
+        self.splits, self.oof = self.data.splits, self.data.oof
+        self.tokenizer = models.load_tokenizer(cfg.model)
+        self.kind = cfg.model.kind
+        self.encoder = Encoder(self.tokenizer, self.kind, cfg.model.prompt_template,
+                               cfg.data.encoder_max_len, cfg.data.decoder_max_len)
+        tokenize(self.data, self.encoder)
+        models.preimport(cfg.model)  # imported code is not the run's memory
+
+    def _load_model(self) -> None:
+        cfg = self.cfg
+        self.loaded = models.load(cfg.model, self.tokenizer, cfg.train.seed, self.accelerator.device)
+        self.metrics.trainable_params, self.metrics.total_params = self.loaded.trainable_params, self.loaded.total_params
+        self.metrics.train_set_size, self.metrics.eval_set_size = len(self.splits.train), len(self.splits.dev)
+
+    def _make_loaders_and_optimizer(self) -> None:
+        cfg, acc, loaded = self.cfg, self.accelerator, self.loaded
+        widths = self.encoder.max_widths() if cfg.data.padding == "max_length" else (None, None)
+        collator = Collator(self.tokenizer.pad_token_id, self.kind, loaded.decoder_start_token_id, *widths)
+        self.sampler = EpochSampler(self.data.train_ds.lengths(), seed=cfg.train.seed,
+                                    group_by_length=cfg.data.group_by_length, batch_size=self.bs)
+        workers = cfg.data.num_workers if cfg.data.num_workers is not None else 0
+        loader_kw = dict(collate_fn=collator, num_workers=workers, pin_memory=acc.device.type == "cuda")
+        # drop_last: every micro-batch is full, so every update sees exactly the effective batch
+        # and per-step figures compare; the next epoch's permutation brings the dropped samples back.
+        train_loader = torch.utils.data.DataLoader(self.data.train_ds, batch_size=self.bs, sampler=self.sampler,
+                                                   drop_last=True, **loader_kw)
+        dev_loader = torch.utils.data.DataLoader(self.data.dev_ds, batch_size=cfg.batch.eval_batch_size,
+                                                 shuffle=False, **loader_kw)
+        params = [p for p in loaded.model.parameters() if p.requires_grad]
+        optimizer = build_optimizer([p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2], cfg.train)
+        self.model, self.optimizer, self.train_loader, self.dev_loader = acc.prepare(
+            loaded.model, optimizer, train_loader, dev_loader)
+        self.loaded = None
+
+    def _make_schedule(self) -> None:
+        from transformers import get_scheduler
+
+        cfg, m = self.cfg, self.metrics
+        self.updates_per_epoch = len(self.train_loader) // self.ga
+        if self.updates_per_epoch == 0:
+            raise ConfigError(f"the effective batch {m.effective_batch_size} is larger than the training set "
+                              f"({len(self.data.train_ds)} samples): lower batch.batch_size or the accumulation, "
+                              f"or raise data.max_train_samples")
+        self.total_updates = schedule_length(cfg, self.updates_per_epoch, m.effective_batch_size)
+        name = "constant_with_warmup" if cfg.train.scheduler == "constant" else str(cfg.train.scheduler)
+        # Not prepared by Accelerate: it is stepped once per optimizer step, on every process.
+        self.scheduler = get_scheduler(name, self.optimizer,
+                                       num_warmup_steps=math.ceil(cfg.train.warmup_ratio * self.total_updates),
+                                       num_training_steps=self.total_updates)
+        self.accelerator.register_for_checkpointing(self.scheduler)  # its position travels with the checkpoint
+
+    def _resume(self) -> None:
+        self.start_step, self.position = 0, {"epoch": 0, "batches": 0}
+        if not self.cfg.train.resume_from:
+            return
+        ckpt = checkpoint.resolve(self.cfg.train.resume_from, self.output_dir)
+        self.position, self.history = checkpoint.load(self.accelerator, ckpt, self.identity)
+        self.start_step = self.position.pop("step")
+        self.metrics.resumed_from = {"checkpoint": str(ckpt), "step": self.start_step}
+        if self.start_step >= self.total_updates:
+            raise ConfigError(f"{ckpt} is at step {self.start_step}, the end of this run's "
+                              f"{self.total_updates} steps: nothing to resume")
+        log.info("resuming from %s at optimizer step %d (epoch %d)", ckpt, self.start_step, self.position["epoch"])
+
+    def _say_plan(self) -> None:
+        m, acc = self.metrics, self.accelerator
+        if acc.is_main_process:
+            log.info("model %s (%s): %s trainable of %s parameters | device %s x%d | micro-batch %d x accumulation "
+                     "%d x processes %d = effective batch %d | %d optimizer steps (%d per epoch of %d samples)",
+                     self.cfg.model.name, self.kind, f"{m.trainable_params:,}", f"{m.total_params:,}", m.device,
+                     acc.num_processes, self.bs, self.ga, acc.num_processes, m.effective_batch_size,
+                     self.total_updates, self.updates_per_epoch, len(self.data.train_ds))
+
+    # ------------------------------------------------------------------ training
+    def _windows(self):
+        """Yield lists of `ga` micro-batches forever, epoch after epoch, from self.position (a
+        resumed run skips the micro-batches its checkpoint had consumed: same data order). A
+        trailing partial window is dropped, like a partial micro-batch (see drop_last above)."""
+        epoch, skip = self.position["epoch"], self.position["batches"]
+        resumed = self.start_step > 0
+        while True:
+            self.train_loader.set_epoch(epoch)
+            window, consumed = [], 0
+            rng = torch.get_rng_state()
+            batches = iter(self.train_loader)
+            first = next(batches, None)  # the loader starts on first use and draws a seed from torch's RNG...
+            if resumed:  # ... which the interrupted run drew before its checkpoint: not again
+                torch.set_rng_state(rng)
+                resumed = False
+            for batch in itertools.chain([] if first is None else [first], batches):
+                consumed += 1
+                if consumed <= skip:
+                    continue
+                window.append(batch)
+                if len(window) == self.ga:
+                    self.position = {"epoch": epoch, "batches": consumed}
+                    yield epoch, window
+                    window = []
+            epoch, skip = epoch + 1, 0
+
+    def train(self) -> None:
+        """The training loop. Long because it reads top to bottom: every step's order of operations
+        (data, forward and backward per micro-batch, update, figures, checks, checkpoint) in one place."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        self.metrics.phase = "train"
+        timer = timing.StepTimer(warmup_steps=cfg.measure.warmup_steps)
+        profile = None
+        device = acc.device
+        self.model.train()
+        # None: shown on a terminal only (logs and CI stay readable); one bar per machine
+        bar = tqdm(total=self.total_updates, desc="train", unit="step",
+                   disable=None if acc.is_local_main_process else True, dynamic_ncols=True, leave=False)
+        windows = self._windows()
+        loss_value = None
+        bar.update(self.start_step)
+        # no bar (output to a file or a pipe): a progress line in the log every train.log_every_steps
+        lines = bar.disable and acc.is_main_process
+        started = timing.now()
+        try:
+            for step in range(self.start_step, self.total_updates):
+                timing.synchronize(device)
+                t_step = timing.now()
+                epoch, window = next(windows)
+                rows = torch.tensor([[len(b["input_ids"]), *batch_token_counts(b), label_token_count(b)]
+                                     for b in window], device=device)
+                # padded positions of this process's largest micro-batch: what its memory peak scales with
+                timer.note_positions(int((rows[:, 1] + rows[:, 2]).max()))
+                samples, tokens, pads, n_items = (int(x) for x in acc.reduce(rows.sum(0), reduction="sum"))
+                loss_sum = torch.zeros((), device=device)
+                for micro, batch in enumerate(window):
+                    t_micro = timing.now()
+                    with acc.accumulate(self.model):
+                        if profile is None and not timer.measuring:  # counted FLOPs slow this step: never a timed one
+                            profiler = flops.ProfileMicroStep()
+                            with profiler:
+                                part = self._forward_backward(batch, n_items, step, micro)
+                            profile = profiler.profile
+                            profile.tokens = sum(batch_token_counts(batch))  # padded positions
+                        else:
+                            part = self._forward_backward(batch, n_items, step, micro)
+                        if acc.sync_gradients and cfg.train.max_grad_norm > 0:
+                            acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    loss_sum += part
+                    timing.synchronize(device)
+                    timer.add_micro(timing.now() - t_micro)
+                self.scheduler.step()
+                loss_value = float(acc.reduce(loss_sum, reduction="sum")) / max(n_items, 1)  # waits for the device
+                step_seconds = timing.now() - t_step
+                timer.add_step(step_seconds, samples=samples, tokens=tokens, pad_tokens=pads)
+                peak = self.monitor.peak_bytes()
+                self.history.append({"step": step + 1, "epoch": epoch, "loss": loss_value,
+                                     "lr": self.scheduler.get_last_lr()[0], "step_time_s": step_seconds,
+                                     "samples_per_s": samples / step_seconds, "tokens_per_s": tokens / step_seconds,
+                                     "peak_mem_bytes": peak})
+                self.tracking.log_step(self.history[-1], step + 1)
+                if not math.isfinite(loss_value):
+                    raise Diverged(f"loss became {loss_value} at optimizer step {step + 1}")
+                peak_all, signum = self._agree(peak, self.stop.signum or 0)
+                self.guard.check(peak_all)
+                bar.update(1)
+                self._maybe_checkpoint(step + 1, signum)
+                if (step + 1) % cfg.train.log_every_steps == 0 or step == 0:
+                    bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{samples / step_seconds:.1f}")
+                    if lines:
+                        done = step + 1 - self.start_step
+                        eta = (timing.now() - started) / done * (self.total_updates - step - 1)
+                        log.info("step %d/%d | loss %.4f | %.1f samples/s | ETA %s", step + 1, self.total_updates,
+                                 loss_value, samples / step_seconds, _duration(eta))
+        finally:
+            bar.close()
+            self._record_train(timer, profile, loss_value)
+
+    def _agree(self, peak: int, signum: int) -> tuple[int, int]:
+        """The largest peak and any stop signal over all processes, in one collective: each
+        process then makes the same budget and checkpoint decisions (none waits alone)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return peak, signum
+        both = acc.reduce(torch.tensor([peak, signum], dtype=torch.int64, device=acc.device), reduction="max")
+        return int(both[0]), int(both[1])
+
+    def _maybe_checkpoint(self, done: int, signum: int) -> None:
+        """After optimizer step `done`: a checkpoint every train.save_every_steps, and on a
+        stop signal a checkpoint then Interrupted. A signal in the last step lets the run finish."""
+        every, last = self.cfg.train.save_every_steps, done >= self.total_updates
+        if (signum and not last) or (every and done % every == 0 and not last):
+            path = checkpoint.save(self.accelerator, self.output_dir, done, self.position, self.history,
+                                   self.cfg.train.keep_checkpoints, self.identity)
+            if signum:
+                raise Interrupted(signum, done, path)
+
+    def _forward_backward(self, batch: dict, n_items: int, step: int, micro: int) -> torch.Tensor:
+        acc = self.accelerator
+        if self.on_micro_step is not None:
+            self.on_micro_step(step, micro)
+        logits = self.model(**model_inputs(batch)).logits
+        loss_sum = summed_token_loss(logits, batch["labels"], self.kind, self.cfg.train.label_smoothing)
+        # Normalise by the label tokens of the whole window on all processes. Accelerate divides
+        # by the accumulation steps and DDP averages over processes: undo both.
+        acc.backward(loss_sum * (self.ga * acc.num_processes / max(n_items, 1)))
+        return loss_sum.detach()
+
+    def _record_train(self, timer: timing.StepTimer, profile, final_loss) -> None:
+        cfg, m, n = self.cfg, self.metrics, self.accelerator.num_processes
+        t = TrainFigures(**timer.summary(), final_loss=final_loss,
+                         total_optimizer_steps=self.start_step + timer.steps_seen)  # a resumed run counts from its checkpoint
+        t.samples_per_s_per_process = t.samples_per_s / n if t.samples_per_s else None  # samples count all processes
+        t.tokens_per_s_per_process = t.tokens_per_s / n if t.tokens_per_s else None
+        m.train = t
+        if profile is not None:  # FLOPs scale with padded positions, so MFU counts those on both sides
+            t.hardware_flops_per_position = profile.flops / profile.tokens if profile.tokens else None
+            t.activation_bytes_first_micro_batch = profile.activation_bytes
+        if t.samples_per_s:
+            m.epoch_seconds_projected = len(self.splits.train) / t.samples_per_s
+        peak = flops.peak_flops(self.accelerator.device, str(cfg.train.mixed_precision), cfg.measure.peak_tflops)
+        if peak and t.hardware_flops_per_position and t.seconds:
+            positions_per_s = (t.tokens + t.pad_tokens) / t.seconds
+            m.mfu = t.hardware_flops_per_position * positions_per_s / (peak * n)
+
+    # ------------------------------------------------------------------ after training
+    def save(self) -> None:
+        """What mode=predict needs (weights or the LoRA adapter, tokenizer, config) in <run dir>/model."""
+        if not self.cfg.train.save_model:
+            return
+        if self.accelerator.is_main_process:
+            save_for_predict(self.accelerator, self.model, self.tokenizer, self.cfg, self.output_dir / MODEL_DIR)
+        self.accelerator.wait_for_everyone()  # the saved model is complete before any process reads it
+
+    def gather_peaks(self) -> None:
+        """Every process's peak memory (a collective: only on the path all processes reach)."""
+        if self.accelerator.num_processes > 1:
+            mine = torch.tensor([self.monitor.peak_bytes()], dtype=torch.int64, device=self.accelerator.device)
+            self.process_peaks = [int(x) for x in self.accelerator.gather(mine).cpu()]
+
+    def record_memory(self) -> None:
+        if self.monitor is None:
+            return
+        peaks = self.process_peaks
+        # the largest process's peak: what must fit on each device
+        peak, capacity = (max(peaks) if peaks else self.monitor.peak_bytes()), self.monitor.capacity_bytes()
+        self.metrics.memory = MemoryFigures(
+            peak_bytes=peak, observed_peak_bytes=peak, peak_bytes_per_process=peaks,
+            reserved_peak_bytes=self.monitor.reserved_bytes(), capacity_bytes=capacity,
+            fraction=peak / capacity if capacity else None, source=self.monitor.source,
+            budget_bytes=self.guard.budget_bytes, limit_bytes=self.guard.limit_bytes)
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self.accelerator is not None:
+            self.accelerator.free_memory()
+        for name in ("model", "optimizer", "train_loader", "dev_loader", "scheduler", "accelerator", "monitor", "loaded"):
+            setattr(self, name, None)
+        reset_accelerate()
+        release_memory()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def run_training(cfg: Config, output_dir: Path, metrics: RunMetrics, identity: str,
+                 on_micro_step: Optional[MicroStepHook] = None, keep: Optional[list] = None,
+                 tracking_names: Optional[tuple[str, Optional[str]]] = None) -> RunMetrics:
+    """One training run, recorded in `metrics` and in the run folder whatever happens (a UserError
+    or an interruption is raised again after the write). `keep`, a list, receives the trained model
+    with its tokenizer and encoder (a K-fold logit ensemble decodes with them)."""
+    job = Job(cfg, output_dir, metrics, identity, on_micro_step, tracking_names)
+    finished = False
+    with recorded(metrics, output_dir, job):
+        try:
+            job.setup()
+            with job.stop.installed():
+                job.train()
+            job.save()
+            evaluate(job)
+            job.gather_peaks()
+            finished = True
+        finally:
+            job.record_memory()
+            if keep is not None and finished:
+                keep.append((job.accelerator.unwrap_model(job.model).eval(), job.tokenizer, job.encoder))
+            job.close()
+    return metrics

@@ -1,0 +1,86 @@
+"""What became of a run: its status from what ended it, and its record written to the run folder
+whatever happened (the metrics record, the step history, the tracker's final figures).
+
+| what ended the run | status | raised again for run.py |
+|---|---|---|
+| nothing | ok | - |
+| OverBudget (peak over budget x headroom) | over_budget | - |
+| an out-of-memory error (summ/measure/memory.py: is_oom) | oom | - |
+| Diverged (a NaN or infinite loss) | diverged | - |
+| Interrupted (SIGINT / SIGTERM, checkpoint saved) or a second Ctrl-C | interrupted | yes |
+| UserError (config, data, weights, key, folder) | failed | yes |
+| anything else (a bug, an unforeseen library error) | failed, traceback in error.log | - |
+
+Job-level outcomes are recorded, not raised, so a sweep goes on to its next cell.
+"""
+from __future__ import annotations
+
+import contextlib
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from summ.config import Config
+from summ.distributed import is_main_process, rank
+from summ.errors import Diverged, Interrupted, OverBudget, UserError
+from summ.files import atomic_write_text
+from summ.measure.memory import is_oom
+from summ.measure.timing import now
+from summ.run_folder import ERROR_LOG, RunMetrics, write_history, write_metrics
+
+
+def new_metrics(cfg: Config, cfg_hash: str) -> RunMetrics:
+    """A run's record before anything ran: what it was asked to do, status failed until it ends."""
+    return RunMetrics(
+        mode=str(cfg.mode), model=cfg.model.name, data=cfg.data.name, batch_size=cfg.batch.batch_size,
+        gradient_accumulation_steps=cfg.batch.gradient_accumulation_steps,
+        mixed_precision=str(cfg.train.mixed_precision), gradient_checkpointing=cfg.model.gradient_checkpointing,
+        quantization=str(cfg.model.quantization), lora=cfg.model.lora.enabled, config_hash=cfg_hash,
+        random_init=cfg.model.tiny is not None and not cfg.model.path)
+
+
+def classify(exc: BaseException, phase: Optional[str]) -> tuple[str, str]:
+    """(status, one-line error) for what ended a run."""
+    if isinstance(exc, OverBudget):
+        return "over_budget", str(exc)
+    if is_oom(exc):
+        return "oom", f"out of memory during {phase}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+    if isinstance(exc, Diverged):
+        return "diverged", str(exc)
+    if isinstance(exc, Interrupted):
+        return "interrupted", str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", f"KeyboardInterrupt during {phase}"
+    if isinstance(exc, UserError):
+        return "failed", str(exc)
+    return "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+@contextlib.contextmanager
+def recorded(metrics: RunMetrics, output_dir: Path, job=None):
+    """Turn the run's outcome into metrics.status and write the metrics record (and the step history),
+    whatever happens. Interruptions and user errors are raised again after the write (run.py says
+    how to resume, or prints the one line); `job` (training) brings its history and tracker."""
+    started = now()
+    raise_after: Optional[BaseException] = None
+    try:
+        yield
+        metrics.status, metrics.phase = "ok", None
+    except (Exception, KeyboardInterrupt) as exc:
+        metrics.status, metrics.error = classify(exc, metrics.phase)
+        if isinstance(exc, Interrupted):
+            metrics.checkpoint = str(exc.checkpoint)
+        if isinstance(exc, (Interrupted, KeyboardInterrupt, UserError)):
+            raise_after = exc
+        elif metrics.status == "failed":  # a bug or an unforeseen library error: recorded, the sweep goes on
+            atomic_write_text(output_dir / (ERROR_LOG if is_main_process() else f"error.rank{rank()}.log"),
+                              traceback.format_exc())
+    metrics.wall_seconds = now() - started  # the whole job: setup, training, evaluation
+    if is_main_process():  # one set of files per run (and one tracker run): process 0's
+        if job is not None and job.history:
+            write_history(output_dir, job.history)
+        write_metrics(output_dir, metrics)
+        if job is not None:
+            job.tracking.finish(metrics.to_dict())  # the final figures and status, known only now
+    if raise_after is not None:
+        raise raise_after

@@ -1,0 +1,65 @@
+"""The data one training run reads, from the config: splits loaded, a K-fold member's fold held
+out, low-quality samples left out (data.validate), augmented samples added, all tokenized."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from summ.config import Config
+from summ.data import augment, quality
+from summ.data.samples import Sample
+from summ.data.splits import Splits, fold_indices, load_splits
+from summ.data.tokenize import Encoder, TokenizedDataset
+from summ.errors import DataError
+from summ.run_folder import DATA_QUALITY_FILE, write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    splits: Splits  # train after the fold, the quality filter and augmentation; dev and test as loaded
+    oof: list[Sample] = field(default_factory=list)  # a K-fold member's held-out fold
+    train_ds: Optional[TokenizedDataset] = None
+    dev_ds: Optional[TokenizedDataset] = None
+    augmentation: Optional[dict] = None  # the metrics record's report of what augmentation added
+    data_quality: Optional[dict] = None
+
+
+def prepare_data(cfg: Config, backend: Callable[[], object], output_dir: Optional[Path] = None) -> PreparedData:
+    """Splits, the fold, the quality filter (its data_quality.csv into `output_dir`, when given)
+    and augmentation (`backend()` builds the generation backend on first use); tokenization comes
+    after the tokenizer is known (`tokenize`)."""
+    splits = load_splits(cfg.data)
+    prepared = PreparedData(splits)
+    if cfg.train.fold is not None:  # K-fold member: hold one fold out of training
+        held = set(fold_indices(len(splits.train), cfg.train.k_folds, cfg.train.fold_seed)[cfg.train.fold])
+        prepared.oof = [s for i, s in enumerate(splits.train) if i in held]
+        splits.train = [s for i, s in enumerate(splits.train) if i not in held]
+    if cfg.data.validate:
+        _leave_out_low_quality(cfg, prepared, output_dir)
+    if cfg.augmentation.methods and cfg.augmentation.ratio > 0:
+        new, prepared.augmentation = augment.augment(splits.train, cfg.augmentation, backend())
+        splits.train = splits.train + new  # training only: dev and test stay as loaded
+    return prepared
+
+
+def _leave_out_low_quality(cfg: Config, prepared: PreparedData, output_dir: Optional[Path]) -> None:
+    """Score train and dev; leave low-scoring training samples out, listed in data_quality.csv."""
+    thr, splits = cfg.data.quality_threshold, prepared.splits
+    train_rows = quality.assess(splits.train, "train", thr)
+    dev_rows = quality.assess(splits.dev, "dev", thr)
+    if output_dir is not None:
+        write_text(output_dir, DATA_QUALITY_FILE, quality.to_csv(train_rows + dev_rows))
+    splits.train = [s for s, r in zip(splits.train, train_rows) if r.kept]
+    prepared.data_quality = {**quality.summarize(train_rows + dev_rows), "threshold": thr}
+    if not splits.train:
+        raise DataError(f"every training sample scored under data.quality_threshold={thr}: see "
+                        f"{(output_dir or Path('.')) / DATA_QUALITY_FILE}")
+
+
+def tokenize(prepared: PreparedData, encoder: Encoder) -> None:
+    prepared.train_ds = TokenizedDataset(prepared.splits.train, encoder)
+    prepared.dev_ds = TokenizedDataset(prepared.splits.dev, encoder)
