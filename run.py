@@ -25,10 +25,10 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from summ import distributed  # noqa: E402
-from summ.app import guard_hydra_writes, register  # noqa: E402
+from summ.app import guard_hydra, register  # noqa: E402
 
 register()
-guard_hydra_writes()
+guard_hydra()
 
 
 # Targets the configs may instantiate: our callback, Hydra's own plugins, Optuna's samplers, logging.

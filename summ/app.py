@@ -7,6 +7,7 @@ a job is a trial (summ/sweeps/trials.py): it never exits, and the sweep goes on.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -62,10 +63,12 @@ def _single(cfg: DictConfig, output_dir: Path) -> float:
     from summ.distributed import is_main_process
     from summ.pipeline import run_job
     from summ.reports.summary import format_summary
-    from summ.sweeps.trials import record_refusal
+    from summ.sweeps.trials import measured_before, record_refusal
+    from summ.validation import validate
 
     try:
-        metrics = run_job(cfg, output_dir)
+        validate(cfg)  # before anything reads the folder
+        metrics = measured_before(cfg, None, output_dir) or run_job(cfg, output_dir)
     except UserError as exc:
         record_refusal(output_dir, exc)  # whatever happened, the run folder says why
         say(f"error: {exc}", err=True)
@@ -78,13 +81,35 @@ def _single(cfg: DictConfig, output_dir: Path) -> float:
     return 0.0
 
 
-def guard_hydra_writes() -> None:
-    """Hydra writes .hydra/*.yaml of every job itself, before our code runs: a full disk there would
-    end in its traceback. Make it one line and exit code 2, like our own writes. A log handler that
+def guard_hydra() -> None:
+    """What Hydra does before our code runs ends like our own errors: a config it cannot compose (an
+    unknown key or group option, a wrong type, a value outside a closed choice) in one line and exit
+    code 2, and a full disk while it writes .hydra/*.yaml of a job likewise. A log handler that
     cannot write (the same full disk) stays quiet instead of printing a traceback per line."""
+    import hydra._internal.utils as hydra_internal
     import hydra.core.utils as hydra_utils
 
     logging.raiseExceptions = False
+    report = hydra_internal.run_and_report
+    if not getattr(report, "summ_guarded", False):
+        def reported(func):
+            from hydra.errors import HydraException
+            from omegaconf.errors import OmegaConfBaseException
+
+            try:
+                return func()
+            except (HydraException, OmegaConfBaseException) as exc:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                say(f"error: {_config_error(exc)}: python run.py --help lists the groups and their options, "
+                    f"--cfg job every setting", err=True)
+                sys.exit(exit_code("failed", user_error=True))
+            except Exception as exc:  # anything else: Hydra's own report
+                error = exc
+                return report(lambda: _raise(error))
+
+        reported.summ_guarded = True
+        hydra_internal.run_and_report = reported
     save = hydra_utils._save_config
     if getattr(save, "summ_guarded", False):
         return
@@ -99,6 +124,29 @@ def guard_hydra_writes() -> None:
 
     guarded.summ_guarded = True
     hydra_utils._save_config = guarded
+
+
+def _raise(exc: BaseException):
+    raise exc
+
+
+def _config_error(exc: BaseException) -> str:
+    """Hydra's error and its cause on one line: no stack-trace hint, no search path, no node types,
+    and not its advice to add an unknown key with `+` (the schema refuses those)."""
+    import re
+
+    parts = []
+    for e in (exc, exc.__cause__):
+        if e is None:
+            continue
+        text = str(e).split("Config search path")[0]
+        lines = [line.strip() for line in text.splitlines()]
+        text = " ".join(line for line in lines if line and not line.startswith(
+            ("Set the environment variable", "full_key", "reference_type", "object_type", "provider=")))
+        text = re.sub(r"\s*To append to your config use \S+", "", text).strip(" .")
+        if text and text not in parts:
+            parts.append(text)
+    return ": ".join(parts) or type(exc).__name__
 
 
 def quiet_third_party() -> None:

@@ -311,7 +311,11 @@ class TrackingConfig:
 class SweepConfig:
     """How multirun jobs behave (they are measurement trials unless told otherwise)."""
 
-    trial_steps: Optional[int] = 10  # measure.steps for a multirun job that sets no window (null: full training)
+    # A multirun job that sets no window measures this many samples after trial_warmup_samples
+    # (the same samples in every cell: summ/data/sampler.py); null: it trains the full schedule.
+    # Rounded up to whole optimizer steps: 192 is a multiple of every effective batch up to 64 and of 3.
+    trial_samples: Optional[int] = 192
+    trial_warmup_samples: int = 64
     evaluate: bool = False  # multirun jobs evaluate only if this, or eval.enabled on the command line, asks
     resume: bool = False  # reuse a job folder's complete result when its config hash matches
     # A finished sweep folder (a grid, an earlier search): a job whose config matches one of its

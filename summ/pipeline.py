@@ -33,10 +33,12 @@ def checkpoint_identity(cfg: DictConfig) -> str:
 
 
 def run_job(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optional[MicroStepHook] = None,
-            keep: Optional[list] = None, tracking_names: Optional[tuple[str, Optional[str]]] = None) -> RunMetrics:
+            keep: Optional[list] = None, tracking_names: Optional[tuple[str, Optional[str]]] = None,
+            reuse_loaded: bool = False) -> RunMetrics:
     """Run the job `cfg` describes in `output_dir`. `on_micro_step(step, micro)` is called before
     each micro-step (tests inject faults there); `keep`, a list, receives the trained model (K-fold
-    logit averaging); `tracking_names`: (run name, sweep group) for the experiment tracker."""
+    logit averaging); `tracking_names`: (run name, sweep group) for the experiment tracker;
+    `reuse_loaded`: a sweep's cell, sharing data and model with the process's other cells."""
     validate(cfg)
     obj: Config = OmegaConf.to_object(cfg)
     output_dir = make_folder(output_dir)  # a folder that cannot be made fails now, not after training
@@ -48,7 +50,7 @@ def run_job(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optio
     if obj.train.k_folds > 1 and obj.train.fold is None:
         return train_kfold(cfg, output_dir, checkpoint_identity, tracking_names)
     metrics = run_training(obj, output_dir, new_metrics(obj, config_hash(cfg)), checkpoint_identity(cfg),
-                           on_micro_step, keep, tracking_names)
+                           on_micro_step, keep, tracking_names, reuse_loaded)
     if obj.save_visualizations and metrics.train is not None:
         _save_plots(obj, output_dir)
     return metrics

@@ -70,6 +70,7 @@ class TrainFigures:
     pad_fraction: Optional[float] = None
     seconds: float = 0.0  # wall time of the measured steps, bookkeeping included
     loop_seconds: Optional[float] = None  # wall time of the whole training loop, warm-up and bookkeeping included
+    probe_seconds: Optional[float] = None  # the memory probe's wall time (between steps: in loop_seconds only)
     samples_per_s: Optional[float] = None
     tokens_per_s: Optional[float] = None
     seconds_per_sample: Optional[float] = None

@@ -3,6 +3,7 @@ divide, a setting this device cannot run), checked right after composition, befo
 Each refusal is one ConfigError line naming the key to change."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -41,9 +42,9 @@ POSITIVE = ("batch.batch_size", "batch.gradient_accumulation_steps", "batch.eval
             "train.max_steps", "train.learning_rate", "train.total_samples", "measure.steps", "measure.samples",
             "measure.memory_budget_gb", "measure.peak_tflops", "inference.num_beams", "inference.max_new_tokens",
             "inference.batch_size", "measure.rss_interval_ms", "train.log_every_steps", "model.lora.r",
-            "sweep.trial_steps", "tracking.log_every_steps", "train.save_every_steps", "train.keep_checkpoints",
+            "sweep.trial_samples", "tracking.log_every_steps", "train.save_every_steps", "train.keep_checkpoints",
             "train.k_folds", "solar.requests_per_minute", "solar.timeout_s", "solar.concurrency", "solar.max_tokens")
-NOT_NEGATIVE = ("measure.warmup_steps", "measure.warmup_samples", "train.weight_decay", "train.max_grad_norm",
+NOT_NEGATIVE = ("sweep.trial_warmup_samples", "measure.warmup_steps", "measure.warmup_samples", "train.weight_decay", "train.max_grad_norm",
                 "train.label_smoothing", "train.warmup_ratio", "augmentation.ratio", "tta.num_aug",
                 "train.adam_epsilon", "knee.tolerance", "data.num_workers", "solar.num_examples", "solar.max_retries",
                 "solar.backoff_s", "solar.max_backoff_s")
@@ -83,6 +84,9 @@ def _check_ranges(c: Any) -> None:
         raise ConfigError(f"train.k_folds={k}, train.fold={fold}: fold must be in [0, k_folds)")
     if "{dialogue}" not in _get(c, "model.prompt_template"):
         raise ConfigError("model.prompt_template must contain {dialogue}")
+    reuse_from = _get(c, "sweep.reuse_from")
+    if reuse_from and not os.path.isdir(os.path.expanduser(str(reuse_from))):
+        raise ConfigError(f"sweep.reuse_from={reuse_from} is not a folder: give a finished sweep's folder")
     url = str(_get(c, "solar.base_url"))
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"solar.base_url={url} is not an http(s) URL: set it like https://api.upstage.ai/v1")

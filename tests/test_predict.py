@@ -117,7 +117,7 @@ def test_run_plots_have_their_pictures(bart_run):
 @pytest.mark.parametrize("args,expect", [
     (["mode=predict"], "set model.path="),
     (["mode=predict", "model.path=/nonexistent/run"], "holds no trained model"),
-    (["mode=predict", "model.path=/tmp", "inference.quantization=int3"], "inference.quantization=int3 is invalid"),
+    (["mode=predict", "model.path=/tmp", "inference.quantization=int3"], "inference.quantization=int3: Invalid value"),
 ])
 def test_predict_input_errors_are_one_line(tmp_path, args, expect):
     proc = cli(*args, f"hydra.run.dir={tmp_path}", ok=False)

@@ -14,7 +14,7 @@ GB = 10**9
 
 
 def job(root, num, bs, ga, status="ok", sps=None, peak=None, positions=None, budget=24 * GB, headroom=0.9,
-        rouge=None, extra_overrides=()):
+        rouge=None, extra_overrides=(), alloc_retries=None, interval=None, busy=False, samples=None):
     d = root / str(num)
     (d / ".hydra").mkdir(parents=True)
     overrides = [f"batch.batch_size={bs}", f"batch.gradient_accumulation_steps={ga}", *extra_overrides]
@@ -24,18 +24,20 @@ def job(root, num, bs, ga, status="ok", sps=None, peak=None, positions=None, bud
          "mixed_precision": "no", "gradient_checkpointing": True,
          "train": {"samples_per_s": sps, "tokens_per_s": sps and sps * 300, "seconds_per_sample": sps and 1 / sps,
                    "step_time_s_median": sps and bs * ga / sps, "max_micro_batch_positions": positions,
-                   "pad_fraction": 0.2},
+                   "pad_fraction": 0.2, "samples_per_s_interval": interval, "samples": samples},
          "memory": {"peak_bytes": peak, "budget_bytes": budget, "limit_bytes": int(budget * headroom),
-                    "fraction": peak and peak / budget},
+                    "fraction": peak and peak / budget, "alloc_retries": alloc_retries},
+         "machine": {"busy": busy},
          "eval": {"rouge_mean": rouge, "loss": 1.0} if rouge else None, "epoch_seconds_projected": sps and 12457 / sps}
     (d / "metrics.json").write_text(json.dumps(m))
     return d
 
 
 def test_memory_pressure_case_from_the_original_report(tmp_path):
-    """Llama 3B, QLoRA: 3.3 s/step at batch 8 against 8.0 s/step at batch 16 (accumulation 2)."""
+    """Llama 3B, QLoRA: 3.3 s/step at batch 8 against 8.0 s/step at batch 16 (accumulation 2), the
+    CUDA allocator retrying (freeing its cache to satisfy requests) at 16: memory pressure."""
     job(tmp_path, 0, 8, 2, sps=16 / 3.3, peak=19 * GB, positions=8 * 600)
-    job(tmp_path, 1, 16, 2, sps=32 / 8.0, peak=21 * GB, positions=16 * 600)
+    job(tmp_path, 1, 16, 2, sps=32 / 8.0, peak=21 * GB, positions=16 * 600, alloc_retries=37)
     job(tmp_path, 2, 4, 2, sps=8 / 1.9, peak=15 * GB, positions=4 * 600)
     a = build_report(tmp_path)
     by_bs = {c.batch_size: c for c in a.cells}
@@ -48,6 +50,49 @@ def test_memory_pressure_case_from_the_original_report(tmp_path):
     assert (tmp_path / "knee.png").stat().st_size > 10_000
     rows = (tmp_path / "sweep.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("job,overrides,status")
+
+
+def test_a_slowdown_without_evidence_is_not_called_memory_pressure(tmp_path):
+    """The CPU knee grid's case: past the fastest cell every larger one is slower at a few % of the
+    budget, because padding grows; no allocator retries, no peak near the budget."""
+    job(tmp_path, 0, 8, 2, sps=16 / 3.3, peak=1 * GB, positions=8 * 600)
+    job(tmp_path, 1, 16, 2, sps=32 / 8.0, peak=2 * GB, positions=16 * 600)
+    a = build_report(tmp_path)
+    assert not any("memory pressure" in c.flags for c in a.cells)
+    assert "memory pressure" not in (tmp_path / "knee_report.md").read_text()
+    near = tmp_path / "near"
+    job(near, 0, 8, 2, sps=16 / 3.3, peak=19 * GB, positions=8 * 600)
+    job(near, 1, 16, 2, sps=32 / 8.0, peak=int(22.5 * GB), positions=16 * 600, headroom=1.0)  # 94% of the budget
+    assert "memory pressure" in {c.batch_size: c for c in build_report(near).cells}[16].flags
+
+
+def test_overlapping_rates_are_ties_and_busy_or_uneven_cells_are_warned_about(tmp_path):
+    job(tmp_path, 0, 4, 1, sps=90.0, interval=[80.0, 101.0], peak=2 * GB, positions=4 * 400, samples=192)
+    job(tmp_path, 1, 8, 1, sps=100.0, interval=[96.0, 104.0], peak=3 * GB, positions=8 * 400, samples=192, busy=True)
+    job(tmp_path, 2, 16, 1, sps=99.0, interval=[97.0, 101.0], peak=4 * GB, positions=16 * 400, samples=200)
+    a = build_report(tmp_path)
+    assert a.recommended.batch_size == 4  # 10% slower, but its rates overlap the fastest's: a tie
+    md = (tmp_path / "knee_report.md").read_text()
+    assert "busy machine" in md and "measured different samples" in md and "90.00 (80.0-101.0)" in md
+
+
+def test_each_combination_of_other_settings_gets_its_own_knee(tmp_path):
+    for i, (bs, sps, ckpt) in enumerate([(4, 50.0, "true"), (8, 70.0, "true"), (4, 80.0, "false"), (8, 60.0, "false")]):
+        job(tmp_path, i, bs, 1, sps=sps, peak=(i + 1) * GB, positions=bs * 400,
+            extra_overrides=[f"model.gradient_checkpointing={ckpt}"])
+    a = build_report(tmp_path)
+    assert a.recommended.batch_size == 4 and "model.gradient_checkpointing=false" in a.reason
+    labels = {g.label: g.recommended.batch_size for g in a.groups}
+    assert labels == {"model.gradient_checkpointing=true": 8, "model.gradient_checkpointing=false": 4}
+    assert "has its own knee" in (tmp_path / "knee_report.md").read_text()
+
+
+def test_a_poor_memory_fit_predicts_nothing(tmp_path):
+    for i, (bs, peak) in enumerate([(2, 5), (4, 1), (8, 6), (16, 2)]):
+        job(tmp_path, i, bs, 1, sps=10.0 * (i + 1), peak=peak * GB, positions=bs * 400)
+    a = build_report(tmp_path)
+    assert a.memory_model.r2 < 0.9 and a.predicted_largest_fitting is None
+    assert "too poor to predict" in (tmp_path / "knee_report.md").read_text()
 
 
 def test_recommendation_prefers_the_smallest_micro_batch_within_tolerance(tmp_path):

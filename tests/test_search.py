@@ -130,10 +130,11 @@ def test_knee_search_reaches_the_grid_recommendation_in_half_the_trials_on_a_rec
     assert (found.recommended.batch_size, found.recommended.gradient_accumulation_steps) == (8, 1)
     # the memory model (fit on 2, 4, 8) predicts 16 and then 12 over budget x headroom: not run
     assert result["stopped_doubling"] == "predicted_over_budget at micro-batch 16" and result["last_good"] == 8
-    # without it (hydra.sweeper.use_memory_model=false) 16 runs, is slower: past the knee; 12 bisects
+    # without it (hydra.sweeper.use_memory_model=false) 16 runs and reads slower: measured again, still
+    # slower, it counts as one reading that did not beat 8; 32 runs out of memory; the answer stays 8
     blind = _replay(RECORDED, memory_model=False)
-    assert "doubling to 16 lost more than 5%" in blind["stopped_doubling"] and blind["trials_run"] == 5
-    assert (blind["last_good"], blind["first_bad"]) == (8, 12)
+    assert blind["stopped_doubling"] == "oom at micro-batch 32" and blind["trials_run"] == 6
+    assert "measured again" in blind["trials"][16].note and blind["answer"] == 8
 
 
 def test_one_flat_reading_does_not_stop_the_doubling():
@@ -147,14 +148,37 @@ def test_one_flat_reading_does_not_stop_the_doubling():
 
         assert analyse(_cells(list(flat))).recommended.batch_size == 32
         patient = _replay(list(flat), resolution=1.0)
-        assert max(b for b, t in patient["trials"].items() if t.good) == 32 and patient["trials_run"] == 5
-        assert _replay(list(flat), resolution=1.0, patience=0)["last_good"] == 4  # stops at the flat reading
+        assert patient["answer"] == 32 and patient["trials_run"] == 5
+        assert _replay(list(flat), resolution=1.0, patience=0)["answer"] == 4  # stops at the flat reading
         plateau = {**flat, (16, 1): (134.0, 1.4), (32, 1): (132.0, 1.8)}  # a real plateau: two flat doublings
         RECORDED.update(plateau)
         stopped = _replay(list(plateau), resolution=1.0)
-        assert "2 doublings in a row" in stopped["stopped_doubling"] and stopped["last_good"] == 4
+        assert "2 doublings in a row" in stopped["stopped_doubling"] and stopped["answer"] == 4
     finally:
         RECORDED.update(_ORIGINAL)
+
+
+def test_one_dip_does_not_stop_the_doubling_and_the_knee_is_sought_below_the_best():
+    """{2:100, 4:170, 8:160, 16:260, 32:280}: the dip at 8 is measured again and counts as one
+    reading that did not beat 4; 16 and 32 then beat the best. The grid's rule answers 32 (16 is
+    more than 5% slower), and so does the sweeper, whose bisection looks below 32, not above."""
+    dip = {(2, 1): (100.0, 1.0), (4, 1): (170.0, 1.1), (8, 1): (160.0, 1.2), (16, 1): (260.0, 1.4),
+           (32, 1): (280.0, 1.8)}
+    RECORDED.update(dip)
+    try:
+        from summ.reports.knee import analyse
+
+        assert analyse(_cells(list(dip))).recommended.batch_size == 32
+        result = _replay(list(dip), memory_model=False)
+        assert result["answer"] == 32 and result["stopped_doubling"] == "reached max_batch_size"
+        assert "measured again" in result["trials"][8].note
+        assert (result["last_good"], result["first_bad"]) == (16, 32)  # the knee lies between 16 and 32
+        RECORDED[(24, 1)] = (270.0, 1.6)  # as fast as 32 within 5%: the knee
+        wide = _replay(list(dip) + [(24, 1)], memory_model=False, resolution=0.34)  # one bisection step
+    finally:
+        RECORDED.pop((24, 1), None)
+        RECORDED.update(_ORIGINAL)
+    assert 24 in wide["trials"] and wide["answer"] == 24  # it bisected below the best, not above
 
 
 @pytest.mark.slow
@@ -163,14 +187,19 @@ def test_knee_search_reaches_the_grid_recommendation_on_the_real_tiny_model(tmp_
     CLI on the same measurements (sweep.reuse_from takes a grid cell of identical config instead of
     timing it again), so both decide on the same numbers: timing noise between two separate runs
     on a small CPU is larger than the 5% knee tolerance. The sweeper searches one accumulation
-    value, the grid's answer's, over powers of two (resolution 1: the grid has no cell between)."""
+    value, the grid's answer's, over powers of two (resolution 1: the grid has no cell between), so
+    the answer to reach is the grid's rule applied to that column: a faster cell at another
+    accumulation moves the grid's best, and the sweeper never measures it."""
+    from summ.reports.cells import load_cells
+    from summ.reports.knee import analyse
     from summ.reports.knee_report import build_report
 
     same = ["data.synthetic_train_size=600", "measure.warmup_steps=1", "measure.steps=3", "data.padding=max_length",
             "data.encoder_max_len=128", "data.decoder_max_len=32"]
     cli("-m", "preset=knee_grid", f"hydra.sweep.dir={tmp_path}/grid", *same)
-    grid = build_report(tmp_path / "grid")
-    target = (grid.recommended.batch_size, grid.recommended.gradient_accumulation_steps)
+    accumulation = build_report(tmp_path / "grid").recommended.gradient_accumulation_steps
+    column = analyse([c for c in load_cells(tmp_path / "grid")[0] if c.gradient_accumulation_steps == accumulation])
+    target = (column.recommended.batch_size, accumulation)
     cli("-m", "preset=knee_search", f"hydra.sweep.dir={tmp_path}/search", f"sweep.reuse_from={tmp_path}/grid",
         f"hydra.sweeper.gradient_accumulation_steps={target[1]}", "hydra.sweeper.resolution=1", *same)
     search = json.loads((tmp_path / "search" / "knee_search.json").read_text())

@@ -41,6 +41,9 @@ def test_readme_knee_grid_and_report_from_an_empty_folder(tmp_path):
     rows = list(csv.DictReader((sweep / "sweep.csv").open()))
     assert len(rows) == 10 and sum(r["status"] == "ok" for r in rows) == 10
     assert "knee report:" in proc.stdout and sum("recommended" in r["flags"] for r in rows) == 1
+    # every cell measured the same samples and tokens; on a CPU nothing is memory pressure
+    assert len({(r["samples"], r["tokens"]) for r in rows}) == 1
+    assert not any("memory pressure" in r["flags"] for r in rows)
 
     again = user(tmp_path, str(sweep), module="summ.report")  # python -m summ.report outputs/multirun/<time>
     assert again.returncode == 0, again.stderr[-2000:]

@@ -4,9 +4,10 @@ Like DeepSpeed's autotuner and Ludwig's batch-size tuner, but at a fixed accumul
 effective batch and with memory measured rather than guessed:
 
 1. Double the micro-batch from `min_batch_size` (accumulation fixed, or derived from
-   `effective_batch_size`) until a cell ends oom or over_budget, falls more than `tolerance`
-   below the best cell's samples/s, or stays within it `patience` + 1 times in a row.
-2. Bisect between the best cell and the next larger one tried, down to `resolution` x its size.
+   `effective_batch_size`) until a cell ends oom or over_budget, or `patience` + 1 readings in
+   a row do not beat the best by `tolerance` (a drop is measured a second time before it counts).
+2. Bisect, down to `resolution` x the size: above the best for the memory edge, else below it
+   for the knee (the smallest micro-batch as fast as the best).
 3. Before each trial, once two cells have run ok, the memory model of the knee report
    (peak = a + b x micro-batch x positions) predicts the peak; a cell predicted over the limit
    is not run and counts as bad.
@@ -116,6 +117,7 @@ class KneeSweeper(Sweeper):
         summary = {**{k: v for k, v in result.items() if k != "trials"},
                    "cells": [t.__dict__ for t in sorted(result["trials"].values(), key=lambda t: t.batch_size)]}
         atomic_write_json(sweep_dir / KNEE_SEARCH_FILE, summary)
-        log.info("knee search: %d trials; %s; knee between micro-batch %s and %s", result["trials_run"],
-                 result["stopped_doubling"], result["last_good"], result["first_bad"])
+        log.info("knee search: %d trials; %s; between micro-batch %s and %s; the rule's answer among the cells "
+                 "measured: micro-batch %s", result["trials_run"], result["stopped_doubling"], result["last_good"],
+                 result["first_bad"], result["answer"])
         return self.returns

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -98,6 +98,19 @@ class TokenizedDataset(Dataset):
         """Model-input length per sample: what length grouping sorts by."""
         return [len(f.input_ids) for f in self.features]
 
+    def label_lengths(self) -> list[int]:
+        return [len(f.labels) for f in self.features]
+
+
+class BatchCounts(NamedTuple):
+    """What one collated batch holds, counted on the host before any copy to the device (reading
+    them back from a GPU would stall it once per micro-batch)."""
+
+    samples: int
+    tokens: int  # non-pad positions the model reads (encoder or prompt+summary, plus decoder for seq2seq)
+    pad_tokens: int
+    label_tokens: int  # target tokens: the divisor of the summed token loss
+
 
 class Collator:
     """Dynamic padding to the longest sequence in each batch (right padding, for training and
@@ -110,15 +123,23 @@ class Collator:
         self.decoder_start = decoder_start_token_id
         self.input_width, self.label_width = input_width, label_width  # set: pad to these fixed widths
 
-    def __call__(self, features: list[Features]) -> dict[str, torch.Tensor]:
+    def widths(self, input_lengths: Sequence[int], label_lengths: Sequence[int]) -> tuple[int, int]:
+        """(input, label) widths a batch of these lengths is padded to."""
+        width = max([*input_lengths, self.input_width or 0])
+        lwidth = width if self.kind == ModelKind.causal else max([*label_lengths, self.label_width or 0])
+        return width, lwidth
+
+    def positions(self, input_lengths: Sequence[int], label_lengths: Sequence[int]) -> int:
+        """Padded positions the model reads for a batch of these lengths (batch_token_counts' rule)."""
+        width, lwidth = self.widths(input_lengths, label_lengths)
+        return len(input_lengths) * (width + (lwidth if self.kind == ModelKind.seq2seq else 0))
+
+    def __call__(self, features: list[Features]) -> dict:
         batch = {}
-        width = max([len(f.input_ids) for f in features] + [self.input_width or 0])
+        width, lwidth = self.widths([len(f.input_ids) for f in features], [len(f.labels) for f in features])
         batch["input_ids"] = torch.tensor([f.input_ids + [self.pad] * (width - len(f.input_ids)) for f in features])
         batch["attention_mask"] = torch.tensor([[1] * len(f.input_ids) + [0] * (width - len(f.input_ids))
                                                 for f in features])
-        lwidth = max([len(f.labels) for f in features] + [self.label_width or 0])
-        if self.kind == ModelKind.causal:
-            lwidth = width  # labels line up with the inputs
         labels = torch.tensor([f.labels + [IGNORE_INDEX] * (lwidth - len(f.labels)) for f in features])
         batch["labels"] = labels
         if self.kind == ModelKind.seq2seq:
@@ -126,6 +147,14 @@ class Collator:
             dec[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, self.pad)
             dec[:, 0] = self.decoder_start
             batch["decoder_input_ids"] = dec
+        real = sum(len(f.input_ids) for f in features)
+        # causal: the prompt's labels are ignored, and the first position has nothing before it
+        label_tokens = sum(len(f.labels) - (max(f.prompt_len, 1) if self.kind == ModelKind.causal else 0)
+                           for f in features)
+        if self.kind == ModelKind.seq2seq:
+            real += label_tokens
+        batch["counts"] = BatchCounts(len(features), real, self.positions(
+            [len(f.input_ids) for f in features], [len(f.labels) for f in features]) - real, label_tokens)
         return batch
 
 

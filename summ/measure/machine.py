@@ -1,12 +1,101 @@
-"""The device a run measures on, and what else ran on it."""
+"""The device a run measures on, and what else ran on it while the steps were timed.
+
+Timing on a busy machine says little about the configuration: on 2 cores, a 24 s run took 7
+minutes beside other jobs, and two runs started together ran 12 times slower each. `LoadWatch`
+samples, over the measured steps, how many runnable threads belong to other processes (the
+kernel's instantaneous count in /proc/loadavg less this process's own running threads), and
+records the 1-minute load average at start and end, the process's CPU time against wall time and,
+on CUDA, other processes on the GPU. A run is `busy` when other processes kept at least half a
+core's worth of threads runnable on average, or shared the GPU.
+"""
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
+from typing import Optional
 
 import torch
+
+BUSY_OTHER_THREADS_PER_CORE = 0.5
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores)"
+    return f"cpu ({cores()} cores)"
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _runnable_total() -> Optional[int]:
+    """Runnable threads on the machine now (/proc/loadavg's fourth field, before the slash)."""
+    try:
+        return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _runnable_own() -> int:
+    running = 0
+    for stat in Path("/proc/self/task").glob("*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "R":
+                running += 1
+        except (OSError, IndexError):
+            pass
+    return running
+
+
+def _load1() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+class LoadWatch:
+    """start(), sample() once per measured step, then finish() -> the `machine` record."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._others: list[int] = []
+        self._wall0: Optional[float] = None
+
+    def start(self) -> "LoadWatch":
+        self._load_start, self._cpu0, self._wall0 = _load1(), time.process_time(), time.perf_counter()
+        return self
+
+    def sample(self) -> None:
+        if self._wall0 is None:  # a resumed run starts measuring without the loop's start
+            self.start()
+        total = _runnable_total()
+        if total is not None:
+            self._others.append(max(0, total - _runnable_own()))
+
+    def finish(self) -> dict:
+        if self._wall0 is None:
+            self.start()
+        wall = time.perf_counter() - self._wall0
+        others = sum(self._others) / len(self._others) if self._others else None
+        gpu_others = _other_gpu_processes(self.device)
+        busy = bool((others is not None and others >= BUSY_OTHER_THREADS_PER_CORE * cores()) or gpu_others)
+        return {"cores": cores(), "load_avg_1m_start": self._load_start, "load_avg_1m_end": _load1(),
+                "other_runnable_threads_mean": others, "cpu_seconds": time.process_time() - self._cpu0,
+                "wall_seconds": wall, "torch_threads": torch.get_num_threads(), "other_gpu_processes": gpu_others,
+                "busy": busy}
+
+
+def _other_gpu_processes(device: torch.device) -> Optional[int]:
+    """Processes other than this one holding memory on the GPU (NVML through torch), or None where
+    it cannot be seen."""
+    if device.type != "cuda":
+        return None
+    try:
+        text = torch.cuda.list_gpu_processes(device)
+    except Exception:
+        return None
+    pids = [line.split()[1] for line in text.splitlines() if line.strip().startswith("process")]
+    return sum(1 for pid in pids if pid != str(os.getpid()))

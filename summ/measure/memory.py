@@ -1,30 +1,44 @@
 """Peak memory and the budget.
 
-On CUDA the allocator's own peaks, reset at the start of each run. On CPU the kernel's peak
-resident set (VmHWM), reset through /proc/self/clear_refs at the start of each run, above the RSS
-at that moment, after the previous job's memory was handed back (glibc keeps freed memory, so raw
-RSS would carry over between jobs of a sweep). Exact and free of cost; where the kernel refuses
-the reset, a thread samples RSS instead (costs a few % on 2 cores).
+On CUDA the allocator's own peaks, reset at the start of each run and of each stretch. On CPU the
+kernel's peak resident set (VmHWM), reset through /proc/self/clear_refs, above the RSS at the
+run's start, after the previous job's memory was handed back. glibc keeps freed memory in its
+heap, where it fragments: over an epoch the resident set crept 20-40% above what a few steps
+showed. So allocations from 64 KiB up are served by mmap (mallopt, once per process): a freed
+tensor goes back to the kernel and the resident peak tracks live tensors, as CUDA's statistics
+do. Where the kernel refuses the reset, a thread samples RSS instead (costs a few % on 2 cores).
+Executable code paged in during the run (a kernel's first use: about 4 MB in a process's first
+run, none in the runs after it) is host memory no batch setting changes and a GPU's figure would
+not hold: it is left out of the CPU peaks (read from /proc/self/smaps at each stretch's end).
 """
 from __future__ import annotations
 
 import ctypes
 import gc
 import os
+import re
 import threading
 from typing import Optional
 
 import torch
 
 from summ.errors import OverBudget
+from summ.run_folder import GIB
 from summ.measure.flops import ProfileMicroStep
 
 
-def release_memory() -> None:
-    """Give freed memory back so the next job's peak starts clean."""
-    gc.collect()
+def release_memory(collect: bool = True) -> None:
+    """Give freed memory back so the next job's peak starts clean. `collect=False` skips the
+    cycle collector (a full collection walks every object: a quarter of a second beside a
+    sweep's kept data) where only the allocators need to hand memory back."""
+    if collect:
+        gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    trim_heap()
+
+
+def trim_heap() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
@@ -32,14 +46,26 @@ def release_memory() -> None:
 
 
 _WARMED = False
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def _tensors_off_the_heap() -> None:
+    """glibc: allocations from 64 KiB up by mmap, freed ones returned at once (see the docstring)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _warm_process() -> None:
-    """Once per process: start autograd's engine, the optimizer and the thread pools on a
-    throw-away model, so the first job of a sweep is not charged for them."""
+    """Once per process: tensors off glibc's heap, and autograd's engine, the optimizer and the
+    thread pools started on a throw-away model, so the first job of a sweep is not charged for them."""
     global _WARMED
     if _WARMED:
         return
+    _tensors_off_the_heap()
     layer = torch.nn.Linear(64, 64)
     opt = torch.optim.AdamW(layer.parameters())
     with ProfileMicroStep():
@@ -54,6 +80,19 @@ def _warm_process() -> None:
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+_EXECUTABLE_RSS = re.compile(rb"^[0-9a-f]+-[0-9a-f]+ ..x. [^\n]*\n(?:[A-Z][^\n]*\n)*?Rss:\s+(\d+)", re.M)
+
+
+def _code_bytes() -> int:
+    """Resident bytes of executable mappings (code pages); 0 where /proc/self/smaps is missing.
+    About 20 ms: read at a stretch's end, not per step."""
+    try:
+        with open("/proc/self/smaps", "rb") as fh:
+            return sum(int(kb) for kb in _EXECUTABLE_RSS.findall(fh.read())) * 1024
+    except OSError:
+        return 0
 
 
 def _hwm_bytes() -> int:
@@ -81,16 +120,27 @@ def _cpu_capacity_bytes() -> int:
 
 
 class MemoryMonitor:
-    """Per-run peak memory. Start it before the model loads; read `peak_bytes()` at any time."""
+    """Per-run peak memory, above the memory the process held when the run started. Start it before
+    the model loads; read `peak_bytes()` at any time. `segment()` ends a stretch of the run (the
+    probe, the measured steps, evaluation): it returns that stretch's peak and starts the next.
 
-    def __init__(self, device: torch.device, interval_ms: float = 2.0):
+    `weights_bytes`: memory the run counts as its own though it was already resident at start (a
+    model kept loaded across a sweep's cells): added to every peak, so a cell reads as in a fresh
+    process."""
+
+    def __init__(self, device: torch.device, interval_ms: float = 2.0, weights_bytes: int = 0):
         self.device = device
         self.interval_s = interval_ms / 1000.0
+        self.weights_bytes = weights_bytes
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._kernel_peak = False
         self._peak_rss = 0
-        self.baseline = 0
+        self.baseline = self.baseline_reserved = 0
+        self._code0 = self._code_growth = 0  # CPU: code pages resident at start, and paged in since
+        self.context_bytes: Optional[int] = None
+        self._stats0: dict = {}
+        self._capped = False
 
     @property
     def source(self) -> str:
@@ -104,13 +154,28 @@ class MemoryMonitor:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = int(torch.cuda.memory_allocated(self.device))  # what earlier jobs still hold
+            self.baseline_reserved = int(torch.cuda.memory_reserved(self.device))
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.context_bytes = int(total - free - self.baseline_reserved)  # the CUDA context, other processes
+            self._stats0 = torch.cuda.memory_stats(self.device)
             return self
+        self._code0, self._code_growth = _code_bytes(), 0
         self._kernel_peak = _reset_hwm()
         self.baseline = self._peak_rss = _rss_bytes()
         if not self._kernel_peak:
             self._thread = threading.Thread(target=self._sample, name="summ-rss", daemon=True)
             self._thread.start()
         return self
+
+    def cap(self, budget_bytes: int) -> None:
+        """On CUDA, let the allocator take at most `budget_bytes` (context included), so a big card
+        runs out where the card planned for would, fragmentation included."""
+        if self.device.type != "cuda":
+            return
+        total = torch.cuda.mem_get_info(self.device)[1]
+        usable = budget_bytes - (self.context_bytes or 0)
+        torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, usable / total)), self.device)
+        self._capped = True
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -123,6 +188,9 @@ class MemoryMonitor:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._capped:
+            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+            self._capped = False
 
     def _process_peak(self) -> int:
         if self._kernel_peak:
@@ -132,14 +200,45 @@ class MemoryMonitor:
         return self._peak_rss
 
     def peak_bytes(self) -> int:
+        """This stretch's peak above the baseline, the run's resident weights included."""
         if self.device.type == "cuda":
-            return max(0, int(torch.cuda.max_memory_allocated(self.device)) - self.baseline)
-        return max(0, self._process_peak() - self.baseline)
+            return max(0, int(torch.cuda.max_memory_allocated(self.device)) - self.baseline) + self.weights_bytes
+        return max(0, self._process_peak() - self.baseline - self._code_growth) + self.weights_bytes
 
-    def reserved_bytes(self) -> int:
+    def settle(self) -> None:
+        """CPU: count the code paged in so far as code, not as the run's memory (the per-step
+        readings in between use the last count: they over-read by at most the pages since)."""
+        if self.device.type != "cuda":
+            self._code_growth = max(0, _code_bytes() - self._code0)
+
+    def reserved_peak_bytes(self) -> int:
+        """The allocator's reserved peak (CUDA) or the resident set's (CPU), on the same baseline."""
         if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_reserved(self.device))
-        return self._process_peak()  # the whole process's resident peak
+            return max(0, int(torch.cuda.max_memory_reserved(self.device)) - self.baseline_reserved) + self.weights_bytes
+        return self.peak_bytes()
+
+    def segment(self) -> int:
+        """The peak of the stretch that ends now; the next stretch's peak starts from what is
+        resident now (freed memory handed back first)."""
+        self.settle()
+        peak = self.peak_bytes()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self._kernel_peak:
+            trim_heap()
+            _reset_hwm()
+        else:
+            trim_heap()
+            self._peak_rss = _rss_bytes()
+        return peak
+
+    def pressure(self) -> tuple[Optional[int], Optional[int]]:
+        """(allocator retries, OOMs) since start: the CUDA allocator freed its cache to satisfy a
+        request (a sign of memory pressure), or failed. None on the CPU."""
+        if self.device.type != "cuda":
+            return None, None
+        now = torch.cuda.memory_stats(self.device)
+        return tuple(int(now.get(k, 0) - self._stats0.get(k, 0)) for k in ("num_alloc_retries", "num_ooms"))
 
     def capacity_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -152,7 +251,7 @@ class BudgetGuard:
 
     def __init__(self, monitor: MemoryMonitor, budget_gb: Optional[float], headroom: float):
         self.monitor = monitor
-        budget = budget_gb * 2**30 if budget_gb else monitor.capacity_bytes()
+        budget = budget_gb * GIB if budget_gb else monitor.capacity_bytes()
         self.budget_bytes = int(budget)
         self.limit_bytes = int(budget * headroom)
 

@@ -1,9 +1,16 @@
 """Time and throughput of training steps.
 
-- Step and micro-step times are read after a device synchronize; the first
-  ``measure.warmup_steps`` optimizer steps are excluded from every timing figure.
-- ``samples_per_s`` and ``tokens_per_s`` divide what the measured steps processed by the
-  measured seconds; tokens are non-pad tokens the model reads (summ/data/tokenize.py: batch_token_counts).
+- A step's time runs from the end of the step before to the end of this one, everything the loop
+  does included (data, forward and backward, update, the loss read back, history, checks, tracker
+  logging): the measured steps add up to the loop's own wall time, so the stopwatch and the report
+  agree. Checkpoints and the memory probe fall between steps and only in `train.loop_seconds`.
+- The device is synchronised once per step (the loss is read back); micro-steps are timed with
+  CUDA events on a GPU, so the host never waits on the device inside a step.
+- The first warm-up steps are excluded from every timing figure. ``samples_per_s`` and
+  ``tokens_per_s`` divide what the measured steps processed by their seconds; tokens are the
+  non-pad tokens the model reads (summ/data/tokenize.py: BatchCounts, counted on the host).
+- ``samples_per_s_interval``: the interquartile range of the per-step rates, the noise to read a
+  5% knee tolerance against.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ class StepTimer:
 
     warmup_steps: int
     step_times: list[float] = field(default_factory=list)
+    step_samples: list[int] = field(default_factory=list)
     micro_times: list[float] = field(default_factory=list)
     samples: int = 0
     tokens: int = 0
@@ -50,6 +58,7 @@ class StepTimer:
         """One optimizer step and what it processed (all processes together)."""
         if self.measuring:
             self.step_times.append(seconds)
+            self.step_samples.append(samples)
             self.samples += samples
             self.tokens += tokens
             self.pad_tokens += pad_tokens
@@ -61,6 +70,7 @@ class StepTimer:
 
     def summary(self) -> dict:
         seconds = sum(self.step_times)
+        rates = [n / t for n, t in zip(self.step_samples, self.step_times) if t > 0]
         return {
             "optimizer_steps": self.measured_steps,
             "micro_steps": self.micro_steps,
@@ -78,6 +88,8 @@ class StepTimer:
             "step_time_s_p90": _percentile(self.step_times, 0.9),
             "micro_step_time_s_median": statistics.median(self.micro_times) if self.micro_times else None,
             "max_micro_batch_positions": self.max_micro_batch_positions,
+            "positions_per_s": (self.tokens + self.pad_tokens) / seconds if seconds else None,
+            "samples_per_s_interval": _quartiles(rates),
         }
 
 
@@ -90,5 +102,36 @@ def _percentile(values: list[float], q: float) -> Optional[float]:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def _quartiles(values: list[float]) -> Optional[list[float]]:
+    if not values:
+        return None
+    return [_percentile(values, 0.25), _percentile(values, 0.75)]
+
+
 def now() -> float:
     return time.perf_counter()
+
+
+class MicroTimer:
+    """Micro-step times without stalling the device: CUDA events recorded in the stream and read
+    after the step's one synchronize; on the CPU the clock, read when the micro-step returns."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._marks: list = []
+
+    def mark(self) -> None:
+        """Call before the first micro-step of a step and after each one."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append(event)
+        else:
+            self._marks.append(now())
+
+    def times(self) -> list[float]:
+        """Seconds of each micro-step marked since the last call (after the step's synchronize)."""
+        marks, self._marks = self._marks, []
+        if self.cuda:
+            return [a.elapsed_time(b) / 1000.0 for a, b in zip(marks, marks[1:])]
+        return [b - a for a, b in zip(marks, marks[1:])]

@@ -219,7 +219,7 @@ def load_tokenizer(cfg: ModelConfig):
 def preimport(cfg: ModelConfig) -> None:
     """Import the modules a model load needs, so their memory is not counted as the job's
     (the first job of a sweep would otherwise read larger than the rest)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, get_scheduler  # noqa: F401
 
     if cfg.tiny and cfg.tiny.arch == "bart":
         from transformers import BartForConditionalGeneration  # noqa: F401
@@ -234,11 +234,17 @@ def preimport(cfg: ModelConfig) -> None:
 def load(cfg: ModelConfig, tok, seed: int, device: torch.device) -> LoadedModel:
     """The model for `tok`: LoRA/QLoRA and gradient checkpointing applied. A tiny architecture is
     built with random init unless model.path names weights to start from."""
+    return with_adapters(cfg, load_base(cfg, tok, seed, device), tok, seed)
+
+
+def load_base(cfg: ModelConfig, tok, seed: int, device: torch.device):
+    """The weights, prepared for training (quantized, k-bit preparation, checkpointing) but without
+    LoRA adapters: what a sweep's cells can share (summ/training/reuse.py)."""
     source = None if cfg.tiny and not cfg.path else weights_source(cfg)
     quant = _quantization_config(cfg)
     kwargs: dict[str, Any] = {}
     if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+        kwargs["attn_implementation"] = str(cfg.attn_implementation)
     if source is None and quant is None:
         model = tiny_model(cfg, tok, seed)
     else:
@@ -267,12 +273,20 @@ def load(cfg: ModelConfig, tok, seed: int, device: torch.device) -> LoadedModel:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def with_adapters(cfg: ModelConfig, model, tok, seed: int) -> LoadedModel:
+    """LoRA adapters on `model` (when configured), initialised from `seed`, and torch's RNG left
+    seeded: a run starts from the same state whatever ran before it in the process."""
     if cfg.lora.enabled:
         from peft import LoraConfig, TaskType, get_peft_model
 
         task = TaskType.SEQ_2_SEQ_LM if cfg.kind == ModelKind.seq2seq else TaskType.CAUSAL_LM
+        torch.manual_seed(seed)
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                                  target_modules=list(cfg.lora.target_modules) or None, task_type=task))
+    torch.manual_seed(seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     decoder_start = getattr(model.config, "decoder_start_token_id", None) if cfg.kind == ModelKind.seq2seq else None
@@ -280,3 +294,9 @@ def load(cfg: ModelConfig, tok, seed: int, device: torch.device) -> LoadedModel:
         decoder_start = tok.eos_token_id
     return LoadedModel(model=model, tokenizer=tok, kind=cfg.kind, decoder_start_token_id=decoder_start,
                        trainable_params=trainable, total_params=total)
+
+
+def resident_bytes(model) -> int:
+    """Bytes the model's parameters and buffers hold (4-bit weights as packed)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -56,6 +56,21 @@ def fit_memory_model(cells: list[Cell]) -> Optional[MemoryModel]:
     return MemoryModel(intercept, slope, r2, largest[0] / largest[2], len(pts))
 
 
+MIN_R2 = 0.9  # below it the memory model is shown, but predicts nothing
+PRESSURE_FRACTION = 0.9  # a peak above this share of the budget is memory pressure by itself
+
+
+@dataclass
+class Group:
+    """Cells that differ only in how the batch is split (same precision, checkpointing, ...)."""
+
+    label: str  # the other settings, "" when nothing else varies
+    cells: list[Cell]
+    recommended: Optional[Cell] = None
+    fastest: Optional[Cell] = None
+    memory_model: Optional[MemoryModel] = None
+
+
 @dataclass
 class Analysis:
     cells: list[Cell]
@@ -63,11 +78,12 @@ class Analysis:
     recommended: Optional[Cell]
     fastest: Optional[Cell]
     reason: str
-    memory_model: Optional[MemoryModel]
+    memory_model: Optional[MemoryModel]  # the recommended cell's group's
     limit_bytes: Optional[int]
     budget_bytes: Optional[int]
     warnings: list[str]
     varied: list[str] = field(default_factory=list)  # settings that differ across cells, shown per cell
+    groups: list[Group] = field(default_factory=list)
 
     def setting_text(self, c: Cell) -> str:
         s = c.settings()
@@ -80,12 +96,29 @@ class Analysis:
 
     @property
     def predicted_largest_fitting(self) -> Optional[int]:
-        if self.memory_model is None or not self.limit_bytes:
+        """None unless the memory model fits well (R^2 >= MIN_R2): a poor fit predicts nothing."""
+        mm = self.memory_model
+        if mm is None or not self.limit_bytes or mm.r2 < MIN_R2:
             return None
-        return self.memory_model.largest_fitting(self.limit_bytes)
+        return mm.largest_fitting(self.limit_bytes)
+
+
+def _pressure_evidence(c: Cell) -> Optional[str]:
+    """Why a cell is under memory pressure, or None: the CUDA allocator retried (freed its cache to
+    satisfy a request) or ran out, or the peak came within 10% of the budget."""
+    if c.alloc_retries:
+        return f"{c.alloc_retries} allocator retries"
+    if c.num_ooms:
+        return f"{c.num_ooms} out-of-memory events"
+    if c.peak_bytes and c.budget_bytes and c.peak_bytes > PRESSURE_FRACTION * c.budget_bytes:
+        return f"peak at {c.peak_bytes / c.budget_bytes:.0%} of the budget"
+    return None
 
 
 def _flag_memory_pressure(cells: list[Cell], tolerance: float) -> None:
+    """A cell slower per sample than the next smaller micro-batch of its series (same
+    accumulation, or same effective batch, and same other settings) while its memory rose, with
+    evidence of pressure (_pressure_evidence). A slowdown without that evidence is not memory's."""
     series: dict[tuple, list[Cell]] = defaultdict(list)
     for c in cells:
         if c.ok and c.batch_size:
@@ -94,9 +127,16 @@ def _flag_memory_pressure(cells: list[Cell], tolerance: float) -> None:
     for members in series.values():
         members.sort(key=lambda c: c.batch_size)
         for prev, cur in zip(members, members[1:]):
-            if (cur.batch_size > prev.batch_size and cur.samples_per_s < prev.samples_per_s * (1 - tolerance)
-                    and (cur.peak_bytes or 0) > (prev.peak_bytes or 0) and "memory pressure" not in cur.flags):
+            slower = cur.samples_per_s < prev.samples_per_s * (1 - tolerance) and not _overlap(cur, prev)
+            if (cur.batch_size > prev.batch_size and slower and (cur.peak_bytes or 0) > (prev.peak_bytes or 0)
+                    and _pressure_evidence(cur) and "memory pressure" not in cur.flags):
                 cur.flags.append("memory pressure")
+
+
+def _overlap(a: Cell, b: Cell) -> bool:
+    """The two cells' per-step rates overlap (interquartile ranges): a difference within the noise."""
+    ia, ib = a.samples_per_s_interval, b.samples_per_s_interval
+    return bool(ia and ib and ia[0] <= ib[1] and ib[0] <= ia[1])
 
 
 def _sort_key(c: Cell) -> tuple:
@@ -109,56 +149,123 @@ def varied_settings(cells: list[Cell]) -> list[str]:
     return [k for k in keys if len({c.settings().get(k) for c in cells}) > 1]
 
 
+def _merge_repeats(cells: list[Cell]) -> None:
+    """A cell measured again (the knee sweeper re-measures a drop before believing it): the last
+    reading carries the mean of all of them, the earlier ones are flagged and leave the analysis."""
+    by_hash: dict[str, list[Cell]] = defaultdict(list)
+    for c in cells:
+        if c.config_hash and c.ok:
+            by_hash[c.config_hash].append(c)
+    for repeats in by_hash.values():
+        if len(repeats) < 2:
+            continue
+        last = repeats[-1]
+        rates = [c.samples_per_s for c in repeats]
+        last.samples_per_s = statistics.fmean(rates)
+        last.samples_per_s_interval = [min(rates), max(rates)]
+        for c in repeats[:-1]:
+            c.status = "remeasured"
+            c.flags.append(f"measured again in job {last.job}")
+
+
+def _recommend(members: list[Cell], tolerance: float) -> tuple[Optional[Cell], Optional[Cell]]:
+    """(recommended, fastest) among the ok cells under budget: the rule of the module docstring;
+    a cell whose rate interval overlaps the fastest's is a tie with it."""
+    ok = [c for c in members if c.ok and (c.limit_bytes is None or (c.peak_bytes or 0) <= c.limit_bytes)]
+    if not ok:
+        return None, None
+    fastest = max(ok, key=lambda c: c.samples_per_s)
+    within = [c for c in ok if c.samples_per_s >= fastest.samples_per_s * (1 - tolerance) or _overlap(c, fastest)]
+    return min(within, key=lambda c: (c.batch_size, c.gradient_accumulation_steps, c.effective_batch_size)), fastest
+
+
 def analyse(cells: list[Cell], tolerance: float = 0.05, warnings: Optional[list[str]] = None) -> Analysis:
+    """The knee of a sweep. Long because the recommendation's reason is assembled from every
+    finding in the order a reader checks them (the cell, its rivals, memory, padding, exclusions)."""
     cells = sorted(cells, key=_sort_key)
-    varied = varied_settings(cells)
+    warnings = list(warnings or [])
     for c in cells:
         c.flags = []
+    _merge_repeats(cells)
+    varied = varied_settings([c for c in cells if c.status != "remeasured"])
     _flag_memory_pressure(cells, tolerance)
-    ok = [c for c in cells if c.ok and (c.limit_bytes is None or (c.peak_bytes or 0) <= c.limit_bytes)]
     limits = [c.limit_bytes for c in cells if c.limit_bytes]
     budgets = [c.budget_bytes for c in cells if c.budget_bytes]
     limit, budget = (min(limits) if limits else None), (min(budgets) if budgets else None)
-    model = fit_memory_model(cells)
-    if not ok:
-        return Analysis(cells, tolerance, None, None, "no cell finished ok: nothing to recommend", model,
-                        limit, budget, warnings or [], varied)
-    fastest = max(ok, key=lambda c: c.samples_per_s)
-    within = [c for c in ok if c.samples_per_s >= fastest.samples_per_s * (1 - tolerance)]
-    rec = min(within, key=lambda c: (c.batch_size, c.gradient_accumulation_steps, c.effective_batch_size))
+    groups = _groups(cells, varied, tolerance)
+    warnings += _measurement_warnings(cells)
+    best = max((g for g in groups if g.fastest), key=lambda g: g.fastest.samples_per_s, default=None)
+    if best is None:
+        return Analysis(cells, tolerance, None, None, "no cell finished ok: nothing to recommend",
+                        fit_memory_model(cells), limit, budget, warnings, varied, groups)
+    rec, fastest = best.recommended, best.fastest
     rec.flags.append("recommended")
     if fastest is not rec:
         fastest.flags.append("fastest")
-    excluded = [c for c in cells if c.status in ("oom", "over_budget")]
-    with_settings = " ".join(f"{k}={rec.settings().get(k, '-')}" for k in varied)
     parts = [f"micro-batch {rec.batch_size} x accumulation {rec.gradient_accumulation_steps} "
-             f"(effective {rec.effective_batch_size}){' with ' + with_settings if with_settings else ''} "
+             f"(effective {rec.effective_batch_size}){' with ' + best.label if best.label else ''} "
              f"trains at {rec.samples_per_s:.1f} samples/s"]
     if rec is fastest:
         parts.append("the fastest cell measured")
     else:
+        tie = " (their per-step rates overlap: a tie within the noise)" if _overlap(rec, fastest) else ""
         parts.append(f"{rec.samples_per_s / fastest.samples_per_s:.0%} of the fastest cell "
                      f"(micro-batch {fastest.batch_size} x {fastest.gradient_accumulation_steps}, "
-                     f"{fastest.samples_per_s:.1f} samples/s), within the {tolerance:.0%} tolerance, with "
+                     f"{fastest.samples_per_s:.1f} samples/s), within the {tolerance:.0%} tolerance{tie}, with "
                      f"{gib_text(rec.peak_bytes)} peak memory against {gib_text(fastest.peak_bytes)}")
     if rec.budget_fraction is not None:
-        parts.append(f"its peak is {rec.budget_fraction:.0%} of the memory budget")
-    pressure = [c for c in cells if "memory pressure" in c.flags]
-    if pressure:
-        parts.append("larger micro-batches were slower per sample while using more memory ("
-                     + ", ".join(f"{c.batch_size} x {c.gradient_accumulation_steps}" for c in pressure)
-                     + "): past the knee, more samples per pass cost more than they save")
-        padded = [c for c in pressure if c.pad_fraction is not None and rec.pad_fraction is not None
-                  and c.pad_fraction > rec.pad_fraction + 0.05]
-        if padded:
-            parts.append(f"padding grows with the micro-batch ({rec.pad_fraction:.0%} at the recommended cell, up to "
-                         f"{max(c.pad_fraction for c in padded):.0%}): data.group_by_length=true cuts it")
+        parts.append(f"its peak (the worst batch's) is {rec.budget_fraction:.0%} of the memory budget")
+    parts += _slowdown_notes(cells, rec, tolerance)
+    excluded = [c for c in cells if c.status in ("oom", "over_budget")]
     if excluded:
         parts.append(f"{len(excluded)} cell(s) did not fit ("
                      + ", ".join(f"{c.batch_size} x {c.gradient_accumulation_steps}: {c.status}" for c in excluded)
                      + ") and were excluded")
-    return Analysis(cells, tolerance, rec, fastest, "; ".join(parts) + ".", model, limit, budget, warnings or [],
-                    varied)
+    return Analysis(cells, tolerance, rec, fastest, "; ".join(parts) + ".", best.memory_model, limit, budget, warnings,
+                    varied, groups)
+
+
+def _groups(cells: list[Cell], varied: list[str], tolerance: float) -> list[Group]:
+    """One group per combination of the other settings, each with its own knee and memory model."""
+    by_key: dict[tuple, list[Cell]] = defaultdict(list)
+    for c in cells:
+        if c.status != "remeasured":
+            by_key[tuple(c.settings().get(k) for k in varied)].append(c)
+    groups = []
+    for key, members in by_key.items():
+        label = " ".join(f"{k}={v if v is not None else '-'}" for k, v in zip(varied, key))
+        rec, fastest = _recommend(members, tolerance)
+        groups.append(Group(label, members, rec, fastest, fit_memory_model(members)))
+    return groups
+
+
+def _slowdown_notes(cells: list[Cell], rec: Cell, tolerance: float) -> list[str]:
+    pressure = [c for c in cells if "memory pressure" in c.flags]
+    notes = []
+    if pressure:
+        notes.append("larger micro-batches were slower per sample under memory pressure ("
+                     + ", ".join(f"{c.batch_size} x {c.gradient_accumulation_steps}: {_pressure_evidence(c)}"
+                                 for c in pressure) + "): past the knee, more samples per pass cost more than they save")
+    padded = [c for c in cells if c.ok and c.pad_fraction is not None and rec.pad_fraction is not None
+              and c.batch_size and rec.batch_size and c.batch_size > rec.batch_size
+              and c.pad_fraction > rec.pad_fraction + 0.05 and c.samples_per_s < rec.samples_per_s * (1 - tolerance)]
+    if padded:
+        notes.append(f"padding grows with the micro-batch ({rec.pad_fraction:.0%} at the recommended cell, up to "
+                     f"{max(c.pad_fraction for c in padded):.0%}) and slows the larger ones: "
+                     f"data.group_by_length=true cuts it")
+    return notes
+
+
+def _measurement_warnings(cells: list[Cell]) -> list[str]:
+    """What makes cells unfit to compare: another machine's load, different measured work."""
+    out = [f"job {c.job} ({c.batch_size} x {c.gradient_accumulation_steps}) was timed on a busy machine: other "
+           f"processes competed for it, so its samples/s reads low; measure it again alone" for c in cells if c.busy]
+    work = {(c.samples, c.tokens) for c in cells if c.ok and c.samples is not None}
+    if len(work) > 1:
+        out.append("the cells measured different samples (" + ", ".join(
+            f"{s} samples / {t} tokens" for s, t in sorted(work)) + "): their rates compare less well; set "
+            "measure.samples to a multiple of every cell's effective batch so that all measure the same ones")
+    return out
 
 
 def gib_text(n: Optional[float]) -> str:

@@ -18,7 +18,7 @@ from typing import Optional
 
 from summ.errors import UserError
 from summ.reports.cells import Cell, load_cells
-from summ.reports.knee import Analysis, analyse, gib_text, pareto_front
+from summ.reports.knee import MIN_R2, Analysis, analyse, gib_text, pareto_front
 from summ.reports.plots import plot_knee, plot_pareto
 from summ.run_folder import (KNEE_PNG, KNEE_REPORT, MULTIRUN_YAML, PARETO_PNG, PARETO_REPORT, SWEEP_CSV, GIB,
                              read_yaml, write_text)
@@ -31,11 +31,11 @@ def _f(v: Optional[float], spec: str) -> str:
 
 
 CSV_COLUMNS = ["job", "overrides", "status", "error", "model", "batch_size", "gradient_accumulation_steps",
-               "effective_batch_size", "mixed_precision", "gradient_checkpointing", "samples_per_s", "tokens_per_s",
-               "pad_fraction",
-               "seconds_per_sample", "step_time_s_median", "step_time_s_p90", "peak_bytes", "capacity_fraction",
-               "budget_fraction", "epoch_seconds_projected", "mfu", "eval_loss", "rouge1", "rouge2", "rougeL", "rouge_mean",
-               "flags"]
+               "effective_batch_size", "mixed_precision", "gradient_checkpointing", "samples", "tokens",
+               "samples_per_s", "samples_per_s_interval", "tokens_per_s", "pad_fraction", "seconds_per_sample",
+               "step_time_s_median", "step_time_s_p90", "peak_bytes", "observed_peak_bytes", "probe_peak_bytes",
+               "capacity_fraction", "budget_fraction", "alloc_retries", "busy", "epoch_seconds_projected", "mfu",
+               "hfu", "eval_loss", "rouge1", "rouge2", "rougeL", "rouge_mean", "flags"]
 
 
 def sweep_csv(a: Analysis) -> str:
@@ -46,103 +46,125 @@ def sweep_csv(a: Analysis) -> str:
         row = [a.setting_text(c)]
         for col in CSV_COLUMNS:
             v = getattr(c, col)
+            if col == "samples_per_s_interval" and v:
+                v = f"{v[0]:.3f}-{v[1]:.3f}"
             row.append(" ".join(v) if col == "overrides" else ";".join(v) if col == "flags" else "" if v is None else v)
         w.writerow(row[1:4] + row[:1] + row[4:])
     return buf.getvalue()
 
 
 def knee_markdown(a: Analysis, sweep_dir: Path) -> str:
-    """knee_report.md. Long because the report is one document read top to bottom: its sections
-    are written in the order a reader meets them."""
+    """knee_report.md: its sections in the order a reader meets them."""
     lines = [f"# Knee report: {sweep_dir}", ""]
     models = sorted({c.model for c in a.cells if c.model})
     lines.append(f"Model: {', '.join(models) or '-'}. Memory budget: {gib_text(a.budget_bytes)}, "
                  f"stop limit (budget x headroom): {gib_text(a.limit_bytes)}. "
                  f"Cells: {len(a.cells)} ({sum(c.ok for c in a.cells)} ok).")
-    lines += ["", "## Recommendation", ""]
-    if a.recommended:
-        lines.append(f"**micro-batch {a.recommended.batch_size} x accumulation "
-                     f"{a.recommended.gradient_accumulation_steps}** (job {a.recommended.job}): {a.reason}")
-        if a.fastest is not None:
-            lines.append("")
-            lines.append(f"Fastest cell overall: micro-batch {a.fastest.batch_size} x accumulation "
-                         f"{a.fastest.gradient_accumulation_steps} at {a.fastest.samples_per_s:.1f} samples/s "
-                         f"(job {a.fastest.job}).")
-    else:
-        lines.append(a.reason)
-    lines += ["", f"Rule: among ok cells under budget x headroom, the smallest micro-batch whose samples/s is "
-                  f"within {a.tolerance:.0%} (`knee.tolerance`) of the best; ties go to fewer accumulation steps."]
+    for section in (_recommendation, _cells_table, _same_effective_batch, _memory_model):
+        lines += section(a, sweep_dir)
+    if a.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in a.warnings]
+    lines += ["", "Files: `sweep.csv` (one row per job), `knee.png` (samples/s and peak memory against micro-batch)."]
+    return "\n".join(lines) + "\n"
+
+
+def _recommendation(a: Analysis, sweep_dir: Path) -> list[str]:
+    lines = ["", "## Recommendation", ""]
+    if a.recommended is None:
+        return lines + [a.reason]
+    r = a.recommended
+    lines.append(f"**micro-batch {r.batch_size} x accumulation {r.gradient_accumulation_steps}** (job {r.job}): {a.reason}")
+    if len([g for g in a.groups if g.recommended]) > 1:
+        lines += ["", "Each combination of the other settings has its own knee:", ""]
+        for g in sorted((g for g in a.groups if g.recommended), key=lambda g: -g.fastest.samples_per_s):
+            lines.append(f"- {g.label}: micro-batch {g.recommended.batch_size} x {g.recommended.gradient_accumulation_steps} "
+                         f"at {g.recommended.samples_per_s:.1f} samples/s (its fastest: {g.fastest.samples_per_s:.1f})")
+    lines += ["", f"Rule: among ok cells under budget x headroom, the smallest micro-batch whose samples/s is within "
+                  f"{a.tolerance:.0%} (`knee.tolerance`) of the best, or whose per-step rates overlap the best's "
+                  f"(a tie within the noise); ties go to fewer accumulation steps. Peak memory is the worst of the "
+                  f"steps measured and a probe batch at the training set's widest samples."]
     sweeper = ((read_yaml(sweep_dir / MULTIRUN_YAML) or {}).get("hydra") or {}).get("sweeper") or {}
     if "optuna" in str(sweeper.get("_target_", "")).lower():
         lines += ["", "An Optuna search: its best trial (the lowest objective over the whole study, this folder's "
                       "cells and earlier ones) is written to `best_overrides.txt` as a command. The rule above "
                       "instead takes the smallest micro-batch within the tolerance among this folder's cells, so "
                       "the two can differ; the settings column shows what else each cell changed."]
-    lines += [
-              "", "## Cells", "",
-              "", "## Cells", "",
-              "Ordered by effective batch, then micro-batch. Per-sample cost is the figure to compare; "
-              "step time grows with the work per step and says little alone.", "",
-              "| eff. batch | micro-batch | accum. | " + ("settings | " if a.varied else "")
-              + "status | samples/s | tokens/s | pad | ms/sample | step s (median) "
-              "| peak memory | % of budget | epoch s (proj.) | ROUGE mean | notes |",
-              "|---:|---:|---:|" + ("---|" if a.varied else "") + "---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    return lines
+
+
+def _rate(c: Cell) -> str:
+    if c.samples_per_s is None:
+        return "-"
+    i = c.samples_per_s_interval
+    return f"{c.samples_per_s:.2f}" + (f" ({i[0]:.1f}-{i[1]:.1f})" if i else "")
+
+
+def _cells_table(a: Analysis, sweep_dir: Path) -> list[str]:
+    lines = ["", "## Cells", "",
+             "Ordered by effective batch, then micro-batch. Per-sample cost is the figure to compare; step time "
+             "grows with the work per step and says little alone. samples/s: over the measured steps, with the "
+             "interquartile range of the per-step rates.", "",
+             "| eff. batch | micro-batch | accum. | " + ("settings | " if a.varied else "")
+             + "status | samples/s | tokens/s | pad | ms/sample | step s (median) "
+             "| peak memory | % of budget | epoch s (proj.) | ROUGE mean | notes |",
+             "|---:|---:|---:|" + ("---|" if a.varied else "") + "---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in a.cells:
-        notes = ", ".join(f"**{f}**" for f in c.flags)
+        notes = ", ".join(f"**{f}**" for f in c.flags + (["busy machine"] if c.busy else []))
         if c.error and not c.ok:
             notes = (notes + "; " if notes else "") + c.error.replace("|", "/")
         settings = f"| {a.setting_text(c)} " if a.varied else ""
         lines.append(f"| {c.effective_batch_size or '-'} | {c.batch_size or '-'} | {c.gradient_accumulation_steps or '-'} "
-                     f"{settings}| {c.status} | {_f(c.samples_per_s, '.2f')} | {_f(c.tokens_per_s, '.0f')} | {_f(c.pad_fraction, '.0%')} "
+                     f"{settings}| {c.status} | {_rate(c)} | {_f(c.tokens_per_s, '.0f')} | {_f(c.pad_fraction, '.0%')} "
                      f"| {_f(c.seconds_per_sample and 1000 * c.seconds_per_sample, '.2f')} "
                      f"| {_f(c.step_time_s_median, '.3f')} | {gib_text(c.peak_bytes)} | {_f(c.budget_fraction, '.0%')} "
                      f"| {_f(c.epoch_seconds_projected, '.0f')} | {_f(c.rouge_mean, '.4f')} | {notes} |")
-    groups: dict[int, list[Cell]] = defaultdict(list)
+    return lines
+
+
+def _same_effective_batch(a: Analysis, sweep_dir: Path) -> list[str]:
+    groups: dict[tuple, list[Cell]] = defaultdict(list)
     for c in a.cells:
-        if c.effective_batch_size:
-            groups[c.effective_batch_size].append(c)
+        if c.effective_batch_size and c.status != "remeasured":
+            groups[(c.effective_batch_size, a.setting_text(c))].append(c)
     same = {k: v for k, v in groups.items() if len(v) > 1}
-    if same:
-        lines += ["", "## Same effective batch, different split", "",
-                  "Same samples per optimizer step (same work per update); only micro-batch x accumulation differs.", ""]
-        for eff, members in sorted(same.items()):
-            best = max((c.samples_per_s for c in members if c.ok), default=None)
-            parts = []
-            for c in sorted(members, key=lambda c: c.batch_size or 0):
-                if c.ok and best:
-                    parts.append(f"{c.batch_size} x {c.gradient_accumulation_steps}: {c.samples_per_s:.1f} samples/s "
-                                 f"({c.samples_per_s / best:.0%} of best), {gib_text(c.peak_bytes)}")
-                else:
-                    parts.append(f"{c.batch_size} x {c.gradient_accumulation_steps}: {c.status}")
-            lines.append(f"- effective {eff}: " + "; ".join(parts))
-    lines += ["", "## Memory model", ""]
+    if not same:
+        return []
+    lines = ["", "## Same effective batch, different split", "",
+             "Same samples per optimizer step (same work per update); only micro-batch x accumulation differs.", ""]
+    for (eff, settings), members in sorted(same.items()):
+        best = max((c.samples_per_s for c in members if c.ok), default=None)
+        parts = [f"{c.batch_size} x {c.gradient_accumulation_steps}: " + (
+                 f"{c.samples_per_s:.1f} samples/s ({c.samples_per_s / best:.0%} of best), {gib_text(c.peak_bytes)}"
+                 if c.ok and best else c.status) for c in sorted(members, key=lambda c: c.batch_size or 0)]
+        lines.append(f"- effective {eff}{' (' + settings + ')' if settings else ''}: " + "; ".join(parts))
+    return lines
+
+
+def _memory_model(a: Analysis, sweep_dir: Path) -> list[str]:
+    lines = ["", "## Memory model", ""]
     mm = a.memory_model
     if mm is None:
-        lines.append("Not enough ok cells with different micro-batch sizes to fit one.")
-    else:
-        lines.append(f"peak = {mm.intercept / GIB:.3f} GiB + {mm.slope:.0f} bytes x (micro-batch x padded positions); "
-                     f"{mm.positions_per_sample:.0f} padded positions per sample in the largest micro-batch; "
-                     f"R^2 = {mm.r2:.3f} over {mm.n} ok cells.")
-        if a.limit_bytes:
-            lines.append("")
-            lines.append(f"Largest micro-batch predicted to fit the limit of {gib_text(a.limit_bytes)}: "
-                         f"**{a.predicted_largest_fitting}** (largest measured ok: {a.measured_largest_fitting}).")
-        measured = {c.batch_size for c in a.cells if c.ok}
-        top = max([c.batch_size for c in a.cells if c.batch_size] or [1])
-        candidates = sorted({c.batch_size for c in a.cells if c.batch_size and not c.ok}
-                            | {2 ** k for k in range(0, int(math.log2(top)) + 2)})
-        rows = [b for b in candidates if b not in measured]
-        if rows:
-            lines += ["", "Predicted, not measured:", "", "| micro-batch | predicted peak | fits the limit |",
-                      "|---:|---:|---|"]
-            for b in rows:
-                p = mm.predict(b)
-                fits = "-" if not a.limit_bytes else ("yes" if p <= a.limit_bytes else "no")
-                lines.append(f"| {b} | {gib_text(p)} (predicted) | {fits} |")
-    if a.warnings:
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in a.warnings]
-    lines += ["", "Files: `sweep.csv` (one row per job), `knee.png` (samples/s and peak memory against micro-batch)."]
-    return "\n".join(lines) + "\n"
+        return lines + ["Not enough ok cells with different micro-batch sizes (and the same other settings) to fit one."]
+    lines.append(f"peak = {mm.intercept / GIB:.3f} GiB + {mm.slope:.0f} bytes x (micro-batch x padded positions); "
+                 f"{mm.positions_per_sample:.0f} padded positions per sample in the largest micro-batch; "
+                 f"R^2 = {mm.r2:.3f} over {mm.n} ok cells of the recommended cell's settings.")
+    if mm.r2 < MIN_R2:
+        return lines + ["", f"R^2 is under {MIN_R2}: the fit is too poor to predict cells that were not measured."]
+    if a.limit_bytes:
+        lines += ["", f"Largest micro-batch predicted to fit the limit of {gib_text(a.limit_bytes)}: "
+                      f"**{a.predicted_largest_fitting}** (largest measured ok: {a.measured_largest_fitting})."]
+    measured = {c.batch_size for c in a.cells if c.ok}
+    top = max([c.batch_size for c in a.cells if c.batch_size] or [1])
+    candidates = sorted({c.batch_size for c in a.cells if c.batch_size and not c.ok}
+                        | {2 ** k for k in range(0, int(math.log2(top)) + 2)})
+    rows = [b for b in candidates if b not in measured]
+    if rows:
+        lines += ["", "Predicted, not measured:", "", "| micro-batch | predicted peak | fits the limit |", "|---:|---:|---|"]
+        for b in rows:
+            p = mm.predict(b)
+            fits = "-" if not a.limit_bytes else ("yes" if p <= a.limit_bytes else "no")
+            lines.append(f"| {b} | {gib_text(p)} (predicted) | {fits} |")
+    return lines
 
 
 def _describe(c: Cell) -> str:

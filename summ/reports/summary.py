@@ -13,6 +13,10 @@ def _fmt(value, spec: str = ".3g", unit: str = "") -> str:
     return f"{value:{spec}}{unit}"
 
 
+def _interval(i) -> str:
+    return f"  (steps: {i[0]:.1f}-{i[1]:.1f}, interquartile)" if i else ""
+
+
 def gib(n_bytes: Optional[float]) -> Optional[float]:
     return None if n_bytes is None else n_bytes / GIB
 
@@ -67,7 +71,7 @@ def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
                   f"= effective {m.get('effective_batch_size')}"),
         ("measured steps", f"{t.get('optimizer_steps', 0)} optimizer, {t.get('micro_steps', 0)} micro "
                            f"(+{t.get('warmup_optimizer_steps', 0)} warmup)"),
-        ("samples/s", _fmt(t.get("samples_per_s"), ".2f") + (
+        ("samples/s", _fmt(t.get("samples_per_s"), ".2f") + _interval(t.get("samples_per_s_interval")) + (
             f"  (all {m['num_processes']} processes; {_fmt(t.get('samples_per_s_per_process'), '.2f')} per process)"
             if (m.get("num_processes") or 1) > 1 else "")),
         ("tokens/s", _fmt(t.get("tokens_per_s"), ".0f") + f"  (pad {_fmt(t.get('pad_fraction'), '.1%')} of positions)"),
@@ -75,11 +79,18 @@ def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
         ("step time", f"median {_fmt(t.get('step_time_s_median'), '.3f', ' s')}, "
                       f"p90 {_fmt(t.get('step_time_s_p90'), '.3f', ' s')}"),
         ("peak memory", f"{_fmt(gib(mem.get('peak_bytes')), '.3f', ' GiB')} "
-                        f"({_fmt(mem.get('fraction'), '.1%')} of capacity, {mem.get('source', '-')})"),
-        ("epoch (projected)", _fmt(m.get("epoch_seconds_projected"), ".1f", " s")),
-        ("MFU", _fmt(m.get("mfu"), ".1%")),
+                        f"({_fmt(mem.get('fraction'), '.1%')} of capacity, {mem.get('source', '-')}; steps "
+                        f"{_fmt(gib(mem.get('observed_peak_bytes')), '.3f', ' GiB')}, worst-batch probe "
+                        f"{_fmt(gib(mem.get('probe_peak_bytes')), '.3f', ' GiB')}, evaluation "
+                        f"{_fmt(gib(mem.get('eval_peak_bytes')), '.3f', ' GiB')})"),
+        ("epoch (projected)", _fmt(m.get("epoch_seconds_projected"), ".1f", " s")
+         + (f"  (this run's loop: {t['loop_seconds']:.1f} s)" if t.get("loop_seconds") else "")),
+        ("MFU / HFU", f"{_fmt(m.get('mfu'), '.1%')} / {_fmt(m.get('hfu'), '.1%')}"),
         ("final train loss", _fmt(t.get("final_loss"), ".4f")),
     ]
+    busy = busy_warning(m.get("machine"))
+    if busy:
+        rows.append(("warning", busy))
     if m.get("eval"):
         rows += [("eval loss", _fmt(ev.get("loss"), ".4f")),
                  ("ROUGE-1/2/L", " / ".join(_fmt(ev.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL"))
@@ -90,6 +101,29 @@ def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
                              "need pretrained weights (model=kobart model.path=...)"))
         if ev.get("generation_ms_per_sample") is not None:
             rows += _generation_rows(ev, "dev")
+    rows += _pipeline_rows(m, ev)
+    if output_dir is not None:
+        rows.append(("metrics", str(Path(output_dir) / METRICS_FILE)))
+    return _table(rows)
+
+
+def busy_warning(machine: Optional[dict]) -> Optional[str]:
+    """One line for the summary and the reports when the timing was taken on a busy machine."""
+    if not machine or not machine.get("busy"):
+        return None
+    parts = []
+    if machine.get("other_runnable_threads_mean") is not None:
+        parts.append(f"{machine['other_runnable_threads_mean']:.1f} runnable threads of other processes on "
+                     f"{machine['cores']} cores")
+    if machine.get("other_gpu_processes"):
+        parts.append(f"{machine['other_gpu_processes']} other process(es) on the GPU")
+    return ("timed on a busy machine (" + ", ".join(parts) + "): its samples/s is lower than the "
+            "configuration's own; measure again when nothing else runs")
+
+
+def _pipeline_rows(m: dict, ev: dict) -> list[tuple[str, str]]:
+    """The pipeline features a run used: quality filter, augmentation, TTA, K-fold and ensemble."""
+    rows: list[tuple[str, str]] = []
     if m.get("data_quality"):
         dq = m["data_quality"]
         rows.append(("data quality", f"{dq['train_dropped']} training samples under {dq['threshold']} left out "
@@ -110,6 +144,4 @@ def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
         if ens:
             rows.append(("ensemble", f"{ens['strategy']}: ROUGE mean {_fmt(ev.get('rouge_mean'), '.4f')} (members "
                                      + ", ".join(_fmt(r, ".4f") for r in ens["members_rouge_mean"]) + ")"))
-    if output_dir is not None:
-        rows.append(("metrics", str(Path(output_dir) / METRICS_FILE)))
-    return _table(rows)
+    return rows

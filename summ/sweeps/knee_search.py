@@ -2,17 +2,17 @@
 runs each cell as a Hydra job; tests replay recorded tables).
 
 1. Double the micro-batch from `min_batch_size` until a cell ends oom or over_budget (or is
-   predicted to), falls more than `tolerance` below the best cell's samples/s, or stays within
-   the tolerance of it `patience` + 1 times in a row.
-2. Bisect between the best cell and the next larger one tried until the gap is at most
-   `resolution` x the best size.
+   predicted to), or `patience` + 1 readings in a row do not beat the best cell by `tolerance`
+   (a reading more than the tolerance slower is measured again before it counts).
+2. Bisect, down to `resolution` x the size: above the best for the memory edge when the next
+   cell did not fit, else below it for the knee (the smallest micro-batch as fast as the best).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from summ.reports.knee import fit_memory_model
+from summ.reports.knee import MIN_R2, fit_memory_model
 
 
 @dataclass
@@ -37,7 +37,7 @@ def predicted_over_limit(ok_cells: list, batch_size: int, limit_bytes: Optional[
     if not limit_bytes or len(ok_cells) < 2:
         return None
     model = fit_memory_model(ok_cells)
-    if model is None or model.r2 < 0.9:
+    if model is None or model.r2 < MIN_R2:
         return None
     predicted = model.predict(batch_size)
     return predicted if predicted > limit_bytes else None
@@ -46,21 +46,23 @@ def predicted_over_limit(ok_cells: list, batch_size: int, limit_bytes: Optional[
 def knee_search(run: Callable[[int], Trial], predicted_over: Callable[[int], Optional[float]],
                 accumulation: Callable[[int], Optional[int]], *, min_batch_size: int, max_batch_size: int,
                 tolerance: float, resolution: float, max_trials: int, patience: int = 1) -> dict:
-    """Search; returns {stopped_doubling, last_good, first_bad, trials_run, trials: {bs: Trial}}.
+    """Search; returns {stopped_doubling, last_good, first_bad, answer, trials_run, trials: {bs: Trial}}.
 
-    Doubling compares each cell with the best so far: more than `tolerance` faster goes on; more
-    than `tolerance` slower is past the knee and stops; within the tolerance is flat, and up to
-    `patience` flat doublings in a row go on (one flat reading is as often timing noise as a
-    knee: a 2-core CPU's run-to-run spread exceeds 5%). A negative tolerance stops on memory only.
-    Bisection then runs between the best cell and the next larger one tried: for the memory edge
-    when that one did not fit, else for the throughput knee.
+    Doubling compares each cell with the best so far. More than `tolerance` faster: the new best.
+    More than `tolerance` slower: measured once more before it is believed (one slow reading is as
+    often noise as a knee); still slower, it counts like a flat reading. Within the tolerance:
+    flat. The doubling stops after `patience` + 1 readings in a row that did not beat the best, at
+    the first cell that does not fit, or at max_batch_size. A negative tolerance stops on memory only.
 
-    Long because the two phases share their bookkeeping (trials, best, budget) and read in order.
+    Bisection: above the best only for the memory edge (the next cell tried did not fit: a
+    larger one that fits may be faster), otherwise below it for the knee: the rule's answer, the
+    smallest micro-batch within the tolerance of the best, lies between the best's half (more than
+    the tolerance slower, or the doubling would not have moved on) and the best.
     """
     trials: dict[int, Trial] = {}
 
     def measured() -> int:
-        return sum(1 for t in trials.values() if t.job is not None)
+        return sum(1 + t.note.count("measured again") for t in trials.values() if t.job is not None)
 
     def cell(bs: int) -> Trial:
         predicted = predicted_over(bs)
@@ -71,45 +73,79 @@ def knee_search(run: Callable[[int], Trial], predicted_over: Callable[[int], Opt
             trials[bs] = run(bs)
         return trials[bs]
 
-    bs, best, flat, reason = min_batch_size, None, 0, "reached max_batch_size"
+    best, reason = _double(cell, run, trials, measured, accumulation, min_batch_size, max_batch_size, tolerance,
+                           max_trials, patience)
+    later = sorted(b for b in trials if best is not None and b > best)
+    first_bad = later[0] if later else None
+    memory_bound = first_bad is not None and trials[first_bad].status in ("oom", "over_budget", "predicted_over_budget")
+    if memory_bound:
+        lo, hi = _bisect_memory_edge(cell, trials, measured, accumulation, best, first_bad, resolution, max_trials)
+    else:
+        lo, hi = _bisect_knee(cell, trials, measured, accumulation, best, tolerance, resolution, max_trials)
+    return {"stopped_doubling": reason, "last_good": lo, "first_bad": hi, "answer": rule_answer(trials, tolerance),
+            "trials_run": measured(), "trials": trials}
+
+
+def _double(cell, run, trials, measured, accumulation, bs, max_batch_size, tolerance, max_trials, patience):
+    best, streak, reason = None, 0, "reached max_batch_size"
     while bs <= max_batch_size:
         if measured() >= max_trials:
-            reason = f"used all {max_trials} trials (max_trials)"
-            break
+            return best, f"used all {max_trials} trials (max_trials)"
         if accumulation(bs) is None:
-            reason = f"micro-batch {bs} does not divide the effective batch"
-            break
+            return best, f"micro-batch {bs} does not divide the effective batch"
         trial = cell(bs)
         if not trial.good:
-            reason = f"{trial.status} at micro-batch {bs}"
-            break
+            return best, f"{trial.status} at micro-batch {bs}"
         top = trials[best].samples_per_s if best is not None else None
+        if top is not None and tolerance >= 0 and trial.samples_per_s < top * (1 - tolerance) and measured() < max_trials:
+            again = run(bs)  # a drop is believed only when a second reading shows it too
+            if again.good:
+                trial.samples_per_s = (trial.samples_per_s + again.samples_per_s) / 2
+                trial.note = (trial.note + "; " if trial.note else "") + f"measured again (job {again.job}): the mean"
         if top is None or tolerance < 0 or trial.samples_per_s >= top * (1 + tolerance):
-            best, flat = bs, 0
-        elif trial.samples_per_s < top * (1 - tolerance):
-            reason = f"doubling to {bs} lost more than {tolerance:.0%} samples/s against micro-batch {best}"
-            break
+            best, streak = bs, 0
         else:
-            flat += 1
-            if flat > patience:
-                reason = f"{flat} doublings in a row gained less than {tolerance:.0%} samples/s over micro-batch {best}"
-                break
+            streak += 1
+            if streak > patience:
+                return best, f"{streak} doublings in a row did not beat micro-batch {best} by {tolerance:.0%}"
         bs *= 2
-    later = sorted(b for b in trials if best is not None and b > best)
-    lo, hi = best, (later[0] if later else None)
-    memory_bound = hi is not None and trials[hi].status in ("oom", "over_budget", "predicted_over_budget")
-    while lo is not None and hi is not None and hi - lo > max(1, int(lo * resolution)) and measured() < max_trials:
+    return best, reason
+
+
+def _bisect_memory_edge(cell, trials, measured, accumulation, lo, hi, resolution, max_trials):
+    """The largest micro-batch that fits, between `lo` (fits) and `hi` (does not)."""
+    while hi - lo > max(1, int(lo * resolution)) and measured() < max_trials:
+        candidates = [b for b in range(lo + 1, hi) if accumulation(b) is not None]
+        if not candidates:
+            break
+        mid = min(candidates, key=lambda b: abs(b - (lo + hi) / 2))
+        lo, hi = (mid, hi) if cell(mid).good else (lo, mid)
+    return lo, hi
+
+
+def _bisect_knee(cell, trials, measured, accumulation, best, tolerance, resolution, max_trials):
+    """The smallest micro-batch within the tolerance of the best, between the largest one tried
+    below the best (`lo`, not within) and the best (`hi`, within)."""
+    if best is None:
+        return None, None
+    below = [b for b in trials if b < best and trials[b].good]
+    lo, hi = (max(below) if below else best), best
+    target = trials[best].samples_per_s * (1 - tolerance)
+    while hi - lo > max(1, int(hi * resolution)) and measured() < max_trials:
         candidates = [b for b in range(lo + 1, hi) if accumulation(b) is not None]
         if not candidates:
             break
         mid = min(candidates, key=lambda b: abs(b - (lo + hi) / 2))
         trial = cell(mid)
-        if memory_bound:
-            lo, hi = (mid, hi) if trial.good else (lo, mid)
-        elif not trials[hi].good:  # crashed or diverged: no edge to find
-            break
-        else:
-            better = trial.good and trial.samples_per_s >= trials[lo].samples_per_s * (1 + tolerance)
-            lo, hi = (mid, hi) if better else (lo, mid)
-    return {"stopped_doubling": reason, "last_good": lo, "first_bad": hi, "trials_run": measured(),
-            "trials": trials}
+        lo, hi = (lo, mid) if trial.good and trial.samples_per_s >= target else (mid, hi)
+    return lo, hi
+
+
+def rule_answer(trials: dict[int, Trial], tolerance: float) -> Optional[int]:
+    """The knee report's rule over the cells measured: the smallest micro-batch within the
+    tolerance of the fastest."""
+    good = [t for t in trials.values() if t.good]
+    if not good:
+        return None
+    top = max(t.samples_per_s for t in good)
+    return min(t.batch_size for t in good if t.samples_per_s >= top * (1 - max(tolerance, 0)))

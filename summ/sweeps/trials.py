@@ -32,7 +32,7 @@ def run_trial(cfg: DictConfig, hydra_cfg: Any, output_dir: Path, overrides: Sequ
         if metrics is None:
             # tracker run name, and the sweep that groups it (one experiment / group per sweep folder)
             names = (hydra_cfg.job.override_dirname or output_dir.name, Path(hydra_cfg.sweep.dir).name)
-            metrics = run_job(cfg, output_dir, tracking_names=names)
+            metrics = run_job(cfg, output_dir, tracking_names=names, reuse_loaded=cfg.sweep.reuse_loaded)
     except UserError as exc:  # the cell's folder says why it has no figures; the sweep goes on
         log.error("job failed: %s", exc)
         record_refusal(output_dir, exc)
@@ -56,13 +56,16 @@ def _overridden(task_overrides: Sequence[str], key: str) -> bool:
 
 
 def apply_trial_defaults(cfg: DictConfig, task_overrides: Sequence[str]) -> DictConfig:
-    """A multirun job is a measurement trial: `sweep.trial_steps` measured steps when no window is
-    set (unless trial_steps is null too: full training), and no evaluation unless `sweep.evaluate`
-    or an explicit `eval.enabled=...` on the command line asks for it; weights saved only on request."""
+    """A multirun job is a measurement trial: `sweep.trial_samples` measured samples after
+    `sweep.trial_warmup_samples` when no window is set (unless trial_samples is null: full
+    training), and no evaluation unless `sweep.evaluate` or an explicit `eval.enabled=...` on the
+    command line asks for it; weights saved only on request."""
     cfg = cfg.copy()
     with open_dict(cfg):
-        if cfg.measure.steps is None and cfg.measure.samples is None and cfg.sweep.trial_steps is not None:
-            cfg.measure.steps = cfg.sweep.trial_steps
+        if cfg.measure.steps is None and cfg.measure.samples is None and cfg.sweep.trial_samples is not None:
+            cfg.measure.samples = cfg.sweep.trial_samples
+            if cfg.measure.warmup_samples is None:
+                cfg.measure.warmup_samples = cfg.sweep.trial_warmup_samples
         if not cfg.sweep.evaluate and not _overridden(task_overrides, "eval.enabled"):
             cfg.eval.enabled = False
         if not _overridden(task_overrides, "train.save_model"):  # trials measure; their weights are not kept
@@ -70,10 +73,11 @@ def apply_trial_defaults(cfg: DictConfig, task_overrides: Sequence[str]) -> Dict
     return cfg
 
 
-def measured_before(cfg: DictConfig, hydra_cfg: Any, output_dir: Path) -> Optional[RunMetrics]:
-    """A finished result for this exact config: the job folder's own (sweep.resume), a cell of
-    another sweep (sweep.reuse_from, copied into the job folder), or an earlier trial of the same
-    Optuna study. None: measure it (after moving aside any other result the folder holds)."""
+def measured_before(cfg: DictConfig, hydra_cfg: Optional[Any], output_dir: Path) -> Optional[RunMetrics]:
+    """A finished result for this exact config: the folder's own (sweep.resume), a cell of another
+    sweep (sweep.reuse_from, copied into the folder), or an earlier trial of the same Optuna study
+    (`hydra_cfg`: a multirun job's). None: measure it (after moving aside any other result the
+    folder holds). A single run honours the first two as well."""
     cfg_hash = config_hash(cfg)
     if cfg.sweep.resume:
         prior = final_result(output_dir, cfg_hash)
@@ -87,7 +91,7 @@ def measured_before(cfg: DictConfig, hydra_cfg: Any, output_dir: Path) -> Option
         if found is not None:
             log.info("sweep.reuse_from: %s measured this config already (%s); its result is taken",
                      found[0], found[1].status)
-    if found is None:
+    if found is None and hydra_cfg is not None:
         found = reused_from_study(hydra_cfg, cfg_hash)
         if found is not None:
             log.info("trial %s of study %s measured this config already (%s, %s); its result is taken, not "

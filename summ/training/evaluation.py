@@ -20,6 +20,7 @@ def evaluate(job) -> None:
     if not cfg.eval.enabled or not job.splits.dev:
         return
     m.phase = "eval"
+    job.measurement.end_observed_stretch()  # evaluation's memory is its own: never judged against the training budget
     result: dict[str, Any] = {"loss": inference.eval_loss(acc, job.model, job.dev_loader, job.kind)}
     if cfg.eval.generate:
         preds, speed = generate_measured(acc, job.model, job.splits.dev, job.encoder, job.tokenizer, cfg, job.kind)
@@ -37,7 +38,7 @@ def evaluate(job) -> None:
     if job.oof and cfg.eval.generate:
         result["oof"] = _out_of_fold(job)
     m.eval = result
-    job.guard.check(job._agree(job.monitor.peak_bytes(), 0)[0])
+    job.measurement.end_eval()
 
 
 def _out_of_fold(job) -> dict:

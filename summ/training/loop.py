@@ -5,6 +5,7 @@ the process is left clean for the next job of a sweep.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import math
@@ -15,7 +16,7 @@ import torch
 
 from summ.config import Config, resolve_batch
 from summ.data.sampler import EpochSampler
-from summ.data.tokenize import Collator, Encoder, batch_token_counts, label_token_count
+from summ.data.tokenize import BatchCounts, Collator
 from summ.errors import ConfigError, Diverged, Interrupted
 from summ.inference import backends
 from summ.measure import flops, machine, timing
@@ -23,11 +24,13 @@ from summ.measure.memory import BudgetGuard, MemoryMonitor, release_memory
 from summ.modeling import models
 from summ.modeling.loss import model_inputs, summed_token_loss
 from summ.modeling.saved import save_for_predict
-from summ.run_folder import MODEL_DIR, MemoryFigures, RunMetrics, TrainFigures
-from summ.training import checkpoint, tracking
+from summ.run_folder import MODEL_DIR, RunMetrics
+from summ.training import checkpoint, reuse, tracking
 from summ.training.evaluation import evaluate
+from summ.training.measurement import (Measurement, epoch_plan, probe_memory, probe_widths, schedule_length,
+                                       warm_training_paths, warmup_steps, window)
 from summ.training.outcome import recorded
-from summ.training.prepare import prepare_data, tokenize
+from summ.training.prepare import data_for
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +43,6 @@ def build_optimizer(decay: list, no_decay: list, tcfg) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=tcfg.learning_rate, eps=tcfg.adam_epsilon, fused=fused or None)
-
-
-def schedule_length(cfg: Config, updates_per_epoch: int, effective_batch: int) -> int:
-    """Optimizer steps the run takes, by the first rule that applies: a measurement window
-    (measure.warmup_steps + measure.steps), train.total_samples, train.max_steps, then epochs."""
-    if cfg.measure.steps:
-        return cfg.measure.warmup_steps + cfg.measure.steps
-    if cfg.train.total_samples:
-        return max(1, round(cfg.train.total_samples / effective_batch))
-    if cfg.train.max_steps:
-        return cfg.train.max_steps
-    return cfg.train.epochs * updates_per_epoch
 
 
 def reset_accelerate() -> None:
@@ -67,16 +58,18 @@ class Job:
 
     def __init__(self, cfg: Config, output_dir: Path, metrics: RunMetrics, identity: str,
                  on_micro_step: Optional[MicroStepHook] = None,
-                 tracking_names: Optional[tuple[str, Optional[str]]] = None):
+                 tracking_names: Optional[tuple[str, Optional[str]]] = None, reuse_loaded: bool = False):
         self.cfg, self.output_dir, self.metrics, self.on_micro_step = cfg, output_dir, metrics, on_micro_step
         self.identity = identity  # what a checkpoint must match to be resumed
-        self.accelerator = self.model = self.optimizer = self.monitor = self.guard = None
+        self.accelerator = self.model = self.optimizer = self.monitor = self.guard = self.measurement = None
         self.history: list[dict] = []
         self.tracking = tracking.Tracking()  # inactive until setup starts it
         self.stop = checkpoint.StopRequest()  # SIGINT / SIGTERM while training
         self.tracking_names = tracking_names or (output_dir.name, None)  # (run, sweep group)
         self.process_peaks: Optional[list[int]] = None
         self._backend = None
+        self.reuse_loaded = reuse_loaded  # share data and model with the sweep's other cells (summ/training/reuse.py)
+        self.kept: Optional[reuse.KeptModel] = None
 
     # ------------------------------------------------------------------ setup, step by step
     def setup(self) -> None:
@@ -84,9 +77,9 @@ class Job:
         self._start_accelerator()
         self.metrics.phase = "load"
         self._prepare_data()
-        self.monitor = MemoryMonitor(self.accelerator.device, self.cfg.measure.rss_interval_ms).start()
-        self.guard = BudgetGuard(self.monitor, self.cfg.measure.memory_budget_gb, self.cfg.measure.headroom)
-        self._load_model()  # memory is counted from here: model, optimizer state, activations (as on a GPU)
+        base = self._kept_model() if self._model_reusable() else None  # resident before the count starts
+        self._start_memory()  # memory is counted from here: model, optimizer state, activations (as on a GPU)
+        self._load_model(base)
         self._make_loaders_and_optimizer()
         self._make_schedule()
         self._resume()
@@ -119,30 +112,57 @@ class Job:
 
     def _prepare_data(self) -> None:
         cfg = self.cfg
-        self.data = prepare_data(cfg, self.backend, self.output_dir if self.accelerator.is_main_process else None)
+        self.data, self.tokenizer, self.encoder, reused = data_for(
+            cfg, self.backend, self.output_dir if self.accelerator.is_main_process else None, self.reuse_loaded)
+        self.reused = {"data": reused, "model": False}
         self.metrics.augmentation, self.metrics.data_quality = self.data.augmentation, self.data.data_quality
-        self.splits, self.oof = self.data.splits, self.data.oof
-        self.tokenizer = models.load_tokenizer(cfg.model)
-        self.kind = cfg.model.kind
-        self.encoder = Encoder(self.tokenizer, self.kind, cfg.model.prompt_template,
-                               cfg.data.encoder_max_len, cfg.data.decoder_max_len)
-        tokenize(self.data, self.encoder)
+        self.splits, self.oof, self.kind = self.data.splits, self.data.oof, cfg.model.kind
         models.preimport(cfg.model)  # imported code is not the run's memory
 
-    def _load_model(self) -> None:
+    def _model_reusable(self) -> bool:
+        """A sweep cell on one process: a sharded or several-process launch wraps the model for good."""
+        return self.reuse_loaded and self.accelerator.num_processes == 1
+
+    def _kept_model(self):
+        """The sweep's loaded model for this config, on the device before the cell's memory count
+        starts (the count adds its weights)."""
+        self.kept, self.reused["model"] = reuse.kept_base(self.cfg, self.tokenizer, self.accelerator.device)
+        if self.accelerator.is_main_process:
+            log.info("sweep.reuse_loaded: %s", ", ".join(f"{what} {'reused from an earlier cell' if hit else 'loaded'}"
+                                                        for what, hit in self.reused.items()))
+        return self.kept.model
+
+    def _start_memory(self) -> None:
+        cfg, device = self.cfg, self.accelerator.device
+        warm_training_paths()
+        self.monitor = MemoryMonitor(device, cfg.measure.rss_interval_ms).start()
+        self.guard = BudgetGuard(self.monitor, cfg.measure.memory_budget_gb, cfg.measure.headroom)
+        if cfg.measure.memory_budget_gb:  # a big card runs out where the planned one would
+            self.monitor.cap(self.guard.budget_bytes)
+        self.measurement = Measurement(cfg, self.monitor, self.guard, cfg.measure.warmup_steps, device)
+
+    def _load_model(self, base=None) -> None:
         cfg = self.cfg
-        self.loaded = models.load(cfg.model, self.tokenizer, cfg.train.seed, self.accelerator.device)
+        if base is not None:
+            self.monitor.weights_bytes = self.kept.weights_bytes
+            self.loaded = models.with_adapters(cfg.model, base, self.tokenizer, cfg.train.seed)
+        else:
+            self.loaded = models.load(cfg.model, self.tokenizer, cfg.train.seed, self.accelerator.device)
+        self.metrics.reused = self.reused if self.reuse_loaded else None
         self.metrics.trainable_params, self.metrics.total_params = self.loaded.trainable_params, self.loaded.total_params
         self.metrics.train_set_size, self.metrics.eval_set_size = len(self.splits.train), len(self.splits.dev)
 
     def _make_loaders_and_optimizer(self) -> None:
         cfg, acc, loaded = self.cfg, self.accelerator, self.loaded
         widths = self.encoder.max_widths() if cfg.data.padding == "max_length" else (None, None)
-        collator = Collator(self.tokenizer.pad_token_id, self.kind, loaded.decoder_start_token_id, *widths)
+        self.collator = collator = Collator(self.tokenizer.pad_token_id, self.kind, loaded.decoder_start_token_id, *widths)
+        self.effective_batch = self.bs * self.ga * acc.num_processes
         self.sampler = EpochSampler(self.data.train_ds.lengths(), seed=cfg.train.seed,
-                                    group_by_length=cfg.data.group_by_length, batch_size=self.bs)
-        workers = cfg.data.num_workers if cfg.data.num_workers is not None else 0
-        loader_kw = dict(collate_fn=collator, num_workers=workers, pin_memory=acc.device.type == "cuda")
+                                    group_by_length=cfg.data.group_by_length, batch_size=self.bs,
+                                    window=window(cfg, self.effective_batch))
+        cuda = acc.device.type == "cuda"  # workers collate the next batches while the GPU computes
+        workers = cfg.data.num_workers if cfg.data.num_workers is not None else (2 if cuda else 0)
+        loader_kw = dict(collate_fn=collator, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
         # drop_last: every micro-batch is full, so every update sees exactly the effective batch
         # and per-step figures compare; the next epoch's permutation brings the dropped samples back.
         train_loader = torch.utils.data.DataLoader(self.data.train_ds, batch_size=self.bs, sampler=self.sampler,
@@ -159,12 +179,14 @@ class Job:
         from transformers import get_scheduler
 
         cfg, m = self.cfg, self.metrics
-        self.updates_per_epoch = len(self.train_loader) // self.ga
+        self.epoch = epoch_plan(self.data.train_ds, self.collator, cfg, self.bs, self.ga, self.accelerator.num_processes)
+        self.updates_per_epoch = self.epoch[0]
         if self.updates_per_epoch == 0:
             raise ConfigError(f"the effective batch {m.effective_batch_size} is larger than the training set "
                               f"({len(self.data.train_ds)} samples): lower batch.batch_size or the accumulation, "
                               f"or raise data.max_train_samples")
         self.total_updates = schedule_length(cfg, self.updates_per_epoch, m.effective_batch_size)
+        self.warmup_steps = self.measurement.timer.warmup_steps = warmup_steps(cfg, m.effective_batch_size)
         name = "constant_with_warmup" if cfg.train.scheduler == "constant" else str(cfg.train.scheduler)
         # Not prepared by Accelerate: it is stepped once per optimizer step, on every process.
         self.scheduler = get_scheduler(name, self.optimizer,
@@ -223,13 +245,12 @@ class Job:
 
     def train(self) -> None:
         """The training loop. Long because it reads top to bottom: every step's order of operations
-        (data, forward and backward per micro-batch, update, figures, checks, checkpoint) in one place."""
+        (data, forward and backward per micro-batch, update, figures, checks, checkpoint) in one place.
+        A step's time runs from the end of the step before to the end of this one (summ/measure/timing.py)."""
         from tqdm.auto import tqdm
 
-        cfg, acc = self.cfg, self.accelerator
+        cfg, acc, meas = self.cfg, self.accelerator, self.measurement
         self.metrics.phase = "train"
-        timer = timing.StepTimer(warmup_steps=cfg.measure.warmup_steps)
-        profile = None
         device = acc.device
         self.model.train()
         # None: shown on a terminal only (logs and CI stay readable); one bar per machine
@@ -238,29 +259,26 @@ class Job:
         windows = self._windows()
         loss_value = None
         bar.update(self.start_step)
-        # no bar (output to a file or a pipe): a progress line in the log every train.log_every_steps
-        lines = bar.disable and acc.is_main_process
-        started = timing.now()
+        lines = bar.disable and acc.is_main_process  # no bar: a progress line in the log instead
+        started = step_start = timing.now()
         try:
             for step in range(self.start_step, self.total_updates):
-                timing.synchronize(device)
-                t_step = timing.now()
+                if step == self.warmup_steps:  # between warm-up and the measured steps
+                    if cfg.measure.memory_probe:
+                        self._probe()  # the worst batch's memory
+                    meas.load.start()
+                    step_start = timing.now()
                 epoch, window = next(windows)
-                rows = torch.tensor([[len(b["input_ids"]), *batch_token_counts(b), label_token_count(b)]
-                                     for b in window], device=device)
-                # padded positions of this process's largest micro-batch: what its memory peak scales with
-                timer.note_positions(int((rows[:, 1] + rows[:, 2]).max()))
-                samples, tokens, pads, n_items = (int(x) for x in acc.reduce(rows.sum(0), reduction="sum"))
+                samples, tokens, pads, n_items = self._counts(window)
+                measuring = meas.timer.measuring
                 loss_sum = torch.zeros((), device=device)
+                meas.micro.mark()
                 for micro, batch in enumerate(window):
-                    t_micro = timing.now()
                     with acc.accumulate(self.model):
-                        if profile is None and not timer.measuring:  # counted FLOPs slow this step: never a timed one
-                            profiler = flops.ProfileMicroStep()
-                            with profiler:
+                        if meas.profile is None and not measuring:  # counted FLOPs slow this step: never a timed one
+                            with flops.ProfileMicroStep(self.model, positions=sum(batch["counts"][1:3])) as profiler:
                                 part = self._forward_backward(batch, n_items, step, micro)
-                            profile = profiler.profile
-                            profile.tokens = sum(batch_token_counts(batch))  # padded positions
+                            meas.profile = profiler.profile
                         else:
                             part = self._forward_backward(batch, n_items, step, micro)
                         if acc.sync_gradients and cfg.train.max_grad_norm > 0:
@@ -268,34 +286,61 @@ class Job:
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     loss_sum += part
-                    timing.synchronize(device)
-                    timer.add_micro(timing.now() - t_micro)
+                    meas.micro.mark()
                 self.scheduler.step()
-                loss_value = float(acc.reduce(loss_sum, reduction="sum")) / max(n_items, 1)  # waits for the device
-                step_seconds = timing.now() - t_step
-                timer.add_step(step_seconds, samples=samples, tokens=tokens, pad_tokens=pads)
+                loss_value = float(acc.reduce(loss_sum, reduction="sum")) / max(n_items, 1)  # the step's one sync
+                for seconds in meas.micro.times():
+                    meas.timer.add_micro(seconds)
                 peak = self.monitor.peak_bytes()
+                if not math.isfinite(loss_value):
+                    raise Diverged(f"loss became {loss_value} at optimizer step {step + 1}")
+                peak_all, signum = self._agree(meas.worst_peak(peak), self.stop.signum or 0)
+                self.guard.check(peak_all)
+                if measuring:
+                    meas.load.sample()
+                    meas.step_positions.append(tokens + pads)
+                step_end = timing.now()
+                step_seconds, step_start = step_end - step_start, step_end
+                meas.timer.add_step(step_seconds, samples=samples, tokens=tokens, pad_tokens=pads)
+                meas.timer.note_positions(max(sum(b["counts"][1:3]) for b in window))
                 self.history.append({"step": step + 1, "epoch": epoch, "loss": loss_value,
                                      "lr": self.scheduler.get_last_lr()[0], "step_time_s": step_seconds,
                                      "samples_per_s": samples / step_seconds, "tokens_per_s": tokens / step_seconds,
                                      "peak_mem_bytes": peak})
-                self.tracking.log_step(self.history[-1], step + 1)
-                if not math.isfinite(loss_value):
-                    raise Diverged(f"loss became {loss_value} at optimizer step {step + 1}")
-                peak_all, signum = self._agree(peak, self.stop.signum or 0)
-                self.guard.check(peak_all)
+                self.tracking.log_step(self.history[-1], step + 1)  # queued by the tracker, not waited on
                 bar.update(1)
-                self._maybe_checkpoint(step + 1, signum)
                 if (step + 1) % cfg.train.log_every_steps == 0 or step == 0:
                     bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{samples / step_seconds:.1f}")
                     if lines:
-                        done = step + 1 - self.start_step
-                        eta = (timing.now() - started) / done * (self.total_updates - step - 1)
+                        eta = (timing.now() - started) / (step + 1 - self.start_step) * (self.total_updates - step - 1)
                         log.info("step %d/%d | loss %.4f | %.1f samples/s | ETA %s", step + 1, self.total_updates,
                                  loss_value, samples / step_seconds, _duration(eta))
+                if self._maybe_checkpoint(step + 1, signum):
+                    step_start = timing.now()  # a checkpoint is between steps: in the loop's time, not a step's
         finally:
             bar.close()
-            self._record_train(timer, profile, loss_value)
+            meas.loop_seconds = timing.now() - started
+            self._record_train(loss_value)
+
+    def _counts(self, window: list[dict]) -> tuple[int, int, int, int]:
+        """(samples, tokens, pad tokens, label tokens) of the window over all processes, from the
+        collator's host-side counts: one small collective under several processes, none otherwise."""
+        mine = [sum(b["counts"][i] for b in window) for i in range(len(BatchCounts._fields))]
+        if self.accelerator.num_processes == 1:
+            return tuple(mine)
+        total = self.accelerator.reduce(torch.tensor(mine, device=self.accelerator.device), reduction="sum")
+        return tuple(int(x) for x in total)
+
+    def _probe(self) -> None:
+        """The worst batch's memory, between warm-up and the measured steps (measurement.probe_memory)."""
+        widths = probe_widths(self.data.train_ds)
+        features = [self.data.train_ds[i % len(self.data.train_ds)] for i in range(self.bs)]
+        batch = Collator(self.collator.pad, self.kind, self.collator.decoder_start, *widths)(features)
+        started = timing.now()
+        peak = probe_memory(self.accelerator, self.model, self.optimizer, batch, self.kind, self.measurement)
+        self.measurement.probe_seconds = timing.now() - started
+        log.info("memory probe: a micro-batch of %d at widths %s peaked at %.3f GiB", self.bs, widths, peak / 2**30)
+        self.guard.check(self._agree(self.measurement.worst_peak(peak), 0)[0])
 
     def _agree(self, peak: int, signum: int) -> tuple[int, int]:
         """The largest peak and any stop signal over all processes, in one collective: each
@@ -306,43 +351,36 @@ class Job:
         both = acc.reduce(torch.tensor([peak, signum], dtype=torch.int64, device=acc.device), reduction="max")
         return int(both[0]), int(both[1])
 
-    def _maybe_checkpoint(self, done: int, signum: int) -> None:
-        """After optimizer step `done`: a checkpoint every train.save_every_steps, and on a
-        stop signal a checkpoint then Interrupted. A signal in the last step lets the run finish."""
+    def _maybe_checkpoint(self, done: int, signum: int) -> bool:
+        """After optimizer step `done`: a checkpoint every train.save_every_steps, and on a stop
+        signal a checkpoint then Interrupted. A signal in the last step lets the run finish.
+        True when a checkpoint was written."""
         every, last = self.cfg.train.save_every_steps, done >= self.total_updates
         if (signum and not last) or (every and done % every == 0 and not last):
             path = checkpoint.save(self.accelerator, self.output_dir, done, self.position, self.history,
                                    self.cfg.train.keep_checkpoints, self.identity)
             if signum:
                 raise Interrupted(signum, done, path)
+            return True
+        return False
 
     def _forward_backward(self, batch: dict, n_items: int, step: int, micro: int) -> torch.Tensor:
         acc = self.accelerator
         if self.on_micro_step is not None:
             self.on_micro_step(step, micro)
         logits = self.model(**model_inputs(batch)).logits
-        loss_sum = summed_token_loss(logits, batch["labels"], self.kind, self.cfg.train.label_smoothing)
+        loss_sum = summed_token_loss(logits, batch["labels"], self.kind, self.cfg.train.label_smoothing,
+                                     batch["counts"].label_tokens)
         # Normalise by the label tokens of the whole window on all processes. Accelerate divides
         # by the accumulation steps and DDP averages over processes: undo both.
         acc.backward(loss_sum * (self.ga * acc.num_processes / max(n_items, 1)))
         return loss_sum.detach()
 
-    def _record_train(self, timer: timing.StepTimer, profile, final_loss) -> None:
-        cfg, m, n = self.cfg, self.metrics, self.accelerator.num_processes
-        t = TrainFigures(**timer.summary(), final_loss=final_loss,
-                         total_optimizer_steps=self.start_step + timer.steps_seen)  # a resumed run counts from its checkpoint
-        t.samples_per_s_per_process = t.samples_per_s / n if t.samples_per_s else None  # samples count all processes
-        t.tokens_per_s_per_process = t.tokens_per_s / n if t.tokens_per_s else None
-        m.train = t
-        if profile is not None:  # FLOPs scale with padded positions, so MFU counts those on both sides
-            t.hardware_flops_per_position = profile.flops / profile.tokens if profile.tokens else None
-            t.activation_bytes_first_micro_batch = profile.activation_bytes
-        if t.samples_per_s:
-            m.epoch_seconds_projected = len(self.splits.train) / t.samples_per_s
-        peak = flops.peak_flops(self.accelerator.device, str(cfg.train.mixed_precision), cfg.measure.peak_tflops)
-        if peak and t.hardware_flops_per_position and t.seconds:
-            positions_per_s = (t.tokens + t.pad_tokens) / t.seconds
-            m.mfu = t.hardware_flops_per_position * positions_per_s / (peak * n)
+    def _record_train(self, final_loss: Optional[float]) -> None:
+        meas = self.measurement
+        self.metrics.machine = meas.load.finish() if meas.timer.measured_steps else None
+        self.metrics.train = meas.train_figures(self.metrics, final_loss, self.start_step + meas.timer.steps_seen,
+                                                self.accelerator.num_processes, self.epoch)
 
     # ------------------------------------------------------------------ after training
     def save(self) -> None:
@@ -354,32 +392,31 @@ class Job:
         self.accelerator.wait_for_everyone()  # the saved model is complete before any process reads it
 
     def gather_peaks(self) -> None:
-        """Every process's peak memory (a collective: only on the path all processes reach)."""
+        """Every process's worst peak (a collective: only on the path all processes reach)."""
         if self.accelerator.num_processes > 1:
-            mine = torch.tensor([self.monitor.peak_bytes()], dtype=torch.int64, device=self.accelerator.device)
-            self.process_peaks = [int(x) for x in self.accelerator.gather(mine).cpu()]
+            mine = self.measurement.memory_figures(None).peak_bytes
+            tensor = torch.tensor([mine], dtype=torch.int64, device=self.accelerator.device)
+            self.process_peaks = [int(x) for x in self.accelerator.gather(tensor).cpu()]
 
     def record_memory(self) -> None:
-        if self.monitor is None:
-            return
-        peaks = self.process_peaks
-        # the largest process's peak: what must fit on each device
-        peak, capacity = (max(peaks) if peaks else self.monitor.peak_bytes()), self.monitor.capacity_bytes()
-        self.metrics.memory = MemoryFigures(
-            peak_bytes=peak, observed_peak_bytes=peak, peak_bytes_per_process=peaks,
-            reserved_peak_bytes=self.monitor.reserved_bytes(), capacity_bytes=capacity,
-            fraction=peak / capacity if capacity else None, source=self.monitor.source,
-            budget_bytes=self.guard.budget_bytes, limit_bytes=self.guard.limit_bytes)
+        if self.measurement is not None:
+            self.metrics.memory = self.measurement.memory_figures(self.process_peaks)
 
     def close(self) -> None:
         if self.monitor is not None:
             self.monitor.stop()
+        if self.kept is not None:  # back to its kept form for the next cell
+            model = self.model if self.model is not None else (self.loaded.model if self.loaded else None)
+            if model is not None:
+                reuse.give_back(self.kept, self.accelerator.unwrap_model(model, keep_fp32_wrapper=False))
         if self.accelerator is not None:
             self.accelerator.free_memory()
         for name in ("model", "optimizer", "train_loader", "dev_loader", "scheduler", "accelerator", "monitor", "loaded"):
             setattr(self, name, None)
         reset_accelerate()
         release_memory()
+        if self.reuse_loaded:  # what outlives the cell (imported code, kept data) leaves the collector's walks
+            gc.freeze()
 
 
 def _duration(seconds: float) -> str:
@@ -389,11 +426,12 @@ def _duration(seconds: float) -> str:
 
 def run_training(cfg: Config, output_dir: Path, metrics: RunMetrics, identity: str,
                  on_micro_step: Optional[MicroStepHook] = None, keep: Optional[list] = None,
-                 tracking_names: Optional[tuple[str, Optional[str]]] = None) -> RunMetrics:
+                 tracking_names: Optional[tuple[str, Optional[str]]] = None, reuse_loaded: bool = False) -> RunMetrics:
     """One training run, recorded in `metrics` and in the run folder whatever happens (a UserError
     or an interruption is raised again after the write). `keep`, a list, receives the trained model
-    with its tokenizer and encoder (a K-fold logit ensemble decodes with them)."""
-    job = Job(cfg, output_dir, metrics, identity, on_micro_step, tracking_names)
+    with its tokenizer and encoder (a K-fold logit ensemble decodes with them). `reuse_loaded`: a
+    sweep's cell, sharing data and model with the process's other cells."""
+    job = Job(cfg, output_dir, metrics, identity, on_micro_step, tracking_names, reuse_loaded and keep is None)
     finished = False
     with recorded(metrics, output_dir, job):
         try:

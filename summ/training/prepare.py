@@ -13,7 +13,9 @@ from summ.data.samples import Sample
 from summ.data.splits import Splits, fold_indices, load_splits
 from summ.data.tokenize import Encoder, TokenizedDataset
 from summ.errors import DataError
+from summ.modeling import models
 from summ.run_folder import DATA_QUALITY_FILE, write_text
+from summ.training import reuse
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ class PreparedData:
     dev_ds: Optional[TokenizedDataset] = None
     augmentation: Optional[dict] = None  # the metrics record's report of what augmentation added
     data_quality: Optional[dict] = None
+    quality_csv: Optional[str] = None  # data_quality.csv's text, for every run folder that uses this data
 
 
 def prepare_data(cfg: Config, backend: Callable[[], object], output_dir: Optional[Path] = None) -> PreparedData:
@@ -51,8 +54,8 @@ def _leave_out_low_quality(cfg: Config, prepared: PreparedData, output_dir: Opti
     thr, splits = cfg.data.quality_threshold, prepared.splits
     train_rows = quality.assess(splits.train, "train", thr)
     dev_rows = quality.assess(splits.dev, "dev", thr)
-    if output_dir is not None:
-        write_text(output_dir, DATA_QUALITY_FILE, quality.to_csv(train_rows + dev_rows))
+    prepared.quality_csv = quality.to_csv(train_rows + dev_rows)
+    write_quality_report(prepared, output_dir)
     splits.train = [s for s, r in zip(splits.train, train_rows) if r.kept]
     prepared.data_quality = {**quality.summarize(train_rows + dev_rows), "threshold": thr}
     if not splits.train:
@@ -60,6 +63,31 @@ def _leave_out_low_quality(cfg: Config, prepared: PreparedData, output_dir: Opti
                         f"{(output_dir or Path('.')) / DATA_QUALITY_FILE}")
 
 
+def write_quality_report(prepared: PreparedData, output_dir: Optional[Path]) -> None:
+    if output_dir is not None and prepared.quality_csv is not None:
+        write_text(output_dir, DATA_QUALITY_FILE, prepared.quality_csv)
+
+
 def tokenize(prepared: PreparedData, encoder: Encoder) -> None:
     prepared.train_ds = TokenizedDataset(prepared.splits.train, encoder)
     prepared.dev_ds = TokenizedDataset(prepared.splits.dev, encoder)
+
+
+def data_for(cfg: Config, backend: Callable[[], object], output_dir: Optional[Path],
+             reuse_loaded: bool) -> tuple[PreparedData, object, Encoder, bool]:
+    """(data, tokenizer, encoder, reused): prepared and tokenized for this run, or taken from an
+    earlier cell of the sweep that read the same data with the same tokenizer (reuse_loaded)."""
+    key = reuse.data_key(cfg) if reuse_loaded else None
+    kept = reuse.take_data(key) if key else None
+    if kept is not None:
+        data, tokenizer, encoder = kept
+        write_quality_report(data, output_dir)
+        return data, tokenizer, encoder, True
+    data = prepare_data(cfg, backend, output_dir)
+    tokenizer = models.load_tokenizer(cfg.model)
+    encoder = Encoder(tokenizer, cfg.model.kind, cfg.model.prompt_template, cfg.data.encoder_max_len,
+                      cfg.data.decoder_max_len)
+    tokenize(data, encoder)
+    if key:
+        reuse.keep_data(key, (data, tokenizer, encoder))
+    return data, tokenizer, encoder, False

@@ -204,6 +204,13 @@ class Tracking:
         if acc is None:
             return
         failure = None
+        if self.name == "mlflow":
+            try:
+                import mlflow
+
+                mlflow.flush_async_logging()
+            except Exception as exc:
+                failure = exc
         for tracker in list(acc.trackers):
             try:
                 tracker.finish()
@@ -236,6 +243,9 @@ def _run_setup(tcfg, run_name: str, group: Optional[str]) -> tuple[str, dict, Op
         db.parent.mkdir(parents=True, exist_ok=True)
         kwargs["logging_dir"] = str((db.parent / "mlartifacts").resolve())
     mlflow.set_tracking_uri(uri)
+    # a logged step is queued and sent by MLflow's own thread, not waited on inside the step
+    # (TensorBoard's writer and wandb queue theirs already); flushed when the run ends
+    mlflow.config.enable_async_logging(True)
     return group or tcfg.project, {"mlflow": kwargs}, MAX_PARAM_VAL_LENGTH
 
 

@@ -1,0 +1,182 @@
+"""Numbers a batch decision can rest on, checked from outside the code that produced them: every
+cell measures the same samples, memory is judged at the worst batch and never at evaluation's,
+FLOPs count the 4-bit matmuls and not the recompute, peaks come from the right device row, OOMs
+raised without a type are OOMs, and a busy machine is said."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from summ.data.sampler import EpochSampler, Window
+from summ.measure import flops
+from summ.measure.machine import LoadWatch
+from summ.measure.memory import is_oom
+from summ.training.outcome import classify
+
+from .conftest import compose_cfg
+
+SYNTHETIC = ["data=synthetic", "data.synthetic_train_size=800", "eval.enabled=false", "train.save_model=false"]
+CELLS = [(2, 1), (4, 1), (8, 1), (2, 2), (4, 2)]
+
+
+# --------------------------------------------------------------------------- the same work in every cell
+
+
+def test_a_window_draws_the_same_samples_whatever_the_split_or_the_grouping():
+    lengths = [(i * 37) % 301 + 5 for i in range(1000)]
+    sets = set()
+    for bs in (2, 4, 8, 16):
+        for grouped in (False, True):
+            order = EpochSampler(lengths, seed=3, group_by_length=grouped, batch_size=bs,
+                                 window=Window(warmup=64, measured=192)).order(0)
+            assert len(order) == 256
+            sets.add((frozenset(order[:64]), frozenset(order[64:])))
+    assert len(sets) == 1  # the same warm-up samples, the same measured samples
+
+
+def test_grouped_batches_are_shuffled_and_a_partial_batch_stays_last():
+    lengths = [(i * 37) % 301 + 5 for i in range(1003)]
+    sampler = EpochSampler(lengths, seed=0, group_by_length=True, batch_size=8)
+    order = sampler.order(0)
+    assert sorted(order) == list(range(1003))
+    batches = [order[i: i + 8] for i in range(0, 1000, 8)]
+    widths = [max(lengths[j] for j in b) for b in batches]
+    assert widths[0] != max(widths) or widths[1] != sorted(widths)[-2]  # not longest-first
+    spread = [max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches]
+    assert sum(spread) / len(spread) < 10  # still grouped: little padding inside a batch
+    assert len(order[1000:]) == 3  # the partial batch is last, where drop_last drops it
+
+
+@pytest.mark.parametrize("grouped", ["false", "true"])
+def test_cells_of_a_sweep_measure_identical_samples_and_tokens(run_job, grouped):
+    seen = set()
+    for bs, ga in CELLS:
+        m, _ = run_job(*SYNTHETIC, f"batch.batch_size={bs}", f"batch.gradient_accumulation_steps={ga}",
+                       f"data.group_by_length={grouped}", "measure.samples=96", "measure.warmup_samples=32",
+                       "measure.memory_probe=false", fast=False)
+        assert m["status"] == "ok"
+        seen.add((m["train"]["samples"], m["train"]["tokens"]))
+    assert len(seen) == 1 and next(iter(seen))[0] == 96
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_the_probe_bounds_an_epochs_observed_peak(run_job):
+    """A trial's peak (the worst of its steps and a probe at the widest samples) against the peak
+    a full epoch of the same config reaches, on the CPU's resident set."""
+    common = [*SYNTHETIC, "batch.batch_size=8", "data.synthetic_train_size=600"]
+    trial, _ = run_job(*common, "measure.samples=96", "measure.warmup_samples=32", fast=False)
+    epoch, _ = run_job(*common, "train.epochs=1", "measure.memory_probe=false", fast=False)
+    mem = trial["memory"]
+    assert mem["peak_bytes"] == max(mem["observed_peak_bytes"], mem["probe_peak_bytes"])
+    assert mem["peak_bytes"] >= 0.95 * epoch["memory"]["observed_peak_bytes"]
+
+
+def test_evaluation_memory_is_not_judged_against_the_training_budget(run_job):
+    """Beam search over a large evaluation batch peaks above training at micro-batch 2: a budget
+    between the two lets the cell finish ok, with both peaks recorded."""
+    cfg = ["batch.batch_size=2", "batch.eval_batch_size=64", "train.max_steps=4", "eval.generate=true",
+           "inference.num_beams=8", "data.max_eval_samples=30", "train.save_model=false"]
+    first, _ = run_job(*cfg, fast=False)
+    train_peak, eval_peak = first["memory"]["peak_bytes"], first["memory"]["eval_peak_bytes"]
+    assert eval_peak > 1.3 * train_peak, (train_peak, eval_peak)
+    budget_gb = (train_peak + eval_peak) / 2 / 0.9 / 2**30
+    second, _ = run_job(*cfg, f"measure.memory_budget_gb={budget_gb}", fast=False)
+    assert second["status"] == "ok" and second["memory"]["eval_peak_bytes"] > second["memory"]["limit_bytes"]
+
+
+def test_allocation_failures_raised_without_a_type_are_oom(run_job):
+    for text in ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)",
+                 "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes"):
+        assert is_oom(RuntimeError(text)) and classify(RuntimeError(text), "train")[0] == "oom"
+    assert not is_oom(RuntimeError("shape mismatch")) and not is_oom(ValueError("out of memory"))
+
+    def allocator_fails(step, micro):
+        if step == 2:
+            raise RuntimeError("CUDA error: out of memory")
+
+    m, _ = run_job("measure.steps=3", on_micro_step=allocator_fails)
+    assert m["status"] == "oom"
+
+
+# --------------------------------------------------------------------------- FLOPs and peaks
+
+
+def _flops_per_token(run_job, *extra):
+    m, _ = run_job("model=tiny_llama", "measure.steps=1", "measure.warmup_steps=1", *extra)
+    return m["train"]["flops_per_token"], m["train"]["hardware_flops_per_position"]
+
+
+def test_qlora_counts_the_4bit_matmuls_and_model_flops_leave_out_recompute(run_job):
+    plain, _ = _flops_per_token(run_job)
+    quantized, _ = _flops_per_token(run_job, "model.quantization=4bit")
+    assert quantized == pytest.approx(plain, rel=0.05)
+    ckpt_model, ckpt_hardware = _flops_per_token(run_job, "model.gradient_checkpointing=true")
+    assert ckpt_model == pytest.approx(plain, rel=0.02)  # no recompute in model FLOPs
+    assert ckpt_hardware > 1.1 * ckpt_model  # the recompute is hardware work
+
+
+@pytest.mark.parametrize("name,precision,tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.0), ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H100 NVL", "fp16", 835.0),
+    ("NVIDIA H200", "bf16", 989.0), ("NVIDIA L40", "bf16", 181.0), ("NVIDIA L40S", "bf16", 362.0),
+    ("NVIDIA L4", "bf16", 121.0), ("NVIDIA RTX A1000", "bf16", None), ("NVIDIA A100-SXM4-80GB", "fp32", 19.5),
+    ("Tesla V100-SXM2-16GB", "bf16", None), ("Tesla T4", "bf16", None), ("Tesla T4", "fp16", 65.0),
+    ("NVIDIA A10G", "bf16", 70.0), ("NVIDIA A10", "bf16", 125.0),
+])
+def test_the_peak_comes_from_the_most_specific_device_row(name, precision, tflops):
+    assert flops.device_peak_tflops(name, precision) == tflops
+
+
+def test_the_peak_precision_is_the_one_the_matmuls_compute_in():
+    for preset in ("llama", "qwen3_4b", "solar_10_7b", "polyglot_ko_12_8b", "kullm_v2"):
+        c = OmegaConf.to_object(compose_cfg([f"model={preset}", "model.path=/x"]))
+        assert flops.compute_precision(str(c.train.mixed_precision), str(c.model.quantization), str(c.model.dtype)) == "bf16"
+    assert flops.compute_precision("no", "none", "float32") == "fp32"
+    assert flops.compute_precision("fp16", "none", "float32") == "fp16"
+
+
+def test_saved_activations_do_not_count_parameters():
+    """Weights that autograd saves for backward (a tied output projection, say) are the model's,
+    not activations: they leave the activation figure."""
+    from summ.modeling import models
+
+    cfg = OmegaConf.to_object(compose_cfg([]))
+    model = models.load(cfg.model, models.load_tokenizer(cfg.model), 0, torch.device("cpu")).model
+    ids = torch.randint(5, 1000, (4, 64))
+    dec = ids[:, :16].contiguous()
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec, labels=dec.clone())
+    seen = []
+    for owner in (None, model):
+        with flops.ProfileMicroStep(owner, positions=4 * 80) as profiler:
+            model(**batch).loss.backward()
+        seen.append(profiler.profile.activation_bytes)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert seen[0] - seen[1] >= 0.5 * weights and seen[1] > 0
+
+
+# --------------------------------------------------------------------------- a busy machine is said
+
+
+def test_a_busy_machine_is_said():
+    spin = "import time\nend = time.time() + 30\nwhile time.time() < end: pass\n"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        watch = LoadWatch(torch.device("cpu")).start()
+        for _ in range(20):
+            watch.sample()
+            time.sleep(0.02)
+        machine = watch.finish()
+    finally:
+        for h in hogs:
+            h.kill()
+    assert machine["busy"] and machine["other_runnable_threads_mean"] >= 1
+    from summ.reports.summary import busy_warning
+
+    assert "busy machine" in busy_warning(machine)
