@@ -1,6 +1,8 @@
 """The benchmark scripts run (they are not timed tests: their figures live in BENCHMARKS.md)."""
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +13,9 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def bench(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=BENCH, capture_output=True, text=True, timeout=timeout)
+def bench(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, *args], cwd=BENCH, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path only; on a GPU the script runs for minutes")
@@ -20,6 +23,17 @@ def test_gpu_knee_script_says_why_and_exits_zero_without_cuda():
     proc = bench("gpu_knee.py")
     assert proc.returncode == 0
     assert "CUDA is not available" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path only")
+def test_gpu_check_says_why_without_cuda_and_its_plumbing_runs_at_toy_size(tmp_path):
+    proc = bench("gpu_check.py")
+    assert proc.returncode == 0 and "CUDA is not available" in proc.stdout
+    smoke = bench("gpu_check.py", "--cpu-smoke", env={**os.environ, "OUT": str(tmp_path)})
+    assert smoke.returncode == 0, smoke.stderr[-2000:]
+    figures = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "failed" not in smoke.stdout.split("=== done")[-1], smoke.stdout[-2000:]
+    assert figures  # every section's figures, written as it goes
 
 
 @pytest.mark.slow

@@ -180,3 +180,15 @@ def test_a_busy_machine_is_said():
     from summ.reports.summary import busy_warning
 
     assert "busy machine" in busy_warning(machine)
+
+
+def test_the_cpu_allocator_setting_is_said_and_switches_back(run_job):
+    """measure.cpu_live_memory=false keeps glibc's heap (fast; the peak counts what it kept), and
+    says so in memory.source; the next run with the default hands freed tensors back again."""
+    from summ.measure import memory
+
+    kept, _ = run_job("measure.cpu_live_memory=false", "train.max_steps=3", "measure.memory_probe=false")
+    assert kept["status"] == "ok" and kept["memory"]["source"].endswith("_heap_kept")
+    assert memory._LIVE is not True  # glibc's own thresholds (never set in this process, or set back)
+    live, _ = run_job("train.max_steps=3", "measure.memory_probe=false")
+    assert live["memory"]["source"] == "cpu_peak_rss_above_baseline" and memory._LIVE is True

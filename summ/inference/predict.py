@@ -74,7 +74,8 @@ def run_predict(cfg: Config, output_dir: Path, metrics: RunMetrics) -> None:
     metrics.model, metrics.device, metrics.num_processes = mc.name, device_name(acc.device), acc.num_processes
     metrics.trained_from, metrics.lora_adapter = str(trained.weights_dir), trained.adapter
     quantization = cfg.inference.quantization
-    monitor = MemoryMonitor(acc.device, cfg.measure.rss_interval_ms).start()
+    monitor = MemoryMonitor(acc.device, cfg.measure.rss_interval_ms,
+                            cpu_live_memory=cfg.measure.cpu_live_memory).start()
     try:
         metrics.phase = "load"
         model = load_for_inference(trained, tok, acc.device, quantization)

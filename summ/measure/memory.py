@@ -4,9 +4,13 @@ On CUDA the allocator's own peaks, reset at the start of each run and of each st
 kernel's peak resident set (VmHWM), reset through /proc/self/clear_refs, above the RSS at the
 run's start, after the previous job's memory was handed back. glibc keeps freed memory in its
 heap, where it fragments: over an epoch the resident set crept 20-40% above what a few steps
-showed. So allocations from 64 KiB up are served by mmap (mallopt, once per process): a freed
-tensor goes back to the kernel and the resident peak tracks live tensors, as CUDA's statistics
-do. Where the kernel refuses the reset, a thread samples RSS instead (costs a few % on 2 cores).
+showed. So by default (measure.cpu_live_memory) allocations from 64 KiB up are served by mmap
+(mallopt): a freed tensor goes back to the kernel and the resident peak tracks live tensors, as
+CUDA's statistics do. The price is a page fault per fresh page: on 2 cores tiny BART at micro-batch
+16 trains about 1.6x slower. `measure.cpu_live_memory=false` keeps glibc's own thresholds (fast;
+the peak then includes heap glibc kept, and creeps over an epoch). GPU runs are unaffected: their
+tensors are not on this heap. Where the kernel refuses the reset, a thread samples RSS instead
+(costs a few % on 2 cores).
 Executable code paged in during the run (a kernel's first use: about 4 MB in a process's first
 run, none in the runs after it) is host memory no batch setting changes and a GPU's figure would
 not hold: it is left out of the CPU peaks (read from /proc/self/smaps at each stretch's end).
@@ -46,26 +50,31 @@ def trim_heap() -> None:
 
 
 _WARMED = False
+_LIVE: Optional[bool] = None  # the allocator setting in force in this process (None: glibc's own)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
-def _tensors_off_the_heap() -> None:
-    """glibc: allocations from 64 KiB up by mmap, freed ones returned at once (see the docstring)."""
+def _tensors_off_the_heap(live: bool) -> None:
+    """glibc: `live`, allocations from 64 KiB up by mmap, freed ones returned at once (see the
+    docstring); not `live`, the largest thresholds glibc's own would grow to (32 MiB, on the heap)."""
+    global _LIVE
+    if _LIVE == live or (_LIVE is None and not live):
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024)
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024 if live else 32 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024 if live else 64 * 2**20)
+        _LIVE = live
     except (OSError, AttributeError):  # not glibc
         pass
 
 
 def _warm_process() -> None:
-    """Once per process: tensors off glibc's heap, and autograd's engine, the optimizer and the
-    thread pools started on a throw-away model, so the first job of a sweep is not charged for them."""
+    """Once per process: autograd's engine, the optimizer and the thread pools started on a
+    throw-away model, so the first job of a sweep is not charged for them."""
     global _WARMED
     if _WARMED:
         return
-    _tensors_off_the_heap()
     layer = torch.nn.Linear(64, 64)
     opt = torch.optim.AdamW(layer.parameters())
     with ProfileMicroStep():
@@ -128,8 +137,10 @@ class MemoryMonitor:
     model kept loaded across a sweep's cells): added to every peak, so a cell reads as in a fresh
     process."""
 
-    def __init__(self, device: torch.device, interval_ms: float = 2.0, weights_bytes: int = 0):
+    def __init__(self, device: torch.device, interval_ms: float = 2.0, weights_bytes: int = 0,
+                 cpu_live_memory: bool = True):
         self.device = device
+        self.cpu_live_memory = cpu_live_memory  # CPU: freed tensors handed back at once (see the docstring)
         self.interval_s = interval_ms / 1000.0
         self.weights_bytes = weights_bytes
         self._stop = threading.Event()
@@ -146,9 +157,12 @@ class MemoryMonitor:
     def source(self) -> str:
         if self.device.type == "cuda":
             return "cuda_max_memory_allocated"
-        return "cpu_peak_rss_above_baseline" if self._kernel_peak else "cpu_sampled_rss_above_baseline"
+        source = "cpu_peak_rss_above_baseline" if self._kernel_peak else "cpu_sampled_rss_above_baseline"
+        return source if self.cpu_live_memory else source + "_heap_kept"
 
     def start(self) -> "MemoryMonitor":
+        if self.device.type != "cuda":
+            _tensors_off_the_heap(self.cpu_live_memory)
         _warm_process()
         release_memory()
         if self.device.type == "cuda":

@@ -27,8 +27,8 @@ from summ.modeling.saved import save_for_predict
 from summ.run_folder import MODEL_DIR, RunMetrics
 from summ.training import checkpoint, reuse, tracking
 from summ.training.evaluation import evaluate
-from summ.training.measurement import (Measurement, epoch_plan, probe_memory, probe_widths, schedule_length,
-                                       warm_training_paths, warmup_steps, window)
+from summ.training.measurement import (Measurement, epoch_plan, probe_memory, probe_samples, probe_widths,
+                                       schedule_length, warm_training_paths, warmup_steps, window)
 from summ.training.outcome import recorded
 from summ.training.prepare import data_for
 
@@ -135,7 +135,8 @@ class Job:
     def _start_memory(self) -> None:
         cfg, device = self.cfg, self.accelerator.device
         warm_training_paths()
-        self.monitor = MemoryMonitor(device, cfg.measure.rss_interval_ms).start()
+        self.monitor = MemoryMonitor(device, cfg.measure.rss_interval_ms,
+                                     cpu_live_memory=cfg.measure.cpu_live_memory).start()
         self.guard = BudgetGuard(self.monitor, cfg.measure.memory_budget_gb, cfg.measure.headroom)
         if cfg.measure.memory_budget_gb:  # a big card runs out where the planned one would
             self.monitor.cap(self.guard.budget_bytes)
@@ -334,7 +335,7 @@ class Job:
     def _probe(self) -> None:
         """The worst batch's memory, between warm-up and the measured steps (measurement.probe_memory)."""
         widths = probe_widths(self.data.train_ds)
-        features = [self.data.train_ds[i % len(self.data.train_ds)] for i in range(self.bs)]
+        features = [self.data.train_ds[i] for i in probe_samples(self.data.train_ds, self.bs)]
         batch = Collator(self.collator.pad, self.kind, self.collator.decoder_start, *widths)(features)
         started = timing.now()
         peak = probe_memory(self.accelerator, self.model, self.optimizer, batch, self.kind, self.measurement)

@@ -79,6 +79,14 @@ def probe_widths(dataset: TokenizedDataset) -> tuple[int, int]:
     return max(dataset.lengths()), max(dataset.label_lengths())
 
 
+def probe_samples(dataset: TokenizedDataset, n: int) -> list[int]:
+    """The `n` samples with the most tokens, input and label together: padded to probe_widths
+    they carry as many real label tokens as the worst batch (the loss's label rows grow with them)."""
+    lengths, labels = dataset.lengths(), dataset.label_lengths()
+    longest = sorted(range(len(lengths)), key=lambda i: lengths[i] + labels[i], reverse=True)
+    return [longest[i % len(longest)] for i in range(n)]
+
+
 class Measurement:
     """The loop's instruments: the step timer, the FLOP profile, memory by stretch, the machine."""
 
