@@ -28,7 +28,11 @@ def hf_trainer(steps: int) -> dict:
     from summ.measure.timing import now
 
     cfg, tok, ds, loaded = same_inputs(OVERRIDES, steps)
-    collator = Collator(tok.pad_token_id, cfg.model.kind, loaded.decoder_start_token_id)
+    summ_collator = Collator(tok.pad_token_id, cfg.model.kind, loaded.decoder_start_token_id)
+
+    def collator(features):  # the Trainer passes every key to the model: leave out summ's host-side counts
+        return {k: v for k, v in summ_collator(features).items() if k != "counts"}
+
     sampler = EpochSampler(ds.lengths(), seed=cfg.train.seed)
     warm = cfg.measure.warmup_steps
     total = warm + steps

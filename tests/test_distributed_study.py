@@ -42,7 +42,8 @@ def test_two_workers_share_one_study_on_postgres(tmp_path):
                  f"hydra.sweeper.study_name={study_name}", f"hydra.sweeper.n_trials={TRIALS_PER_WORKER}",
                  f"hydra.sweeper.sampler.seed={seed}", f"hydra.sweep.dir={tmp_path / name}", *SMALL],
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                # one thread each: two torch processes spinning on the same cores slow each other tenfold
+                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
             for name, seed in SEEDS.items()
         }
         try:

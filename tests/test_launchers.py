@@ -61,7 +61,11 @@ def test_joblib_launcher_runs_a_knee_grid_two_jobs_at_a_time(tmp_path):
          "batch.gradient_accumulation_steps=1,2", f"hydra.sweep.dir={sweep}", *SMALL],
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    # two jobs at a time, the 2 cores divided between them (OpenMP threads would otherwise spin against each other)
+    from summ.config import threads_per_job
+
+    assert threads_per_job(2) == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"joblib.parallel_backend(loky,inner_max_num_threads={threads_per_job(2)},n_jobs=2)" in proc.stdout + proc.stderr
     with open(sweep / "sweep.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), [(r["job"], r["status"], r["error"]) for r in rows]

@@ -1,8 +1,7 @@
-"""One training run: data and model prepared, the Accelerate loop (gradient accumulation,
-clipping, mixed precision), evaluation, and what each sample cost. Setup reads as its steps;
-the loop reads top to bottom. Every outcome ends in the run's metrics record (summ/training/outcome.py), and
-the process is left clean for the next job of a sweep.
-"""
+"""One training run: data and model prepared, the Accelerate loop (gradient accumulation, clipping,
+mixed precision), evaluation, and what each sample cost. Setup reads as its steps; the loop reads top
+to bottom. Every outcome ends in the run's metrics record (summ/training/outcome.py); the process is
+left clean for the next job of a sweep."""
 from __future__ import annotations
 
 import gc

@@ -165,6 +165,8 @@ class Tracking:
             self._send(*self._pending, "logging the last step")
             self._pending = None
         step = self._last_step or 0
+        if self.name == "mlflow":  # the final figures are waited on, so a refusal is reported here
+            self._synchronous_mlflow()
         self._send(final_figures(metrics), step, "logging the final metrics")
         text = {k: str(metrics[k]) for k in STRING_KEYS if metrics.get(k) is not None}
         if text and self.active:
@@ -190,6 +192,17 @@ class Tracking:
                 self._acc.log(text, step=step)
         except Exception as exc:
             self._disable("logging the run status", exc)
+
+    def _synchronous_mlflow(self) -> None:
+        """The steps queued so far sent, and what follows sent at once (MLflow's own thread would
+        only print its error)."""
+        try:
+            import mlflow
+
+            mlflow.flush_async_logging()
+            mlflow.config.enable_async_logging(False)
+        except Exception as exc:
+            self._disable("sending the queued steps", exc)
 
     def _disable(self, what: str, exc: BaseException) -> None:
         log.warning("tracking (%s) failed while %s, and is off for the rest of this run: %s",
