@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded in tests
+# The suite runs on two workers (pytest -n 2, README): one OpenMP thread each, inherited by the runs
+# they start, so two workers on 2 cores share them instead of spinning against each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402

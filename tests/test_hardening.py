@@ -258,3 +258,20 @@ def test_a_sweep_cell_refused_by_validation_says_why_in_its_folder(tmp_path):
     assert refused["status"] == "failed" and "batch.batch_size=0" in refused["error"]
     assert json.loads((tmp_path / "1" / "metrics.json").read_text())["status"] == "ok"
     assert "failed" in (tmp_path / "knee_report.md").read_text()
+
+
+def test_a_stop_asked_for_during_a_periodic_checkpoint_is_acted_on_after_it():
+    """SIGTERM while a periodic checkpoint is written waits for the save, then reaches the stop
+    request (the loop saves again and stops at the end of the next step); during the stop's own
+    save a further signal is dropped: the stop is under way."""
+    import signal
+
+    from summ.training import checkpoint
+
+    for deliver, expect in ((True, signal.SIGTERM), (False, None)):
+        stop = checkpoint.StopRequest()
+        with stop.installed():
+            with checkpoint._signals_deferred(deliver_after=deliver):
+                signal.raise_signal(signal.SIGTERM)
+                assert stop.signum is None  # not yet: the save finishes first
+        assert stop.signum == expect

@@ -4,6 +4,8 @@ FLOPs count the 4-bit matmuls and not the recompute, peaks come from the right d
 raised without a type are OOMs, and a busy machine is said."""
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ from summ.measure.machine import LoadWatch
 from summ.measure.memory import is_oom
 from summ.training.outcome import classify
 
-from .conftest import compose_cfg
+from .conftest import ROOT, compose_cfg
 
 SYNTHETIC = ["data=synthetic", "data.synthetic_train_size=800", "eval.enabled=false", "train.save_model=false"]
 CELLS = [(2, 1), (4, 1), (8, 1), (2, 2), (4, 2)]
@@ -67,12 +69,20 @@ def test_cells_of_a_sweep_measure_identical_samples_and_tokens(run_job, grouped)
 # --------------------------------------------------------------------------- memory
 
 
-def test_the_probe_bounds_an_epochs_observed_peak(run_job):
+def _cli_metrics(folder, *overrides) -> dict:
+    subprocess.run([sys.executable, "run.py", f"hydra.run.dir={folder}", *overrides], cwd=ROOT, check=True,
+                   capture_output=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads((folder / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_probe_bounds_an_epochs_observed_peak(tmp_path):
     """A trial's peak (the worst of its steps and a probe at the widest samples) against the peak
-    a full epoch of the same config reaches, on the CPU's resident set."""
-    common = [*SYNTHETIC, "batch.batch_size=8", "data.synthetic_train_size=600"]
-    trial, _ = run_job(*common, "measure.samples=96", "measure.warmup_samples=32", fast=False)
-    epoch, _ = run_job(*common, "train.epochs=1", "measure.memory_probe=false", fast=False)
+    a full epoch of the same config reaches, on the CPU's resident set. Each in a fresh process, as
+    a user runs them: a long-lived test process's fragmented heap would creep into either figure."""
+    common = [*SYNTHETIC, "batch.batch_size=8", "data.synthetic_train_size=400"]
+    trial = _cli_metrics(tmp_path / "trial", *common, "measure.samples=96", "measure.warmup_samples=32")
+    epoch = _cli_metrics(tmp_path / "epoch", *common, "train.epochs=1", "measure.memory_probe=false")
     mem = trial["memory"]
     assert mem["peak_bytes"] == max(mem["observed_peak_bytes"], mem["probe_peak_bytes"])
     assert mem["peak_bytes"] >= 0.95 * epoch["memory"]["observed_peak_bytes"]
@@ -190,5 +200,5 @@ def test_the_cpu_allocator_setting_is_said_and_switches_back(run_job):
     kept, _ = run_job("measure.cpu_live_memory=false", "train.max_steps=3", "measure.memory_probe=false")
     assert kept["status"] == "ok" and kept["memory"]["source"].endswith("_heap_kept")
     assert memory._LIVE is not True  # glibc's own thresholds (never set in this process, or set back)
-    live, _ = run_job("train.max_steps=3", "measure.memory_probe=false")
+    live, _ = run_job("measure.cpu_live_memory=true", "train.max_steps=3", "measure.memory_probe=false")
     assert live["memory"]["source"] == "cpu_peak_rss_above_baseline" and memory._LIVE is True

@@ -56,23 +56,28 @@ def resolve(resume_from: str, run_dir: Path) -> Path:
 
 
 def save(accelerator, run_dir: Path, step: int, position: dict, history: list[dict], keep: int,
-         identity: str) -> Path:
+         identity: str, stopping: bool = False) -> Path:
     """Every process calls this (Accelerate saves each one's RNG state); process 0 renames and prunes.
-    SIGINT and SIGTERM wait until it is done: a checkpoint is written whole, or the previous one stays."""
-    with _signals_deferred():
+    SIGINT and SIGTERM wait until it is done: a checkpoint is written whole, or the previous one stays.
+    A signal that waited is acted on once the save is done, unless this save is the stop's own."""
+    with _signals_deferred(deliver_after=not stopping):
         return _save(accelerator, run_dir, step, position, history, keep, identity)
 
 
 @contextlib.contextmanager
-def _signals_deferred():
+def _signals_deferred(deliver_after: bool):
     """SIGINT / SIGTERM noted, not acted on, for the duration (a second Ctrl-C during torch.save
-    would leave a half-written checkpoint and a traceback)."""
+    would leave a half-written checkpoint and a traceback). With deliver_after, each signal that
+    waited is raised again once the previous handlers are back (a stop asked for during a periodic
+    save is not lost); without, the stop this save belongs to is already under way."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    waited: list[int] = []
 
     def wait(signum, frame):
+        waited.append(signum)
         log.warning("%s while a checkpoint is being written: it finishes first", signal.Signals(signum).name)
 
     for s in previous:
@@ -82,6 +87,8 @@ def _signals_deferred():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        for signum in waited if deliver_after else ():
+            signal.raise_signal(signum)
 
 
 def _save(accelerator, run_dir: Path, step: int, position: dict, history: list[dict], keep: int,

@@ -358,7 +358,7 @@ class Job:
         every, last = self.cfg.train.save_every_steps, done >= self.total_updates
         if (signum and not last) or (every and done % every == 0 and not last):
             path = checkpoint.save(self.accelerator, self.output_dir, done, self.position, self.history,
-                                   self.cfg.train.keep_checkpoints, self.identity)
+                                   self.cfg.train.keep_checkpoints, self.identity, stopping=bool(signum))
             if signum:
                 raise Interrupted(signum, done, path)
             return True
