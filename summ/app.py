@@ -93,19 +93,14 @@ def guard_hydra() -> None:
     report = hydra_internal.run_and_report
     if not getattr(report, "summ_guarded", False):
         def reported(func):
-            from hydra.errors import HydraException
-            from omegaconf.errors import OmegaConfBaseException
-
             try:
                 return func()
-            except (HydraException, OmegaConfBaseException) as exc:
-                if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                    raise
-                say(f"error: {_config_error(exc)}: python run.py --help lists the groups and their options, "
-                    f"--cfg job every setting", err=True)
-                sys.exit(exit_code("failed", user_error=True))
-            except Exception as exc:  # anything else: Hydra's own report
-                error = exc
+            except Exception as exc:
+                if os.environ.get("HYDRA_FULL_ERROR") != "1" and _composing(exc):
+                    say(f"error: {_config_error(exc)}: python run.py --help lists the groups and their options, "
+                        f"--cfg job every setting", err=True)
+                    sys.exit(exit_code("failed", user_error=True))
+                error = exc  # anything else: Hydra's own report
                 return report(lambda: _raise(error))
 
         reported.summ_guarded = True
@@ -128,6 +123,23 @@ def guard_hydra() -> None:
 
 def _raise(exc: BaseException):
     raise exc
+
+
+def _composing(exc: BaseException) -> bool:
+    """Hydra's and OmegaConf's own errors, and a ValueError or TypeError raised inside them (a group
+    given a number, `model=3`), are the config's; anything else is not."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, (HydraException, OmegaConfBaseException)):
+        return True
+    if not isinstance(exc, (ValueError, TypeError)):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename.replace("\\", "/") if tb is not None else ""
+    return "/hydra/" in where or "/omegaconf/" in where
 
 
 def _config_error(exc: BaseException) -> str:

@@ -160,3 +160,10 @@ def test_corrupt_and_missing_metrics_are_warnings_not_crashes(tmp_path, capsys):
 def test_report_cli_rejects_a_missing_folder(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     assert "no such sweep folder" in capsys.readouterr().err
+
+
+def test_report_cli_refuses_a_folder_with_no_jobs_and_writes_nothing_there(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a sweep")
+    assert main([str(tmp_path)]) == 2
+    assert "holds no job folders" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

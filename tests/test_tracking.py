@@ -232,6 +232,22 @@ def test_an_mlflow_store_that_cannot_be_used_warns_and_the_calls_do_not_raise(tm
     assert len(lines) == 1 and "tracking (mlflow) failed while starting" in lines[0]
 
 
+def test_an_mlflow_server_that_does_not_answer_is_said_at_once_and_leaves_no_store_behind(tmp_path, monkeypatch,
+                                                                                         caplog):
+    """Port 9 refuses: one warning within seconds (the client's own retries took minutes), and no
+    ./mlflow.db made by ending a run that never started."""
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="summ.training.tracking"):
+        t = run(TrackingConfig(name="mlflow", mlflow_tracking_uri="http://127.0.0.1:9"), tmp_path / "run")
+    assert not t.active and time.monotonic() - started < 60
+    lines = [r.getMessage() for r in caplog.records if r.name == "summ.training.tracking"]
+    assert len(lines) == 1 and "does not answer" in lines[0] and "tracking.mlflow_tracking_uri" in lines[0]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_a_missing_package_gives_one_warning_and_no_tracking(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if it were not installed
     tcfg = TrackingConfig(name="mlflow", mlflow_tracking_uri="sqlite:///" + str(tmp_path / "never.db"))

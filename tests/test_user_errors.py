@@ -168,6 +168,19 @@ def test_failures_exit_non_zero_with_one_line(tmp_path):
     assert proc.returncode == 2 and "hydra.sweeper.n_trials=-1 is invalid" in one_error_line(proc)
 
 
+@pytest.mark.parametrize("args,says", [
+    (["model=3"], "Config group override must be a string"),  # a group given a number: Hydra's ValueError
+    (["-m", "batch.batch_size=2,abc", *QUICK], "batch.batch_size=abc"),  # not "no job ended ok"
+    (["-m", "preset=optuna_step_time", "hydra.sweeper.storage=notadb://x"], "is not a database Optuna can keep"),
+    (["-m", "preset=optuna_step_time", "hydra.sweeper.storage=postgresql://u:secret@127.0.0.1:9/db"],
+     "cannot open the Optuna storage hydra.sweeper.storage=postgresql://u:***@127.0.0.1:9/db"),
+], ids=["group_given_a_number", "bad_value_in_a_sweep_list", "storage_not_a_database", "storage_unreachable"])
+def test_what_hydra_or_optuna_refuse_before_any_job_is_one_line_and_exit_2(tmp_path, args, says):
+    proc = cli(*args, cwd=tmp_path)
+    line = one_error_line(proc)
+    assert proc.returncode == 2 and says in line and "secret" not in proc.stderr, line
+
+
 @pytest.mark.slow
 def test_an_over_budget_run_exits_3(tmp_path):
     proc = cli(*QUICK, "measure.memory_budget_gb=0.001", f"hydra.run.dir={tmp_path}")

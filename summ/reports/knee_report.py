@@ -20,8 +20,8 @@ from summ.errors import UserError
 from summ.reports.cells import Cell, load_cells
 from summ.reports.knee import MIN_R2, Analysis, analyse, gib_text, pareto_front
 from summ.reports.plots import plot_knee, plot_pareto
-from summ.run_folder import (KNEE_PNG, KNEE_REPORT, MULTIRUN_YAML, PARETO_PNG, PARETO_REPORT, SWEEP_CSV, GIB,
-                             read_yaml, write_text)
+from summ.run_folder import (KNEE_PNG, KNEE_REPORT, METRICS_FILE, MULTIRUN_YAML, PARETO_PNG, PARETO_REPORT,
+                             SWEEP_CSV, GIB, read_yaml, write_text)
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="samples/s tolerance of the recommendation rule (default: the sweep's knee.tolerance, or 0.05)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    folder = Path(args.sweep_dir)
+    if folder.is_dir() and not any(p.is_dir() and (p.name.isdigit() or (p / METRICS_FILE).is_file())
+                                   for p in folder.iterdir()):
+        print(f"error: {folder} holds no job folders (0/, 1/, ... with {METRICS_FILE}): give the folder of a sweep, "
+              f"such as outputs/multirun/<date_time>", file=sys.stderr)
+        return 2
     try:
         a = build_report(args.sweep_dir, args.tolerance)
     except (FileNotFoundError, UserError) as exc:

@@ -49,10 +49,10 @@ class OptunaStorageCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             check_sweeper(config.hydra)
+            prepare_storage(config.hydra)
         except ConfigError as exc:
             say(f"error: {exc}", err=True)
             sys.exit(EXIT_USER_ERROR)
-        prepare_storage(config.hydra)
         name_objectives(config)
 
 
@@ -73,6 +73,9 @@ class KneeReportCallback(Callback):
         if not self.started or not is_main_process():
             return
         sweep_dir = Path(config.hydra.sweep.dir)
+        if sys.exc_info()[1] is not None:  # Hydra calls this in a `finally`: the sweep itself failed
+            self._report_what_ran(config, sweep_dir)
+            return  # its own error (an override that cannot compose, Ctrl-C) and exit code stand
         if not sweep_dir.is_dir():
             say(f"error: the sweep folder {sweep_dir} does not exist, so no report was written: the jobs ran in "
                 f"other folders (a hydra.sweep.dir that names a new folder per job?)", err=True)
@@ -102,3 +105,15 @@ class KneeReportCallback(Callback):
                 f"in {report}", err=True)
             resource = bool(statuses) and all(s in RESOURCE_STATUSES for s in statuses)
             sys.exit(exit_code("oom") if resource else EXIT_FAILED)
+
+    @staticmethod
+    def _report_what_ran(config: DictConfig, sweep_dir: Path) -> None:
+        """The cells that finished before the sweep failed keep their report; nothing is said or
+        exited here, so the failure's own line and code are what the user sees."""
+        if config.get("mode") == "predict" or not any(sweep_dir.glob("*/metrics.json")):
+            return
+        try:
+            build_report(sweep_dir, tolerance=config.knee.tolerance)
+            say(f"knee report of the jobs that ran: {sweep_dir / KNEE_REPORT}", err=True)
+        except Exception as exc:  # the sweep's own failure matters more
+            log.warning("no report of the jobs that ran: %s", exc)

@@ -196,15 +196,33 @@ def prepare_storage(hydra_cfg: Any, attempts: int = 8) -> None:
     import optuna
     import sqlalchemy.exc
 
+    from summ.errors import ConfigError
+
     for attempt in range(1, attempts + 1):
         try:
             optuna.storages.RDBStorage(url).engine.dispose()
             return
+        except ModuleNotFoundError as exc:  # the database's driver
+            raise ConfigError(f"hydra.sweeper.storage={_shown(url)} needs the Python module {exc.name}: "
+                              f"pip install -e '.[postgres]' for PostgreSQL") from None
         except sqlalchemy.exc.DBAPIError as exc:
             if attempt == attempts or isinstance(exc, sqlalchemy.exc.OperationalError):
-                raise  # OperationalError: no server, wrong password: nothing a retry fixes
+                # OperationalError: no server, wrong password: nothing a retry fixes
+                reason = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+                raise ConfigError(f"cannot open the Optuna storage hydra.sweeper.storage={_shown(url)} ({reason}): "
+                                  f"check that the server is up and the host, user, password and database") from None
             log.info("Optuna tables are being created by another worker (%s); retrying", type(exc.orig).__name__)
             time.sleep(0.2 + random.random())
+
+
+def _shown(url: str) -> str:
+    """A storage URL fit for a message: its password hidden."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: nothing in it to hide
+        return url
 
 
 def check_sweeper(hydra_cfg: Any) -> None:
@@ -215,6 +233,11 @@ def check_sweeper(hydra_cfg: Any) -> None:
     target = str(sweeper.get("_target_", "")).lower()
     if "optuna" in target:
         counts, ranges = ("n_trials", "n_jobs"), ()
+        storage = str(sweeper.get("storage") or "")
+        if storage and not storage.startswith(("sqlite:///", *RDB_URLS)):
+            raise ConfigError(f"hydra.sweeper.storage={_shown(storage)} is not a database Optuna can keep a study in: "
+                              f"give sqlite:///<file>.db, postgresql://<user>:<password>@<host>/<database>, or null "
+                              f"for a study in memory")
     elif "knee" in target:
         # tolerance -1: stop on memory only; resolution 1: no bisection between powers of two
         counts, ranges = ("min_batch_size", "max_batch_size", "max_trials"), (("tolerance", -1.0, 1.0, ")"),

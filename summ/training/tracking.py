@@ -221,7 +221,8 @@ class Tracking:
             try:
                 import mlflow
 
-                mlflow.flush_async_logging()
+                if mlflow.active_run() is not None:  # with no run, flushing would open a store: ./mlflow.db
+                    mlflow.flush_async_logging()
             except Exception as exc:
                 failure = exc
         for tracker in list(acc.trackers):
@@ -255,11 +256,33 @@ def _run_setup(tcfg, run_name: str, group: Optional[str]) -> tuple[str, dict, Op
         db = Path(uri[len("sqlite:///"):])
         db.parent.mkdir(parents=True, exist_ok=True)
         kwargs["logging_dir"] = str((db.parent / "mlartifacts").resolve())
+    _check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     # a logged step is queued and sent by MLflow's own thread, not waited on inside the step
     # (TensorBoard's writer and wandb queue theirs already); flushed when the run ends
     mlflow.config.enable_async_logging(True)
     return group or tcfg.project, {"mlflow": kwargs}, MAX_PARAM_VAL_LENGTH
+
+
+def _check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """An MLflow server that does not answer is found out in seconds, not after the client's
+    minutes of retries (it backs off seven times before it gives up); the run goes on without it."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    # later requests of this run: fewer retries and a shorter wait, should the server go away mid-run
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy, an older server without /health): let MLflow's client judge
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(f"the MLflow server at {uri} does not answer ({reason}): check "
+                              f"tracking.mlflow_tracking_uri, or leave it unset for the local store") from None
 
 
 def start(accelerator, tcfg, config: Any, run_name: str, group: Optional[str]) -> Tracking:
