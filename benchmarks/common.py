@@ -103,9 +103,12 @@ def duel(doc: str, name: str, label: str, short: str, contender, overrides: list
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for both contenders, e.g. --set measure.cpu_live_memory=false")
     args = ap.parse_args()
+    overrides.extend(args.set)  # in place: the contender composes from the same list object
     print(f"machine: {machine()}\ntiny_bart, synthetic data, micro-batch 16, {setting}{args.steps} measured steps, "
-          f"{args.rounds} rounds A B A B after one warm-up round")
+          f"{args.rounds} rounds A B A B after one warm-up round" + (f", {' '.join(args.set)}" if args.set else ""))
     res = alternate({"summ": lambda: summ_loop(overrides, args.steps), name: lambda: contender(args.steps)},
                     args.rounds)
     s, c = median(res["summ"], "samples_per_s"), median(res[name], "samples_per_s")

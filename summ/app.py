@@ -100,6 +100,11 @@ def guard_hydra() -> None:
                     say(f"error: {_config_error(exc)}: python run.py --help lists the groups and their options, "
                         f"--cfg job every setting", err=True)
                     sys.exit(exit_code("failed", user_error=True))
+                if os.environ.get("HYDRA_FULL_ERROR") != "1" and _disk_refused(exc):  # Hydra's own files
+                    where = f" ({exc.filename})" if exc.filename else ""
+                    say(f"error: {exc.strerror}{where} while Hydra wrote the sweep's files: free space or set "
+                        f"hydra.run.dir / hydra.sweep.dir to a folder that can take them", err=True)
+                    sys.exit(exit_code("failed", user_error=True))
                 error = exc  # anything else: Hydra's own report
                 return report(lambda: _raise(error))
 
@@ -123,6 +128,13 @@ def guard_hydra() -> None:
 
 def _raise(exc: BaseException):
     raise exc
+
+
+def _disk_refused(exc: BaseException) -> bool:
+    """A full disk, a quota, a read-only or forbidden folder: the place, not the program."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 def _composing(exc: BaseException) -> bool:

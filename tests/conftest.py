@@ -52,3 +52,15 @@ def run_job(tmp_path):
         return run_job(cfg, out, on_micro_step=on_micro_step).to_dict(), out
 
     return _run
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first: the README's commands (2-3 minutes each), then the other end-to-end
+    tests (marked slow). On two workers a long test that starts last leaves the other worker idle
+    for its whole length."""
+    def rank(item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if item.path.name == "test_user_commands.py" else 1
+
+    items.sort(key=rank)  # stable: file order within each rank

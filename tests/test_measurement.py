@@ -60,7 +60,7 @@ def test_cells_of_a_sweep_measure_identical_samples_and_tokens(run_job, grouped)
     for bs, ga in CELLS:
         m, _ = run_job(*SYNTHETIC, f"batch.batch_size={bs}", f"batch.gradient_accumulation_steps={ga}",
                        f"data.group_by_length={grouped}", "measure.samples=96", "measure.warmup_samples=32",
-                       "measure.memory_probe=false", fast=False)
+                       "measure.memory_probe=false", "measure.cpu_live_memory=false", fast=False)
         assert m["status"] == "ok"
         seen.add((m["train"]["samples"], m["train"]["tokens"]))
     assert len(seen) == 1 and next(iter(seen))[0] == 96
