@@ -6,7 +6,7 @@ can be compared step for step. Samples/s is timed the same way for both: wall ti
 of one optimizer step to the end of the next (data loading included), warm-up steps excluded.
 Target: ratio >= 1.0, with the loss after N steps equal within 1e-3.
 
-    python benchmarks/bench_hf_trainer.py [--rounds 5] [--steps 30]
+    python benchmarks/bench_hf_trainer.py [--rounds 9] [--steps 30]
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Same model init (seed), same batches in the same order (same sampler and collato
 AdamW (fused) and parameter groups, same schedule, same loss; no Accelerate, no measurement in the bare loop.
 Both count samples/s over the same measured steps (warm-up excluded). Target: ratio >= 0.97.
 
-    python benchmarks/bench_overhead.py [--rounds 5] [--steps 30]
+    python benchmarks/bench_overhead.py [--rounds 9] [--steps 30]
 """
 from __future__ import annotations
 

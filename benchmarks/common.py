@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: contenders alternate (A B A B ...) after a warm-up, and the
+"""Shared by the benchmark scripts: contenders alternate (A B, B A, ...) after a warm-up, and the
 figures are medians, so a machine's drift hits every contender alike."""
 from __future__ import annotations
 
@@ -26,13 +26,16 @@ def compose(overrides: list[str]):
 
 
 def alternate(contenders: dict[str, Callable[[], dict]], rounds: int, warmup: int = 1) -> dict[str, list[dict]]:
-    """Run each contender `warmup` times (discarded), then `rounds` times interleaved."""
+    """Run each contender `warmup` times (discarded), then `rounds` times interleaved, the order
+    reversed every other round (A B, B A, A B ...): whatever running first or second does to a
+    contender (the state the other left in the allocator and the caches) falls on both alike."""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
     results: dict[str, list[dict]] = {name: [] for name in contenders}
     for r in range(rounds):
-        for name, fn in contenders.items():
+        order = list(contenders.items())
+        for name, fn in order if r % 2 == 0 else order[::-1]:
             res = fn()
             results[name].append(res)
             print(f"  round {r + 1}: {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()), flush=True)
@@ -101,14 +104,14 @@ def duel(doc: str, name: str, label: str, short: str, contender, overrides: list
     import argparse
 
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)  # 5 could not resolve a few percent on 2 cores
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for both contenders, e.g. --set measure.cpu_live_memory=false")
     args = ap.parse_args()
     overrides.extend(args.set)  # in place: the contender composes from the same list object
     print(f"machine: {machine()}\ntiny_bart, synthetic data, micro-batch 16, {setting}{args.steps} measured steps, "
-          f"{args.rounds} rounds A B A B after one warm-up round" + (f", {' '.join(args.set)}" if args.set else ""))
+          f"{args.rounds} rounds A B, B A, ... after one warm-up round" + (f", {' '.join(args.set)}" if args.set else ""))
     res = alternate({"summ": lambda: summ_loop(overrides, args.steps), name: lambda: contender(args.steps)},
                     args.rounds)
     s, c = median(res["summ"], "samples_per_s"), median(res[name], "samples_per_s")
