@@ -96,11 +96,12 @@ def guard_hydra() -> None:
             try:
                 return func()
             except Exception as exc:
-                if os.environ.get("HYDRA_FULL_ERROR") != "1" and _composing(exc):
+                full = os.environ.get("HYDRA_FULL_ERROR") == "1"  # Hydra's switch for the whole traceback
+                if not full and _composing(exc):
                     say(f"error: {_config_error(exc)}: python run.py --help lists the groups and their options, "
                         f"--cfg job every setting", err=True)
                     sys.exit(exit_code("failed", user_error=True))
-                if os.environ.get("HYDRA_FULL_ERROR") != "1" and _disk_refused(exc):  # Hydra's own files
+                if not full and _disk_refused(exc):  # Hydra's own files
                     where = f" ({exc.filename})" if exc.filename else ""
                     say(f"error: {exc.strerror}{where} while Hydra wrote the sweep's files: free space or set "
                         f"hydra.run.dir / hydra.sweep.dir to a folder that can take them", err=True)

@@ -21,7 +21,7 @@ from summ.reports.cells import Cell, load_cells
 from summ.reports.knee import MIN_R2, Analysis, analyse, gib_text, pareto_front
 from summ.reports.plots import plot_knee, plot_pareto
 from summ.run_folder import (KNEE_PNG, KNEE_REPORT, METRICS_FILE, MULTIRUN_YAML, PARETO_PNG, PARETO_REPORT,
-                             SWEEP_CSV, GIB, read_yaml, write_text)
+                             SWEEP_CSV, GIB, job_dirs, read_yaml, write_text)
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     folder = Path(args.sweep_dir)
-    if folder.is_dir() and not any(p.is_dir() and (p.name.isdigit() or (p / METRICS_FILE).is_file())
-                                   for p in folder.iterdir()):
+    if folder.is_dir() and not job_dirs(folder):
         print(f"error: {folder} holds no job folders (0/, 1/, ... with {METRICS_FILE}): give the folder of a sweep, "
               f"such as outputs/multirun/<date_time>", file=sys.stderr)
         return 2

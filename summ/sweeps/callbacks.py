@@ -18,7 +18,7 @@ from summ.files import make_folder
 from summ.reports.cells import OK, load_cells
 from summ.reports.inference_report import inference_report
 from summ.reports.knee_report import build_report
-from summ.run_folder import INFERENCE_REPORT, KNEE_REPORT, METRICS_FILE
+from summ.run_folder import INFERENCE_REPORT, KNEE_REPORT, job_dirs
 from summ.sweeps.study import check_sweeper, name_objectives, prepare_storage, write_best
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class KneeReportCallback(Callback):
     def _report_what_ran(config: DictConfig, sweep_dir: Path) -> None:
         """The cells that finished before the sweep failed keep their report; nothing is said or
         exited here, so the failure's own line and code are what the user sees."""
-        if config.get("mode") == "predict" or not any(sweep_dir.glob(f"*/{METRICS_FILE}")):
+        if config.get("mode") == "predict" or not sweep_dir.is_dir() or not job_dirs(sweep_dir):
             return
         try:
             build_report(sweep_dir, tolerance=config.knee.tolerance)

@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from summ.errors import ConfigError
 from summ.files import make_folder
 from summ.run_folder import BEST_FILE, HYDRA_DIR, RunMetrics, write_text
 
@@ -196,8 +197,6 @@ def prepare_storage(hydra_cfg: Any, attempts: int = 8) -> None:
     import optuna
     import sqlalchemy.exc
 
-    from summ.errors import ConfigError
-
     for attempt in range(1, attempts + 1):
         try:
             optuna.storages.RDBStorage(url).engine.dispose()
@@ -227,8 +226,6 @@ def _shown(url: str) -> str:
 
 def check_sweeper(hydra_cfg: Any) -> None:
     """Settings of the Optuna or knee sweeper that cannot work, refused before the first trial."""
-    from summ.errors import ConfigError
-
     sweeper = hydra_cfg.sweeper
     target = str(sweeper.get("_target_", "")).lower()
     if "optuna" in target:
