@@ -72,6 +72,7 @@ def test_overlapping_rates_are_ties_and_busy_or_uneven_cells_are_warned_about(tm
     job(tmp_path, 2, 16, 1, sps=99.0, interval=[97.0, 101.0], peak=4 * GB, positions=16 * 400, samples=200)
     a = build_report(tmp_path)
     assert a.recommended.batch_size == 4  # 10% slower, but its rates overlap the fastest's: a tie
+    assert "outside the 5% tolerance, but their per-step rates overlap" in a.reason
     md = (tmp_path / "knee_report.md").read_text()
     assert "busy machine" in md and "measured different samples" in md and "90.00 (80.0-101.0)" in md
 

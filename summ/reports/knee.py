@@ -208,10 +208,11 @@ def analyse(cells: list[Cell], tolerance: float = 0.05, warnings: Optional[list[
     if rec is fastest:
         parts.append("the fastest cell measured")
     else:
-        tie = " (their per-step rates overlap: a tie within the noise)" if _overlap(rec, fastest) else ""
-        parts.append(f"{rec.samples_per_s / fastest.samples_per_s:.0%} of the fastest cell "
-                     f"(micro-batch {fastest.batch_size} x {fastest.gradient_accumulation_steps}, "
-                     f"{fastest.samples_per_s:.1f} samples/s), within the {tolerance:.0%} tolerance{tie}, with "
+        ratio = rec.samples_per_s / fastest.samples_per_s
+        why = (f"within the {tolerance:.0%} tolerance" if ratio >= 1 - tolerance else
+               f"outside the {tolerance:.0%} tolerance, but their per-step rates overlap: a tie within the noise")
+        parts.append(f"{ratio:.0%} of the fastest cell (micro-batch {fastest.batch_size} x "
+                     f"{fastest.gradient_accumulation_steps}, {fastest.samples_per_s:.1f} samples/s), {why}, with "
                      f"{gib_text(rec.peak_bytes)} peak memory against {gib_text(fastest.peak_bytes)}")
     if rec.budget_fraction is not None:
         parts.append(f"its peak (the worst batch's) is {rec.budget_fraction:.0%} of the memory budget")
