@@ -182,6 +182,7 @@ def test_one_dip_does_not_stop_the_doubling_and_the_knee_is_sought_below_the_bes
 
 
 @pytest.mark.slow
+@pytest.mark.timing  # a busy neighbour flattens some cells of the grid and not others
 def test_knee_search_reaches_the_grid_recommendation_on_the_real_tiny_model(tmp_path):
     """The grid measures its 10 cells on the tiny model; then `preset=knee_search` runs through the
     CLI on the same measurements (sweep.reuse_from takes a grid cell of identical config instead of
