@@ -118,3 +118,39 @@ def test_a_checkpoint_of_another_config_is_refused(tmp_path):
     # the same config (where and how often it saves aside) resumes
     cli(f"hydra.run.dir={tmp_path / 'c'}", "train.max_steps=8", "eval.enabled=false", f"train.resume_from={tmp_path / 'a'}")
     assert json.loads((tmp_path / "c" / "metrics.json").read_text())["resumed_from"]["step"] == 4
+
+
+@pytest.mark.slow
+def test_an_out_of_memory_error_on_one_process_ends_the_cell_on_all_and_the_sweep_goes_on(tmp_path):
+    """Two processes (DDP over gloo); process 1 alone runs out of memory (tests/oom_on_one_process.py)
+    in the memory probe, in a forward (an accumulating micro-step and the synchronising one) and in
+    a backward. Without the agreement, process 0 waits for good in the next collective."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    plan = ["probe", "forward:2:0", "forward:2:0", "backward:2:1", "backward:2:0", "-"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(ROOT / "tests" / "oom_on_one_process.py"), "-m", "batch.batch_size=1,2,3",
+         "batch.gradient_accumulation_steps=1,2", "measure.steps=3", "measure.warmup_steps=1", "eval.enabled=false"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**ENV, "SUMM_TEST_OOM": ",".join(plan), "ACCELERATE_USE_CPU": "true"})
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("a process waited for good after another ran out of memory")
+    assert proc.returncode == 0, err[-3000:]  # a sweep with an ok cell
+    (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
+    cells = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(len(plan))]
+    assert [(c["batch_size"], c["gradient_accumulation_steps"]) for c in cells] == [
+        (1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]
+    where = ["the memory probe"] + ["optimizer step 3"] * 4
+    for cell, at in zip(cells[:-1], where):
+        assert cell["status"] == "oom" and f"process 1 of 2 ran out of memory in {at}" in cell["error"], cell["error"]
+    assert "backward injected" in cells[3]["error"] and "forward injected" in cells[2]["error"]
+    assert cells[-1]["status"] == "ok" and cells[-1]["train"]["samples"] == 3 * 3 * 2 * 2  # the group still works
+    assert "5 cell(s) did not fit" in (sweep / "knee_report.md").read_text()  # the report of both processes' cells
+    assert not list(sweep.glob("*/error*.log"))

@@ -283,6 +283,14 @@ OOM_MESSAGES = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATU
                 "CUDA error: out of memory", "PT_DEVMEM Allocation failed")
 
 
+class OutOfMemoryOnAProcess(MemoryError):
+    """Another process of a launch (or this one) ran out of memory: every process ends the run
+    with it, agreed in one collective (summ/training/loop.py: Job._agree)."""
+
+    def __init__(self, process: int, processes: int, where: str, message: str):
+        super().__init__(f"process {process} of {processes} ran out of memory in {where}: {message}")
+
+
 def is_oom(exc: BaseException) -> bool:
     """An out-of-memory failure: the typed exceptions first, then the known messages of the
     allocation failures raised as plain RuntimeError."""
