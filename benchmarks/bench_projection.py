@@ -1,6 +1,7 @@
 """A trial's figures against the full epoch they stand for.
 
     python benchmarks/bench_projection.py [--train-size 2000] [--batch-size 8] [--samples 192]
+                                          [--rounds N] [--set KEY=VALUE]
 
 For each grouping setting (data.group_by_length false / true), two runs of the same config on
 competition-shaped synthetic data (tiny BART, evaluation off), each in a fresh process as a user
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,25 +49,37 @@ def main() -> int:
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--samples", type=int, default=192, help="the trial's measured window")
+    ap.add_argument("--rounds", type=int, default=1, help="trial and epoch pairs per grouping, in alternating order")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
     args = ap.parse_args()
     base = ["data=synthetic", f"data.synthetic_train_size={args.train_size}", f"batch.batch_size={args.batch_size}",
-            "eval.enabled=false", "train.save_model=false"]
-    rows = []
+            "eval.enabled=false", "train.save_model=false", *args.set]
+    rows, ratios = [], {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
-        for grouped in (False, True):
-            setting = base + [f"data.group_by_length={str(grouped).lower()}"]
-            trial = run(Path(tmp) / f"trial_{grouped}", setting + ["measure.warmup_samples=64",
-                                                                         f"measure.samples={args.samples}"])
-            epoch = run(Path(tmp) / f"epoch_{grouped}", setting + ["train.epochs=1", "measure.memory_probe=false"])
-            projected, loop = trial["epoch_seconds_projected"], epoch["train"]["loop_seconds"]
-            peak, epoch_peak = trial["memory"]["peak_bytes"], epoch["memory"]["observed_peak_bytes"]
-            rows.append([str(grouped).lower(), f"{trial['train']['samples']}", f"{projected:.1f}", f"{loop:.1f}",
-                         f"{projected / loop:.3f}", f"{peak / 2**20:.1f}", f"{trial['memory']['observed_peak_bytes'] / 2**20:.1f}",
-                         f"{epoch_peak / 2**20:.1f}", f"{peak / epoch_peak:.3f}"])
+        for r in range(args.rounds):
+            for grouped in (False, True):
+                setting = base + [f"data.group_by_length={str(grouped).lower()}"]
+                pair = {"trial": setting + ["measure.warmup_samples=64", f"measure.samples={args.samples}"],
+                        "epoch": setting + ["train.epochs=1", "measure.memory_probe=false"]}
+                order = ("trial", "epoch") if r % 2 == 0 else ("epoch", "trial")  # neither always runs first
+                got = {name: run(Path(tmp) / f"{name}_{grouped}_{r}", pair[name]) for name in order}
+                trial, epoch = got["trial"], got["epoch"]
+                projected, loop = trial["epoch_seconds_projected"], epoch["train"]["loop_seconds"]
+                rate_only = trial["train"]["epoch_positions"] / trial["train"]["positions_per_s"]
+                peak, epoch_peak = trial["memory"]["peak_bytes"], epoch["memory"]["observed_peak_bytes"]
+                ratios[grouped].append(projected / loop)
+                rows.append([str(r + 1), str(grouped).lower(), f"{trial['train']['samples']}", f"{projected:.1f}",
+                             f"{rate_only:.1f}", f"{loop:.1f}", f"{projected / loop:.3f}",
+                             f"{peak / 2**20:.1f}", f"{trial['memory']['observed_peak_bytes'] / 2**20:.1f}",
+                             f"{epoch_peak / 2**20:.1f}", f"{peak / epoch_peak:.3f}"])
     print(f"trial vs full epoch: tiny_bart, data=synthetic ({args.train_size} samples), micro-batch "
-          f"{args.batch_size} | {machine()}")
-    print(table(rows, ["grouped", "trial samples", "projected epoch s", "epoch loop s", "ratio (target 0.9-1.1)",
-                       "trial peak MiB", "trial steps' peak MiB", "epoch peak MiB", "ratio (target >= 0.95)"]))
+          f"{args.batch_size}" + (f", {' '.join(args.set)}" if args.set else "") + f" | {machine()}")
+    print(table(rows, ["round", "grouped", "trial samples", "projected epoch s", "rate-only s", "epoch loop s",
+                       "ratio (target 0.9-1.1)", "trial peak MiB", "trial steps' peak MiB", "epoch peak MiB",
+                       "ratio (target >= 0.95)"]))
+    for grouped, values in ratios.items():
+        print(f"grouped={str(grouped).lower()}: median of {len(values)} projected / epoch loop ratios "
+              f"{statistics.median(values):.3f} (range {min(values):.3f}-{max(values):.3f})")
     return 0
 
 
