@@ -15,16 +15,16 @@ import torch
 
 from summ.config import Config, resolve_batch
 from summ.data.sampler import EpochSampler
-from summ.data.tokenize import BatchCounts, Collator
+from summ.data.tokenize import Collator
 from summ.errors import ConfigError, Diverged, Interrupted
 from summ.inference import backends
 from summ.measure import flops, machine, timing
-from summ.measure.memory import BudgetGuard, MemoryMonitor, OutOfMemoryOnAProcess, is_oom, release_memory
+from summ.measure.memory import BudgetGuard, MemoryMonitor, release_memory
 from summ.modeling import models
 from summ.modeling.loss import model_inputs, summed_token_loss
 from summ.modeling.saved import save_for_predict
 from summ.run_folder import MODEL_DIR, RunMetrics
-from summ.training import checkpoint, reuse, tracking
+from summ.training import checkpoint, processes, reuse, tracking
 from summ.training.evaluation import evaluate
 from summ.training.measurement import (Measurement, epoch_plan, probe_memory, probe_samples, probe_widths,
                                        schedule_length, warm_training_paths, warmup_steps, window)
@@ -269,7 +269,7 @@ class Job:
                     meas.load.start()
                     step_start = timing.now()
                 epoch, window = next(windows)
-                samples, tokens, pads, n_items = self._counts(window)
+                samples, tokens, pads, n_items = processes.window_counts(acc, window)
                 measuring = meas.timer.measuring
                 loss_sum = torch.zeros((), device=device)
                 oom: Optional[str] = None  # this process ran out of memory in this step (several processes)
@@ -279,12 +279,10 @@ class Job:
                         if oom is None:
                             try:
                                 part = self._micro_step(batch, n_items, step, micro, measuring)
-                            except Exception as exc:
-                                if acc.num_processes == 1 or not is_oom(exc):
-                                    raise
-                                oom = _first_line(exc)  # the others go on to the step's collectives: so must this one
+                            except Exception as exc:  # the others go on to the step's collectives: so must this one
+                                oom = processes.oom_to_share(acc, exc)
                         if oom is not None:  # out of the except block: the failed step's tensors are freed
-                            part = self._stand_in(batch) if acc.sync_gradients else torch.zeros((), device=device)
+                            part = processes.stand_in(acc, self.model, batch, acc.sync_gradients)
                         if acc.sync_gradients and cfg.train.max_grad_norm > 0:
                             acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
                         self.optimizer.step()
@@ -298,8 +296,8 @@ class Job:
                 peak = self.monitor.peak_bytes()
                 if not math.isfinite(loss_value):
                     raise Diverged(f"loss became {loss_value} at optimizer step {step + 1}")
-                peak_all, signum = self._agree(meas.worst_peak(peak), self.stop.signum or 0, oom,
-                                               f"optimizer step {step + 1}")
+                peak_all, signum = processes.agree(acc, meas.worst_peak(peak), self.stop.signum or 0, oom,
+                                                   f"optimizer step {step + 1}")
                 self.guard.check(peak_all)
                 if measuring:
                     meas.load.sample()
@@ -336,28 +334,6 @@ class Job:
             return part
         return self._forward_backward(batch, n_items, step, micro)
 
-    def _stand_in(self, batch: dict) -> torch.Tensor:
-        """This process's part in the step's gradient all-reduce after it ran out of memory, so the
-        other processes, waiting in it, reach the step's agreement (_agree) instead of waiting for
-        good: one sample cut to two tokens, forward and a zero loss backward (every trainable
-        parameter gets a zero gradient). It cannot stand in once the failed backward had handed some
-        gradients to the all-reduce (DDP refuses a second backward then)."""
-        small = {k: v[:1, :2] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}
-        if hasattr(self.model, "require_forward_param_sync"):  # DDP: the failed forward had broadcast the
-            self.model.require_forward_param_sync = False  # buffers; the others broadcast no more this step
-        logits = self.model(**model_inputs(small)).logits
-        self.accelerator.backward(logits.float().sum() * 0)
-        return torch.zeros((), device=self.accelerator.device)
-
-    def _counts(self, window: list[dict]) -> tuple[int, int, int, int]:
-        """(samples, tokens, pad tokens, label tokens) of the window over all processes, from the
-        collator's host-side counts: one small collective under several processes, none otherwise."""
-        mine = [sum(b["counts"][i] for b in window) for i in range(len(BatchCounts._fields))]
-        if self.accelerator.num_processes == 1:
-            return tuple(mine)
-        total = self.accelerator.reduce(torch.tensor(mine, device=self.accelerator.device), reduction="sum")
-        return tuple(int(x) for x in total)
-
     def _probe(self) -> None:
         """The worst batch's memory, between warm-up and the measured steps (measurement.probe_memory)."""
         widths = probe_widths(self.data.train_ds)
@@ -368,29 +344,11 @@ class Job:
             with acc.no_sync(self.model):  # no gradient all-reduce: nothing for the others to wait in
                 peak = probe_memory(acc, self.model, self.optimizer, batch, self.kind, self.measurement)
         except Exception as exc:
-            if acc.num_processes == 1 or not is_oom(exc):
-                raise
-            oom = _first_line(exc)
+            oom = processes.oom_to_share(acc, exc)
         self.measurement.probe_seconds = timing.now() - started
         if oom is None:
             log.info("memory probe: a micro-batch of %d at widths %s peaked at %.3f GiB", self.bs, widths, peak / 2**30)
-        self.guard.check(self._agree(self.measurement.worst_peak(peak), 0, oom, "the memory probe")[0])
-
-    def _agree(self, peak: int, signum: int, oom: Optional[str] = None, where: str = "") -> tuple[int, int]:
-        """The largest peak, any stop signal and any process's out-of-memory error over all
-        processes, in one collective: each process then makes the same budget, checkpoint and
-        out-of-memory decisions (none waits alone). `oom`: this process's error, from `where`."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return peak, signum
-        mine = [peak, signum, acc.process_index + 1 if oom is not None else 0]
-        agreed = [int(x) for x in acc.reduce(torch.tensor(mine, dtype=torch.int64, device=acc.device), reduction="max")]
-        if agreed[2]:  # every process ends the run the same way, with the error of the one that ran out
-            from accelerate.utils import broadcast_object_list
-
-            message = broadcast_object_list([oom], from_process=agreed[2] - 1)[0]
-            raise OutOfMemoryOnAProcess(agreed[2] - 1, acc.num_processes, where, message)
-        return agreed[0], agreed[1]
+        self.guard.check(processes.agree(self.accelerator, self.measurement.worst_peak(peak), 0, oom, "the memory probe")[0])
 
     def _maybe_checkpoint(self, done: int, signum: int) -> bool:
         """After optimizer step `done`: a checkpoint every train.save_every_steps, and on a stop
@@ -458,10 +416,6 @@ class Job:
         release_memory()
         if self.reuse_loaded:  # what outlives the cell (imported code, kept data) leaves the collector's walks
             gc.freeze()
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _duration(seconds: float) -> str:
