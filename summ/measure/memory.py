@@ -285,7 +285,7 @@ OOM_MESSAGES = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATU
 
 class OutOfMemoryOnAProcess(MemoryError):
     """Another process of a launch (or this one) ran out of memory: every process ends the run
-    with it, agreed in one collective (summ/training/loop.py: Job._agree)."""
+    with it, agreed in one collective (summ/training/processes.py: agree)."""
 
     def __init__(self, process: int, processes: int, where: str, message: str):
         super().__init__(f"process {process} of {processes} ran out of memory in {where}: {message}")
