@@ -139,7 +139,8 @@ def test_knee_search_reaches_the_grid_recommendation_in_half_the_trials_on_a_rec
 
 def test_one_flat_reading_does_not_stop_the_doubling():
     """A plateau of one cell, then throughput climbs again (a 2-core CPU's timing noise does
-    this): with patience 1 the search goes on and finds the grid's answer; without, it stops."""
+    this): with patience 1 the search goes on and finds the grid's answer; without, it stops
+    doubling, and its look at the largest micro-batch finds the rise."""
     flat = {(2, 1): (75.0, 1.0), (4, 1): (133.0, 1.1), (8, 1): (131.0, 1.2), (16, 1): (152.0, 1.4),
             (32, 1): (175.0, 1.8)}
     RECORDED.update(flat)  # restored below
@@ -149,7 +150,8 @@ def test_one_flat_reading_does_not_stop_the_doubling():
         assert analyse(_cells(list(flat))).recommended.batch_size == 32
         patient = _replay(list(flat), resolution=1.0)
         assert patient["answer"] == 32 and patient["trials_run"] == 5
-        assert _replay(list(flat), resolution=1.0, patience=0)["answer"] == 4  # stops at the flat reading
+        hasty = _replay(list(flat), resolution=1.0, patience=0)  # stops doubling at the flat reading...
+        assert "the largest micro-batch, 32, did" in hasty["stopped_doubling"] and hasty["answer"] == 32  # ...looks at 32
         plateau = {**flat, (16, 1): (134.0, 1.4), (32, 1): (132.0, 1.8)}  # a real plateau: two flat doublings
         RECORDED.update(plateau)
         stopped = _replay(list(plateau), resolution=1.0)
@@ -212,3 +214,21 @@ def test_knee_search_reaches_the_grid_recommendation_on_the_real_tiny_model(tmp_
     assert len(reused) == search["trials_run"] and all(reused)  # every cell's figures are the grid's own
     found = build_report(tmp_path / "search").recommended
     assert (found.batch_size, found.gradient_accumulation_steps) == target
+
+
+def test_a_plateau_is_checked_against_the_largest_micro_batch_before_the_search_stops():
+    """Recorded on CI's 2 cores (the grid of the real tiny model): the rate stays flat from 2 to 16,
+    then micro-batch 32 is 19% faster. Two flat doublings stop the doubling at 8; the one look at
+    32 finds the rise, and the answer is the grid's, 32, in 4 trials instead of the column's 5."""
+    from summ.reports.knee import analyse
+
+    late = {(2, 1): (44.46, 1.0), (4, 1): (42.46, 1.1), (8, 1): (44.30, 1.2), (16, 1): (45.02, 1.4),
+            (32, 1): (53.10, 1.8)}
+    RECORDED.update(late)
+    try:
+        assert analyse(_cells(list(late))).recommended.batch_size == 32
+        result = _replay(list(late), resolution=1.0)
+    finally:
+        RECORDED.update(_ORIGINAL)
+    assert result["answer"] == 32 and result["trials_run"] == 4 and 16 not in result["trials"]
+    assert "the largest micro-batch, 32, did" in result["stopped_doubling"]
