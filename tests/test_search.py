@@ -218,8 +218,9 @@ def test_knee_search_reaches_the_grid_recommendation_on_the_real_tiny_model(tmp_
 
 def test_a_plateau_is_checked_against_the_largest_micro_batch_before_the_search_stops():
     """Recorded on CI's 2 cores (the grid of the real tiny model): the rate stays flat from 2 to 16,
-    then micro-batch 32 is 19% faster. Two flat doublings stop the doubling at 8; the one look at
-    32 finds the rise, and the answer is the grid's, 32, in 4 trials instead of the column's 5."""
+    then micro-batch 32 is 19% faster. Two flat doublings would stop the doubling at 8; the look
+    at 32 finds the rise, the doubling goes on through 16, and the answer is the grid's, 32. Had 16
+    been within 5% of 32, the answer would be 16, and the search measures it."""
     from summ.reports.knee import analyse
 
     late = {(2, 1): (44.46, 1.0), (4, 1): (42.46, 1.1), (8, 1): (44.30, 1.2), (16, 1): (45.02, 1.4),
@@ -230,5 +231,11 @@ def test_a_plateau_is_checked_against_the_largest_micro_batch_before_the_search_
         result = _replay(list(late), resolution=1.0)
     finally:
         RECORDED.update(_ORIGINAL)
-    assert result["answer"] == 32 and result["trials_run"] == 4 and 16 not in result["trials"]
+    assert result["answer"] == 32 and result["trials_run"] == 5 and 16 in result["trials"]
     assert "the largest micro-batch, 32, did" in result["stopped_doubling"]
+    RECORDED.update({**late, (16, 1): (51.0, 1.4)})  # 16 within 5% of 32: the knee moves to 16
+    try:
+        assert analyse(_cells(list(late))).recommended.batch_size == 16
+        assert _replay(list(late), resolution=1.0)["answer"] == 16
+    finally:
+        RECORDED.update(_ORIGINAL)

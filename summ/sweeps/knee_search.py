@@ -5,7 +5,8 @@ runs each cell as a Hydra job; tests replay recorded tables).
    predicted to), or `patience` + 1 readings in a row do not beat the best cell by `tolerance`
    (a reading more than the tolerance slower is measured again before it counts). A plateau is
    believed only once the largest micro-batch (the last doubling under `max_batch_size`) does not
-   beat the best either: on a CPU the rate can stay flat for three doublings, then rise by a fifth.
+   beat the best either; if it does, the doubling goes on up to it (on a CPU the rate can stay
+   flat for three doublings, then rise by a fifth).
 2. Bisect, down to `resolution` x the size: above the best for the memory edge when the next
    cell did not fit, else below it for the knee (the smallest micro-batch as fast as the best).
 """
@@ -53,9 +54,9 @@ def knee_search(run: Callable[[int], Trial], predicted_over: Callable[[int], Opt
     Doubling compares each cell with the best so far. More than `tolerance` faster: the new best.
     More than `tolerance` slower: measured once more before it is believed (one slow reading is as
     often noise as a knee); still slower, it counts like a flat reading. Within the tolerance:
-    flat. The doubling stops after `patience` + 1 readings in a row that did not beat the best (and
-    one look at the largest micro-batch: if it beats the best, it is the new best), at the first
-    cell that does not fit, or at max_batch_size. A negative tolerance stops on memory only.
+    flat. The doubling stops after `patience` + 1 readings in a row that did not beat the best,
+    unless one look at the largest micro-batch beats the best (the doubling then goes on up to it);
+    at the first cell that does not fit; or at max_batch_size. A negative tolerance stops on memory only.
 
     Bisection: above the best only for the memory edge (the next cell tried did not fit: a
     larger one that fits may be faster), otherwise below it for the knee: the rule's answer, the
@@ -90,13 +91,13 @@ def knee_search(run: Callable[[int], Trial], predicted_over: Callable[[int], Opt
 
 
 def _double(cell, run, trials, measured, accumulation, bs, max_batch_size, tolerance, max_trials, patience):
-    best, streak, reason = None, 0, "reached max_batch_size"
+    best, streak, reason, rose = None, 0, "reached max_batch_size", False
     while bs <= max_batch_size:
         if measured() >= max_trials:
             return best, f"used all {max_trials} trials (max_trials)"
         if accumulation(bs) is None:
             return best, f"micro-batch {bs} does not divide the effective batch"
-        trial = cell(bs)
+        trial = trials[bs] if bs in trials else cell(bs)  # the look at the top measured it already
         if not trial.good:
             return best, f"{trial.status} at micro-batch {bs}"
         top = trials[best].samples_per_s if best is not None else None
@@ -109,27 +110,28 @@ def _double(cell, run, trials, measured, accumulation, bs, max_batch_size, toler
             best, streak = bs, 0
         else:
             streak += 1
-            if streak > patience:
+            if streak > patience and not rose:
                 said = f"{streak} doublings in a row did not beat micro-batch {best} by {tolerance:.0%}"
-                return _look_at_the_top(cell, trials, measured, accumulation, best, bs, max_batch_size, tolerance,
-                                        max_trials, said)
+                rose, reason = _look_at_the_top(cell, trials, measured, accumulation, best, bs, max_batch_size,
+                                                tolerance, max_trials, said)
+                if not rose:
+                    return best, reason
         bs *= 2
     return best, reason
 
 
 def _look_at_the_top(cell, trials, measured, accumulation, best, bs, max_batch_size, tolerance, max_trials, said):
-    """After a plateau, one trial at the largest doubling under max_batch_size: the plateau stands
-    if it does not beat the best (or does not fit); if it does, it is the new best, and the knee
-    is sought below it."""
+    """After a plateau, one trial at the largest doubling under max_batch_size. (rose, reason):
+    rose when it beats the best, and the doubling goes on; else the plateau stands."""
     top = bs
     while top * 2 <= max_batch_size:
         top *= 2
     if top == bs or measured() >= max_trials or accumulation(top) is None:
-        return best, said
+        return False, said
     trial = cell(top)
     if trial.good and trial.samples_per_s >= trials[best].samples_per_s * (1 + tolerance):
-        return top, f"{said}, but the largest micro-batch, {top}, did: the rate rose again"
-    return best, f"{said}, nor did the largest micro-batch, {top} ({trial.status})"
+        return True, f"{said}, but the largest micro-batch, {top}, did: the rate rose again, doubling went on to it"
+    return False, f"{said}, nor did the largest micro-batch, {top} ({trial.status})"
 
 
 def _bisect_memory_edge(cell, trials, measured, accumulation, lo, hi, resolution, max_trials):
