@@ -348,7 +348,7 @@ class Job:
         self.measurement.probe_seconds = timing.now() - started
         if oom is None:
             log.info("memory probe: a micro-batch of %d at widths %s peaked at %.3f GiB", self.bs, widths, peak / 2**30)
-        self.guard.check(processes.agree(self.accelerator, self.measurement.worst_peak(peak), 0, oom, "the memory probe")[0])
+        self.guard.check(processes.agree(acc, self.measurement.worst_peak(peak), 0, oom, "the memory probe")[0])
 
     def _maybe_checkpoint(self, done: int, signum: int) -> bool:
         """After optimizer step `done`: a checkpoint every train.save_every_steps, and on a stop

@@ -39,12 +39,17 @@ def new_metrics(cfg: Config, cfg_hash: str) -> RunMetrics:
         random_init=cfg.model.tiny is not None and not cfg.model.path)
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's first line (at most 200 characters), or its type's name where it has no text."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
 def classify(exc: BaseException, phase: Optional[str]) -> tuple[str, str]:
     """(status, one-line error) for what ended a run."""
     if isinstance(exc, OverBudget):
         return "over_budget", str(exc)
     if is_oom(exc):
-        return "oom", f"out of memory during {phase}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+        return "oom", f"out of memory during {phase}: {first_line(exc)}"
     if isinstance(exc, Diverged):
         return "diverged", str(exc)
     if isinstance(exc, Interrupted):

@@ -21,6 +21,7 @@ import torch
 from summ.data.tokenize import BatchCounts
 from summ.measure.memory import OutOfMemoryOnAProcess, is_oom
 from summ.modeling.loss import model_inputs
+from summ.training.outcome import first_line
 
 
 def oom_to_share(accelerator, exc: Exception) -> str:
@@ -28,7 +29,7 @@ def oom_to_share(accelerator, exc: Exception) -> str:
     first line, for `agree` to share once this process has taken its part in the step."""
     if accelerator.num_processes == 1 or not is_oom(exc):
         raise exc
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    return first_line(exc)
 
 
 def window_counts(accelerator, window: list[dict]) -> tuple[int, int, int, int]:
