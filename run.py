@@ -25,7 +25,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from summ import distributed  # noqa: E402
-from summ.app import guard_hydra, register  # noqa: E402
+from summ.app import check_environment, guard_hydra, register  # noqa: E402
 
 register()
 guard_hydra()
@@ -44,6 +44,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    check_environment()
     requested = distributed.requested_cpu_processes()
     if requested:
         sys.exit(distributed.relaunch(*requested))

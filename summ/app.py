@@ -23,6 +23,18 @@ from summ.sweeps.study import register_resolvers
 log = logging.getLogger("summ")
 
 
+def check_environment() -> None:
+    """What the environment asks of every run, read once at start-up: a bad SUMM_FAILPOINTS is one
+    line and exit code 2, before Hydra composes anything."""
+    from summ import failpoints
+
+    try:
+        failpoints.load()
+    except UserError as exc:
+        say(f"error: {exc}", err=True)
+        sys.exit(exit_code("failed", user_error=True))
+
+
 def register() -> None:
     """Schemas and resolvers, before Hydra composes anything (run.py, tests)."""
     register_configs()

@@ -18,7 +18,7 @@ from summ.inference.predict import run_predict
 from summ.reports.plots import save_run_plots
 from summ.run_folder import RunMetrics, read_history
 from summ.training.kfold import train_kfold
-from summ.training.loop import MicroStepHook, run_training
+from summ.training.loop import run_training
 from summ.training.outcome import new_metrics, recorded
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,9 @@ def checkpoint_identity(cfg: DictConfig) -> str:
     return config_hash(cfg, leave_out=CHECKPOINT_FREE)
 
 
-def run_job(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optional[MicroStepHook] = None,
-            keep: Optional[list] = None, tracking_names: Optional[tuple[str, Optional[str]]] = None,
-            reuse_loaded: bool = False) -> RunMetrics:
-    """Run the job `cfg` describes in `output_dir`. `on_micro_step(step, micro)` is called before
-    each micro-step (tests inject faults there); `keep`, a list, receives the trained model (K-fold
+def run_job(cfg: DictConfig, output_dir: str | os.PathLike, keep: Optional[list] = None,
+            tracking_names: Optional[tuple[str, Optional[str]]] = None, reuse_loaded: bool = False) -> RunMetrics:
+    """Run the job `cfg` describes in `output_dir`. `keep`, a list, receives the trained model (K-fold
     logit averaging); `tracking_names`: (run name, sweep group) for the experiment tracker;
     `reuse_loaded`: a sweep's cell, sharing data and model with the process's other cells."""
     validate(cfg)
@@ -49,8 +47,8 @@ def run_job(cfg: DictConfig, output_dir: str | os.PathLike, on_micro_step: Optio
         return metrics
     if obj.train.k_folds > 1 and obj.train.fold is None:
         return train_kfold(cfg, output_dir, checkpoint_identity, tracking_names)
-    metrics = run_training(obj, output_dir, new_metrics(obj, config_hash(cfg)), checkpoint_identity(cfg),
-                           on_micro_step, keep, tracking_names, reuse_loaded)
+    metrics = run_training(obj, output_dir, new_metrics(obj, config_hash(cfg)), checkpoint_identity(cfg), keep,
+                           tracking_names, reuse_loaded)
     if obj.save_visualizations and metrics.train is not None:
         _save_plots(obj, output_dir)
     return metrics

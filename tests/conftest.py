@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
+from summ import failpoints  # noqa: E402
 from summ.app import register as register_configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +46,16 @@ def run_job(tmp_path):
 
     counter = {"n": 0}
 
-    def _run(*overrides, fast=True, on_micro_step=None):
+    def _run(*overrides, fast=True, failpoint=None):
+        """`failpoint`: SUMM_FAILPOINTS' text, armed for this run only (summ/failpoints.py)."""
         counter["n"] += 1
         out = tmp_path / f"job{counter['n']}"
         cfg = compose_cfg((FAST if fast else []) + list(overrides))
-        return run_job(cfg, out, on_micro_step=on_micro_step).to_dict(), out
+        failpoints.configure(failpoint or "")
+        try:
+            return run_job(cfg, out).to_dict(), out
+        finally:
+            failpoints.configure(None)
 
     return _run
 

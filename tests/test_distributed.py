@@ -122,7 +122,7 @@ def test_a_checkpoint_of_another_config_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_an_out_of_memory_error_on_one_process_ends_the_cell_on_all_and_the_sweep_goes_on(tmp_path):
-    """Two processes (DDP over gloo); process 1 alone runs out of memory (tests/oom_on_one_process.py)
+    """Two processes (DDP over gloo); process 1 alone runs out of memory (SUMM_FAILPOINTS, rank=1)
     in the memory probe, in a forward (an accumulating micro-step and the synchronising one) and in
     a backward. Without the agreement, process 0 waits for good in the next collective."""
     import socket
@@ -130,13 +130,18 @@ def test_an_out_of_memory_error_on_one_process_ends_the_cell_on_all_and_the_swee
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    plan = ["probe", "forward:2:0", "forward:2:0", "backward:2:1", "backward:2:0", "-"]
+    # one failpoint per cell of the grid micro-batch 1,2,3 x accumulation 1,2; the last cell trains
+    plan = ["oom@probe:micro_batch=1:accumulation=1",
+            "oom@forward:micro_batch=1:accumulation=2:step=3:micro_step=1",  # accumulating: no collective
+            "oom@forward:micro_batch=2:accumulation=1:step=3",  # the micro-step that syncs
+            "oom@backward:micro_batch=2:accumulation=2:step=3:micro_step=2",
+            "oom@backward:micro_batch=3:accumulation=1:step=3"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         str(ROOT / "tests" / "oom_on_one_process.py"), "-m", "batch.batch_size=1,2,3",
-         "batch.gradient_accumulation_steps=1,2", "measure.steps=3", "measure.warmup_steps=1", "eval.enabled=false"],
+         str(ROOT / "run.py"), "-m", "batch.batch_size=1,2,3", "batch.gradient_accumulation_steps=1,2",
+         "measure.steps=3", "measure.warmup_steps=1", "eval.enabled=false"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**ENV, "SUMM_TEST_OOM": ",".join(plan), "ACCELERATE_USE_CPU": "true"})
+        env={**ENV, "SUMM_FAILPOINTS": ",".join(f"{fp}:rank=1" for fp in plan), "ACCELERATE_USE_CPU": "true"})
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -144,13 +149,13 @@ def test_an_out_of_memory_error_on_one_process_ends_the_cell_on_all_and_the_swee
         pytest.fail("a process waited for good after another ran out of memory")
     assert proc.returncode == 0, err[-3000:]  # a sweep with an ok cell
     (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
-    cells = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(len(plan))]
+    cells = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(len(plan) + 1)]
     assert [(c["batch_size"], c["gradient_accumulation_steps"]) for c in cells] == [
         (1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]
     where = ["the memory probe"] + ["optimizer step 3"] * 4
-    for cell, at in zip(cells[:-1], where):
+    for cell, at, fp in zip(cells[:-1], where, plan):
         assert cell["status"] == "oom" and f"process 1 of 2 ran out of memory in {at}" in cell["error"], cell["error"]
-    assert "backward injected" in cells[3]["error"] and "forward injected" in cells[2]["error"]
+        assert f"failpoint {fp.split(':')[0]}" in cell["error"], (fp, cell["error"])
     assert cells[-1]["status"] == "ok" and cells[-1]["train"]["samples"] == 3 * 3 * 2 * 2  # the group still works
     assert "5 cell(s) did not fit" in (sweep / "knee_report.md").read_text()  # the report of both processes' cells
     assert not list(sweep.glob("*/error*.log"))

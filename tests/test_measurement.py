@@ -14,6 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from summ import failpoints
 from summ.data.sampler import EpochSampler, Window
 from summ.measure import flops
 from summ.measure.machine import LoadWatch
@@ -101,18 +102,16 @@ def test_evaluation_memory_is_not_judged_against_the_training_budget(run_job):
     assert second["status"] == "ok" and second["memory"]["eval_peak_bytes"] > second["memory"]["limit_bytes"]
 
 
-def test_allocation_failures_raised_without_a_type_are_oom(run_job):
+def test_allocation_failures_raised_without_a_type_are_oom(run_job, monkeypatch):
     for text in ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)",
                  "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes"):
         assert is_oom(RuntimeError(text)) and classify(RuntimeError(text), "train")[0] == "oom"
     assert not is_oom(RuntimeError("shape mismatch")) and not is_oom(ValueError("out of memory"))
 
-    def allocator_fails(step, micro):
-        if step == 2:
-            raise RuntimeError("CUDA error: out of memory")
-
-    m, _ = run_job("measure.steps=3", on_micro_step=allocator_fails)
-    assert m["status"] == "oom"
+    # the failpoint's error as a cuBLAS or caching allocator raises it: a RuntimeError with its message
+    monkeypatch.setattr(failpoints.Failpoint, "error", lambda self, where: RuntimeError("CUDA error: out of memory"))
+    m, _ = run_job("measure.steps=3", failpoint="error@backward:step=3")
+    assert m["status"] == "oom" and "CUDA error: out of memory" in m["error"]
 
 
 # --------------------------------------------------------------------------- FLOPs and peaks

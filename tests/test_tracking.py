@@ -13,7 +13,7 @@ from accelerate import Accelerator
 
 from summ.training import tracking
 from summ.config import TrackingConfig
-from summ.training.loop import reset_accelerate as _reset_accelerate
+from summ.training.cleanup import reset_accelerate as _reset_accelerate
 
 CONFIG = {"batch": {"batch_size": 8, "effective_batch_size": None},
           "model": {"name": "tiny_bart", "lora": {"target_modules": ["q_proj", "v_proj"]},

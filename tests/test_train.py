@@ -85,12 +85,9 @@ def test_eval_loss_falls_with_training(run_job):
 
 
 def test_oom_is_recorded_and_the_next_job_runs(run_job):
-    def boom(step, micro):
-        if step == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (raised by the test hook)")
-
-    m, out = run_job("measure.steps=4", on_micro_step=boom)
-    assert m["status"] == "oom" and "train" in m["error"]
+    m, out = run_job("measure.steps=4", failpoint="oom@forward:step=3")
+    assert m["status"] == "oom" and "train" in m["error"] and "failpoint oom@forward" in m["error"]
+    assert m["train"]["optimizer_steps"] == 1  # the warm-up step and the first measured one ran
     assert json.loads((out / "metrics.json").read_text())["status"] == "oom"
     again, _ = run_job("measure.steps=4")
     assert again["status"] == "ok" and again["train"]["optimizer_steps"] == 4

@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from summ.measure.devices import cuda_index
+
 # Dense peak TFLOP/s by device name: (fp32 without tensor cores, fp16, bf16); None where the device
 # cannot do it. Vendor data sheets, without sparsity. The most specific name comes first.
 PEAK_TFLOPS = (
@@ -74,7 +76,7 @@ def peak_flops(device: torch.device, precision: str, configured_tflops: Optional
         return configured_tflops * 1e12
     if device.type != "cuda":
         return None
-    tflops = device_peak_tflops(torch.cuda.get_device_name(device), precision)
+    tflops = device_peak_tflops(torch.cuda.get_device_name(cuda_index(device)), precision)
     return tflops * 1e12 if tflops else None
 
 

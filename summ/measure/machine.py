@@ -17,12 +17,14 @@ from typing import Optional
 
 import torch
 
+from summ.measure.devices import cuda_index
+
 BUSY_OTHER_THREADS_PER_CORE = 0.5
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.get_device_name(cuda_index(device))
     return f"cpu ({cores()} cores)"
 
 
@@ -94,7 +96,7 @@ def _other_gpu_processes(device: torch.device) -> Optional[int]:
     if device.type != "cuda":
         return None
     try:
-        text = torch.cuda.list_gpu_processes(device)
+        text = torch.cuda.list_gpu_processes(cuda_index(device))
     except Exception:
         return None
     pids = [line.split()[1] for line in text.splitlines() if line.strip().startswith("process")]

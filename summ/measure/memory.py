@@ -28,6 +28,7 @@ import torch
 
 from summ.errors import OverBudget
 from summ.run_folder import GIB
+from summ.measure.devices import cuda_index
 from summ.measure.flops import ProfileMicroStep
 
 
@@ -140,6 +141,8 @@ class MemoryMonitor:
     def __init__(self, device: torch.device, interval_ms: float = 2.0, weights_bytes: int = 0,
                  cpu_live_memory: bool = True):
         self.device = device
+        self.cuda = device.type == "cuda"
+        self.index = cuda_index(device) if self.cuda else None  # what every torch.cuda call below is given
         self.cpu_live_memory = cpu_live_memory  # CPU: freed tensors handed back at once (see the docstring)
         self.interval_s = interval_ms / 1000.0
         self.weights_bytes = weights_bytes
@@ -155,23 +158,23 @@ class MemoryMonitor:
 
     @property
     def source(self) -> str:
-        if self.device.type == "cuda":
+        if self.cuda:
             return "cuda_max_memory_allocated"
         source = "cpu_peak_rss_above_baseline" if self._kernel_peak else "cpu_sampled_rss_above_baseline"
         return source if self.cpu_live_memory else source + "_heap_kept"
 
     def start(self) -> "MemoryMonitor":
-        if self.device.type != "cuda":
+        if not self.cuda:
             _tensors_off_the_heap(self.cpu_live_memory)
         _warm_process()
         release_memory()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = int(torch.cuda.memory_allocated(self.device))  # what earlier jobs still hold
-            self.baseline_reserved = int(torch.cuda.memory_reserved(self.device))
-            free, total = torch.cuda.mem_get_info(self.device)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.index)
+            self.baseline = int(torch.cuda.memory_allocated(self.index))  # what earlier jobs still hold
+            self.baseline_reserved = int(torch.cuda.memory_reserved(self.index))
+            free, total = torch.cuda.mem_get_info(self.index)
             self.context_bytes = int(total - free - self.baseline_reserved)  # the CUDA context, other processes
-            self._stats0 = torch.cuda.memory_stats(self.device)
+            self._stats0 = torch.cuda.memory_stats(self.index)
             return self
         self._code0, self._code_growth = _code_bytes(), 0
         self._kernel_peak = _reset_hwm()
@@ -184,11 +187,11 @@ class MemoryMonitor:
     def cap(self, budget_bytes: int) -> None:
         """On CUDA, let the allocator take at most `budget_bytes` (context included), so a big card
         runs out where the card planned for would, fragmentation included."""
-        if self.device.type != "cuda":
+        if not self.cuda:
             return
-        total = torch.cuda.mem_get_info(self.device)[1]
+        total = torch.cuda.mem_get_info(self.index)[1]
         usable = budget_bytes - (self.context_bytes or 0)
-        torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, usable / total)), self.device)
+        torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, usable / total)), self.index)
         self._capped = True
 
     def _sample(self) -> None:
@@ -203,7 +206,7 @@ class MemoryMonitor:
             self._thread.join()
             self._thread = None
         if self._capped:
-            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+            torch.cuda.set_per_process_memory_fraction(1.0, self.index)
             self._capped = False
 
     def _process_peak(self) -> int:
@@ -215,20 +218,20 @@ class MemoryMonitor:
 
     def peak_bytes(self) -> int:
         """This stretch's peak above the baseline, the run's resident weights included."""
-        if self.device.type == "cuda":
-            return max(0, int(torch.cuda.max_memory_allocated(self.device)) - self.baseline) + self.weights_bytes
+        if self.cuda:
+            return max(0, int(torch.cuda.max_memory_allocated(self.index)) - self.baseline) + self.weights_bytes
         return max(0, self._process_peak() - self.baseline - self._code_growth) + self.weights_bytes
 
     def settle(self) -> None:
         """CPU: count the code paged in so far as code, not as the run's memory (the per-step
         readings in between use the last count: they over-read by at most the pages since)."""
-        if self.device.type != "cuda":
+        if not self.cuda:
             self._code_growth = max(0, _code_bytes() - self._code0)
 
     def reserved_peak_bytes(self) -> int:
         """The allocator's reserved peak (CUDA) or the resident set's (CPU), on the same baseline."""
-        if self.device.type == "cuda":
-            return max(0, int(torch.cuda.max_memory_reserved(self.device)) - self.baseline_reserved) + self.weights_bytes
+        if self.cuda:
+            return max(0, int(torch.cuda.max_memory_reserved(self.index)) - self.baseline_reserved) + self.weights_bytes
         return self.peak_bytes()
 
     def segment(self) -> int:
@@ -236,8 +239,8 @@ class MemoryMonitor:
         resident now (freed memory handed back first)."""
         self.settle()
         peak = self.peak_bytes()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.index)
         elif self._kernel_peak:
             trim_heap()
             _reset_hwm()
@@ -249,14 +252,14 @@ class MemoryMonitor:
     def pressure(self) -> tuple[Optional[int], Optional[int]]:
         """(allocator retries, OOMs) since start: the CUDA allocator freed its cache to satisfy a
         request (a sign of memory pressure), or failed. None on the CPU."""
-        if self.device.type != "cuda":
+        if not self.cuda:
             return None, None
-        now = torch.cuda.memory_stats(self.device)
+        now = torch.cuda.memory_stats(self.index)
         return tuple(int(now.get(k, 0) - self._stats0.get(k, 0)) for k in ("num_alloc_retries", "num_ooms"))
 
     def capacity_bytes(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.mem_get_info(self.device)[1])
+        if self.cuda:
+            return int(torch.cuda.mem_get_info(self.index)[1])
         return _cpu_capacity_bytes()
 
 

@@ -21,10 +21,14 @@ from typing import Optional
 
 import torch
 
+from summ.measure.devices import cuda_index
+
 
 def synchronize(device: torch.device) -> None:
+    """Wait until the device has done the work queued on it (no-op on the CPU: its work is done
+    when the call returns)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(cuda_index(device))
 
 
 @dataclass
@@ -110,6 +114,32 @@ def _quartiles(values: list[float]) -> Optional[list[float]]:
 
 def now() -> float:
     return time.perf_counter()
+
+
+class StepClock:
+    """The clock of the training steps: `start()` opens a window (the loop's start, the first
+    measured step, the step after a checkpoint), `lap()` closes a step and opens the next. Both wait
+    for the device first: on a GPU the host runs ahead of the work it queues, so a window opened
+    without it would bill the step to work of the stretch before (the memory probe's worst-batch
+    forward and backward, a warm-up step, a checkpoint's copies), and a step closed without it
+    would miss its own. The step's loss is read back before `lap()`, so there the wait finds an
+    idle device and costs microseconds."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._opened: Optional[float] = None
+
+    def start(self) -> float:
+        synchronize(self.device)
+        self._opened = now()
+        return self._opened
+
+    def lap(self) -> float:
+        """Seconds since the window opened (the last start or lap); the next one opens now."""
+        synchronize(self.device)
+        t = now()
+        seconds, self._opened = t - self._opened, t
+        return seconds
 
 
 class MicroTimer:

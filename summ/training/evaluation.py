@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from summ import failpoints
 from summ.inference import evaluate as inference
 from summ.inference import tta
 from summ.inference.ensemble import mbr_select
@@ -21,7 +22,8 @@ def evaluate(job) -> None:
         return
     m.phase = "eval"
     job.measurement.end_observed_stretch()  # evaluation's memory is its own: never judged against the training budget
-    result: dict[str, Any] = {"loss": inference.eval_loss(acc, job.model, job.dev_loader, job.kind)}
+    with failpoints.inside_forward(lambda: acc.unwrap_model(job.model), "eval", job.where(job.total_updates)):
+        result: dict[str, Any] = {"loss": inference.eval_loss(acc, job.model, job.dev_loader, job.kind)}
     if cfg.eval.generate:
         preds, speed = generate_measured(acc, job.model, job.splits.dev, job.encoder, job.tokenizer, cfg, job.kind)
         result.update(inference.score(job.splits.dev, preds, cfg.eval.rouge_tokenizer), **speed)

@@ -22,7 +22,8 @@ from summ.inference.scoring import pair_rouge_mean
 from summ.measure.memory import is_oom, release_memory
 from summ.run_folder import (DEV_PREDICTIONS_FILE, ERROR_LOG, OOF_CANDIDATES_FILE, RunMetrics, read_predictions,
                              write_metrics, write_text)
-from summ.training.loop import reset_accelerate, run_training
+from summ.training.cleanup import reset_accelerate
+from summ.training.loop import run_training
 from summ.training.outcome import new_metrics
 
 # a member's cost figures stand for the run: every fold trains the same configuration

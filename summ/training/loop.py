@@ -5,14 +5,15 @@ left clean for the next job of a sweep."""
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
 import math
+import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
+from summ import failpoints
 from summ.config import Config, resolve_batch
 from summ.data.sampler import EpochSampler
 from summ.data.tokenize import Collator
@@ -24,41 +25,23 @@ from summ.modeling import models
 from summ.modeling.loss import model_inputs, summed_token_loss
 from summ.modeling.saved import save_for_predict
 from summ.run_folder import MODEL_DIR, RunMetrics
-from summ.training import checkpoint, processes, reuse, tracking
+from summ.training import batches, checkpoint, cleanup, processes, reuse, tracking
 from summ.training.evaluation import evaluate
 from summ.training.measurement import (Measurement, epoch_plan, probe_memory, probe_samples, probe_widths,
                                        schedule_length, warm_training_paths, warmup_steps, window)
+from summ.training.optimizers import build_optimizer
 from summ.training.outcome import recorded
 from summ.training.prepare import data_for
 
 log = logging.getLogger(__name__)
-
-MicroStepHook = Callable[[int, int], None]  # (optimizer step, micro-step in the window)
-
-
-def build_optimizer(decay: list, no_decay: list, tcfg) -> torch.optim.Optimizer:
-    """AdamW, weight decay off for biases and norms; the fused kernel (one launch for all
-    parameters, as the HF Trainer's default adamw_torch_fused) where every parameter allows it."""
-    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=tcfg.learning_rate, eps=tcfg.adam_epsilon, fused=fused or None)
-
-
-def reset_accelerate() -> None:
-    """Accelerate keeps process-wide state; a sweep's next job may use another precision."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
 
 
 class Job:
     """State of one run, held in one place so that close() can drop every reference."""
 
     def __init__(self, cfg: Config, output_dir: Path, metrics: RunMetrics, identity: str,
-                 on_micro_step: Optional[MicroStepHook] = None,
                  tracking_names: Optional[tuple[str, Optional[str]]] = None, reuse_loaded: bool = False):
-        self.cfg, self.output_dir, self.metrics, self.on_micro_step = cfg, output_dir, metrics, on_micro_step
+        self.cfg, self.output_dir, self.metrics = cfg, output_dir, metrics
         self.identity = identity  # what a checkpoint must match to be resumed
         self.accelerator = self.model = self.optimizer = self.monitor = self.guard = self.measurement = None
         self.history: list[dict] = []
@@ -89,7 +72,7 @@ class Job:
         from accelerate.utils import GradientAccumulationPlugin, set_seed
 
         cfg, m = self.cfg, self.metrics
-        reset_accelerate()
+        cleanup.reset_accelerate()
         use_cpu = cfg.train.cpu or not torch.cuda.is_available()
         num_processes = PartialState(cpu=use_cpu).num_processes
         self.bs, self.ga, _ = resolve_batch(cfg.batch.batch_size, cfg.batch.gradient_accumulation_steps,
@@ -217,32 +200,6 @@ class Job:
                      self.total_updates, self.updates_per_epoch, len(self.data.train_ds))
 
     # ------------------------------------------------------------------ training
-    def _windows(self):
-        """Yield lists of `ga` micro-batches forever, epoch after epoch, from self.position (a
-        resumed run skips the micro-batches its checkpoint had consumed: same data order). A
-        trailing partial window is dropped, like a partial micro-batch (see drop_last above)."""
-        epoch, skip = self.position["epoch"], self.position["batches"]
-        resumed = self.start_step > 0
-        while True:
-            self.train_loader.set_epoch(epoch)
-            window, consumed = [], 0
-            rng = torch.get_rng_state()
-            batches = iter(self.train_loader)
-            first = next(batches, None)  # the loader starts on first use and draws a seed from torch's RNG...
-            if resumed:  # ... which the interrupted run drew before its checkpoint: not again
-                torch.set_rng_state(rng)
-                resumed = False
-            for batch in itertools.chain([] if first is None else [first], batches):
-                consumed += 1
-                if consumed <= skip:
-                    continue
-                window.append(batch)
-                if len(window) == self.ga:
-                    self.position = {"epoch": epoch, "batches": consumed}
-                    yield epoch, window
-                    window = []
-            epoch, skip = epoch + 1, 0
-
     def train(self) -> None:
         """The training loop. Long because it reads top to bottom: every step's order of operations
         (data, forward and backward per micro-batch, update, figures, checks, checkpoint) in one place.
@@ -256,19 +213,20 @@ class Job:
         # None: shown on a terminal only (logs and CI stay readable); one bar per machine
         bar = tqdm(total=self.total_updates, desc="train", unit="step",
                    disable=None if acc.is_local_main_process else True, dynamic_ncols=True, leave=False)
-        windows = self._windows()
+        groups = batches.accumulation_groups(self.train_loader, self.ga, self.position["epoch"],
+                                             self.position["batches"], resumed=self.start_step > 0)
         loss_value = None
         bar.update(self.start_step)
         lines = bar.disable and acc.is_main_process  # no bar: a progress line in the log instead
-        started = step_start = timing.now()
+        started = meas.clock.start()
         try:
             for step in range(self.start_step, self.total_updates):
                 if step == self.warmup_steps:  # between warm-up and the measured steps
                     if cfg.measure.memory_probe:
                         self._probe()  # the worst batch's memory
                     meas.load.start()
-                    step_start = timing.now()
-                epoch, window = next(windows)
+                    meas.clock.start()  # after the probe's work is done on the device
+                epoch, window, self.position = next(groups)
                 samples, tokens, pads, n_items = processes.window_counts(acc, window)
                 measuring = meas.timer.measuring
                 loss_sum = torch.zeros((), device=device)
@@ -280,13 +238,15 @@ class Job:
                             try:
                                 part = self._micro_step(batch, n_items, step, micro, measuring)
                             except Exception as exc:  # the others go on to the step's collectives: so must this one
-                                oom = processes.oom_to_share(acc, exc)
+                                if (oom := processes.shared_oom(acc, exc)) is None:
+                                    raise
                         if oom is not None:  # out of the except block: the failed step's tensors are freed
                             part = processes.stand_in(acc, self.model, batch, acc.sync_gradients)
-                        if acc.sync_gradients and cfg.train.max_grad_norm > 0:
-                            acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
+                        try:
+                            self._update(step, failed=oom is not None)
+                        except Exception as exc:
+                            if (oom := processes.shared_oom(acc, exc)) is None:
+                                raise
                     loss_sum += part
                     meas.micro.mark()
                 self.scheduler.step()
@@ -302,8 +262,7 @@ class Job:
                 if measuring:
                     meas.load.sample()
                     meas.step_positions.append(tokens + pads)
-                step_end = timing.now()
-                step_seconds, step_start = step_end - step_start, step_end
+                step_seconds = meas.clock.lap()
                 meas.timer.add_step(step_seconds, samples=samples, tokens=tokens, pad_tokens=pads)
                 meas.timer.note_positions(max(sum(b["counts"][1:3]) for b in window))
                 self.history.append({"step": step + 1, "epoch": epoch, "loss": loss_value,
@@ -319,11 +278,29 @@ class Job:
                         log.info("step %d/%d | loss %.4f | %.1f samples/s | ETA %s", step + 1, self.total_updates,
                                  loss_value, samples / step_seconds, _duration(eta))
                 if self._maybe_checkpoint(step + 1, signum):
-                    step_start = timing.now()  # a checkpoint is between steps: in the loop's time, not a step's
+                    meas.clock.start()  # a checkpoint is between steps: in the loop's time, not a step's
         finally:
             bar.close()
             meas.loop_seconds = timing.now() - started
             self._record_train(loss_value)
+
+    def where(self, step: int, micro_step: Optional[int] = None) -> failpoints.Where:
+        """This cell and optimizer step (from 1) as the failpoints filter them (summ/failpoints.py)."""
+        return failpoints.Where(micro_batch=self.bs, accumulation=self.ga, step=step, micro_step=micro_step)
+
+    def _update(self, step: int, failed: bool) -> None:
+        """Clip and step at the micro-step that syncs (Accelerate's optimizer skips the others).
+        `failed`: this process ran out of memory in this step; it still clips (a collective where
+        parameters are sharded), then only drops its gradients."""
+        acc = self.accelerator
+        if acc.sync_gradients:
+            if not failed:
+                failpoints.hit("optimizer", self.where(step + 1))
+            if self.cfg.train.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
+        if not failed:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _micro_step(self, batch: dict, n_items: int, step: int, micro: int, measuring: bool) -> torch.Tensor:
         meas = self.measurement
@@ -339,13 +316,16 @@ class Job:
         widths = probe_widths(self.data.train_ds)
         features = [self.data.train_ds[i] for i in probe_samples(self.data.train_ds, self.bs)]
         batch = Collator(self.collator.pad, self.kind, self.collator.decoder_start, *widths)(features)
-        acc, started, peak, oom = self.accelerator, timing.now(), 0, None
+        acc, peak, oom = self.accelerator, 0, None
+        self.measurement.clock.start()
         try:
-            with acc.no_sync(self.model):  # no gradient all-reduce: nothing for the others to wait in
+            with acc.no_sync(self.model), failpoints.inside_forward(  # no gradient all-reduce: nothing for
+                    lambda: acc.unwrap_model(self.model), "probe", self.where(self.warmup_steps + 1)):  # the others to wait in
                 peak = probe_memory(acc, self.model, self.optimizer, batch, self.kind, self.measurement)
         except Exception as exc:
-            oom = processes.oom_to_share(acc, exc)
-        self.measurement.probe_seconds = timing.now() - started
+            if (oom := processes.shared_oom(acc, exc)) is None:
+                raise
+        self.measurement.probe_seconds = self.measurement.clock.lap()  # its work done on the device
         if oom is None:
             log.info("memory probe: a micro-batch of %d at widths %s peaked at %.3f GiB", self.bs, widths, peak / 2**30)
         self.guard.check(processes.agree(acc, self.measurement.worst_peak(peak), 0, oom, "the memory probe")[0])
@@ -356,6 +336,7 @@ class Job:
         True when a checkpoint was written."""
         every, last = self.cfg.train.save_every_steps, done >= self.total_updates
         if (signum and not last) or (every and done % every == 0 and not last):
+            failpoints.hit("save", self.where(done))
             path = checkpoint.save(self.accelerator, self.output_dir, done, self.position, self.history,
                                    self.cfg.train.keep_checkpoints, self.identity, stopping=bool(signum))
             if signum:
@@ -365,9 +346,10 @@ class Job:
 
     def _forward_backward(self, batch: dict, n_items: int, step: int, micro: int) -> torch.Tensor:
         acc = self.accelerator
-        if self.on_micro_step is not None:
-            self.on_micro_step(step, micro)
-        logits = self.model(**model_inputs(batch)).logits
+        where = self.where(step + 1, micro + 1)
+        with failpoints.inside_forward(lambda: acc.unwrap_model(self.model), "forward", where):
+            logits = self.model(**model_inputs(batch)).logits
+        failpoints.inside_backward(logits, where)
         loss_sum = summed_token_loss(logits, batch["labels"], self.kind, self.cfg.train.label_smoothing,
                                      batch["counts"].label_tokens)
         # Normalise by the label tokens of the whole window on all processes. Accelerate divides
@@ -386,6 +368,7 @@ class Job:
         """What mode=predict needs (weights or the LoRA adapter, tokenizer, config) in <run dir>/model."""
         if not self.cfg.train.save_model:
             return
+        failpoints.hit("save", self.where(self.start_step + self.measurement.timer.steps_seen))
         if self.accelerator.is_main_process:
             save_for_predict(self.accelerator, self.model, self.tokenizer, self.cfg, self.output_dir / MODEL_DIR)
         self.accelerator.wait_for_everyone()  # the saved model is complete before any process reads it
@@ -402,6 +385,11 @@ class Job:
             self.metrics.memory = self.measurement.memory_figures(self.process_peaks)
 
     def close(self) -> None:
+        """Drop everything the run holds, so that the next cell of a sweep starts as a fresh process
+        would. Called while an error that ended the run may still be on its way out: the frames
+        its traceback holds (the failed step's batch, logits and graph, the optimizer and loader
+        they reach) are cleared first, or nothing below could free them."""
+        cleanup.clear_frames(sys.exc_info()[1])
         if self.monitor is not None:
             self.monitor.stop()
         if self.kept is not None:  # back to its kept form for the next cell
@@ -412,7 +400,7 @@ class Job:
             self.accelerator.free_memory()
         for name in ("model", "optimizer", "train_loader", "dev_loader", "scheduler", "accelerator", "monitor", "loaded"):
             setattr(self, name, None)
-        reset_accelerate()
+        cleanup.reset_accelerate()
         release_memory()
         if self.reuse_loaded:  # what outlives the cell (imported code, kept data) leaves the collector's walks
             gc.freeze()
@@ -423,14 +411,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def run_training(cfg: Config, output_dir: Path, metrics: RunMetrics, identity: str,
-                 on_micro_step: Optional[MicroStepHook] = None, keep: Optional[list] = None,
+def run_training(cfg: Config, output_dir: Path, metrics: RunMetrics, identity: str, keep: Optional[list] = None,
                  tracking_names: Optional[tuple[str, Optional[str]]] = None, reuse_loaded: bool = False) -> RunMetrics:
     """One training run, recorded in `metrics` and in the run folder whatever happens (a UserError
     or an interruption is raised again after the write). `keep`, a list, receives the trained model
     with its tokenizer and encoder (a K-fold logit ensemble decodes with them). `reuse_loaded`: a
     sweep's cell, sharing data and model with the process's other cells."""
-    job = Job(cfg, output_dir, metrics, identity, on_micro_step, tracking_names, reuse_loaded and keep is None)
+    job = Job(cfg, output_dir, metrics, identity, tracking_names, reuse_loaded and keep is None)
     finished = False
     with recorded(metrics, output_dir, job):
         try:

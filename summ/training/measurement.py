@@ -93,6 +93,7 @@ class Measurement:
     def __init__(self, cfg: Config, monitor: MemoryMonitor, guard: BudgetGuard, warmup: int, device: torch.device):
         self.cfg, self.monitor, self.guard, self.device = cfg, monitor, guard, device
         self.timer = timing.StepTimer(warmup_steps=warmup)
+        self.clock = timing.StepClock(device)
         self.micro = timing.MicroTimer(device)
         self.profile: Optional[flops.MicroStepProfile] = None
         self.observed_peak = 0  # the largest of the stretches run so far, the probe aside

@@ -24,11 +24,15 @@ from summ.modeling.loss import model_inputs
 from summ.training.outcome import first_line
 
 
-def oom_to_share(accelerator, exc: Exception) -> str:
-    """`exc` raised again unless it is an out-of-memory error under several processes; then its
-    first line, for `agree` to share once this process has taken its part in the step."""
+def shared_oom(accelerator, exc: BaseException) -> Optional[str]:
+    """The first line of `exc` when it is an out-of-memory error the other processes must hear of
+    (several processes), for `agree` to share once this process has taken its part in the step.
+    None: the caller raises it again with a bare `raise`. Never raised from here: a frame that holds
+    the exception it raises makes a cycle (exception -> traceback -> frame -> exception) that keeps
+    the failed step's batch, graph, optimizer and loader alive until a full collection, and out of
+    its reach for good once a sweep freezes what survived the cell (gc.freeze)."""
     if accelerator.num_processes == 1 or not is_oom(exc):
-        raise exc
+        return None
     return first_line(exc)
 
 

@@ -1,0 +1,210 @@
+"""What the CUDA-only paths hand to torch and Accelerate, checked on the CPU (issue 20). Where a
+mechanism is CUDA's own, the call contract is tested here (what reaches which torch.cuda call, and
+in which order); benchmarks/gpu_check.py confirms the rest on a GPU."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch._utils import _get_device_index
+
+from summ.measure import flops, machine, timing
+from summ.measure.memory import BudgetGuard, MemoryMonitor
+
+from .conftest import ROOT, compose_cfg
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+# the recorder's global backward hook sees modules whose outputs are not tensors: torch says so
+pytestmark = [pytest.mark.filterwarnings("ignore:For backward hooks to be called"),
+              pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
+GIB = 2**30
+
+# torch.cuda's calls that take a device, and whether torch lets it name no index (torch/cuda/
+# memory.py and __init__.py: `_get_device_index(device, optional=True)`; False: it raises
+# "Expected a torch.device with a specified index").
+CUDA_CALLS = {"reset_peak_memory_stats": True, "memory_allocated": True, "memory_reserved": True,
+              "max_memory_allocated": True, "max_memory_reserved": True, "memory_stats": True,
+              "mem_get_info": True, "set_per_process_memory_fraction": False, "synchronize": True,
+              "get_device_name": True, "list_gpu_processes": True}
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's device calls, recorded: (name, device argument). Each refuses what the real one
+    refuses (a device with no index where torch needs one), so a run gets past setup only if every
+    call was given what torch takes. The current device is 1, so an index taken from it shows."""
+    calls: list[tuple[str, object]] = []
+    results = {"memory_allocated": 0, "memory_reserved": 0, "max_memory_allocated": 3 * GIB,
+               "max_memory_reserved": 4 * GIB, "memory_stats": {"num_alloc_retries": 0, "num_ooms": 0},
+               "mem_get_info": (70 * GIB, 80 * GIB), "get_device_name": "NVIDIA H100 80GB HBM3",
+               "list_gpu_processes": "GPU:1\nno processes are running"}
+
+    def fake(name, optional):
+        signature = inspect.signature(getattr(torch.cuda, name))
+
+        def call(*args, **kwargs):
+            device = signature.bind(*args, **kwargs).arguments.get("device")
+            if not optional and not isinstance(device, int):
+                _get_device_index(device)  # torch's own check: raises for torch.device("cuda")
+            calls.append((name, device))
+            return results.get(name)
+        return call
+
+    for name, optional in CUDA_CALLS.items():
+        monkeypatch.setattr(torch.cuda, name, fake(name, optional))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    return calls
+
+
+def test_a_cuda_device_with_no_index_reaches_every_torch_cuda_call_as_an_integer(fake_cuda):
+    device = torch.device("cuda")  # what Accelerate hands a one-process run
+    monitor = MemoryMonitor(device)
+    monitor.start()
+    guard = BudgetGuard(monitor, 24, 0.9)
+    monitor.cap(guard.budget_bytes)  # raised "Expected a torch.device with a specified index" before
+    monitor.peak_bytes(), monitor.reserved_peak_bytes(), monitor.segment(), monitor.pressure()
+    monitor.capacity_bytes()
+    monitor.stop()
+    timing.synchronize(device)
+    machine.device_name(device)
+    machine.LoadWatch(device).start().finish()
+    flops.peak_flops(device, "bf16", None)
+    called = {name for name, _ in fake_cuda}
+    assert called == set(CUDA_CALLS), set(CUDA_CALLS) - called
+    assert all(arg == 1 and isinstance(arg, int) for _, arg in fake_cuda), fake_cuda  # the current device's
+    assert [c[0] for c in fake_cuda].count("set_per_process_memory_fraction") == 2  # the cap, and its release
+    assert MemoryMonitor(torch.device("cuda", 3)).index == 3  # a device that names its index keeps it
+
+
+def test_a_run_with_a_budget_on_a_device_with_no_index_gets_past_setup(fake_cuda, tmp_path):
+    """The memory setup of a run (Job._start_memory: the monitor, the budget and its cap) on
+    Accelerate's `cuda` device."""
+    from omegaconf import OmegaConf
+
+    from summ.run_folder import RunMetrics
+    from summ.training.loop import Job
+
+    cfg = compose_cfg(["measure.memory_budget_gb=24"])
+    job = Job(OmegaConf.to_object(cfg), tmp_path, RunMetrics(), "identity")
+    job.accelerator = SimpleNamespace(device=torch.device("cuda"))
+    job._start_memory()
+    assert job.guard.budget_bytes == 24 * GIB and job.monitor._capped
+    (fraction,) = [c for c in fake_cuda if c[0] == "set_per_process_memory_fraction"]
+    assert fraction[1] == 1
+    job.monitor.stop()
+
+
+# --------------------------------------------------------------------------- the step clock
+
+
+def test_the_step_clock_waits_for_the_device_before_every_read(monkeypatch):
+    order = []
+    monkeypatch.setattr(timing, "synchronize", lambda device: order.append("sync"))
+    monkeypatch.setattr(timing, "now", lambda: order.append("now") or float(len(order)))
+    clock = timing.StepClock(torch.device("cpu"))
+    clock.start()
+    assert clock.lap() == 2.0 and order == ["sync", "now", "sync", "now"]
+
+
+def _check_no_window_opens_on_queued_work(events: list, steps: int, warmup: int) -> None:
+    """Every clock read follows a synchronize that follows the last work queued before it; the
+    first measured step's window is opened after the probe's work; every step closes with a lap."""
+    pending = False  # work queued since the last synchronize
+    assert events.count("probe-end") == 1
+    for e in events:
+        if e == "work":
+            pending = True
+        elif e == "sync":
+            pending = False
+        elif e == "start" or isinstance(e, list):
+            assert not pending, "a step clock read while work was still queued on the device"
+    probe_end = events.index("probe-end")
+    after = events[probe_end:]
+    # the probe's time is a lap of the clock (its work done on the device); the first measured
+    # step's window opens after it, before any work of that step
+    assert after[1] == "sync" and isinstance(after[2], list) and after[3:5] == ["sync", "start"], after[:8]
+    assert after.index("work") > 4
+    assert len([e for e in events[:probe_end] if isinstance(e, list)]) == warmup  # the probe follows the warm-up
+    assert len(step_laps(events)) == steps, (step_laps(events), steps)
+
+
+def step_laps(events: list) -> list[float]:
+    """The seconds of each training step: every lap of the clock but the probe's."""
+    probe_lap = events.index("probe-end") + 2
+    return [e[1] for i, e in enumerate(events) if isinstance(e, list) and i != probe_lap]
+
+
+def test_no_measured_step_starts_while_probe_or_warmup_work_is_queued(run_job, monkeypatch):
+    from . import record_clock
+
+    record_clock.events.clear()
+    monkeypatch.setattr(timing, "synchronize", timing.synchronize)  # restored after the test
+    monkeypatch.setattr(timing.StepClock, "start", timing.StepClock.start)
+    monkeypatch.setattr(timing.StepClock, "lap", timing.StepClock.lap)
+    from summ.training import loop
+
+    monkeypatch.setattr(loop, "probe_memory", loop.probe_memory)
+    handles = record_clock.install()
+    try:
+        m, out = run_job("measure.steps=3", "measure.warmup_steps=2", "eval.enabled=false")
+    finally:
+        for handle in handles:
+            handle.remove()
+    events = record_clock.events
+    assert m["status"] == "ok", m["error"]
+    _check_no_window_opens_on_queued_work(events, steps=5, warmup=2)
+    history = [json.loads(line) for line in (out / "train_history.jsonl").read_text().splitlines()]
+    assert [h["step_time_s"] for h in history] == step_laps(events)
+
+
+@pytest.mark.slow
+def test_no_measured_step_starts_while_probe_or_warmup_work_is_queued_on_two_processes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(ROOT / "tests" / "record_clock.py"), f"hydra.run.dir={tmp_path / 'run'}", "measure.steps=3",
+         "measure.warmup_steps=2", "eval.enabled=false", "train.save_model=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**ENV, "SUMM_TEST_EVENTS": str(tmp_path / "events"), "ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        events = json.loads((tmp_path / "events" / f"rank{rank}.json").read_text())
+        _check_no_window_opens_on_queued_work(events, steps=5, warmup=2)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["num_processes"] == 2
+
+
+AGREE = """
+import json, sys
+from accelerate import Accelerator
+from summ.training import processes
+acc = Accelerator(cpu=True)
+peak = [3 * 2**30, 5 * 2**30 + 7][acc.process_index]  # past 32 bits, different on each process
+signal = [0, 15][acc.process_index]
+json.dump(processes.agree(acc, peak, signal), open(sys.argv[1] + f"/rank{acc.process_index}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_with_different_peaks_agree_on_the_larger(tmp_path):
+    """Accelerator.reduce(reduction="max") is a maximum (accelerate>=1.15; before 1.14 it summed:
+    two GPUs each 45% full read 90% and every step ended over budget)."""
+    (tmp_path / "agree.py").write_text(AGREE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(tmp_path / "agree.py"), str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [5 * 2**30 + 7, 15]
