@@ -208,3 +208,62 @@ def test_two_processes_with_different_peaks_agree_on_the_larger(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [5 * 2**30 + 7, 15]
+
+
+# --------------------------------------------------------------------------- vocabulary rows
+
+
+@pytest.mark.parametrize("model", ["tiny_bart", "tiny_llama"])
+def test_the_vocabulary_is_padded_to_64_rows_and_generation_never_emits_a_padding_row(model, run_job):
+    from summ.config import InferenceConfig, ModelKind
+    from summ.inference.evaluate import generation_config
+    from summ.modeling import models
+
+    from omegaconf import OmegaConf
+
+    m, out = run_job(f"model={model}", "measure.steps=1", "eval.enabled=false", "train.save_model=true")
+    assert m["status"] == "ok", m["error"]
+    c = OmegaConf.to_object(compose_cfg([f"model={model}"]))
+    tok = models.load_tokenizer(c.model)
+    # what a run saves (a full fine-tune) or builds its base from (LoRA, QLoRA: the tiny weights folder)
+    folder = out / "model" if model == "tiny_bart" else Path(models.tiny_weights_dir(c.model, tok, c.train.seed))
+    saved = json.loads((folder / "config.json").read_text())["vocab_size"]
+    loaded = models.load(c.model, tok, 0, torch.device("cpu")).model.eval()
+    rows = models.vocabulary_rows(loaded)
+    assert rows % 64 == 0 and len(tok) < rows < len(tok) + 64 and saved == rows, (rows, saved, len(tok))
+    # the padding rows made the most likely ids: 500 sampled steps must still never emit one
+    head = loaded.get_output_embeddings()
+    head.register_forward_hook(lambda mod, args, logits: logits.index_fill(-1, torch.arange(len(tok), rows), 30.0))
+    kind = ModelKind.seq2seq if model == "tiny_bart" else ModelKind.causal
+    prompts = torch.randint(5, len(tok), (10, 12))
+    inputs = {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}
+    sampling = InferenceConfig(name="sampling", num_beams=1, do_sample=True, max_new_tokens=50)
+
+    def generated(vocabulary):
+        gen = generation_config(sampling, tok, kind, vocabulary)
+        gen.min_new_tokens = 50  # no early end: 10 x 50 = 500 sampled steps
+        torch.manual_seed(0)
+        with torch.no_grad():
+            ids = loaded.generate(**inputs, generation_config=gen)
+        return ids[:, -50:]
+
+    new = generated(rows)
+    assert new.numel() == 500 and int(new.max()) < len(tok)
+    assert int((generated(None) >= len(tok)).sum()) > 250  # without the suppression they would be emitted
+
+
+def test_the_real_models_vocabularies_grow_to_a_multiple_of_64():
+    """Llama-3.2's 128,256 ids and KoBART's 30,000, each with the 15 masked tokens (at model width 8)."""
+    from transformers import BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM
+
+    from summ.modeling import models
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=128256, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=30000, d_model=8, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2,
+                                                   encoder_ffn_dim=16, decoder_ffn_dim=16))
+    for model, ids, rows in ((llama, 128256 + 15, 128320), (bart, 30000 + 15, 30016)):
+        models.fit_vocabulary(model, range(ids))  # anything with the tokenizer's length
+        assert models.vocabulary_rows(model) == model.config.vocab_size == rows
+        assert model.get_input_embeddings().num_embeddings == rows

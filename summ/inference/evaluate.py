@@ -19,6 +19,7 @@ from summ.inference.ensemble import LogitAverage
 from summ.inference.scoring import clean_prediction, rouge_scores
 from summ.measure.timing import now, synchronize
 from summ.modeling.loss import model_inputs, token_losses
+from summ.modeling.models import vocabulary_rows
 
 
 def eval_loss(accelerator, model, loader: DataLoader, kind: ModelKind) -> Optional[float]:
@@ -38,7 +39,9 @@ def eval_loss(accelerator, model, loader: DataLoader, kind: ModelKind) -> Option
     return float(torch.cat(sums).sum()) / total if total else None
 
 
-def generation_config(cfg: InferenceConfig, tokenizer, kind: ModelKind):
+def generation_config(cfg: InferenceConfig, tokenizer, kind: ModelKind, vocabulary: Optional[int] = None):
+    """`vocabulary`: the model's output rows; those past the tokenizer's (padding to a multiple of
+    64, or a model's own spare rows) are suppressed, so no id the tokenizer lacks is ever emitted."""
     from transformers import GenerationConfig
 
     kwargs = dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
@@ -49,6 +52,8 @@ def generation_config(cfg: InferenceConfig, tokenizer, kind: ModelKind):
         kwargs["forced_eos_token_id"] = tokenizer.eos_token_id
     if cfg.do_sample:
         kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    if vocabulary is not None and vocabulary > len(tokenizer):
+        kwargs["suppress_tokens"] = list(range(len(tokenizer), vocabulary))
     return GenerationConfig(**kwargs)
 
 
@@ -70,7 +75,7 @@ def generate(accelerator, model, samples: Sequence[Sample], encoder: Encoder, to
     """
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
-    gen_cfg = generation_config(cfg, tokenizer, kind)
+    gen_cfg = generation_config(cfg, tokenizer, kind, vocabulary_rows(unwrapped))
     n_ret = max(1, min(num_candidates, cfg.num_beams if not cfg.do_sample else num_candidates))
     gen_cfg.num_return_sequences = n_ret
     prompts = [encoder.prompt_ids(s.dialogue) for s in samples]

@@ -17,6 +17,15 @@ from summ.data.samples import MASKED_TOKENS, bundled_sample_dir, read_csv
 from summ.errors import ConfigError, WeightsNotFound
 
 TINY_VOCAB_SIZE = 4000
+# Embedding and output rows are padded to a multiple of 64 when the vocabulary grows (the 15 masked
+# tokens take Llama-3.2 to 128,271 rows and KoBART to 30,015): the logits matmul, often a step's
+# largest, then tiles onto tensor cores without a ragged edge (NVIDIA's matmul guidance). The rows
+# past the tokenizer's are never generated (summ/inference/evaluate.py: generation_config).
+VOCAB_MULTIPLE = 64
+
+
+def padded_vocabulary(n: int) -> int:
+    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 TINY_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 MASKED_SPLIT = re.compile(r"#[A-Za-z]+\d*#:?")
 
@@ -69,7 +78,7 @@ def tiny_tokenizer():
 def tiny_model(cfg: ModelConfig, tok, seed: int):
     t = cfg.tiny
     torch.manual_seed(seed)
-    vocab = max(len(tok), t.vocab_size or 0)
+    vocab = padded_vocabulary(max(len(tok), t.vocab_size or 0))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype(cfg.dtype) if cfg.dtype != "float16" else torch.float32)
     try:
@@ -260,8 +269,7 @@ def load_base(cfg: ModelConfig, tok, seed: int, device: torch.device):
             where = f"model.path={cfg.path}" if cfg.path else f"model={cfg.name} ({source})"
             raise WeightsNotFound(f"{where}: no loadable safetensors weights ({str(exc).splitlines()[0]}): "
                                   f"{RESAVE_HINT}") from None
-    if model.get_input_embeddings().num_embeddings < len(tok):
-        model.resize_token_embeddings(len(tok))
+    fit_vocabulary(model, tok)
     model.config.use_cache = False  # no KV cache while training; generation turns it back on
     if quant is not None:
         from peft import prepare_model_for_kbit_training
@@ -294,6 +302,19 @@ def with_adapters(cfg: ModelConfig, model, tok, seed: int) -> LoadedModel:
         decoder_start = tok.eos_token_id
     return LoadedModel(model=model, tokenizer=tok, kind=cfg.kind, decoder_start_token_id=decoder_start,
                        trainable_params=trainable, total_params=total)
+
+
+def fit_vocabulary(model, tok) -> None:
+    """Rows for every id of `tok` (the masked tokens added), padded to VOCAB_MULTIPLE when they grow:
+    the same size at training and at prediction, so a saved model or adapter fits it."""
+    if model.get_input_embeddings().num_embeddings < len(tok):
+        model.resize_token_embeddings(len(tok), pad_to_multiple_of=VOCAB_MULTIPLE)
+
+
+def vocabulary_rows(model) -> int:
+    """The rows of the model's output layer: the ids it can score (the tokenizer's, and padding)."""
+    rows = getattr(model.get_output_embeddings(), "out_features", None)  # also quantized (int8, 4-bit) heads
+    return rows if isinstance(rows, int) else int(model.config.get_text_config().vocab_size)
 
 
 def resident_bytes(model) -> int:

@@ -111,8 +111,7 @@ def load_for_inference(trained: Trained, tok, device: torch.device, quantization
     except (OSError, ValueError, KeyError) as exc:
         raise WeightsNotFound(f"{source} has no safetensors weights ({str(exc).splitlines()[0]}): "
                               f"re-save them with save_pretrained(safe_serialization=True)") from None
-    if model.get_input_embeddings().num_embeddings < len(tok):
-        model.resize_token_embeddings(len(tok))
+    models.fit_vocabulary(model, tok)
     if trained.adapter:
         from peft import PeftModel
 
