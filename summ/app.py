@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from summ.config import register_configs
 from summ.console import say
-from summ.errors import Interrupted, UserError, exit_code
+from summ.errors import Interrupted, ProcessesOutOfStep, UserError, exit_code
 from summ.run_folder import METRICS_FILE
 from summ.sweeps.study import register_resolvers
 
@@ -55,6 +55,12 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
     except Interrupted as exc:  # a sweep stops too: the user asked to stop
         say(f"interrupted: {exc}\nresume with the same command and train.resume_from={exc.checkpoint}", err=True)
         sys.exit(128 + exc.signum)
+    except ProcessesOutOfStep as exc:  # no later collective of this launch can be trusted: stop here
+        where = (f"the sweep stops; its finished cells are kept: summ-report {hc.sweep.dir} writes their report, "
+                 f"and the same command with sweep.resume=true hydra.sweep.dir={hc.sweep.dir} measures the rest"
+                 if hc.mode == RunMode.MULTIRUN else f"{output_dir / METRICS_FILE} says where")
+        say(f"error: {exc}: {where}", err=True)
+        sys.exit(exit_code("failed"))
     except KeyboardInterrupt:  # outside the training loop (setup, evaluation): nothing to resume from
         say(f"interrupted: Ctrl-C before the run finished; {output_dir / METRICS_FILE} says where", err=True)
         sys.exit(130)

@@ -194,6 +194,11 @@ class MeasureConfig:
     # CPU: tensors from 64 KiB up served by mmap, so the resident peak tracks live tensors (about
     # 1.6x slower training on 2 cores); false: glibc's own heap, fast, peak includes memory it kept
     cpu_live_memory: bool = True
+    # Several processes: a collective one of them never reaches fails after this many seconds (the
+    # cell ends failed and the sweep stops, its finished cells kept) instead of waiting for torch's
+    # watchdog (10 min NCCL, 30 min gloo); null: sweep.trial_collective_timeout_s in a sweep's trials,
+    # torch's default in a single run (a big model's save or evaluation may keep the others waiting)
+    collective_timeout_s: Optional[float] = None
 
 
 @dataclass
@@ -319,6 +324,7 @@ class SweepConfig:
     # Rounded up to whole optimizer steps: 192 is a multiple of every effective batch up to 64 and of 3.
     trial_samples: Optional[int] = 192
     trial_warmup_samples: int = 64
+    trial_collective_timeout_s: float = 300  # measure.collective_timeout_s of a trial that sets none
     evaluate: bool = False  # multirun jobs evaluate only if this, or eval.enabled on the command line, asks
     resume: bool = False  # reuse a job folder's complete result when its config hash matches
     # A finished sweep folder (a grid, an earlier search): a job whose config matches one of its
@@ -405,12 +411,16 @@ def run_name(mode: Any, model: Any, kind: Any, batch_size: Any, accumulation: An
     return f"train_{model}_bs{batch_size}x{accumulation}" + (f"_k{k_folds}" if k_folds and int(k_folds) > 1 else "")
 
 
+# Settings that change how long a failure is waited for, never what a job computes.
+NOT_COMPUTED = ("measure.collective_timeout_s",)
+
+
 def config_hash(cfg: DictConfig, leave_out: tuple[str, ...] = ()) -> str:
     """Identity of a job's resolved config (sweep resume and reuse, checkpoints). The `sweep`
-    section is left out: setting sweep.resume=true must not make a finished cell look different.
-    `leave_out`: more keys (dotted) that do not change what is computed."""
+    section is left out: setting sweep.resume=true must not make a finished cell look different;
+    so is NOT_COMPUTED. `leave_out`: more keys (dotted) that do not change what is computed."""
     kept = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in ("sweep", "hydra")])
-    for key in leave_out:
+    for key in (*leave_out, *NOT_COMPUTED):
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(kept, parent) if parent else kept
         if node is not None and leaf in node:

@@ -16,7 +16,17 @@ import time
 from typing import Optional
 
 STAMP_ENV = "SUMM_RUN_STAMP"
+# What a collective raises when another process never reached it (gloo's timeout, the pair it then
+# closes, a peer gone; NCCL's watchdog under TORCH_NCCL_BLOCKING_WAIT, an aborted communicator)
+OUT_OF_STEP = ("Timed out waiting", "Application timeout caused pair closure", "Connection closed by peer",
+               "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
 STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
+
+
+def out_of_step(exc: BaseException) -> bool:
+    """`exc` says the processes of this launch are no longer in step (OUT_OF_STEP)."""
+    text = str(exc)
+    return world_size() > 1 and isinstance(exc, RuntimeError) and any(m in text for m in OUT_OF_STEP)
 
 
 def world_size() -> int:

@@ -61,3 +61,19 @@ class Interrupted(Exception):
 
         super().__init__(f"{signal.Signals(signum).name} at optimizer step {step}; checkpoint {checkpoint}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class ProcessesOutOfStep(Exception):
+    """A collective of a several-process launch timed out or lost a peer: the processes are no longer
+    in step, and no later collective of the launch can be trusted. The run's record is written
+    first; a sweep stops here, its finished cells kept (sweep.resume=true goes on from them)."""
+
+
+class AgreedFailure:
+    """A failure every process of a launch raises together, after one collective told them all (an
+    out-of-memory error or any error in one process's training step, summ/training/processes.py):
+    the processes are still in step, and a sweep goes on to its next cell."""
+
+
+class FailedOnAProcess(RuntimeError, AgreedFailure):
+    """Another process of a launch (or this one) failed in a training step: every process ends the run with it."""

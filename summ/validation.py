@@ -40,7 +40,8 @@ def _at_least(c: Any, keys: tuple[str, ...], low: float, strict: bool) -> None:
 POSITIVE = ("batch.batch_size", "batch.gradient_accumulation_steps", "batch.eval_batch_size",
             "batch.effective_batch_size", "data.max_train_samples", "data.max_eval_samples", "train.epochs",
             "train.max_steps", "train.learning_rate", "train.total_samples", "measure.steps", "measure.samples",
-            "measure.memory_budget_gb", "measure.peak_tflops", "inference.num_beams", "inference.max_new_tokens",
+            "measure.memory_budget_gb", "measure.peak_tflops", "measure.collective_timeout_s",
+            "sweep.trial_collective_timeout_s", "inference.num_beams", "inference.max_new_tokens",
             "inference.batch_size", "measure.rss_interval_ms", "train.log_every_steps", "model.lora.r",
             "sweep.trial_samples", "tracking.log_every_steps", "train.save_every_steps", "train.keep_checkpoints",
             "train.k_folds", "solar.requests_per_minute", "solar.timeout_s", "solar.concurrency", "solar.max_tokens")

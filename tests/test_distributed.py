@@ -121,24 +121,27 @@ def test_a_checkpoint_of_another_config_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_out_of_memory_error_on_one_process_ends_the_cell_on_all_and_the_sweep_goes_on(tmp_path):
-    """Two processes (DDP over gloo); process 1 alone runs out of memory (SUMM_FAILPOINTS, rank=1)
-    in the memory probe, in a forward (an accumulating micro-step and the synchronising one) and in
-    a backward. Without the agreement, process 0 waits for good in the next collective."""
+def test_a_failure_on_one_process_ends_the_cell_on_all_and_the_sweep_goes_on(tmp_path):
+    """Two processes (DDP over gloo); process 1 alone fails (SUMM_FAILPOINTS, rank=1): out of memory
+    in the memory probe, in a forward (an accumulating micro-step and the synchronising one) and in a
+    backward; a plain error in the optimizer step and in a forward. Without the agreement, process 0
+    waits for good in the next collective."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # one failpoint per cell of the grid micro-batch 1,2,3 x accumulation 1,2; the last cell trains
+    # one failpoint per cell of the grid micro-batch 1..4 x accumulation 1,2; the last cell trains
     plan = ["oom@probe:micro_batch=1:accumulation=1",
             "oom@forward:micro_batch=1:accumulation=2:step=3:micro_step=1",  # accumulating: no collective
             "oom@forward:micro_batch=2:accumulation=1:step=3",  # the micro-step that syncs
             "oom@backward:micro_batch=2:accumulation=2:step=3:micro_step=2",
-            "oom@backward:micro_batch=3:accumulation=1:step=3"]
+            "oom@backward:micro_batch=3:accumulation=1:step=3",
+            "error@optimizer:micro_batch=3:accumulation=2:step=3",
+            "error@forward:micro_batch=4:accumulation=1:step=3"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         str(ROOT / "run.py"), "-m", "batch.batch_size=1,2,3", "batch.gradient_accumulation_steps=1,2",
+         str(ROOT / "run.py"), "-m", "batch.batch_size=1,2,3,4", "batch.gradient_accumulation_steps=1,2",
          "measure.steps=3", "measure.warmup_steps=1", "eval.enabled=false"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**ENV, "SUMM_FAILPOINTS": ",".join(f"{fp}:rank=1" for fp in plan), "ACCELERATE_USE_CPU": "true"})
@@ -146,16 +149,44 @@ def test_an_out_of_memory_error_on_one_process_ends_the_cell_on_all_and_the_swee
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("a process waited for good after another ran out of memory")
+        pytest.fail("a process waited for good after another failed")
     assert proc.returncode == 0, err[-3000:]  # a sweep with an ok cell
     (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
     cells = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(len(plan) + 1)]
     assert [(c["batch_size"], c["gradient_accumulation_steps"]) for c in cells] == [
-        (1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]
-    where = ["the memory probe"] + ["optimizer step 3"] * 4
+        (1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2), (4, 1), (4, 2)]
+    where = ["the memory probe"] + ["optimizer step 3"] * 6
     for cell, at, fp in zip(cells[:-1], where, plan):
-        assert cell["status"] == "oom" and f"process 1 of 2 ran out of memory in {at}" in cell["error"], cell["error"]
-        assert f"failpoint {fp.split(':')[0]}" in cell["error"], (fp, cell["error"])
-    assert cells[-1]["status"] == "ok" and cells[-1]["train"]["samples"] == 3 * 3 * 2 * 2  # the group still works
+        kind, point = fp.split(":")[0].split("@")
+        said = "ran out of memory" if kind == "oom" else "failed"
+        assert cell["status"] == ("oom" if kind == "oom" else "failed"), cell
+        assert f"process 1 of 2 {said} in {at}" in cell["error"] and f"failpoint {kind}@{point}" in cell["error"], (
+            fp, cell["error"])
+    assert cells[-1]["status"] == "ok" and cells[-1]["train"]["samples"] == 3 * 4 * 2 * 2  # the group still works
     assert "5 cell(s) did not fit" in (sweep / "knee_report.md").read_text()  # the report of both processes' cells
-    assert not list(sweep.glob("*/error*.log"))
+
+
+@pytest.mark.slow
+def test_a_failure_the_other_process_cannot_hear_of_stops_the_launch_with_a_line_not_a_hang(tmp_path):
+    """Process 1 fails saving the model (outside the step's agreement) while process 0 waits for it
+    at the save's barrier: the launch ends in seconds, not at torch's 30-minute timeout, with one line
+    that says how to go on, and the next cell never runs out of step."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(ROOT / "run.py"), "-m", "batch.batch_size=1,2", "measure.steps=2", "measure.warmup_steps=1",
+         "eval.enabled=false", "train.save_model=true", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**ENV, "SUMM_FAILPOINTS": "error@save:rank=1", "ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode != 0 and time.monotonic() - started < 240, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert any("process 1 of 2 failed in" in line and "sweep.resume=true" in line for line in lines), lines
+    assert "injected error" in (tmp_path / "sweep" / "0" / "error.rank1.log").read_text()
+    record = json.loads((tmp_path / "sweep" / "0" / "metrics.json").read_text())  # written by process 1
+    assert record["status"] == "failed" and record["error"].startswith("process 1 of 2 failed in save: RuntimeError")
+    assert not (tmp_path / "sweep" / "1" / "metrics.json").exists()  # no cell measured out of step

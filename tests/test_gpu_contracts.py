@@ -267,3 +267,39 @@ def test_the_real_models_vocabularies_grow_to_a_multiple_of_64():
         models.fit_vocabulary(model, range(ids))  # anything with the tokenizer's length
         assert models.vocabulary_rows(model) == model.config.vocab_size == rows
         assert model.get_input_embeddings().num_embeddings == rows
+
+
+TIMEOUT = """
+import json, sys, time
+from accelerate import Accelerator, PartialState
+from summ.distributed import out_of_step
+from summ.training import processes
+PartialState(cpu=True)  # a group made with torch's default timeout (30 minutes on gloo), as an earlier cell's
+processes.set_collective_timeout(2)  # what the next cell sets
+acc = Accelerator(cpu=True)
+result = {}
+if acc.process_index == 0:
+    started = time.monotonic()
+    try:
+        processes.agree(acc, 1, 0)  # process 1 never comes
+    except RuntimeError as exc:
+        result = {"seconds": time.monotonic() - started, "out_of_step": out_of_step(exc), "error": str(exc)[:200]}
+else:
+    time.sleep(8)
+json.dump(result, open(sys.argv[1] + f"/rank{acc.process_index}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_a_collective_another_process_never_reaches_fails_after_the_timeout(tmp_path):
+    """measure.collective_timeout_s on a process group made before the run (a sweep's earlier cell)."""
+    (tmp_path / "timeout.py").write_text(TIMEOUT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(tmp_path / "timeout.py"), str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    waited = json.loads((tmp_path / "rank0.json").read_text())
+    assert waited["out_of_step"] and 1.5 < waited["seconds"] < 6, waited

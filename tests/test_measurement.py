@@ -104,9 +104,16 @@ def test_evaluation_memory_is_not_judged_against_the_training_budget(run_job):
 
 def test_allocation_failures_raised_without_a_type_are_oom(run_job, monkeypatch):
     for text in ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)",
-                 "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes"):
+                 "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes",
+                 # NCCL's, as ProcessGroupNCCL raises them (DistBackendError is a RuntimeError)
+                 "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error (run with NCCL_DEBUG=INFO for details), "
+                 "NCCL version 2.21.5\nncclUnhandledCudaError: Call to CUDA function failed.\nLast error:\n"
+                 "Cuda failure 'out of memory'", "Cuda failure 2 'out of memory'",
+                 "NCCL error: unhandled system error\nncclSystemError: System call failed.\nLast error:\nout of memory"):
         assert is_oom(RuntimeError(text)) and classify(RuntimeError(text), "train")[0] == "oom"
     assert not is_oom(RuntimeError("shape mismatch")) and not is_oom(ValueError("out of memory"))
+    assert not is_oom(RuntimeError("NCCL error: invalid usage")) and issubclass(torch.distributed.DistBackendError,
+                                                                                RuntimeError)
 
     # the failpoint's error as a cuBLAS or caching allocator raises it: a RuntimeError with its message
     monkeypatch.setattr(failpoints.Failpoint, "error", lambda self, where: RuntimeError("CUDA error: out of memory"))

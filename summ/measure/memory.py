@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from summ.errors import OverBudget
+from summ.errors import AgreedFailure, OverBudget
 from summ.run_folder import GIB
 from summ.measure.devices import cuda_index
 from summ.measure.flops import ProfileMicroStep
@@ -284,9 +284,13 @@ class BudgetGuard:
 OOM_MESSAGES = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_SUPPORTED",
                 "cuDNN error: CUDNN_STATUS_ALLOC_FAILED", "DefaultCPUAllocator: can't allocate memory",
                 "CUDA error: out of memory", "PT_DEVMEM Allocation failed")
+# NCCL's own allocation failures, raised by ProcessGroupNCCL as DistBackendError (a RuntimeError):
+# its CUDACHECK prints "Cuda failure 'out of memory'" (older releases "Cuda failure 2 'out of
+# memory'"), and a failed communicator or buffer allocation is "NCCL error ... out of memory".
+OOM_PATTERNS = (re.compile(r"Cuda failure (\d+ )?'out of memory'"), re.compile(r"NCCL error.*out of memory", re.S))
 
 
-class OutOfMemoryOnAProcess(MemoryError):
+class OutOfMemoryOnAProcess(MemoryError, AgreedFailure):
     """Another process of a launch (or this one) ran out of memory: every process ends the run
     with it, agreed in one collective (summ/training/processes.py: agree)."""
 
@@ -300,5 +304,6 @@ def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     if isinstance(exc, RuntimeError) and exc.args and isinstance(exc.args[0], str):
-        return any(m in exc.args[0] for m in OOM_MESSAGES)
+        text = exc.args[0]
+        return any(m in text for m in OOM_MESSAGES) or any(p.search(text) for p in OOM_PATTERNS)
     return False

@@ -58,7 +58,9 @@ def _overridden(task_overrides: Sequence[str], key: str) -> bool:
 def apply_trial_defaults(cfg: DictConfig, task_overrides: Sequence[str]) -> DictConfig:
     """A multirun job is a measurement trial: `sweep.trial_samples` measured samples after
     `sweep.trial_warmup_samples` when no window is set (unless trial_samples is null: full
-    training), and no evaluation unless `sweep.evaluate` or an explicit `eval.enabled=...` on the
+    training), collectives that time out after `sweep.trial_collective_timeout_s` unless
+    measure.collective_timeout_s says otherwise, and no evaluation unless `sweep.evaluate` or an
+    explicit `eval.enabled=...` on the
     command line asks for it; weights saved only on request."""
     cfg = cfg.copy()
     with open_dict(cfg):
@@ -66,6 +68,8 @@ def apply_trial_defaults(cfg: DictConfig, task_overrides: Sequence[str]) -> Dict
             cfg.measure.samples = cfg.sweep.trial_samples
             if cfg.measure.warmup_samples is None:
                 cfg.measure.warmup_samples = cfg.sweep.trial_warmup_samples
+        if cfg.measure.collective_timeout_s is None:
+            cfg.measure.collective_timeout_s = cfg.sweep.trial_collective_timeout_s
         if not cfg.sweep.evaluate and not _overridden(task_overrides, "eval.enabled"):
             cfg.eval.enabled = False
         if not _overridden(task_overrides, "train.save_model"):  # trials measure; their weights are not kept

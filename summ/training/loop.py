@@ -8,6 +8,7 @@ import gc
 import logging
 import math
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -74,7 +75,11 @@ class Job:
         cfg, m = self.cfg, self.metrics
         cleanup.reset_accelerate()
         use_cpu = cfg.train.cpu or not torch.cuda.is_available()
-        num_processes = PartialState(cpu=use_cpu).num_processes
+        timeout = cfg.measure.collective_timeout_s  # the group's, when this run makes it; else set below
+        num_processes = PartialState(cpu=use_cpu, **({"timeout": timedelta(seconds=timeout)} if timeout else {})
+                                     ).num_processes
+        if timeout:
+            processes.set_collective_timeout(timeout)
         self.bs, self.ga, _ = resolve_batch(cfg.batch.batch_size, cfg.batch.gradient_accumulation_steps,
                                             cfg.batch.effective_batch_size, num_processes)
         self.accelerator = acc = Accelerator(
@@ -230,22 +235,22 @@ class Job:
                 samples, tokens, pads, n_items = processes.window_counts(acc, window)
                 measuring = meas.timer.measuring
                 loss_sum = torch.zeros((), device=device)
-                oom: Optional[str] = None  # this process ran out of memory in this step (several processes)
+                failed: Optional[processes.Failure] = None  # this process failed in this step (several processes)
                 meas.micro.mark()
                 for micro, batch in enumerate(window):
                     with acc.accumulate(self.model):
-                        if oom is None:
+                        if failed is None:
                             try:
                                 part = self._micro_step(batch, n_items, step, micro, measuring)
                             except Exception as exc:  # the others go on to the step's collectives: so must this one
-                                if (oom := processes.shared_oom(acc, exc)) is None:
+                                if (failed := processes.shared_failure(acc, exc)) is None:
                                     raise
-                        if oom is not None:  # out of the except block: the failed step's tensors are freed
+                        if failed is not None:  # out of the except block: the failed step's tensors are freed
                             part = processes.stand_in(acc, self.model, batch, acc.sync_gradients)
                         try:
-                            self._update(step, failed=oom is not None)
+                            self._update(step, failed=failed is not None)
                         except Exception as exc:
-                            if (oom := processes.shared_oom(acc, exc)) is None:
+                            if (failed := processes.shared_failure(acc, exc)) is None:
                                 raise
                     loss_sum += part
                     meas.micro.mark()
@@ -256,7 +261,7 @@ class Job:
                 peak = self.monitor.peak_bytes()
                 if not math.isfinite(loss_value):
                     raise Diverged(f"loss became {loss_value} at optimizer step {step + 1}")
-                peak_all, signum = processes.agree(acc, meas.worst_peak(peak), self.stop.signum or 0, oom,
+                peak_all, signum = processes.agree(acc, meas.worst_peak(peak), self.stop.signum or 0, failed,
                                                    f"optimizer step {step + 1}")
                 self.guard.check(peak_all)
                 if measuring:
@@ -316,19 +321,19 @@ class Job:
         widths = probe_widths(self.data.train_ds)
         features = [self.data.train_ds[i] for i in probe_samples(self.data.train_ds, self.bs)]
         batch = Collator(self.collator.pad, self.kind, self.collator.decoder_start, *widths)(features)
-        acc, peak, oom = self.accelerator, 0, None
+        acc, peak, failed = self.accelerator, 0, None
         self.measurement.clock.start()
         try:
             with acc.no_sync(self.model), failpoints.inside_forward(  # no gradient all-reduce: nothing for
                     lambda: acc.unwrap_model(self.model), "probe", self.where(self.warmup_steps + 1)):  # the others to wait in
                 peak = probe_memory(acc, self.model, self.optimizer, batch, self.kind, self.measurement)
         except Exception as exc:
-            if (oom := processes.shared_oom(acc, exc)) is None:
+            if (failed := processes.shared_failure(acc, exc)) is None:
                 raise
         self.measurement.probe_seconds = self.measurement.clock.lap()  # its work done on the device
-        if oom is None:
+        if failed is None:
             log.info("memory probe: a micro-batch of %d at widths %s peaked at %.3f GiB", self.bs, widths, peak / 2**30)
-        self.guard.check(processes.agree(acc, self.measurement.worst_peak(peak), 0, oom, "the memory probe")[0])
+        self.guard.check(processes.agree(acc, self.measurement.worst_peak(peak), 0, failed, "the memory probe")[0])
 
     def _maybe_checkpoint(self, done: int, signum: int) -> bool:
         """After optimizer step `done`: a checkpoint every train.save_every_steps, and on a stop
@@ -368,6 +373,7 @@ class Job:
         """What mode=predict needs (weights or the LoRA adapter, tokenizer, config) in <run dir>/model."""
         if not self.cfg.train.save_model:
             return
+        self.metrics.phase = "save"
         failpoints.hit("save", self.where(self.start_step + self.measurement.timer.steps_seen))
         if self.accelerator.is_main_process:
             save_for_predict(self.accelerator, self.model, self.tokenizer, self.cfg, self.output_dir / MODEL_DIR)

@@ -9,6 +9,7 @@ whatever happened (the metrics record, the step history, the tracker's final fig
 | Diverged (a NaN or infinite loss) | diverged | - |
 | Interrupted (SIGINT / SIGTERM, checkpoint saved) or a second Ctrl-C | interrupted | yes |
 | UserError (config, data, weights, key, folder) | failed | yes |
+| a collective that timed out or lost a peer, or an error on one process that the others cannot hear of (several processes) | failed | yes, as ProcessesOutOfStep: the launch stops |
 | anything else (a bug, an unforeseen library error) | failed, traceback in error.log | - |
 
 Job-level outcomes are recorded, not raised, so a sweep goes on to its next cell.
@@ -21,12 +22,12 @@ from pathlib import Path
 from typing import Optional
 
 from summ.config import Config
-from summ.distributed import is_main_process, rank
-from summ.errors import Diverged, Interrupted, OverBudget, UserError
+from summ.distributed import is_main_process, out_of_step, rank, world_size
+from summ.errors import AgreedFailure, Diverged, Interrupted, OverBudget, ProcessesOutOfStep, UserError
 from summ.files import atomic_write_text
 from summ.measure.memory import is_oom
 from summ.measure.timing import now
-from summ.run_folder import ERROR_LOG, RunMetrics, write_history, write_metrics
+from summ.run_folder import ERROR_LOG, METRICS_FILE, RunMetrics, write_history, write_metrics
 
 
 def new_metrics(cfg: Config, cfg_hash: str) -> RunMetrics:
@@ -68,6 +69,7 @@ def recorded(metrics: RunMetrics, output_dir: Path, job=None):
     how to resume, or prints the one line); `job` (training) brings its history and tracker."""
     started = now()
     raise_after: Optional[BaseException] = None
+    writes = is_main_process()  # one set of files per run (and one tracker run): process 0's
     try:
         yield
         metrics.status, metrics.phase = "ok", None
@@ -77,15 +79,30 @@ def recorded(metrics: RunMetrics, output_dir: Path, job=None):
             metrics.checkpoint = str(exc.checkpoint)
         if isinstance(exc, (Interrupted, KeyboardInterrupt, UserError)):
             raise_after = exc
-        elif metrics.status == "failed":  # a bug or an unforeseen library error: recorded, the sweep goes on
-            atomic_write_text(output_dir / (ERROR_LOG if is_main_process() else f"error.rank{rank()}.log"),
-                              traceback.format_exc())
+        else:  # recorded, and the sweep goes on...
+            if metrics.status == "failed":  # a bug or an unforeseen library error
+                atomic_write_text(output_dir / (ERROR_LOG if is_main_process() else f"error.rank{rank()}.log"),
+                                  traceback.format_exc())
+            if out_of_step(exc):  # ... unless the processes are no longer in step: no later collective holds
+                metrics.error = f"another process stopped reaching the collectives ({metrics.error})"
+                raise_after = ProcessesOutOfStep(metrics.error)
+                # the process that stopped them may have written the run's record already: its words stand
+                writes = writes and not (output_dir / METRICS_FILE).exists()
+            elif world_size() > 1 and not isinstance(exc, (AgreedFailure, OverBudget, Diverged)):
+                # this process alone: the others wait in a collective it will not reach, and process 0
+                # may be ended by the launcher before it can write: this process writes the record too
+                metrics.error = f"process {rank()} of {world_size()} failed in {metrics.phase}: {metrics.error}"
+                raise_after = ProcessesOutOfStep(f"{metrics.error}; the other processes could not hear of it")
+                writes = True
     metrics.wall_seconds = now() - started  # the whole job: setup, training, evaluation
-    if is_main_process():  # one set of files per run (and one tracker run): process 0's
+    if writes:
         if job is not None and job.history:
             write_history(output_dir, job.history)
         write_metrics(output_dir, metrics)
         if job is not None:
             job.tracking.finish(metrics.to_dict())  # the final figures and status, known only now
     if raise_after is not None:
-        raise raise_after
+        try:
+            raise raise_after
+        finally:  # this frame must not hold the error its traceback holds (a cycle: cleanup.clear_frames)
+            raise_after = None

@@ -2,38 +2,60 @@
 collective the others never reach (DDP over gloo or NCCL; one process: nothing to agree).
 
 - The step's counts (samples, tokens, pads, label tokens) come from the collator's host-side counts:
-  one small sum.
-- After the step, one max over [peak, stop signal, out-of-memory process]: every process then takes
-  the same budget, checkpoint and out-of-memory decisions.
-- A process that ran out of memory in a forward or backward still takes its part in the step's
-  gradient all-reduce (`stand_in`), then the agreement raises the same error on every process, and a
-  sweep goes on to its next cell on the same process group. The memory probe runs without the
-  all-reduce, so a failure there needs no stand-in. Not covered: a failure part-way through a
-  backward after DDP had been handed some gradients (it refuses a second backward then); the
-  largest backward allocation, the logits' gradient, comes before any.
+  one small sum, read back once.
+- After the step, one max over [peak, stop signal, failed process]: every process then takes the
+  same budget, checkpoint and failure decisions.
+- A process whose forward, backward or optimizer step failed (out of memory, or any other error)
+  still takes its part in the step's gradient all-reduce (`stand_in`), then the agreement raises the
+  same error on every process (`oom` for an out-of-memory error, `failed` otherwise), and a sweep
+  goes on to its next cell on the same process group. The memory probe runs without the all-reduce,
+  so a failure there needs no stand-in. Not covered: a failure part-way through a backward after
+  DDP had been handed some gradients (it refuses a second backward then); the largest backward
+  allocation, the logits' gradient, comes before any.
+- What cannot be agreed (that backward, one process failing outside the step) is bounded by the
+  process group's timeout (`measure.collective_timeout_s`): the waiting process's collective fails,
+  the cell ends `failed`, and since a group whose collective timed out is out of step for good, the
+  sweep stops there (errors.ProcessesOutOfStep), every finished cell kept.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
 
 from summ.data.tokenize import BatchCounts
+from summ.errors import FailedOnAProcess
 from summ.measure.memory import OutOfMemoryOnAProcess, is_oom
 from summ.modeling.loss import model_inputs
 from summ.training.outcome import first_line
 
+log = logging.getLogger(__name__)
 
-def shared_oom(accelerator, exc: BaseException) -> Optional[str]:
-    """The first line of `exc` when it is an out-of-memory error the other processes must hear of
-    (several processes), for `agree` to share once this process has taken its part in the step.
-    None: the caller raises it again with a bare `raise`. Never raised from here: a frame that holds
-    the exception it raises makes a cycle (exception -> traceback -> frame -> exception) that keeps
-    the failed step's batch, graph, optimizer and loader alive until a full collection, and out of
-    its reach for good once a sweep freezes what survived the cell (gc.freeze)."""
-    if accelerator.num_processes == 1 or not is_oom(exc):
+
+@dataclass(frozen=True)
+class Failure:
+    """What ended a step on one process, for the others to raise too."""
+    oom: bool
+    message: str  # the error's first line (with its type where it is not an out-of-memory error)
+
+
+def shared_failure(accelerator, exc: BaseException) -> Optional[Failure]:
+    """What `exc` is, for `agree` to share once this process has taken its part in the step, when
+    the other processes must hear of it (several processes). None: the caller raises it again with a
+    bare `raise`. Never raised from here: a frame that holds the exception it raises makes a cycle
+    (exception -> traceback -> frame -> exception) that keeps the failed step's batch, graph,
+    optimizer and loader alive until a full collection, and out of its reach for good once a sweep
+    freezes what survived the cell (gc.freeze)."""
+    if accelerator.num_processes == 1 or not isinstance(exc, Exception):
         return None
-    return first_line(exc)
+    if is_oom(exc):
+        return Failure(True, first_line(exc))
+    log.error("process %d failed in a training step (the others end the cell with it)", accelerator.process_index,
+              exc_info=exc)
+    return Failure(False, f"{type(exc).__name__}: {first_line(exc)}")
 
 
 def window_counts(accelerator, window: list[dict]) -> tuple[int, int, int, int]:
@@ -42,13 +64,13 @@ def window_counts(accelerator, window: list[dict]) -> tuple[int, int, int, int]:
     if accelerator.num_processes == 1:
         return tuple(mine)
     total = accelerator.reduce(torch.tensor(mine, device=accelerator.device), reduction="sum")
-    return tuple(int(x) for x in total)
+    return tuple(total.tolist())  # one read back, not one per count
 
 
 def stand_in(accelerator, model, batch: dict, sync: bool) -> torch.Tensor:
     """This process's part in the step's gradient all-reduce (at the micro-step that `sync`s) after
-    it ran out of memory: one sample cut to two tokens, forward and a zero loss backward (every
-    trainable parameter gets a zero gradient, as DDP expects). Returns the zero loss it adds."""
+    it failed: one sample cut to two tokens, forward and a zero loss backward (every trainable
+    parameter gets a zero gradient, as DDP expects). Returns the zero loss it adds."""
     if not sync:  # an accumulating micro-step: no collective to take part in
         return torch.zeros((), device=accelerator.device)
     small = {k: v[:1, :2] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in batch.items()}
@@ -59,17 +81,31 @@ def stand_in(accelerator, model, batch: dict, sync: bool) -> torch.Tensor:
     return torch.zeros((), device=accelerator.device)
 
 
-def agree(accelerator, peak: int, signum: int, oom: Optional[str] = None, where: str = "") -> tuple[int, int]:
-    """The largest peak and any stop signal over all processes, in one collective; raises
-    OutOfMemoryOnAProcess on every process where one ran out (`oom`: this process's error, in `where`)."""
+def agree(accelerator, peak: int, signum: int, failure: Optional[Failure] = None, where: str = "") -> tuple[int, int]:
+    """The largest peak and any stop signal over all processes, in one collective; raises on every
+    process where one failed (`failure`: this process's, in `where`): OutOfMemoryOnAProcess for an
+    out-of-memory error, FailedOnAProcess for any other."""
     if accelerator.num_processes == 1:
         return peak, signum
-    mine = [peak, signum, accelerator.process_index + 1 if oom is not None else 0]
-    agreed = [int(x) for x in accelerator.reduce(torch.tensor(mine, dtype=torch.int64, device=accelerator.device),
-                                                  reduction="max")]
-    if agreed[2]:  # every process ends the run the same way, with the error of the one that ran out
+    mine = [peak, signum, accelerator.process_index + 1 if failure is not None else 0]
+    agreed = accelerator.reduce(torch.tensor(mine, dtype=torch.int64, device=accelerator.device),
+                                reduction="max").tolist()
+    if agreed[2]:  # every process ends the run the same way, with the error of the one that failed
         from accelerate.utils import broadcast_object_list
 
-        message = broadcast_object_list([oom], from_process=agreed[2] - 1)[0]
-        raise OutOfMemoryOnAProcess(agreed[2] - 1, accelerator.num_processes, where, message)
+        failed = broadcast_object_list([failure], from_process=agreed[2] - 1)[0]
+        if failed.oom:
+            raise OutOfMemoryOnAProcess(agreed[2] - 1, accelerator.num_processes, where, failed.message)
+        raise FailedOnAProcess(f"process {agreed[2] - 1} of {accelerator.num_processes} failed in {where}: "
+                               f"{failed.message}")
     return agreed[0], agreed[1]
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """The process group's timeout, for a group made before this run (an earlier cell's): a
+    collective that another process never reaches fails after it instead of waiting 10-30 minutes
+    (torch's defaults). A group made by this run got it at creation (loop.Job._start_accelerator)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and hasattr(dist.distributed_c10d, "_set_pg_timeout"):
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds))
