@@ -156,6 +156,12 @@ def _on_cpu(c: Any) -> bool:
 
 def _check_device(c: Any) -> None:
     """Settings that work on one kind of device only, refused before anything loads."""
+    if (_get(c, "train.mixed_precision") == "fp16" and _get(c, "model.dtype") == "float16"
+            and not _get(c, "model.lora.enabled") and _get(c, "model.tiny") is None):
+        raise ConfigError("train.mixed_precision=fp16 scales float32 gradients, and a full fine-tune of a "
+                          "model.dtype=float16 model has float16 ones, which the gradient scaler cannot unscale: "
+                          "set model.dtype=float32 (fp16 autocast still computes in half precision), or "
+                          "train.mixed_precision=bf16 with model.dtype=bfloat16, or model.lora.enabled=true")
     if _get(c, "train.mixed_precision") == "fp16" and _on_cpu(c):
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU and this run is on the CPU "
                           "(train.cpu=true or no CUDA device): set train.mixed_precision=bf16 or no")

@@ -8,6 +8,7 @@ Events, in order, go to $SUMM_TEST_EVENTS/rank<N>.json at exit:
   "probe"       the memory probe starts ("probe-end": it returned)
   "sync"        summ's device synchronize
   "start"/"lap" the step clock opened a window / closed a step ([name, seconds] for a lap)
+  "load"        the machine's load read (/proc), which must fall outside every step's window
 """
 import atexit
 import json
@@ -22,7 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from summ.measure import timing  # noqa: E402
+from summ.measure import machine, timing  # noqa: E402
 from summ.training import loop  # noqa: E402
 
 events: list = []
@@ -58,7 +59,14 @@ def install() -> list:
         finally:
             events.append("probe-end")
 
+    sample = machine.LoadWatch.sample
+
+    def recorded_sample(watch):
+        events.append("load")
+        return sample(watch)
+
     timing.synchronize, timing.StepClock.start, timing.StepClock.lap = recorded_sync, recorded_start, recorded_lap
+    machine.LoadWatch.sample = recorded_sample
     loop.probe_memory = recorded_probe
     return handles
 

@@ -33,7 +33,7 @@ GIB = 2**30
 CUDA_CALLS = {"reset_peak_memory_stats": True, "memory_allocated": True, "memory_reserved": True,
               "max_memory_allocated": True, "max_memory_reserved": True, "memory_stats": True,
               "mem_get_info": True, "set_per_process_memory_fraction": False, "synchronize": True,
-              "get_device_name": True, "list_gpu_processes": True}
+              "get_device_name": True, "get_device_properties": True, "list_gpu_processes": True}
 
 
 @pytest.fixture
@@ -45,7 +45,8 @@ def fake_cuda(monkeypatch):
     results = {"memory_allocated": 0, "memory_reserved": 0, "max_memory_allocated": 3 * GIB,
                "max_memory_reserved": 4 * GIB, "memory_stats": {"num_alloc_retries": 0, "num_ooms": 0},
                "mem_get_info": (70 * GIB, 80 * GIB), "get_device_name": "NVIDIA H100 80GB HBM3",
-               "list_gpu_processes": "GPU:1\nno processes are running"}
+               "list_gpu_processes": "GPU:1\nno processes are running",
+               "get_device_properties": SimpleNamespace(multi_processor_count=132)}
 
     def fake(name, optional):
         signature = inspect.signature(getattr(torch.cuda, name))
@@ -118,7 +119,8 @@ def _check_no_window_opens_on_queued_work(events: list, steps: int, warmup: int)
     """Every clock read follows a synchronize that follows the last work queued before it; the
     first measured step's window is opened after the probe's work; every step closes with a lap."""
     pending = False  # work queued since the last synchronize
-    assert events.count("probe-end") == 1
+    last = None
+    assert events.count("probe-end") == 1 and events.count("load") == steps - warmup
     for e in events:
         if e == "work":
             pending = True
@@ -126,6 +128,9 @@ def _check_no_window_opens_on_queued_work(events: list, steps: int, warmup: int)
             pending = False
         elif e == "start" or isinstance(e, list):
             assert not pending, "a step clock read while work was still queued on the device"
+        elif e == "load":
+            assert isinstance(last, list), "the machine's load was read inside a step's window"
+        last = e
     probe_end = events.index("probe-end")
     after = events[probe_end:]
     # the probe's time is a lap of the clock (its work done on the device); the first measured
@@ -303,3 +308,42 @@ def test_a_collective_another_process_never_reaches_fails_after_the_timeout(tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     waited = json.loads((tmp_path / "rank0.json").read_text())
     assert waited["out_of_step"] and 1.5 < waited["seconds"] < 6, waited
+
+
+
+# --------------------------------------------------------------------------- smaller contracts
+
+
+@pytest.mark.parametrize("listing,others", [
+    (lambda me: f"GPU:0\nprocess {me:>10} uses 1234.000 MB GPU memory\nprocess 99999 uses 900.000 MB GPU memory", 1),
+    (lambda me: f"GPU:0\nprocess {me:>10} uses 1234.000 MB GPU memory", 0),
+    # in a container NVML lists host PIDs: this process is not there under its own, nothing can be matched
+    (lambda me: "GPU:0\nprocess    4183221 uses 1234.000 MB GPU memory", None),
+])
+def test_other_gpu_processes_count_only_where_this_process_is_listed(monkeypatch, listing, others):
+    monkeypatch.setattr(torch.cuda, "list_gpu_processes", lambda device: listing(os.getpid()))
+    assert machine._other_gpu_processes(torch.device("cuda", 0)) == others
+
+
+def test_a_checkpoint_is_renamed_only_after_every_process_has_written_its_part(tmp_path):
+    """Accelerate's save_state writes each process's RNG state (and sharded weights) from every
+    process; process 0 renames the folder: not before the others are done."""
+    from summ.training import checkpoint
+
+    seen = []
+
+    class Accelerator:
+        is_main_process = True
+
+        def save_state(self, folder, safe_serialization=True):
+            Path(folder).mkdir(parents=True)
+            seen.append(("save_state", Path(folder).name))
+
+        def wait_for_everyone(self):
+            folder = tmp_path / "checkpoints"
+            seen.append(("barrier", sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []))
+
+    checkpoint.save(Accelerator(), tmp_path, 4, {"epoch": 0, "batches": 8}, [], 2, "identity")
+    saved = seen.index(("save_state", ".step_4.tmp"))
+    assert seen[saved + 1] == ("barrier", [".step_4.tmp"])  # everyone done, before the rename
+    assert (tmp_path / "checkpoints" / "step_4").is_dir()

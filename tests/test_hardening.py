@@ -110,6 +110,18 @@ def test_fp16_is_refused_on_the_cpu_only(cuda, cuda_available):
     validate(compose_cfg(["train.mixed_precision=bf16", "train.cpu=true"]))
 
 
+def test_fp16_autocast_over_a_float16_full_fine_tune_is_refused(cuda):
+    """The gradient scaler unscales float32 gradients only: a float16 model trained in full would
+    fail at its first step ("Attempting to unscale FP16 gradients"), on a GPU, after the load."""
+    cuda(True)
+    real = ["model=kobart", "model.path=/models/kobart", "train.mixed_precision=fp16"]
+    with pytest.raises(ConfigError, match=r"model\.dtype=float16 .* set model\.dtype=float32"):
+        validate(compose_cfg(real + ["model.dtype=float16"]))
+    validate(compose_cfg(real + ["model.dtype=float32"]))
+    validate(compose_cfg(["model=llama", "model.path=/models/llama", "train.mixed_precision=fp16",
+                          "model.dtype=float16", "model.quantization=none"]))  # LoRA: its adapters are float32
+
+
 @pytest.mark.parametrize("cuda_available", [True, False])
 def test_dynamic_int8_is_refused_on_cuda_only(cuda, cuda_available):
     cuda(cuda_available)

@@ -34,6 +34,26 @@ def test_two_folds_with_an_ensemble(run_job, strategy):
         assert info["train_dialogues"] == 40 and set(info["features"]) >= {"agreement", "length_vs_median"}
 
 
+def test_a_finished_member_leaves_the_device_before_the_next_fold_trains(run_job, monkeypatch):
+    """logit_avg keeps every member for the ensemble: in host memory while the other folds train (on a
+    GPU, K models' weights would otherwise crowd the folds after the first), on the device only for
+    the ensemble's decoding."""
+    from summ.training import kfold
+    from summ.training.loop import Job
+
+    events = []
+    setup, to_host, to_device = Job.setup, kfold._to_host, kfold._to_device
+    monkeypatch.setattr(Job, "setup", lambda job: events.append("fold starts") or setup(job))
+    monkeypatch.setattr(kfold, "_to_host", lambda model: events.append("to host") or to_host(model))
+    monkeypatch.setattr(kfold, "_to_device", lambda model, device: events.append("to device") or to_device(model,
+                                                                                                           device))
+    m, _ = run_job("train.k_folds=3", "ensemble.strategy=logit_avg", "measure.steps=1", "eval.generate=true",
+                   "inference=greedy", "inference.max_new_tokens=4", "data.max_eval_samples=2",
+                   "data.max_train_samples=30")
+    assert m["status"] == "ok", m["error"]
+    assert events == ["fold starts", "to host"] * 3 + ["to device"] * 3
+
+
 def test_stacking_selector_learns_which_feature_predicts_rouge():
     from summ.inference.ensemble import fit_selector, stack_select
 

@@ -144,9 +144,19 @@ def test_qlora_counts_the_4bit_matmuls_and_model_flops_leave_out_recompute(run_j
     ("NVIDIA L4", "bf16", 121.0), ("NVIDIA RTX A1000", "bf16", None), ("NVIDIA A100-SXM4-80GB", "fp32", 19.5),
     ("Tesla V100-SXM2-16GB", "bf16", None), ("Tesla T4", "bf16", None), ("Tesla T4", "fp16", 65.0),
     ("NVIDIA A10G", "bf16", 70.0), ("NVIDIA A10", "bf16", 125.0),
+    ("NVIDIA B200", "bf16", 2250.0), ("NVIDIA GH200 480GB", "bf16", 989.0), ("NVIDIA H800", "bf16", 989.0),
+    ("NVIDIA H800 PCIe", "fp16", 756.0), ("NVIDIA H200 NVL", "bf16", 835.0),
 ])
 def test_the_peak_comes_from_the_most_specific_device_row(name, precision, tflops):
     assert flops.device_peak_tflops(name, precision) == tflops
+
+
+def test_a_mig_slice_gets_its_share_of_the_peak_by_its_streaming_multiprocessors():
+    # A100: 108 SMs; a 3g.40gb slice has 42. H100 SXM: 132; a 1g.10gb slice has 16.
+    assert flops.device_peak_tflops("NVIDIA A100-SXM4-80GB MIG 3g.40gb", "bf16", 42) == pytest.approx(312 * 42 / 108)
+    assert flops.device_peak_tflops("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bf16", 16) == pytest.approx(989 * 16 / 132)
+    assert flops.device_peak_tflops("NVIDIA A100-SXM4-80GB MIG 3g.40gb", "bf16", None) is None  # no count: no MFU
+    assert flops.device_peak_tflops("NVIDIA L4 MIG 1g.6gb", "bf16", 10) is None  # the whole GPU's count unknown
 
 
 def test_the_peak_precision_is_the_one_the_matmuls_compute_in():

@@ -31,11 +31,15 @@ from summ.measure.devices import cuda_index
 # Dense peak TFLOP/s by device name: (fp32 without tensor cores, fp16, bf16); None where the device
 # cannot do it. Vendor data sheets, without sparsity. The most specific name comes first.
 PEAK_TFLOPS = (
+    ("GH200", (67.0, 989.0, 989.0)),  # its Hopper GPU is an H100 SXM's
     ("H200 NVL", (60.0, 835.0, 835.0)),
     ("H200", (67.0, 989.0, 989.0)),
     ("H100 NVL", (60.0, 835.0, 835.0)),
     ("H100 PCIe", (51.0, 756.0, 756.0)),
     ("H100", (67.0, 989.0, 989.0)),  # SXM
+    ("H800 PCIe", (51.0, 756.0, 756.0)),
+    ("H800", (67.0, 989.0, 989.0)),  # SXM: an H100's compute, less NVLink and FP64
+    ("B200", (80.0, 2250.0, 2250.0)),  # HGX B200 at 1,000 W
     ("A100", (19.5, 312.0, 312.0)),
     ("L40S", (91.6, 362.0, 362.0)),
     ("L40", (90.5, 181.0, 181.0)),
@@ -48,6 +52,10 @@ PEAK_TFLOPS = (
     ("T4", (8.1, 65.0, None)),  # no bf16
 )
 _PRECISION_COLUMN = {"fp32": 0, "fp16": 1, "bf16": 2}
+# The whole GPU's streaming multiprocessors, for the GPUs that can be split into MIG slices: a slice
+# (named "... MIG 3g.40gb") has the table's peak times its own SMs over these.
+FULL_GPU_SMS = (("GH200", 132), ("H200", 132), ("H100 PCIe", 114), ("H100", 132), ("H800 PCIe", 114),
+                ("H800", 132), ("B200", 148), ("A100", 108), ("A30", 56))
 
 
 def compute_precision(mixed_precision: str, quantization: str, dtype: str) -> str:
@@ -62,12 +70,28 @@ def compute_precision(mixed_precision: str, quantization: str, dtype: str) -> st
     return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
 
 
-def device_peak_tflops(name: str, precision: str) -> Optional[float]:
-    """The table's peak for a device name, or None (unknown device, or a precision it lacks)."""
-    for fragment, peaks in PEAK_TFLOPS:
+def _named(name: str, table) -> Optional[Any]:
+    """The first row of `table` whose name is in `name` as a whole word (most specific first)."""
+    for fragment, value in table:
         if re.search(rf"(?<![A-Za-z0-9]){re.escape(fragment)}(?![A-Za-z0-9])", name):
-            return peaks[_PRECISION_COLUMN[precision]]
+            return value
     return None
+
+
+def device_peak_tflops(name: str, precision: str, sms: Optional[int] = None) -> Optional[float]:
+    """The table's peak for a device name, or None (unknown device, or a precision it lacks). A MIG
+    slice has its share by streaming multiprocessors (`sms`: the slice's own count); None where the
+    whole GPU's count is not known."""
+    peaks = _named(name, PEAK_TFLOPS)
+    if peaks is None or peaks[_PRECISION_COLUMN[precision]] is None:
+        return None
+    peak = peaks[_PRECISION_COLUMN[precision]]
+    if re.search(r"(?<![A-Za-z0-9])MIG(?![A-Za-z0-9])", name):
+        full = _named(name, FULL_GPU_SMS)
+        if full is None or not sms:
+            return None
+        return peak * min(sms, full) / full
+    return peak
 
 
 def peak_flops(device: torch.device, precision: str, configured_tflops: Optional[float]) -> Optional[float]:
@@ -76,7 +100,9 @@ def peak_flops(device: torch.device, precision: str, configured_tflops: Optional
         return configured_tflops * 1e12
     if device.type != "cuda":
         return None
-    tflops = device_peak_tflops(torch.cuda.get_device_name(cuda_index(device)), precision)
+    index = cuda_index(device)
+    tflops = device_peak_tflops(torch.cuda.get_device_name(index), precision,
+                                torch.cuda.get_device_properties(index).multi_processor_count)
     return tflops * 1e12 if tflops else None
 
 

@@ -92,7 +92,10 @@ class LoadWatch:
 
 def _other_gpu_processes(device: torch.device) -> Optional[int]:
     """Processes other than this one holding memory on the GPU (NVML through torch), or None where
-    it cannot be seen."""
+    it cannot be seen. NVML names processes by the host's PIDs: inside a container (its own PID
+    namespace) this process is not among them under its own PID, and every process would look like
+    another one. This run holds memory on the GPU when it asks, so where its own PID is missing the
+    list cannot be matched, and it is left out (None), not read as busy."""
     if device.type != "cuda":
         return None
     try:
@@ -100,4 +103,6 @@ def _other_gpu_processes(device: torch.device) -> Optional[int]:
     except Exception:
         return None
     pids = [line.split()[1] for line in text.splitlines() if line.strip().startswith("process")]
+    if str(os.getpid()) not in pids:
+        return None
     return sum(1 for pid in pids if pid != str(os.getpid()))

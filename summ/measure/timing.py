@@ -3,7 +3,8 @@
 - A step's time runs from the end of the step before to the end of this one, everything the loop
   does included (data, forward and backward, update, the loss read back, history, checks, tracker
   logging): the measured steps add up to the loop's own wall time, so the stopwatch and the report
-  agree. Checkpoints and the memory probe fall between steps and only in `train.loop_seconds`.
+  agree. Checkpoints, the memory probe and the machine-load reading (summ/measure/machine.py) fall
+  between steps, outside the clock, and only in `train.loop_seconds`.
 - The device is synchronised once per step (the loss is read back); micro-steps are timed with
   CUDA events on a GPU, so the host never waits on the device inside a step.
 - The first warm-up steps are excluded from every timing figure. ``samples_per_s`` and

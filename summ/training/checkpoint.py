@@ -99,6 +99,7 @@ def _save(accelerator, run_dir: Path, step: int, position: dict, history: list[d
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process has written its part (its RNG state, its shard)
     if accelerator.is_main_process:
         atomic_write_text(tmp / STATE_FILE, json.dumps({"step": step, **position, "config": identity}))
         write_jsonl(tmp / HISTORY, history)

@@ -265,9 +265,11 @@ class Job:
                                                    f"optimizer step {step + 1}")
                 self.guard.check(peak_all)
                 if measuring:
-                    meas.load.sample()
                     meas.step_positions.append(tokens + pads)
                 step_seconds = meas.clock.lap()
+                if measuring:  # what else runs on the machine, read between steps: not in a step's time
+                    meas.load.sample()
+                    meas.clock.start()
                 meas.timer.add_step(step_seconds, samples=samples, tokens=tokens, pad_tokens=pads)
                 meas.timer.note_positions(max(sum(b["counts"][1:3]) for b in window))
                 self.history.append({"step": step + 1, "epoch": epoch, "loss": loss_value,
