@@ -97,6 +97,7 @@ class MemoryFigures:
     peak_bytes: int = 0  # the worst of observed and probe: what the budget, the report and the sweeper use
     observed_peak_bytes: int = 0  # during the steps that ran
     probe_peak_bytes: Optional[int] = None  # one micro-batch at the maximum widths (measure.memory_probe)
+    probe_skipped: Optional[str] = None  # why the probe did not run under this launcher (DeepSpeed, FSDP)
     eval_peak_bytes: Optional[int] = None  # evaluation and generation; never judged against the budget
     reserved_peak_bytes: Optional[int] = None  # the allocator's reserved peak (CUDA) or resident set (CPU)
     peak_bytes_per_process: Optional[list] = None

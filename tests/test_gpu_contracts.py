@@ -350,3 +350,70 @@ def test_a_checkpoint_is_renamed_only_after_every_process_has_written_its_part(t
     saved = seen.index(("save_state", ".step_4.tmp"))
     assert seen[saved + 1] == ("barrier", [".step_4.tmp"])  # everyone done, before the rename
     assert (tmp_path / "checkpoints" / "step_4").is_dir()
+
+
+# --------------------------------------------------------------------------- launchers (DeepSpeed, FSDP)
+
+
+class _Launched(SimpleNamespace):
+    """An Accelerator as a launcher leaves it after prepare (distributed_type, accumulation, plugin)."""
+
+
+def _deepspeed(accumulation, **plugin_kwargs):
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    plugin = DeepSpeedPlugin(zero_stage=2, **plugin_kwargs)
+    return _Launched(distributed_type=DistributedType.DEEPSPEED, gradient_accumulation_steps=accumulation,
+                     state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+def test_a_launcher_that_overrides_the_cells_accumulation_stops_the_run_with_one_line():
+    """accelerate 1.16 accelerator.py (_prepare_deepspeed): a number in DeepSpeed's config wins over
+    the GradientAccumulationPlugin's, with a warning: the cell of 2 would step every micro-batch."""
+    from summ.errors import ConfigError
+    from summ.training import launchers
+
+    acc = _deepspeed(1, gradient_accumulation_steps=1)  # what prepare left: DeepSpeed's value
+    with pytest.raises(ConfigError, match="sets gradient accumulation to 1 and this cell asks for 2") as info:
+        launchers.check_prepared(acc, 2, 1.0)
+    assert "\n" not in str(info.value) and "auto" in str(info.value)
+    launchers.check_prepared(_deepspeed(2), 2, 1.0)  # auto: filled with the cell's
+
+
+def test_deepspeed_clips_where_train_max_grad_norm_says():
+    from summ.errors import ConfigError
+    from summ.training import launchers
+
+    acc = _deepspeed(1)  # the shipped config: gradient_clipping auto
+    launchers.before_prepare(acc, 0.5)
+    assert acc.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == 0.5
+    launchers.check_prepared(acc, 1, 0.5)
+    with pytest.raises(ConfigError, match=r"gradient_clipping=1.0 and train.max_grad_norm=0.5"):
+        launchers.check_prepared(_deepspeed(1, gradient_clipping=1.0), 1, 0.5)
+
+
+def test_the_shipped_deepspeed_config_fixes_neither_accumulation_nor_clipping(monkeypatch):
+    import yaml
+    from accelerate.utils import DeepSpeedPlugin
+
+    shipped = yaml.safe_load((ROOT / "accelerate_configs" / "deepspeed_zero2.yaml").read_text())
+    assert not {"gradient_accumulation_steps", "gradient_clipping"} & set(shipped["deepspeed_config"])
+    for name in ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING"):
+        monkeypatch.delenv(name, raising=False)  # what accelerate launch sets only from the config's keys
+    config = DeepSpeedPlugin(zero_stage=shipped["deepspeed_config"]["zero_stage"]).deepspeed_config
+    assert config["gradient_accumulation_steps"] == config["gradient_clipping"] == "auto"
+
+
+def test_the_probe_is_skipped_under_deepspeed_and_fsdp_and_metrics_say_why(run_job, monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from summ.training import launchers
+
+    assert "optimizer step" in launchers.probe_skipped(_deepspeed(1))
+    assert "unreduced" in launchers.probe_skipped(_Launched(distributed_type=DistributedType.FSDP))
+    assert launchers.probe_skipped(_Launched(distributed_type=DistributedType.MULTI_GPU)) is None
+    reason = launchers.probe_skipped(_deepspeed(1))
+    monkeypatch.setattr(launchers, "probe_skipped", lambda acc: reason)  # a run as a DeepSpeed launch leaves it
+    m, _ = run_job("measure.steps=2", "eval.enabled=false")
+    assert m["status"] == "ok" and m["memory"]["probe_skipped"] == reason
+    assert m["memory"]["probe_peak_bytes"] is None and m["train"]["probe_seconds"] is None

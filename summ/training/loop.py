@@ -26,7 +26,7 @@ from summ.modeling import models
 from summ.modeling.loss import model_inputs, summed_token_loss
 from summ.modeling.saved import save_for_predict
 from summ.run_folder import MODEL_DIR, RunMetrics
-from summ.training import batches, checkpoint, cleanup, processes, reuse, tracking
+from summ.training import batches, checkpoint, cleanup, launchers, processes, reuse, tracking
 from summ.training.evaluation import evaluate
 from summ.training.measurement import (Measurement, epoch_plan, probe_memory, probe_samples, probe_widths,
                                        schedule_length, warm_training_paths, warmup_steps, window)
@@ -159,9 +159,12 @@ class Job:
                                                  shuffle=False, **loader_kw)
         params = [p for p in loaded.model.parameters() if p.requires_grad]
         optimizer = build_optimizer([p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2], cfg.train)
+        launchers.before_prepare(acc, cfg.train.max_grad_norm)
         self.model, self.optimizer, self.train_loader, self.dev_loader = acc.prepare(
             loaded.model, optimizer, train_loader, dev_loader)
+        launchers.check_prepared(acc, self.ga, cfg.train.max_grad_norm)  # what DeepSpeed's config may override
         self.loaded = None
+        self.measurement.probe_skipped = launchers.probe_skipped(acc) if cfg.measure.memory_probe else None
 
     def _make_schedule(self) -> None:
         from transformers import get_scheduler
@@ -227,7 +230,7 @@ class Job:
         try:
             for step in range(self.start_step, self.total_updates):
                 if step == self.warmup_steps:  # between warm-up and the measured steps
-                    if cfg.measure.memory_probe:
+                    if cfg.measure.memory_probe and not meas.probe_skipped:
                         self._probe()  # the worst batch's memory
                     meas.load.start()
                     meas.clock.start()  # after the probe's work is done on the device

@@ -98,6 +98,7 @@ class Measurement:
         self.profile: Optional[flops.MicroStepProfile] = None
         self.observed_peak = 0  # the largest of the stretches run so far, the probe aside
         self.probe_peak: Optional[int] = None
+        self.probe_skipped: Optional[str] = None  # why the probe cannot run under this launcher (launchers.py)
         self.eval_peak: Optional[int] = None
         self.load = machine.LoadWatch(device)
         self.loop_seconds: Optional[float] = None
@@ -132,6 +133,7 @@ class Measurement:
             peak_bytes_per_process=process_peaks, weights_bytes=self.monitor.weights_bytes or None,
             context_bytes=self.monitor.context_bytes, alloc_retries=retries, num_ooms=ooms, capacity_bytes=capacity,
             fraction=peak / capacity if capacity else None, source=self.monitor.source,
+            probe_skipped=self.probe_skipped,
             budget_bytes=self.guard.budget_bytes, limit_bytes=self.guard.limit_bytes)
 
     # ------------------------------------------------------------------ figures
