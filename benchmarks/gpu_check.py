@@ -1,36 +1,47 @@
-"""GPU check: summ's loop, MFU and memory figures against independent references, on one GPU.
+"""GPU check: what a user runs first on a GPU, and summ's loop, MFU and memory figures against
+independent references, on one GPU.
 
     python benchmarks/gpu_check.py [--quick]
 
-About 8 minutes on one H200 (--quick: about 2, for a first smoke); every size is a flag
-(--help). Each section prints one table and its elapsed time; a failed section is reported and
-the others still run. All figures go to $OUT/gpu_check.json (else ./gpu_check.json), rewritten
-after every section, so a run cut short keeps what it measured.
+About 8 minutes on one H100 (--quick: about 3, for a first smoke); every size is a flag (--help).
+Each section prints one table and its elapsed time; a failed section is reported and the others
+still run; the exit code is 1 if any failed or missed its target. All figures go to
+$OUT/gpu_check.json (else ./gpu_check.json), rewritten after every section, so a run cut short
+keeps what it measured.
 
+0. The README's GPU commands through run.py, on hub-shaped folders written with save_pretrained
+   (random weights, summ's Korean tokenizer): a KoBART-shaped full fine-tune with evaluation and
+   generation, a Llama-3.2-3B-shaped QLoRA run, then `python run.py -m preset=knee_grid
+   measure.memory_budget_gb=24` on the Llama-shaped folder, its sweep.csv and knee report read
+   back: every cell ok, oom or over_budget, none failed (benchmarks/gpu_check_user.py).
+5. A failed cell leaves nothing behind: KoBART-shaped cells of one sweep process (reuse on), ok /
+   out of memory in a backward, a forward (failpoints) and for real under a memory cap / ok: every
+   cell's allocated memory at its start within 2% of the first cell's.
 1. Loop overhead. A KoBART-shaped BART (d_model 768, 6+6 layers, FFN 3072, vocabulary 30,000,
-   bf16 autocast) at micro-batch 8, 32 and 128. summ's loop (run_job, a measure.samples window)
-   runs against a bare PyTorch loop: same init, same samples in the same order and batch shapes,
-   fused AdamW, non_blocking copies from pinned memory, DataLoader workers, and no host sync per
-   step. The bare loop is timed with CUDA events and one synchronize at the end of its window.
-   The two alternate A B A B. Prints median samples/s per contender and the ratio summ/bare
-   (target >= 0.98).
-2. QLoRA MFU. A Llama-3.2-3B-shaped model (4-bit NF4, LoRA, gradient checkpointing, bf16).
-   Prints metrics.mfu, metrics.hfu and train.flops_per_token next to the analytic
-   6 * N * tokens/s / peak. N is counted from the config, because 4-bit weights are stored
-   packed. Also prints the ratio flops_per_token / 6N. About 4N/6N = 0.67 is expected: frozen
-   weights get no weight gradients.
+   bf16 autocast) at micro-batch 8, 32 and 128. summ's loop (run_job, a measure.samples window,
+   the memory probe on, as sweeps run it) runs against a bare PyTorch loop: same init, same samples
+   in the same order and batch shapes, fused AdamW, non_blocking copies from pinned memory,
+   DataLoader workers, and no host sync per step. The bare loop is timed with CUDA events and one
+   synchronize at the end of its window. The two alternate A B, B A. Prints median samples/s per
+   contender and the ratio summ/bare (target >= 0.98: a probe billed to the first measured step,
+   or any added sync, shows here first).
+2. QLoRA FLOPs and MFU. Section 0's Llama-3.2-3B-shaped QLoRA run (4-bit NF4, LoRA, gradient
+   checkpointing, bf16; else a run of its own): metrics.mfu, metrics.hfu and train.flops_per_token
+   next to 6N and 4N counted from the folder's config.json (4-bit weights are stored packed). About
+   4N/6N = 0.67 is expected: frozen weights get no weight gradients.
 3. Probe vs epoch peak. The BART at micro-batch 32: a trial cell (measure.samples window,
    memory probe on) against one full epoch of the same small set (probe off). Prints the trial's
    peak, probe and observed peaks, the epoch's observed peak, trial peak / epoch (target
    >= 0.95) and observed-only trial / epoch (the bias the probe removes).
 4. Context and fragmentation. For every run above: memory.context_bytes, reserved_peak_bytes -
-   peak_bytes and alloc_retries. Then one run with measure.memory_budget_gb=24: the allocator
-   cap makes an over-large micro-batch fail as oom or over_budget, as a 24 GB card would. A
-   control run at a micro-batch that fits still passes under the same cap.
+   peak_bytes and alloc_retries. Then one run with measure.memory_budget_gb=24 on Accelerate's
+   `cuda` device (no index: the cap once failed at setup there): the allocator cap makes an
+   over-large micro-batch fail as oom or over_budget, as a 24 GB card would. A control run at a
+   micro-batch that fits still passes under the same cap.
 
-The runs go in the order 1, 3, 4 (capped run), 2 (the 3B model, the longest), then the table of
-section 4. Where CUDA is absent the script says so and exits 0. --cpu-smoke runs every section at
-toy size on the CPU instead. Its figures mean nothing; it only checks the script's plumbing.
+The runs go in the order 0, 5, 1, 3, 4 (capped run), 2, then the table of section 4. Where CUDA is
+absent the script says so and exits 0. --cpu-smoke runs every section at toy size on the CPU
+instead. Its figures mean nothing; it only checks the script's plumbing.
 """
 from __future__ import annotations
 
@@ -48,27 +59,33 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gpu_check_user as user
 from common import compose, machine, median, paired_ratio, table
 
 GIB = 2**30
 
 # Sizes: full run, then what --quick and --cpu-smoke change (a flag given on the command line wins).
 DEFAULTS: dict[str, Any] = {
-    "sections": "1,2,3,4", "budget_s": 480.0,
-    "overhead_sizes": "8,32,128", "overhead_rounds": 3, "overhead_steps": 30, "overhead_warmup_steps": 3,
-    "overhead_train_size": 3000, "overhead_max_s": 210.0, "bart_heads": 12,
+    "sections": "0,1,2,3,4,5", "budget_s": 480.0,
+    "user_train_size": 512, "user_steps": 5, "user_trial_samples": 32, "user_trial_warmup_samples": 16,
+    "isolation_small": 8, "isolation_big": 64, "isolation_cap_gb": 6.0,
+    "overhead_sizes": "8,32,128", "overhead_rounds": 2, "overhead_steps": 30, "overhead_warmup_steps": 3,
+    "overhead_train_size": 3000, "overhead_max_s": 120.0, "bart_heads": 12,
     "qlora_batch": 4, "qlora_steps": 8, "qlora_warmup_steps": 2, "qlora_layers": 28, "qlora_train_size": 256,
     "qlora_min_s": 100.0,
     "probe_batch": 32, "probe_steps": 10, "epoch_train_size": 2000,
     "budget_gb": 24.0, "budget_batch": 256, "budget_control_batch": 32,
 }
 QUICK: dict[str, Any] = {
+    "budget_s": 180.0, "user_train_size": 128, "user_steps": 3,
     "overhead_sizes": "8,32", "overhead_rounds": 1, "overhead_steps": 10, "overhead_train_size": 1000,
-    "overhead_max_s": 60.0, "qlora_layers": 4, "qlora_steps": 3, "qlora_min_s": 40.0, "probe_steps": 4,
+    "overhead_max_s": 40.0, "qlora_layers": 4, "qlora_steps": 3, "qlora_min_s": 40.0, "probe_steps": 4,
     "epoch_train_size": 640,
 }
 SMOKE: dict[str, Any] = {
-    **QUICK, "overhead_sizes": "4", "overhead_steps": 3, "overhead_warmup_steps": 1, "overhead_train_size": 48,
+    **QUICK, "budget_s": 480.0, "user_train_size": 24, "user_steps": 1, "user_trial_samples": 4,
+    "user_trial_warmup_samples": 2, "isolation_small": 2, "isolation_big": 4, "isolation_cap_gb": 0.001,
+    "overhead_sizes": "4", "overhead_steps": 3, "overhead_warmup_steps": 1, "overhead_train_size": 48,
     "qlora_batch": 2, "qlora_steps": 2, "qlora_warmup_steps": 1, "qlora_layers": 2, "qlora_train_size": 16,
     "probe_batch": 4, "probe_steps": 2, "epoch_train_size": 24, "budget_gb": 0.001, "budget_batch": 4,
     "budget_control_batch": 0,
@@ -76,6 +93,13 @@ SMOKE: dict[str, Any] = {
 
 HELP = {
     "sections": "which sections to run, e.g. 1,3",
+    "user_train_size": "section 0: data.synthetic_train_size of the README's commands",
+    "user_steps": "section 0: measure.steps of the two single runs",
+    "user_trial_samples": "section 0: sweep.trial_samples of the knee grid",
+    "user_trial_warmup_samples": "section 0: sweep.trial_warmup_samples of the knee grid",
+    "isolation_small": "section 5: the micro-batch of the cells that fit",
+    "isolation_big": "section 5: the micro-batch of the cells a failpoint fails",
+    "isolation_cap_gb": "section 5: measure.memory_budget_gb of the cell that runs out for real (at --budget-batch)",
     "budget_s": "seconds the whole script may take; sections skip or shorten to stay inside it",
     "overhead_sizes": "section 1: micro-batches, comma-separated",
     "overhead_rounds": "section 1: A B rounds per micro-batch",
@@ -98,7 +122,9 @@ HELP = {
     "budget_control_batch": "section 4: a micro-batch that fits, run under the same cap (0: none)",
 }
 
-SECTION_TITLES = {"1": "1. loop overhead: summ vs a bare asynchronous loop",
+SECTION_TITLES = {"0": "0. the README's GPU commands on hub-shaped folders",
+                  "5": "5. a failed cell leaves nothing behind for the next",
+                  "1": "1. loop overhead: summ vs a bare asynchronous loop",
                   "2": "2. QLoRA MFU: summ's counted FLOPs vs analytic 6N",
                   "3": "3. memory: trial (probe) peak vs a full epoch's observed peak",
                   "4b": "4. memory budget: allocator cap at measure.memory_budget_gb",
@@ -112,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Sections:\n" + __doc__[__doc__.index("1. Loop overhead"):])
-    ap.add_argument("--quick", action="store_true", help="shrink every section for a first smoke on a GPU (~2 min)")
+    ap.add_argument("--quick", action="store_true", help="shrink every section for a first smoke on a GPU (~3 min)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run every section at toy size on the CPU (checks the script, figures mean nothing)")
     ap.add_argument("--json", default=None, help="where the figures go (default: $OUT/gpu_check.json, else "
@@ -209,6 +235,8 @@ def section(ctx: Context, key: str, fn: Callable[[Context], dict]) -> bool:
     record: dict[str, Any]
     try:
         record = {"status": "ok", **fn(ctx)}
+        if record.get("target_met") is False and not ctx.args.cpu_smoke:  # toy figures meet nothing
+            record["status"] = "missed its target"
     except Exception as exc:  # noqa: BLE001 (a failed section is reported; the next one runs)
         tb = traceback.format_exc()
         print("\n".join(tb.splitlines()[-15:]))
@@ -494,41 +522,30 @@ def tiny_models_built_on(device):
 
 def qlora_mfu(ctx: Context) -> dict:
     import torch
-    from omegaconf import OmegaConf
 
     from summ.measure import flops
-    from summ.modeling import models
+    from summ.run_folder import read_metrics
 
     a = ctx.args
-    if ctx.left() < a.qlora_min_s:
-        raise RuntimeError(f"skipped: {ctx.left():.0f} s left of --budget-s, under --qlora-min-s {a.qlora_min_s:.0f}")
-    overrides = (llama_3b(a) + [f"data.synthetic_train_size={a.qlora_train_size}"]
-                 + window(a.qlora_batch, a.qlora_steps, a.qlora_warmup_steps))
-    obj = OmegaConf.to_object(compose(overrides))
-    tok = models.load_tokenizer(obj.model)
-    # The random bf16 weights, built once on the device and saved where run_job's loader looks
-    # for them (models.tiny_weights_dir caches per process), before the run's memory is counted.
-    t0 = time.perf_counter()
-    with tiny_models_built_on(ctx.device):
-        models.tiny_weights_dir(obj.model, tok, obj.train.seed)
-    release()
-    build_s = time.perf_counter() - t0
-    print(f"random bf16 weights built on {ctx.device.type} and saved in {build_s:.1f} s", flush=True)
-
-    t0 = time.perf_counter()
-    m = summ_run(ctx, f"s2 qlora bs{a.qlora_batch}", overrides)
-    run_s = time.perf_counter() - t0
+    run_dir = getattr(ctx, "user_llama_run", None)
+    found = read_metrics(run_dir).record if run_dir is not None else None
+    if found is not None and found.status == "ok":  # section 0's run of the hub-shaped folder
+        m, build_s, run_s = found, None, None
+        ctx.runs.append(("s2 = s0 llama (run.py)", m))
+        config = json.loads((ctx.hub_folders["llama"] / "config.json").read_text())
+        n, layers, micro_batch = hub_llama_params(config), config["num_hidden_layers"], m.batch_size
+        precision, configured = flops.compute_precision(m.mixed_precision, m.quantization, "bfloat16"), None
+        print(f"from section 0's run.py run of the Llama-3.2-3B-shaped folder: {run_dir}", flush=True)
+    else:
+        m, n, layers, precision, configured, build_s, run_s = own_qlora_run(ctx)
+        micro_batch = a.qlora_batch
     t = m.train
-    vocab = max(len(tok), obj.model.tiny.vocab_size or 0)
-    n = llama_params(obj.model.tiny, vocab)
-    precision = flops.compute_precision(str(obj.train.mixed_precision), str(obj.model.quantization),
-                                        str(obj.model.dtype))
-    peak = flops.peak_flops(ctx.device, precision, obj.measure.peak_tflops)
+    peak = flops.peak_flops(ctx.device, precision, configured)
     tps = t.tokens_per_s
     analytic6 = 6 * n * tps / peak if peak and tps else None
     analytic4 = 4 * n * tps / peak if peak and tps else None
     fpt = t.flops_per_token
-    fig = {"micro_batch": a.qlora_batch, "layers": obj.model.tiny.layers, "params_from_config": n,
+    fig = {"micro_batch": micro_batch, "layers": layers, "params_from_config": n,
            "total_params_metrics": m.total_params, "trainable_params": m.trainable_params, "precision": precision,
            "peak_flops": peak, "tokens_per_s": tps, "samples_per_s": t.samples_per_s,
            "measured_steps": t.optimizer_steps, "step_time_s_median": t.step_time_s_median,
@@ -540,8 +557,8 @@ def qlora_mfu(ctx: Context) -> dict:
            "pad_fraction": t.pad_fraction, "peak_bytes": m.memory.peak_bytes if m.memory else None,
            "weights_build_s": build_s, "run_s": run_s, "memory": mem_dict(m)}
     rows = [
-        ["micro-batch x measured steps", f"{a.qlora_batch} x {t.optimizer_steps}"],
-        ["layers (28 = Llama-3.2-3B)", obj.model.tiny.layers],
+        ["micro-batch x measured steps", f"{micro_batch} x {t.optimizer_steps}"],
+        ["layers (28 = Llama-3.2-3B)", layers],
         ["N from the config (tied embedding once)", f"{n:,}"],
         ["total_params in metrics (4-bit packed)", f"{m.total_params or 0:,}"],
         ["trainable (LoRA)", f"{m.trainable_params or 0:,}"],
@@ -570,6 +587,45 @@ def qlora_mfu(ctx: Context) -> dict:
           "gradient-checkpointing recompute, so mfu / analytic(6N) = flops_per_token / 6N, by construction "
           "(same tokens/s, same peak). HFU counts recompute and padding.")
     return fig
+
+
+def own_qlora_run(ctx: Context) -> tuple:
+    """Section 2 without section 0: the Llama-3.2-3B-shaped QLoRA model as a tiny_llama, its random
+    weights built on the device, one run_job."""
+    from omegaconf import OmegaConf
+
+    from summ.measure import flops
+    from summ.modeling import models
+
+    a = ctx.args
+    if ctx.left() < a.qlora_min_s:
+        raise RuntimeError(f"skipped: {ctx.left():.0f} s left of --budget-s, under --qlora-min-s {a.qlora_min_s:.0f}")
+    overrides = (llama_3b(a) + [f"data.synthetic_train_size={a.qlora_train_size}"]
+                 + window(a.qlora_batch, a.qlora_steps, a.qlora_warmup_steps))
+    obj = OmegaConf.to_object(compose(overrides))
+    tok = models.load_tokenizer(obj.model)
+    # The random bf16 weights, built once on the device and saved where run_job's loader looks
+    # for them (models.tiny_weights_dir caches per process), before the run's memory is counted.
+    t0 = time.perf_counter()
+    with tiny_models_built_on(ctx.device):
+        models.tiny_weights_dir(obj.model, tok, obj.train.seed)
+    release()
+    build_s = time.perf_counter() - t0
+    print(f"random bf16 weights built on {ctx.device.type} and saved in {build_s:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    m = summ_run(ctx, f"s2 qlora bs{a.qlora_batch}", overrides)
+    run_s = time.perf_counter() - t0
+    n = llama_params(obj.model.tiny, models.padded_vocabulary(max(len(tok), obj.model.tiny.vocab_size or 0)))
+    precision = flops.compute_precision(str(obj.train.mixed_precision), str(obj.model.quantization),
+                                        str(obj.model.dtype))
+    return m, n, obj.model.tiny.layers, precision, obj.measure.peak_tflops, build_s, run_s
+
+
+def hub_llama_params(c: dict) -> int:
+    """llama_params, from a hub config.json (the tied embedding counted once)."""
+    d, layers, ffn = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] * (d // c["num_attention_heads"])
+    return c["vocab_size"] * d + layers * (2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d) + d
 
 
 # --------------------------------------------------------------------------- section 3
@@ -678,11 +734,15 @@ def main(argv: list[str] | None = None) -> int:
     mode = "--cpu-smoke (toy sizes, figures mean nothing)" if args.cpu_smoke else "--quick" if args.quick else "full"
     print(f"machine: {ctx.report['machine']}\nmode: {mode}; budget {args.budget_s:.0f} s; sections "
           f"{','.join(sorted(args.sections))}; figures -> {json_path}", flush=True)
-    plan = [("1", overhead), ("3", probe_vs_epoch), ("4b", budget_cap), ("2", qlora_mfu), ("4", context_and_fragmentation)]
+    plan = [("0", user.readme_commands), ("5", lambda c: user.failed_cells_leave_nothing(c, kobart(c.args))),
+            ("1", overhead), ("3", probe_vs_epoch), ("4b", budget_cap), ("2", qlora_mfu),
+            ("4", context_and_fragmentation)]
     ok = True
-    for key, fn in plan:
-        if key.rstrip("b") in args.sections:
-            ok = section(ctx, key, fn) and ok
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        ctx.scratch = Path(scratch)
+        for key, fn in plan:
+            if key.rstrip("b") in args.sections:
+                ok = section(ctx, key, fn) and ok
     print(f"\n=== done in {ctx.elapsed():.0f} s: " + ", ".join(
         f"{k} {v['status']} ({v['elapsed_s']:.0f} s)" for k, v in ctx.report["sections"].items()))
     print(f"figures: {json_path}")
