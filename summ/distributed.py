@@ -23,6 +23,12 @@ OUT_OF_STEP = ("Timed out waiting", "Application timeout caused pair closure", "
 STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
 
 
+def sharded_by(accelerator) -> Optional[str]:
+    """"deepspeed", "fsdp", or None (one process, DDP): how the launch spreads the model's state."""
+    kind = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
+    return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(kind)
+
+
 def out_of_step(exc: BaseException) -> bool:
     """`exc` says the processes of this launch are no longer in step (OUT_OF_STEP)."""
     text = str(exc)

@@ -417,3 +417,91 @@ def test_the_probe_is_skipped_under_deepspeed_and_fsdp_and_metrics_say_why(run_j
     m, _ = run_job("measure.steps=2", "eval.enabled=false")
     assert m["status"] == "ok" and m["memory"]["probe_skipped"] == reason
     assert m["memory"]["probe_peak_bytes"] is None and m["train"]["probe_seconds"] is None
+
+
+def test_fsdp_refuses_what_it_cannot_shard_before_prepare():
+    """Accelerate 1.16 selects FSDP only on GPU-like devices (accelerate/state.py: the FSDP branch
+    is under MULTI_GPU, MULTI_XPU, ...; on the CPU every FSDP setting quietly gives DDP), so these
+    contracts are tested with an Accelerator as an FSDP launch leaves it."""
+    from accelerate.utils import DistributedType
+
+    from summ.errors import ConfigError
+    from summ.training import launchers
+
+    fsdp = _Launched(distributed_type=DistributedType.FSDP)
+    with pytest.raises(ConfigError, match="does not shard under FSDP: its tied embeddings"):
+        launchers.before_prepare(fsdp, 1.0, "seq2seq", "none")
+    with pytest.raises(ConfigError, match=r"model.quantization=4bit \(bitsandbytes\) does not shard"):
+        launchers.before_prepare(fsdp, 1.0, "causal", "4bit")
+    launchers.before_prepare(fsdp, 1.0, "causal", "none")
+    launchers.before_prepare(_Launched(distributed_type=DistributedType.MULTI_GPU), 1.0, "seq2seq", "4bit")
+
+
+def test_under_fsdp_every_process_gathers_the_weights_and_process_0_saves_them(tmp_path, monkeypatch):
+    """get_state_dict under FSDP is a collective (accelerate 1.16 accelerator.py: get_model_state_dict
+    with full_state_dict and cpu_offload): a process 0 that gathered alone waited for good, and
+    save_pretrained of the sharded parameters themselves fails ("invalid python storage")."""
+    from accelerate.utils import DistributedType
+
+    from summ.training import loop
+
+    calls = []
+    for rank, main in ((0, True), (1, False)):
+        job = loop.Job.__new__(loop.Job)
+        weights = {"w": torch.zeros(2)}
+        job.accelerator = _Launched(distributed_type=DistributedType.FSDP, is_main_process=main,
+                                    get_state_dict=lambda model, r=rank, w=weights: calls.append(("gather", r)) or w,
+                                    wait_for_everyone=lambda r=rank: calls.append(("barrier", r)))
+        job.cfg = SimpleNamespace(train=SimpleNamespace(save_model=True))
+        job.metrics, job.model, job.tokenizer, job.output_dir = SimpleNamespace(), object(), object(), tmp_path
+        job.start_step, job.measurement = 0, SimpleNamespace(timer=SimpleNamespace(steps_seen=3))
+        job.bs, job.ga = 1, 1
+        monkeypatch.setattr(loop, "save_for_predict", lambda acc, model, tok, cfg, target, state, r=rank, w=weights:
+                            calls.append(("save", r, state is w)))
+        job.save()
+    assert calls == [("gather", 0), ("save", 0, True), ("barrier", 0), ("gather", 1), ("barrier", 1)]
+
+
+def test_under_fsdp_generation_keeps_every_process_in_step(monkeypatch):
+    """Every forward of a sharded model is a collective: each process makes as many generate()
+    calls as the others (split with padding) and steps until the longest sequence of all is done."""
+    from accelerate.utils import DistributedType
+
+    from summ.config import InferenceConfig, ModelKind
+    from summ.data.samples import Sample
+    from summ.inference import evaluate
+    from summ.modeling import models
+
+    split, generated = [], []
+
+    class Model(torch.nn.Module):
+        config = SimpleNamespace(get_text_config=lambda: SimpleNamespace(vocab_size=4032))
+
+        def get_output_embeddings(self):
+            return None
+
+        def generate(self, **kwargs):
+            generated.append(kwargs.get("synced_gpus"))
+            return torch.zeros(kwargs["input_ids"].size(0), kwargs["input_ids"].size(1) + 2, dtype=torch.long)
+
+    class Accelerator(SimpleNamespace):
+        import contextlib
+
+        @contextlib.contextmanager
+        def split_between_processes(self, items, apply_padding=False):
+            split.append(apply_padding)
+            yield items[: (len(items) + 1) // 2] if not apply_padding else items[:2]
+
+        def autocast(self):
+            import contextlib
+            return contextlib.nullcontext()
+
+    # this is process 0; process 1's summaries come back with the gather
+    monkeypatch.setattr(evaluate, "gather_object", lambda objects: objects + [{i: "x" for i in range(3)}])
+    acc = Accelerator(distributed_type=DistributedType.FSDP, num_processes=2, device=torch.device("cpu"),
+                      unwrap_model=lambda model: model)
+    tok = models.tiny_tokenizer()
+    encoder = SimpleNamespace(prompt_ids=lambda dialogue: [5, 6, 7])
+    samples = [Sample(f"f{i}", "#Person1#: 안녕하세요", "요약") for i in range(3)]
+    evaluate.generate(acc, Model(), samples, encoder, tok, InferenceConfig(name="greedy", num_beams=1), ModelKind.causal, 1)
+    assert split == [True] and generated and all(generated)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from summ.config import InferenceConfig, ModelKind, RougeTokenizer
 from summ.data.samples import MASKED_TOKENS, Sample
+from summ.distributed import sharded_by
 from summ.data.tokenize import IGNORE_INDEX, Encoder, left_pad
 from summ.files import atomic_write_text
 from summ.inference.ensemble import LogitAverage
@@ -84,7 +85,11 @@ def generate(accelerator, model, samples: Sequence[Sample], encoder: Encoder, to
     outputs: dict[int, object] = {}
     synchronize(accelerator.device)
     start = now()
-    with accelerator.split_between_processes(order) as mine:
+    # Sharded weights (FSDP): every forward is a collective, so every process makes as many generate()
+    # calls as the others (the last sample repeated, its duplicate result dropped by index), and
+    # keeps stepping until the longest sequence of all is done (synced_gpus).
+    sharded = sharded_by(accelerator) == "fsdp" and accelerator.num_processes > 1
+    with accelerator.split_between_processes(order, apply_padding=sharded) as mine:
         for b in range(0, len(mine), batch_size):
             idx = mine[b: b + batch_size]
             if kind == ModelKind.causal:
@@ -96,7 +101,7 @@ def generate(accelerator, model, samples: Sequence[Sample], encoder: Encoder, to
                           "attention_mask": torch.tensor([[1] * len(prompts[i]) + [0] * (width - len(prompts[i]))
                                                           for i in idx])}
             inputs = {k: v.to(accelerator.device) for k, v in inputs.items()}
-            extra = {}
+            extra = {"synced_gpus": True} if sharded else {}
             if co_members:
                 from transformers import LogitsProcessorList
 

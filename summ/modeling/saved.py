@@ -7,7 +7,7 @@ import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -19,10 +19,13 @@ from summ.modeling import models
 from summ.run_folder import MODEL_DIR, SAVED_CONFIG
 
 
-def save_for_predict(accelerator, model, tokenizer, cfg: Config, target: Path) -> None:
+def save_for_predict(accelerator, model, tokenizer, cfg: Config, target: Path,
+                     state_dict: Optional[dict] = None) -> None:
     """Weights (the LoRA adapter alone for peft models, safetensors), tokenizer and resolved config,
     all or nothing: written into a temporary folder beside `target`, renamed when complete. A full
-    disk is one line (WriteFailed) and leaves no partial folder; an earlier `target` stays whole."""
+    disk is one line (WriteFailed) and leaves no partial folder; an earlier `target` stays whole.
+    `state_dict`: the full weights where the model's own are sharded (FSDP: gathered by every
+    process beforehand; save_pretrained cannot read a sharded parameter's storage)."""
     import shutil
 
     from summ.files import WriteFailed, make_folder
@@ -31,7 +34,8 @@ def save_for_predict(accelerator, model, tokenizer, cfg: Config, target: Path) -
     shutil.rmtree(tmp, ignore_errors=True)
     make_folder(target.parent, for_file=target)
     try:
-        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True,
+                                                        **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / SAVED_CONFIG, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         if target.exists():

@@ -14,23 +14,33 @@ mean what the cell asked for under every launcher.
   does nothing at ZeRO 2+; under FSDP, no_sync leaves the probe's gradients unreduced, to be added to
   the next synchronised backward. So under either the probe is skipped, and metrics.json says so
   (memory.probe_skipped): the memory verdict covers the steps that ran.
+- FSDP: what it cannot shard is refused before prepare (an encoder-decoder, bitsandbytes weights);
+  saving gathers the full weights on every process (a collective) before process 0 writes them
+  (loop.Job.save), and generation keeps the processes in step (inference/evaluate.py: generate).
 """
 from __future__ import annotations
 
 from typing import Optional
 
+from summ.distributed import sharded_by
 from summ.errors import ConfigError
 
 
-def sharded_by(accelerator) -> Optional[str]:
-    """"deepspeed", "fsdp", or None (one process, DDP)."""
-    kind = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
-    return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(kind)
-
-
-def before_prepare(accelerator, max_grad_norm: float) -> None:
-    """DeepSpeed's `auto` clipping becomes train.max_grad_norm (0: none), before prepare reads it."""
-    if sharded_by(accelerator) != "deepspeed":
+def before_prepare(accelerator, max_grad_norm: float, kind: str, quantization: str) -> None:
+    """DeepSpeed's `auto` clipping becomes train.max_grad_norm (0: none), before prepare reads it.
+    FSDP refuses what it cannot shard: an encoder-decoder (Accelerate 1.16 groups BART's shared
+    embedding with the LM head only, so the encoder's and decoder's copies of it sit in another
+    group and the first forward fails: "shared with a parameter already managed by another FSDP
+    group"), and bitsandbytes' packed 4-bit / 8-bit weights."""
+    sharding = sharded_by(accelerator)
+    if sharding == "fsdp" and kind == "seq2seq":
+        raise ConfigError("an encoder-decoder model (model.kind=seq2seq, KoBART) does not shard under FSDP: its "
+                          "tied embeddings land in two FSDP groups; launch it with accelerate_configs/ddp_gpus.yaml "
+                          "or deepspeed_zero2.yaml (KoBART's 124M parameters fit one GPU)")
+    if sharding == "fsdp" and quantization != "none":
+        raise ConfigError(f"model.quantization={quantization} (bitsandbytes) does not shard under FSDP: launch QLoRA "
+                          f"with accelerate_configs/ddp_gpus.yaml, or set model.quantization=none")
+    if sharding != "deepspeed":
         return
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     if config.get("gradient_clipping", "auto") == "auto":

@@ -18,6 +18,7 @@ from summ import failpoints
 from summ.config import Config, resolve_batch
 from summ.data.sampler import EpochSampler
 from summ.data.tokenize import Collator
+from summ.distributed import sharded_by
 from summ.errors import ConfigError, Diverged, Interrupted
 from summ.inference import backends
 from summ.measure import flops, machine, timing
@@ -159,7 +160,7 @@ class Job:
                                                  shuffle=False, **loader_kw)
         params = [p for p in loaded.model.parameters() if p.requires_grad]
         optimizer = build_optimizer([p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2], cfg.train)
-        launchers.before_prepare(acc, cfg.train.max_grad_norm)
+        launchers.before_prepare(acc, cfg.train.max_grad_norm, str(self.kind), str(cfg.model.quantization))
         self.model, self.optimizer, self.train_loader, self.dev_loader = acc.prepare(
             loaded.model, optimizer, train_loader, dev_loader)
         launchers.check_prepared(acc, self.ga, cfg.train.max_grad_norm)  # what DeepSpeed's config may override
@@ -380,8 +381,10 @@ class Job:
             return
         self.metrics.phase = "save"
         failpoints.hit("save", self.where(self.start_step + self.measurement.timer.steps_seen))
-        if self.accelerator.is_main_process:
-            save_for_predict(self.accelerator, self.model, self.tokenizer, self.cfg, self.output_dir / MODEL_DIR)
+        acc = self.accelerator  # sharded weights are gathered by every process together (a collective)
+        weights = acc.get_state_dict(self.model) if sharded_by(acc) == "fsdp" else None
+        if acc.is_main_process:
+            save_for_predict(acc, self.model, self.tokenizer, self.cfg, self.output_dir / MODEL_DIR, weights)
         self.accelerator.wait_for_everyone()  # the saved model is complete before any process reads it
 
     def gather_peaks(self) -> None:
