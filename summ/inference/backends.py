@@ -53,10 +53,19 @@ class LocalSeq2Seq:
             enc = tok(list(texts[i: i + self.batch_size]), return_tensors="pt", padding=True, truncation=True,
                       max_length=512)
             enc.pop("token_type_ids", None)
-            with torch.no_grad():
-                ids = model.generate(**enc, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
+            with torch.no_grad():  # never an id the tokenizer lacks (output rows padded past it)
+                ids = model.generate(**enc, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
+                                     **beyond_tokenizer(tok, model))
             out += [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
         return out
+
+
+def beyond_tokenizer(tok, model) -> dict:
+    """generate()'s suppress_tokens for the model's output rows past the tokenizer's, if any."""
+    from summ.modeling.models import vocabulary_rows
+
+    rows = vocabulary_rows(model)
+    return {"suppress_tokens": list(range(len(tok), rows))} if rows > len(tok) else {}
 
 
 def build(cfg, cache_dir: Path, solar_cfg=None) -> Optional[Cached]:

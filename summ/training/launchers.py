@@ -12,8 +12,8 @@ mean what the cell asked for under every launcher.
 - The memory probe (a forward and backward of the worst batch, no update): under DeepSpeed,
   Accelerate's backward runs engine.step(), which would train once on the worst batch, and no_sync
   does nothing at ZeRO 2+; under FSDP, no_sync leaves the probe's gradients unreduced, to be added to
-  the next synchronised backward. So under either the probe is skipped, and metrics.json says so
-  (memory.probe_skipped): the memory verdict covers the steps that ran.
+  the next synchronised backward. So under either the probe is skipped, and the run's memory record
+  says so (memory.probe_skipped): the memory verdict covers the steps that ran.
 - FSDP: what it cannot shard is refused before prepare (an encoder-decoder, bitsandbytes weights);
   saving gathers the full weights on every process (a collective) before process 0 writes them
   (loop.Job.save), and generation keeps the processes in step (inference/evaluate.py: generate).

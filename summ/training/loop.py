@@ -301,7 +301,7 @@ class Job:
 
     def _update(self, step: int, failed: bool) -> None:
         """Clip and step at the micro-step that syncs (Accelerate's optimizer skips the others).
-        `failed`: this process ran out of memory in this step; it still clips (a collective where
+        `failed`: this process failed earlier in this step; it still clips (a collective where
         parameters are sharded), then only drops its gradients."""
         acc = self.accelerator
         if acc.sync_gradients:
