@@ -25,11 +25,12 @@ def test_gpu_knee_script_says_why_and_exits_zero_without_cuda():
     assert "CUDA is not available" in proc.stdout
 
 
+@pytest.mark.slow  # two minutes: started early, so the other worker is not left idle at the end
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path only")
 def test_gpu_check_says_why_without_cuda_and_its_plumbing_runs_at_toy_size(tmp_path):
     proc = bench("gpu_check.py")
     assert proc.returncode == 0 and "CUDA is not available" in proc.stdout
-    smoke = bench("gpu_check.py", "--cpu-smoke", env={**os.environ, "OUT": str(tmp_path)})
+    smoke = bench("gpu_check.py", "--cpu-smoke", env={**os.environ, "OUT": str(tmp_path)}, timeout=600)
     assert smoke.returncode == 0, smoke.stderr[-2000:]
     figures = json.loads((tmp_path / "gpu_check.json").read_text())
     assert "failed" not in smoke.stdout.split("=== done")[-1], smoke.stdout[-2000:]

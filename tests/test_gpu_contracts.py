@@ -36,6 +36,16 @@ CUDA_CALLS = {"reset_peak_memory_stats": True, "memory_allocated": True, "memory
               "get_device_name": True, "get_device_properties": True, "list_gpu_processes": True}
 
 
+def two_processes(script: Path, *args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`script` as two processes of one torch.distributed.run launch (gloo on the CPU)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**ENV, **(env or {})})
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """torch.cuda's device calls, recorded: (name, device argument). Each refuses what the real one
@@ -172,15 +182,9 @@ def test_no_measured_step_starts_while_probe_or_warmup_work_is_queued(run_job, m
 
 @pytest.mark.slow
 def test_no_measured_step_starts_while_probe_or_warmup_work_is_queued_on_two_processes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         str(ROOT / "tests" / "record_clock.py"), f"hydra.run.dir={tmp_path / 'run'}", "measure.steps=3",
-         "measure.warmup_steps=2", "eval.enabled=false", "train.save_model=false"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**ENV, "SUMM_TEST_EVENTS": str(tmp_path / "events"), "ACCELERATE_USE_CPU": "true"})
+    proc = two_processes(ROOT / "tests" / "record_clock.py", f"hydra.run.dir={tmp_path / 'run'}", "measure.steps=3",
+                         "measure.warmup_steps=2", "eval.enabled=false", "train.save_model=false", cwd=tmp_path,
+                         env={"SUMM_TEST_EVENTS": str(tmp_path / "events"), "ACCELERATE_USE_CPU": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         events = json.loads((tmp_path / "events" / f"rank{rank}.json").read_text())
@@ -207,12 +211,7 @@ def test_two_processes_with_different_peaks_agree_on_the_larger(tmp_path):
     """Accelerator.reduce(reduction="max") is a maximum (accelerate>=1.15; before 1.14 it summed:
     two GPUs each 45% full read 90% and every step ended over budget)."""
     (tmp_path / "agree.py").write_text(AGREE)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), str(tmp_path / "agree.py"), str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)})
+    proc = two_processes(tmp_path / "agree.py", str(tmp_path), env={"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [5 * 2**30 + 7, 15]
@@ -304,12 +303,7 @@ os._exit(0)  # a group whose collective timed out may abort in its destructor: t
 def test_a_collective_another_process_never_reaches_fails_after_the_timeout(tmp_path):
     """measure.collective_timeout_s on a process group made before the run (a sweep's earlier cell)."""
     (tmp_path / "timeout.py").write_text(TIMEOUT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), str(tmp_path / "timeout.py"), str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**ENV, "PYTHONPATH": str(ROOT)})
+    proc = two_processes(tmp_path / "timeout.py", str(tmp_path), env={"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     waited = json.loads((tmp_path / "rank0.json").read_text())
     assert waited["out_of_step"] and 1.5 < waited["seconds"] < 6, waited
