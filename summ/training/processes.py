@@ -20,6 +20,7 @@ collective the others never reach (DDP over gloo or NCCL; one process: nothing t
 from __future__ import annotations
 
 import logging
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -53,8 +54,9 @@ def shared_failure(accelerator, exc: BaseException) -> Optional[Failure]:
         return None
     if is_oom(exc):
         return Failure(True, first_line(exc))
-    log.error("process %d failed in a training step (the others end the cell with it)", accelerator.process_index,
-              exc_info=exc)
+    # its traceback as text, not exc_info: a log record kept by a handler would hold the failed step's frames
+    log.error("process %d failed in a training step (the others end the cell with it):\n%s",
+              accelerator.process_index, "".join(traceback.format_exception(exc)))
     return Failure(False, f"{type(exc).__name__}: {first_line(exc)}")
 
 
