@@ -3,6 +3,8 @@ divide, a setting this device cannot run), checked right after composition, befo
 Each refusal is one ConfigError line naming the key to change."""
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from typing import Any
 
@@ -15,8 +17,6 @@ from summ.errors import ConfigError
 def _refuse_unknown_keys(node: DictConfig, prefix: str = "") -> None:
     """A key its schema does not have, added with Hydra's `+` (which opens the struct for it):
     `+batch.batchsize=16` would otherwise run at the default micro-batch without a word."""
-    import dataclasses
-
     schema = OmegaConf.get_type(node)
     known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
     for key in node.keys():
@@ -28,6 +28,20 @@ def _refuse_unknown_keys(node: DictConfig, prefix: str = "") -> None:
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
             _refuse_unknown_keys(child, f"{prefix}{key}.")
+
+
+def _refuse_non_finite(node: Any, prefix: str = "") -> None:
+    """NaN and infinities pass every "> 0" check (a NaN learning rate failed in the optimizer, an
+    infinite one trained to `diverged`): no setting of summ takes them."""
+    items = (((k, node[k]) for k in node.keys() if not OmegaConf.is_missing(node, k)) if isinstance(node, DictConfig)
+             else ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node)))
+    for key, value in items:
+        if key == "hydra" and not prefix:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{key}={value} is not a number a run can use: give a finite value")
+        if isinstance(value, DictConfig) or dataclasses.is_dataclass(value):
+            _refuse_non_finite(value, f"{prefix}{key}.")
 
 
 def _at_least(c: Any, keys: tuple[str, ...], low: float, strict: bool) -> None:
@@ -56,6 +70,7 @@ def validate(cfg: DictConfig | Config) -> None:
     c: Any = cfg
     if isinstance(cfg, DictConfig):
         _refuse_unknown_keys(cfg)
+    _refuse_non_finite(cfg)
     _at_least(c, POSITIVE, 0, strict=True)
     _at_least(c, NOT_NEGATIVE, 0, strict=False)
     _check_ranges(c)
@@ -165,6 +180,14 @@ def _check_device(c: Any) -> None:
     if _get(c, "train.mixed_precision") == "fp16" and _on_cpu(c):
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU and this run is on the CPU "
                           "(train.cpu=true or no CUDA device): set train.mixed_precision=bf16 or no")
+    if _get(c, "model.attn_implementation") == "flash_attention_2":
+        if _on_cpu(c):
+            raise ConfigError("model.attn_implementation=flash_attention_2 runs on CUDA GPUs only and this run is on "
+                              "the CPU: set model.attn_implementation=sdpa (or eager)")
+        if not _installed("flash_attn"):
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
+                              "installed: pip install flash-attn --no-build-isolation, or set "
+                              "model.attn_implementation=sdpa")
     if _get(c, "inference.quantization") == "dynamic_int8" and not _on_cpu(c):
         raise ConfigError("inference.quantization=dynamic_int8 runs on the CPU only and this run is on CUDA: "
                           "add train.cpu=true, or set inference.quantization=bnb_8bit, bnb_4bit or none")

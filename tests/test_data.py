@@ -43,6 +43,26 @@ def test_missing_column_is_one_clear_line(tmp_path):
         read_csv(tmp_path / "nope.csv", need_summary=True)
 
 
+@pytest.mark.parametrize("name", ["train.csv", "dev.csv", "test.csv"])
+@pytest.mark.parametrize("header", ["fname,dialogue,summary\n", "\ufefffname,dialogue,summary\r\n", "fname,dialogue,summary"])
+def test_a_csv_with_a_header_and_no_rows_is_one_line_naming_it(tmp_path, run_job, name, header):
+    """A header alone (with or without BOM and line end) once ended in an IndexError traceback."""
+    import shutil
+
+    from summ.data.samples import bundled_sample_dir
+
+    for f in ("train.csv", "dev.csv", "test.csv"):
+        shutil.copy(bundled_sample_dir() / f, tmp_path / f)
+    (tmp_path / name).write_text(header if name != "test.csv" else header.replace(",summary", ""), encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_csv(tmp_path / name, need_summary=name != "test.csv")
+    assert str(err.value) == f"{tmp_path / name}: no rows under its header; give the file its samples, or point " \
+                             f"data.dir at the folder that has them"
+    if name == "dev.csv" and header.endswith("\n") and "\ufeff" not in header:  # the whole run, once
+        with pytest.raises(DataError, match="no rows under its header"):
+            run_job("data=dialogsum_ko", f"data.dir={tmp_path}", "measure.steps=1")
+
+
 def test_bundled_sample_is_competition_shaped():
     folder = bundled_sample_dir()
     train = read_csv(folder / "train.csv", need_summary=True)

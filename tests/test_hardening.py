@@ -123,6 +123,32 @@ def test_fp16_autocast_over_a_float16_full_fine_tune_is_refused(cuda):
 
 
 @pytest.mark.parametrize("cuda_available", [True, False])
+def test_flash_attention_2_is_refused_where_it_cannot_run(cuda, cuda_available, monkeypatch):
+    """On the CPU, or without the flash-attn package: one line before loading, not an ImportError
+    from inside transformers after it."""
+    import importlib.util
+
+    cuda(cuda_available)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else object())
+    says = "runs on CUDA GPUs only" if not cuda_available else "needs the flash-attn package"
+    with pytest.raises(ConfigError, match=f"model.attn_implementation=flash_attention_2 {says}"):
+        validate(compose_cfg(["model.attn_implementation=flash_attention_2"]))
+    validate(compose_cfg(["model.attn_implementation=sdpa"]))
+
+
+@pytest.mark.parametrize("model,attention", [("tiny_bart", "eager"), ("tiny_llama", "eager"), ("tiny_llama", "sdpa")])
+def test_the_tiny_models_use_the_attention_asked_for(model, attention):
+    """model.attn_implementation was ignored for the tiny models (built from a config object)."""
+    from omegaconf import OmegaConf
+
+    from summ.modeling import models
+
+    c = OmegaConf.to_object(compose_cfg([f"model={model}", f"model.attn_implementation={attention}"]))
+    tok = models.load_tokenizer(c.model)
+    assert models.load(c.model, tok, 0, torch.device("cpu")).model.config._attn_implementation == attention
+
+
+@pytest.mark.parametrize("cuda_available", [True, False])
 def test_dynamic_int8_is_refused_on_cuda_only(cuda, cuda_available):
     cuda(cuda_available)
     validate(compose_cfg(["inference.quantization=dynamic_int8", "train.cpu=true"]))

@@ -107,3 +107,8 @@ def test_ensemble_across_runs(run_job, capsys):
     report = capsys.readouterr().out
     assert "**ensemble**" in report and runs[0] in report and runs[1] in report
     assert main([runs[0], runs[0] + "_missing"]) == 2
+    capsys.readouterr()
+    for one in ([runs[0]], [runs[0], runs[0] + "/"]):  # "Ensemble (mbr) of 1 runs", exit 0, before
+        assert main(one) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: an ensemble needs at least two runs and this is one") and err.count("\n") == 1

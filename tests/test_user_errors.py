@@ -55,6 +55,15 @@ def one_error_line(proc) -> str:
     ("data.encoder_max_len=1", "data.encoder_max_len=1 is too short"),
     ("data.decoder_max_len=0", "data.decoder_max_len=0"),
     ("data.encoder_max_len=2000", "do not fit the model's 1024 positions"),
+    # NaN passed every "> 0" check and failed in the optimizer; inf trained to `diverged` (exit 3)
+    ("train.learning_rate=nan", "train.learning_rate=nan is not a number a run can use"),
+    ("train.learning_rate=inf", "train.learning_rate=inf is not a number"),
+    ("train.max_grad_norm=inf", "train.max_grad_norm=inf is not a number"),
+    ("measure.memory_budget_gb=nan", "measure.memory_budget_gb=nan is not a number"),
+    ("measure.headroom=nan", "measure.headroom=nan is not a number"),
+    ("inference.temperature=-inf", "inference.temperature=-inf is not a number"),
+    ("sweep.trial_collective_timeout_s=inf", "sweep.trial_collective_timeout_s=inf is not a number"),
+    ("solar.backoff_s=nan", "solar.backoff_s=nan is not a number"),
 ])
 def test_values_outside_their_range_and_unknown_keys_are_refused(override, says):
     with pytest.raises(ConfigError, match=says.replace(".", "[.]").replace("(", "[(]")):

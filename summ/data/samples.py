@@ -55,6 +55,9 @@ def read_csv(path: Path, need_summary: bool) -> list[Sample]:
     missing = [c for c in required if c not in columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
+    if not rows:  # a header alone: every later step (splits, folds, evaluation) would fail on nothing
+        raise DataError(f"{path}: no rows under its header; give the file its samples, or point data.dir at the "
+                        f"folder that has them")
     ref_cols = sorted((c for c in columns if _REFERENCE_COLUMN.match(c)), key=lambda c: (len(c), c))
     samples = []
     for row in rows:

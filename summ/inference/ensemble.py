@@ -149,8 +149,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--strategy", choices=("mbr", "weighted"), default="mbr")
     ap.add_argument("--out", default=None, help="folder for the ensemble's files (default: the first run's)")
     args = ap.parse_args(argv)
+    runs = list({Path(r).resolve(): Path(r) for r in args.runs}.values())  # one folder named twice is one member
+    if len(runs) < 2:
+        print(f"error: an ensemble needs at least two runs and {'this is one' if runs else 'none was given'} "
+              f"({', '.join(map(str, runs))}): name two or more run folders", file=sys.stderr)
+        return 2
     members = []
-    for run in map(Path, args.runs):
+    for run in runs:
         rows = read_predictions(run)
         if rows is None:
             print(f"error: {run / DEV_PREDICTIONS_FILE} not found: ensemble runs that evaluated with generation on",

@@ -15,6 +15,7 @@ import torch
 from summ.config import ModelConfig, ModelKind
 from summ.data.samples import MASKED_TOKENS, bundled_sample_dir, read_csv
 from summ.errors import ConfigError, WeightsNotFound
+from summ.modeling.checks import check_tokenizer, from_pretrained_checked
 
 TINY_VOCAB_SIZE = 4000
 # Embedding and output rows are padded to a multiple of 64 when the vocabulary grows (the 15 masked
@@ -82,12 +83,16 @@ def tiny_model(cfg: ModelConfig, tok, seed: int):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype(cfg.dtype) if cfg.dtype != "float16" else torch.float32)
     try:
-        return _build_tiny(t, tok, vocab)
+        return _build_tiny(t, tok, vocab, str(cfg.attn_implementation) if cfg.attn_implementation else None)
     finally:
         torch.set_default_dtype(previous)
 
 
-def _build_tiny(t, tok, vocab: int):
+def _build_tiny(t, tok, vocab: int, attention: Optional[str] = None):
+    """The tiny architecture from its config; `attention`: model.attn_implementation (None: transformers')."""
+    def build(cls, conf):
+        return cls._from_config(conf, attn_implementation=attention) if attention else cls(conf)
+
     if t.arch == "bart":
         from transformers import BartConfig, BartForConditionalGeneration
 
@@ -97,7 +102,7 @@ def _build_tiny(t, tok, vocab: int):
                           dropout=t.dropout, attention_dropout=t.dropout, activation_dropout=t.dropout,
                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                           decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=tok.eos_token_id)
-        return BartForConditionalGeneration(conf)
+        return build(BartForConditionalGeneration, conf)
     if t.arch == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -106,7 +111,7 @@ def _build_tiny(t, tok, vocab: int):
                            max_position_embeddings=t.max_positions, attention_dropout=t.dropout,
                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            tie_word_embeddings=True)
-        return LlamaForCausalLM(conf)
+        return build(LlamaForCausalLM, conf)
     raise ConfigError(f"model.tiny.arch={t.arch} is unknown: choose bart or llama")
 
 
@@ -220,6 +225,7 @@ def load_tokenizer(cfg: ModelConfig):
                                   f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): the folder "
                                   f"needs the tokenizer files beside config.json") from None
         tok.add_special_tokens({"additional_special_tokens": MASKED_TOKENS}, replace_extra_special_tokens=False)
+        check_tokenizer(tok, f"model.path={cfg.path}" if cfg.path else f"model={cfg.name} ({source})")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -263,10 +269,10 @@ def load_base(cfg: ModelConfig, tok, seed: int, device: torch.device):
                       dtype=torch_dtype(cfg.dtype))
         if quant is not None:
             kwargs.update(quantization_config=quant, device_map={"": device})
+        where = f"model.path={cfg.path}" if cfg.path else f"model={cfg.name} ({source})"
         try:
-            model = auto_class(cfg.kind).from_pretrained(source, **kwargs)
+            model = from_pretrained_checked(auto_class(cfg.kind), source, where, **kwargs)
         except (OSError, ValueError, KeyError) as exc:  # weights or a config.json transformers cannot read
-            where = f"model.path={cfg.path}" if cfg.path else f"model={cfg.name} ({source})"
             raise WeightsNotFound(f"{where}: no loadable safetensors weights ({str(exc).splitlines()[0]}): "
                                   f"{RESAVE_HINT}") from None
     fit_vocabulary(model, tok)

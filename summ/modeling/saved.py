@@ -16,6 +16,7 @@ from summ.config import Config, ModelConfig
 from summ.errors import WeightsNotFound
 from summ.files import atomic_write_text
 from summ.modeling import models
+from summ.modeling.checks import check_tokenizer, from_pretrained_checked
 from summ.run_folder import MODEL_DIR, SAVED_CONFIG
 
 
@@ -111,7 +112,8 @@ def load_for_inference(trained: Trained, tok, device: torch.device, quantization
         kwargs.update(quantization_config=quant, device_map={"": device})
     auto = models.auto_class(mc.kind)
     try:
-        model = auto.from_pretrained(source, **kwargs)
+        model = from_pretrained_checked(auto, source, f"model.path={trained.weights_dir}" if not trained.adapter
+                                        else f"the base of the adapter in {trained.weights_dir} ({source})", **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise WeightsNotFound(f"{source} has no safetensors weights ({str(exc).splitlines()[0]}): "
                               f"re-save them with save_pretrained(safe_serialization=True)") from None
@@ -142,6 +144,7 @@ def load_saved_tokenizer(trained: Trained):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(trained.weights_dir), local_files_only=True)
+    check_tokenizer(tok, f"model.path={trained.weights_dir}")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -1,0 +1,94 @@
+"""A model folder is what it claims, checked where it is first read, before any training.
+
+- Its tokenizer encodes Korean to real tokens. A folder with weights and no tokenizer files still
+  gives a tokenizer: transformers builds the config's class from nothing (a BART folder gave a
+  5-id RobertaTokenizer that turned every dialogue into `<s></s>` and the speaker tags), and the
+  run trained and predicted garbage with exit 0. The bundled sample's dialogues are encoded and
+  decoded: the Hangul that comes back must be most of what went in.
+- Its weights fit its config.json: every tensor the architecture has is loaded (none missing: a
+  missing one is randomly initialised, and the model is partly random), none left over (weights of
+  another architecture), none of another shape (another vocabulary or width). transformers prints
+  a table of 60 lines and goes on, or raises after it; here it is one line naming the folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+
+from summ.errors import WeightsNotFound
+
+HANGUL = re.compile(r"[\uac00-\ud7a3]")
+KEPT_AT_LEAST = 0.9  # of the sample's Hangul syllables, after encoding and decoding
+# Buffers older checkpoints carry and transformers rebuilds (GPT-NeoX's causal mask, rotary tables):
+# left over in the file, harmless.
+HARMLESS_LEFTOVERS = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq", ".masked_bias")
+
+
+@functools.lru_cache(maxsize=1)
+def _korean_sample() -> tuple[str, ...]:
+    from summ.data.samples import bundled_sample_dir, read_csv
+
+    return tuple(s.dialogue for s in read_csv(bundled_sample_dir() / "train.csv", need_summary=True)[:8])
+
+
+def check_tokenizer(tok, where: str) -> None:
+    """Raise WeightsNotFound (one line) unless `tok` keeps the bundled Korean sample through encoding
+    and decoding; `where` names the folder or setting it came from."""
+    special = set(tok.all_special_ids)
+    sent = kept = 0
+    for text in _korean_sample():
+        ids = [i for i in tok(text, add_special_tokens=False)["input_ids"] if i not in special]
+        sent += len(HANGUL.findall(text))
+        kept += len(HANGUL.findall(tok.decode(ids, skip_special_tokens=True))) if ids else 0
+    if sent and kept < KEPT_AT_LEAST * sent:
+        raise WeightsNotFound(
+            f"{where}: its tokenizer ({type(tok).__name__}, {len(tok):,} ids) keeps {kept / sent:.0%} of the Korean "
+            f"in the bundled sample: it is not this model's (no tokenizer files of its own?); put the model's "
+            f"tokenizer files (tokenizer.json, or its vocabulary files) beside config.json")
+
+
+@contextlib.contextmanager
+def _no_load_report():
+    """transformers' own load table stays off the console: check_loaded says what matters in one line."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def from_pretrained_checked(auto, source: str, where: str, **kwargs):
+    """`auto.from_pretrained(source, **kwargs)`, refused with one line where the weights do not fit
+    the folder's config.json (check_loaded)."""
+    with _no_load_report():
+        model, info = auto.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    check_loaded(info, where, type(model).__name__)
+    return model
+
+
+def check_loaded(info: dict, where: str, architecture: str) -> None:
+    missing = list(info.get("missing_keys") or ())
+    leftover = [k for k in info.get("unexpected_keys") or () if not k.endswith(HARMLESS_LEFTOVERS)]
+    mismatched = list(info.get("mismatched_keys") or ())
+    if not (missing or leftover or mismatched):
+        return
+    parts = []
+    if mismatched:
+        key, ckpt, model = (tuple(mismatched[0]) + (None, None))[:3]
+        parts.append(f"{len(mismatched)} of another shape ({key}: {_shape(ckpt)} in the file, {_shape(model)} in the "
+                     f"config)")
+    if missing:
+        parts.append(f"{len(missing)} missing, which would train from random values ({sorted(missing)[0]}, ...)")
+    if leftover:
+        parts.append(f"{len(leftover)} left over ({sorted(leftover)[0]}, ...)")
+    raise WeightsNotFound(f"{where}: its weights do not fit its config.json ({architecture}): "
+                          f"{'; '.join(parts)}; the weights belong to another model: use the folder they were saved "
+                          f"with, config.json included")
+
+
+def _shape(shape) -> str:
+    return "x".join(str(n) for n in shape) if shape is not None else "?"
