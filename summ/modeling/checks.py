@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 
 from summ.errors import WeightsNotFound
@@ -77,8 +78,9 @@ def check_loaded(info: dict, where: str, architecture: str) -> None:
     if not (missing or leftover or mismatched):
         return
     parts = []
-    if mismatched:
-        key, ckpt, model = (tuple(mismatched[0]) + (None, None))[:3]
+    if mismatched:  # the largest one names it best (the embedding, not a bias beside it); the same every time
+        key, ckpt, model = max(((tuple(m) + (None, None))[:3] for m in mismatched),
+                               key=lambda m: (math.prod(m[2] or ()), m[0]))
         parts.append(f"{len(mismatched)} of another shape ({key}: {_shape(ckpt)} in the file, {_shape(model)} in the "
                      f"config)")
     if missing:
