@@ -121,3 +121,22 @@ def duel(doc: str, name: str, label: str, short: str, contender, overrides: list
                 ["contender", "median samples/s", f"loss at step {args.steps + 3}"]))
     print(f"\nratio summ / {short} = {s / c:.3f} (target {target}); median of per-round ratios "
           f"{paired_ratio(res['summ'], res[name], 'samples_per_s'):.3f}; loss difference {abs(ls - lc):.2e}")
+
+
+def release() -> None:
+    """Freed memory handed back between runs (the collector, then CUDA's cache)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -60,9 +59,8 @@ from pathlib import Path
 from typing import Any
 
 import gpu_check_user as user
-from common import compose, machine, median, paired_ratio, table
+from common import compose, fmt, gib, machine, median, paired_ratio, release, table
 
-GIB = 2**30
 
 # Sizes: full run, then what --quick and --cpu-smoke change (a flag given on the command line wins).
 DEFAULTS: dict[str, Any] = {
@@ -189,13 +187,12 @@ def window(bs: int, steps: int, warmup_steps: int) -> list[str]:
             f"measure.warmup_samples={warmup_steps * bs}"]
 
 
-def llama_params(tiny, vocab: int) -> int:
-    """Parameters of a Llama from its config, the tied embedding counted once (it is also the LM
+def llama_params(d: int, layers: int, ffn: int, heads: int, kv_heads: int, vocab: int) -> int:
+    """Parameters of a Llama from its shape, the tied embedding counted once (it is also the LM
     head, whose matmul is in 6N); a 4-bit model's own count is of packed storage."""
-    d, L, ffn = tiny.d_model, tiny.layers, tiny.ffn_dim
-    kv = tiny.kv_heads * (d // tiny.heads)
+    kv = kv_heads * (d // heads)
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d  # q, o; k, v; gate, up, down; two RMSNorms
-    return vocab * d + L * per_layer + d
+    return vocab * d + layers * per_layer + d
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -251,14 +248,6 @@ def section(ctx: Context, key: str, fn: Callable[[Context], dict]) -> bool:
     return record["status"] == "ok"
 
 
-def release() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def summ_run(ctx: Context, label: str, overrides: list[str], expect_ok: bool = True):
     """One job through summ's own entry point (run_job); its metrics kept for section 4."""
     from summ.pipeline import run_job
@@ -269,14 +258,6 @@ def summ_run(ctx: Context, label: str, overrides: list[str], expect_ok: bool = T
     if expect_ok and m.status != "ok":
         raise RuntimeError(f"{label}: summ run ended {m.status}: {m.error}")
     return m
-
-
-def gib(n: float | None) -> str:
-    return "-" if n is None else f"{n / GIB:.2f}"
-
-
-def fmt(x: float | None, spec: str = ".3f") -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def mem_dict(m) -> dict | None:
@@ -533,7 +514,9 @@ def qlora_mfu(ctx: Context) -> dict:
         m, build_s, run_s = found, None, None
         ctx.runs.append(("s2 = s0 llama (run.py)", m))
         config = json.loads((ctx.hub_folders["llama"] / "config.json").read_text())
-        n, layers, micro_batch = hub_llama_params(config), config["num_hidden_layers"], m.batch_size
+        n = llama_params(config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"],
+                         config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"])
+        layers, micro_batch = config["num_hidden_layers"], m.batch_size
         precision, configured = flops.compute_precision(m.mixed_precision, m.quantization, "bfloat16"), None
         print(f"from section 0's run.py run of the Llama-3.2-3B-shaped folder: {run_dir}", flush=True)
     else:
@@ -615,17 +598,13 @@ def own_qlora_run(ctx: Context) -> tuple:
     t0 = time.perf_counter()
     m = summ_run(ctx, f"s2 qlora bs{a.qlora_batch}", overrides)
     run_s = time.perf_counter() - t0
-    n = llama_params(obj.model.tiny, models.padded_vocabulary(max(len(tok), obj.model.tiny.vocab_size or 0)))
+    t = obj.model.tiny
+    n = llama_params(t.d_model, t.layers, t.ffn_dim, t.heads, t.kv_heads,
+                     models.padded_vocabulary(max(len(tok), t.vocab_size or 0)))
     precision = flops.compute_precision(str(obj.train.mixed_precision), str(obj.model.quantization),
                                         str(obj.model.dtype))
     return m, n, obj.model.tiny.layers, precision, obj.measure.peak_tflops, build_s, run_s
 
-
-def hub_llama_params(c: dict) -> int:
-    """llama_params, from a hub config.json (the tied embedding counted once)."""
-    d, layers, ffn = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
-    kv = c["num_key_value_heads"] * (d // c["num_attention_heads"])
-    return c["vocab_size"] * d + layers * (2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d) + d
 
 
 # --------------------------------------------------------------------------- section 3

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, table
+from common import ROOT, fmt, gib, release, table
 
-GIB = 2**30
 
 
 def build_folders(ctx, where: Path) -> dict[str, Path]:
@@ -69,16 +68,6 @@ def build_folders(ctx, where: Path) -> dict[str, Path]:
         folders[name] = folder
         print(f"{name}-shaped folder written in {time.perf_counter() - start:.1f} s: {folder}", flush=True)
     return folders
-
-
-def release() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _cli(args: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, float]:
@@ -126,7 +115,7 @@ def readme_commands(ctx) -> dict:
                      "flops_per_token": t.get("flops_per_token"), "rouge_mean": ev.get("rouge_mean"),
                      "generation_ms_per_sample": ev.get("generation_ms_per_sample"), "run_dir": str(runs / name)}
         rows.append([f"python run.py model={name} model.path=...", proc.returncode, metrics.get("status", "-"),
-                     _fmt(t.get("samples_per_s"), ".1f"), _gib(mem.get("peak_bytes")), f"{seconds:.0f}",
+                     fmt(t.get("samples_per_s"), ".1f"), gib(mem.get("peak_bytes")), f"{seconds:.0f}",
                      (out[name]["error"] or "")[:80]])
     sweep = ctx.scratch / "knee_grid"
     grid = ["batch.batch_size=2,4", "batch.gradient_accumulation_steps=1"] if smoke else (
@@ -155,14 +144,6 @@ def readme_commands(ctx) -> dict:
     if not ok:
         raise RuntimeError(f"the README's commands did not all end well: {json.dumps(out, default=str)[:800]}")
     return out
-
-
-def _gib(n) -> str:
-    return "-" if n is None else f"{n / GIB:.2f}"
-
-
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def failed_cells_leave_nothing(ctx, kobart_overrides: list[str]) -> dict:
@@ -213,15 +194,15 @@ def failed_cells_leave_nothing(ctx, kobart_overrides: list[str]) -> dict:
     first = cells[0]["allocated"]
     for c in cells:
         c["allocated_over_first"] = c["allocated"] / first if first else None
-        rows.append([c["cell"], c["micro_batch"], c["status"], _gib(c["allocated"]), _gib(c["reserved"]),
-                     _fmt(c["allocated_over_first"], ".3f")])
+        rows.append([c["cell"], c["micro_batch"], c["status"], gib(c["allocated"]), gib(c["reserved"]),
+                     fmt(c["allocated_over_first"], ".3f")])
     print(table([[str(x) for x in r] for r in rows], ["cell", "micro-batch", "status", "allocated at start GiB",
                                                       "reserved at start GiB", "/ first cell"]))
     later = [c["allocated_over_first"] for c in cells[1:] if c["allocated_over_first"] is not None]
     worst = max((abs(r - 1) for r in later), default=None)
     expected = [("ok" if what == "ok" else "oom") for what, *_ in plan]
     statuses_as_planned = [c["status"] for c in cells][:-2] == expected[:-2]  # the capped cell may end over_budget
-    print(f"worst start against the first cell: {_fmt(worst, '.1%')} (target <= 2%)")
+    print(f"worst start against the first cell: {fmt(worst, '.1%')} (target <= 2%)")
     return {"cells": cells, "worst_start_difference": worst, "target": 0.02,
             "target_met": worst is not None and worst <= 0.02 and statuses_as_planned,
             "statuses_as_planned": statuses_as_planned}
