@@ -42,11 +42,11 @@ def test_a_finished_member_leaves_the_device_before_the_next_fold_trains(run_job
     from summ.training.loop import Job
 
     events = []
-    setup, to_host, to_device = Job.setup, kfold._to_host, kfold._to_device
+    setup, moved = Job.setup, kfold._moved
     monkeypatch.setattr(Job, "setup", lambda job: events.append("fold starts") or setup(job))
-    monkeypatch.setattr(kfold, "_to_host", lambda model: events.append("to host") or to_host(model))
-    monkeypatch.setattr(kfold, "_to_device", lambda model, device: events.append("to device") or to_device(model,
-                                                                                                           device))
+    # after a fold the member goes to "cpu"; for the ensemble, to the Accelerator's device (a torch.device)
+    monkeypatch.setattr(kfold, "_moved", lambda model, device: events.append(
+        "to host" if device == "cpu" and isinstance(device, str) else "to device") or moved(model, device))
     m, _ = run_job("train.k_folds=3", "ensemble.strategy=logit_avg", "measure.steps=1", "eval.generate=true",
                    "inference=greedy", "inference.max_new_tokens=4", "data.max_eval_samples=2",
                    "data.max_train_samples=30")

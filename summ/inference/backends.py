@@ -62,10 +62,10 @@ class LocalSeq2Seq:
 
 def beyond_tokenizer(tok, model) -> dict:
     """generate()'s suppress_tokens for the model's output rows past the tokenizer's, if any."""
-    from summ.modeling.models import vocabulary_rows
+    from summ.modeling.models import rows_past_tokenizer, vocabulary_rows
 
-    rows = vocabulary_rows(model)
-    return {"suppress_tokens": list(range(len(tok), rows))} if rows > len(tok) else {}
+    rows = rows_past_tokenizer(tok, vocabulary_rows(model))
+    return {"suppress_tokens": rows} if rows else {}
 
 
 def build(cfg, cache_dir: Path, solar_cfg=None) -> Optional[Cached]:

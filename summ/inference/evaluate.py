@@ -13,14 +13,14 @@ from torch.utils.data import DataLoader
 
 from summ.config import InferenceConfig, ModelKind, RougeTokenizer
 from summ.data.samples import MASKED_TOKENS, Sample
-from summ.distributed import sharded_by
 from summ.data.tokenize import IGNORE_INDEX, Encoder, left_pad
+from summ.distributed import sharded_by
 from summ.files import atomic_write_text
 from summ.inference.ensemble import LogitAverage
 from summ.inference.scoring import clean_prediction, rouge_scores
 from summ.measure.timing import now, synchronize
 from summ.modeling.loss import model_inputs, token_losses
-from summ.modeling.models import vocabulary_rows
+from summ.modeling.models import rows_past_tokenizer, vocabulary_rows
 
 
 def eval_loss(accelerator, model, loader: DataLoader, kind: ModelKind) -> Optional[float]:
@@ -54,7 +54,7 @@ def generation_config(cfg: InferenceConfig, tokenizer, kind: ModelKind, vocabula
     if cfg.do_sample:
         kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     if vocabulary is not None and vocabulary > len(tokenizer):
-        kwargs["suppress_tokens"] = list(range(len(tokenizer), vocabulary))
+        kwargs["suppress_tokens"] = rows_past_tokenizer(tokenizer, vocabulary)
     return GenerationConfig(**kwargs)
 
 

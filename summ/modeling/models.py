@@ -323,6 +323,12 @@ def vocabulary_rows(model) -> int:
     return rows if isinstance(rows, int) else int(model.config.get_text_config().vocab_size)
 
 
+def rows_past_tokenizer(tok, rows: int) -> list[int]:
+    """The output rows no id of `tok` names (padding to VOCAB_MULTIPLE, a model's own spare rows):
+    generate() suppresses them, so no id the tokenizer lacks is ever emitted."""
+    return list(range(len(tok), rows))
+
+
 def resident_bytes(model) -> int:
     """Bytes the model's parameters and buffers hold (4-bit weights as packed)."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}

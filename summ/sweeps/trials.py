@@ -60,8 +60,7 @@ def apply_trial_defaults(cfg: DictConfig, task_overrides: Sequence[str]) -> Dict
     `sweep.trial_warmup_samples` when no window is set (unless trial_samples is null: full
     training), collectives that time out after `sweep.trial_collective_timeout_s` unless
     measure.collective_timeout_s says otherwise, and no evaluation unless `sweep.evaluate` or an
-    explicit `eval.enabled=...` on the
-    command line asks for it; weights saved only on request."""
+    explicit `eval.enabled=...` on the command line asks for it; weights saved only on request."""
     cfg = cfg.copy()
     with open_dict(cfg):
         if cfg.measure.steps is None and cfg.measure.samples is None and cfg.sweep.trial_samples is not None:

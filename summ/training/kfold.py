@@ -47,7 +47,7 @@ def train_kfold(cfg: DictConfig, output_dir: Path, identity_of, tracking_names: 
                                   identity_of(sub), keep=kept,
                                   tracking_names=(f"{run_name}/fold_{fold}", group or run_name)))
         if kept:  # the next fold trains with the device to itself, as a fresh process would
-            kept[-1] = (_to_host(kept[-1][0]), *kept[-1][1:])
+            kept[-1] = (_moved(kept[-1][0], "cpu"), *kept[-1][1:])
             release_memory()
     metrics = replace(new_metrics(OmegaConf.to_object(cfg), config_hash(cfg)),
                       **{name: getattr(folds[0], name) for name in COST_FIELDS})
@@ -115,11 +115,11 @@ def _ensemble(cfg: DictConfig, output_dir: Path, metrics: RunMetrics, member_pre
     inference.save_predictions(output_dir / DEV_PREDICTIONS_FILE, dev, chosen)
 
 
-def _to_host(model):
-    """A finished member in host memory until the ensemble needs it. A bitsandbytes-quantized model
-    cannot move (transformers refuses .to on it): it stays where it is."""
+def _moved(model, device):
+    """`model` on `device`: a finished member waits in host memory until the ensemble needs it. A
+    bitsandbytes-quantized model cannot move (transformers refuses .to on it): it stays where it is."""
     try:
-        return model.to("cpu")
+        return model.to(device)
     except (ValueError, RuntimeError, NotImplementedError):
         return model
 
@@ -131,7 +131,7 @@ def _logit_average(kept: list, dev: list, obj: Config) -> tuple[list[str], float
 
     reset_accelerate()
     acc = Accelerator(cpu=obj.train.cpu or not torch.cuda.is_available(), mixed_precision=str(obj.train.mixed_precision))
-    kept = [(_to_device(m, acc.device), tok, enc) for m, tok, enc in kept]
+    kept = [(_moved(m, acc.device), tok, enc) for m, tok, enc in kept]
     (first, tok, enc), rest = kept[0], [m for m, _, _ in kept[1:]]
     if any(t.get_vocab() != tok.get_vocab() for _, t, _ in kept[1:]):
         raise ConfigError("ensemble.strategy=logit_avg needs members that share a tokenizer: use mbr or weighted")
@@ -140,13 +140,6 @@ def _logit_average(kept: list, dev: list, obj: Config) -> tuple[list[str], float
                                   obj.batch.eval_batch_size, co_members=rest)
     finally:
         reset_accelerate()
-
-
-def _to_device(model, device):
-    try:
-        return model.to(device)
-    except (ValueError, RuntimeError, NotImplementedError):  # quantized: never moved off it
-        return model
 
 
 def _fit_stacking(output_dir: Path, k: int, obj: Config) -> tuple[list[float], dict]:

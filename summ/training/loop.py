@@ -76,7 +76,7 @@ class Job:
         cfg, m = self.cfg, self.metrics
         cleanup.reset_accelerate()
         use_cpu = cfg.train.cpu or not torch.cuda.is_available()
-        timeout = cfg.measure.collective_timeout_s  # the group's, when this run makes it; else set below
+        timeout = cfg.measure.collective_timeout_s  # at the group's creation, and on a group an earlier cell made
         num_processes = PartialState(cpu=use_cpu, **({"timeout": timedelta(seconds=timeout)} if timeout else {})
                                      ).num_processes
         if timeout:
