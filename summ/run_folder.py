@@ -146,6 +146,7 @@ class RunMetrics:
     hfu: Optional[float] = None  # hardware FLOPs utilisation: padding and recompute included
     wall_seconds: Optional[float] = None  # the whole job: setup, training, evaluation
     machine: Optional[dict] = None  # what competed with the run: load average, CPU time, other GPU processes
+    caveats: Optional[list] = None  # settings that change what a figure means (measurement.Measurement.plan)
     reused: Optional[dict] = None  # what this cell took from earlier cells of its sweep (data, model)
     resumed_from: Optional[dict] = None
     checkpoint: Optional[str] = None

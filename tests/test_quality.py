@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from summ.data.samples import Sample, bundled_sample_dir, read_csv
 from summ.data.quality import assess
+from summ.errors import DataError
+from summ.inference.scoring import rouge_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = "#Person1#: 안녕하세요, 예약을 바꾸고 싶어요.\n#Person2#: 네, 언제로 바꿔 드릴까요?\n#Person1#: 금요일 저녁으로 부탁드려요."
@@ -83,3 +88,56 @@ def test_csv_without_summary_column_stops_with_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "train.csv: missing column(s) summary" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_value_is_never_a_summary(tmp_path):
+    """What pandas or a spreadsheet writes for a missing cell (NaN, None, null, N/A, blanks) is no
+    reference: not in read_csv, not in ROUGE; a file with no summary at all stops with one line."""
+    markers = ["NaN", "nan", "None", "null", "NULL", "", "   ", "N/A", "<NA>", "-nan"]
+    rows = [[f"t{i}", GOOD, m, "x"] for i, m in enumerate(markers)] + [["ok", GOOD, "#Person1#은 예약을 바꿉니다.", "x"]]
+    write_csv(tmp_path / "train.csv", rows)
+    samples = read_csv(tmp_path / "train.csv", need_summary=True)
+    assert [s.summaries for s in samples[:-1]] == [[]] * len(markers) and samples[-1].summaries
+    # a second reference column holding a marker adds nothing
+    write_csv(tmp_path / "two.csv", [["a", GOOD, "#Person1#은 예약을 바꿉니다.", "nan"]],
+              header=("fname", "dialogue", "summary", "summary2"))
+    assert read_csv(tmp_path / "two.csv", need_summary=True)[0].summaries == ["#Person1#은 예약을 바꿉니다."]
+    write_csv(tmp_path / "none.csv", [[f"t{i}", GOOD, m, "x"] for i, m in enumerate(markers)])
+    with pytest.raises(DataError, match=r"none.csv: no row has a summary"):
+        read_csv(tmp_path / "none.csv", need_summary=True)
+    assert read_csv(tmp_path / "none.csv", need_summary=False)  # a test file needs none
+
+
+def test_a_dialogue_without_a_reference_is_not_scored():
+    # before, a "NaN" reference matched a "NaN" prediction: 1.00
+    s = rouge_scores(["NaN", "#Person1#은 예약을 바꿉니다."], [[], ["#Person1#은 예약을 바꿉니다."]])
+    assert s["n"] == 1 and s["unscored"] == 1 and s["rouge_mean"] == pytest.approx(1.0)
+    assert rouge_scores(["x"], [[]])["n"] == 0
+
+
+def test_without_validate_the_cheap_checks_still_speak(run_job, tmp_path, caplog):
+    """data.validate=false: nothing is left out, but one warning line says what would be, with
+    counts and where data_quality.csv is, and metrics.json records it as not filtered."""
+    data = tmp_path / "data"
+    data.mkdir()
+    planted(data)
+    with open(data / "train.csv", "a", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerow(["bad_nan", GOOD, "NaN", "예약"])
+    with caplog.at_level(logging.WARNING, logger="summ.training.prepare"):
+        m, out = run_job("data=dialogsum_ko", f"data.dir={data}", "measure.steps=2", "batch.batch_size=4")
+    assert m["status"] == "ok", m["error"]
+    assert m["train_set_size"] == 45  # opt-in filtering: all kept
+    lines = [r.getMessage() for r in caplog.records if "data.quality_threshold" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "5 of 45 training and 0 of 6 dev samples" in lines[0] and str(out / "data_quality.csv") in lines[0]
+    assert "empty_summary 1" in lines[0] and "data.validate=true" in lines[0]
+    rows = {r["fname"]: r for r in csv.DictReader((out / "data_quality.csv").open(encoding="utf-8"))}
+    assert "empty_summary" in rows["bad_nan"]["failed_checks"]
+    assert m["data_quality"]["filtered"] is False and m["data_quality"]["train_dropped"] == 5
+
+
+def test_clean_data_says_nothing(run_job, caplog):
+    with caplog.at_level(logging.WARNING, logger="summ.training.prepare"):
+        m, out = run_job("measure.steps=2", "batch.batch_size=4")
+    assert m["status"] == "ok" and m["data_quality"] is None and not (out / "data_quality.csv").exists()
+    assert not [r for r in caplog.records if r.name == "summ.training.prepare"]

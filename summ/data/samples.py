@@ -18,6 +18,8 @@ MASKED_TOKENS = SPEAKER_TAGS + [
 ]
 TURN = re.compile(r"^(#Person[1-9]#:\s*)(.*)$")  # one dialogue line: (speaker prefix, utterance)
 _REFERENCE_COLUMN = re.compile(r"^summary\d*$")
+# What pandas and spreadsheets write for a missing value: such a cell holds no summary.
+MISSING = frozenset(v.casefold() for v in ("", "nan", "-nan", "none", "null", "na", "n/a", "<na>", "#n/a", "nat"))
 
 
 @dataclass
@@ -61,10 +63,18 @@ def read_csv(path: Path, need_summary: bool) -> list[Sample]:
     ref_cols = sorted((c for c in columns if _REFERENCE_COLUMN.match(c)), key=lambda c: (len(c), c))
     samples = []
     for row in rows:
-        refs = [_clean(row[c]) for c in ref_cols if row.get(c) is not None and row[c].strip()]
+        refs = [_clean(row[c]) for c in ref_cols if not is_missing(row.get(c))]
         samples.append(Sample(fname=_clean(row["fname"]), dialogue=_clean(row["dialogue"]),
                               summaries=refs, topic=_clean(row.get("topic") or "")))
+    if need_summary and not any(s.summaries for s in samples):
+        raise DataError(f"{path}: no row has a summary (every one is empty, NaN or null); fill the summary "
+                        f"column, or point data.dir at the folder with the labelled files")
     return samples
+
+
+def is_missing(cell: str | None) -> bool:
+    """True for an absent or empty cell and for the markers of a missing value (NaN, None, null, N/A)."""
+    return cell is None or cell.strip().casefold() in MISSING
 
 
 def _clean(text: str) -> str:

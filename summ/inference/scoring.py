@@ -2,7 +2,8 @@
 
 The baseline scored with the `rouge` package (pltrdy) on whitespace tokens. The competition
 splits into morphemes first; `tokenizer=morpheme` does that with kiwipiepy (offline). Per
-dialogue, F1 is averaged over its references; an empty prediction scores 0. `rouge_sum` is
+dialogue, F1 is averaged over its references (one without any is left out and counted as
+`unscored`); an empty prediction scores 0. `rouge_sum` is
 R1+R2+RL and `rouge_mean` their mean (the leaderboard shows rouge_mean x 100).
 """
 from __future__ import annotations
@@ -48,13 +49,15 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
         raise ValueError(f"{len(predictions)} predictions for {len(references)} reference sets")
     per_sample = []
     for hyp, refs in zip(predictions, references):
+        if not refs:  # a dialogue without a reference cannot be scored: it is counted, not averaged in
+            continue
         h = _tokenize(hyp, tokenizer)
-        scores = [_pair_f1(h, _tokenize(r, tokenizer)) for r in refs] or [(0.0, 0.0, 0.0)]
+        scores = [_pair_f1(h, _tokenize(r, tokenizer)) for r in refs]
         per_sample.append(tuple(statistics.fmean(s[k] for s in scores) for k in range(3)))
     n = len(per_sample)
     r1, r2, rl = (statistics.fmean(s[k] for s in per_sample) if n else 0.0 for k in range(3))
     return {"rouge1": r1, "rouge2": r2, "rougeL": rl, "rouge_sum": r1 + r2 + rl,
-            "rouge_mean": (r1 + r2 + rl) / 3, "n": n}
+            "rouge_mean": (r1 + r2 + rl) / 3, "n": n, "unscored": len(predictions) - n}
 
 
 def clean_prediction(text: str, strip_tokens: Sequence[str]) -> str:

@@ -53,6 +53,7 @@ class Cell:
     rougeL: Optional[float] = None
     rouge_mean: Optional[float] = None
     flags: list[str] = field(default_factory=list)
+    caveats: list[str] = field(default_factory=list)  # settings that change what its figures mean
 
     @property
     def ok(self) -> bool:
@@ -127,6 +128,6 @@ def cell_from_metrics(job: str, overrides: list[str], m: RunMetrics) -> Cell:
         probe_peak_bytes=mem and mem.probe_peak_bytes, capacity_fraction=mem and mem.fraction,
         budget_bytes=mem and mem.budget_bytes, limit_bytes=mem and mem.limit_bytes,
         alloc_retries=mem and mem.alloc_retries, num_ooms=mem and mem.num_ooms,
-        busy=bool((m.machine or {}).get("busy")),
+        busy=bool((m.machine or {}).get("busy")), caveats=list(m.caveats or []),
         epoch_seconds_projected=m.epoch_seconds_projected, mfu=m.mfu, hfu=m.hfu, eval_loss=ev.get("loss"),
         rouge1=ev.get("rouge1"), rouge2=ev.get("rouge2"), rougeL=ev.get("rougeL"), rouge_mean=ev.get("rouge_mean"))

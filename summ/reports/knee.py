@@ -266,6 +266,12 @@ def _measurement_warnings(cells: list[Cell]) -> list[str]:
         out.append("the cells measured different samples (" + ", ".join(
             f"{s} samples / {t} tokens" for s, t in sorted(work)) + "): their rates compare less well; set "
             "measure.samples to a multiple of every cell's effective batch so that all measure the same ones")
+    said: dict[str, list[str]] = {}
+    for c in cells:
+        for text in c.caveats:
+            said.setdefault(text, []).append(c.job)
+    out += [(f"all {len(cells)} cells" if len(jobs) == len(cells) else "job" + ("s " if len(jobs) > 1 else " ")
+             + ", ".join(jobs)) + f": {text}" for text, jobs in said.items()]
     return out
 
 

@@ -126,8 +126,12 @@ def _pipeline_rows(m: dict, ev: dict) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if m.get("data_quality"):
         dq = m["data_quality"]
-        rows.append(("data quality", f"{dq['train_dropped']} training samples under {dq['threshold']} left out "
-                                     f"(data_quality.csv)"))
+        if dq.get("filtered", True):
+            rows.append(("data quality", f"{dq['train_dropped']} training samples under {dq['threshold']} left out "
+                                         f"(data_quality.csv)"))
+        else:
+            rows.append(("data quality", f"{dq['train_dropped']} training samples under {dq['threshold']} used as "
+                                         f"they are (data.validate=false; data_quality.csv)"))
     if m.get("augmentation"):
         a = m["augmentation"]
         rows.append(("augmentation", ", ".join(f"{k} +{v}" for k, v in a["added"].items())

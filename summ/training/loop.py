@@ -30,7 +30,7 @@ from summ.run_folder import MODEL_DIR, RunMetrics
 from summ.training import batches, checkpoint, cleanup, launchers, processes, reuse, tracking
 from summ.training.evaluation import evaluate
 from summ.training.measurement import (Measurement, epoch_plan, probe_memory, probe_samples, probe_widths,
-                                       schedule_length, warm_training_paths, warmup_steps, window)
+                                       schedule_length, warm_training_paths, window)
 from summ.training.optimizers import build_optimizer
 from summ.training.outcome import recorded
 from summ.training.prepare import data_for
@@ -178,7 +178,7 @@ class Job:
                               f"({len(self.data.train_ds)} samples): lower batch.batch_size or the accumulation, "
                               f"or raise data.max_train_samples")
         self.total_updates = schedule_length(cfg, self.updates_per_epoch, m.effective_batch_size)
-        self.warmup_steps = self.measurement.timer.warmup_steps = warmup_steps(cfg, m.effective_batch_size)
+        self.warmup_steps = self.measurement.plan(m, len(self.data.train_ds))
         name = "constant_with_warmup" if cfg.train.scheduler == "constant" else str(cfg.train.scheduler)
         # Not prepared by Accelerate: it is stepped once per optimizer step, on every process.
         self.scheduler = get_scheduler(name, self.optimizer,

@@ -13,6 +13,7 @@ epoch projection, MFU and HFU), in one place beside the loop that feeds it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Optional
 
@@ -25,6 +26,8 @@ from summ.measure import flops, machine, timing
 from summ.measure.memory import BudgetGuard, MemoryMonitor
 from summ.modeling.loss import model_inputs, summed_token_loss
 from summ.run_folder import MemoryFigures, RunMetrics, TrainFigures
+
+log = logging.getLogger(__name__)
 
 
 def window(cfg: Config, effective_batch: int) -> Optional[Window]:
@@ -104,6 +107,27 @@ class Measurement:
         self.loop_seconds: Optional[float] = None
         self.probe_seconds: Optional[float] = None
         self.step_positions: list[int] = []  # padded positions of each measured step
+
+    def plan(self, metrics: RunMetrics, train_set_size: int) -> int:
+        """The run's warm-up steps, given to the timer; the settings that change what its figures
+        mean are said once in the log and kept in metrics.caveats (the reports repeat them)."""
+        cfg, eff = self.cfg, metrics.effective_batch_size
+        self.timer.warmup_steps = warmup_steps(cfg, eff)
+        caveats = []
+        if not cfg.measure.memory_probe:
+            caveats.append("measure.memory_probe=false: peak memory is that of the batches measured, not of the "
+                           "epoch's widest batch" + (f", so the memory budget ({cfg.measure.memory_budget_gb:g} GiB) "
+                           f"is judged without it: a cell under budget here can run out in a full epoch"
+                           if cfg.measure.memory_budget_gb else ""))
+        w = window(cfg, eff)
+        if w is not None and w.warmup + w.measured > train_set_size:
+            caveats.append(f"the measured window (measure.samples: {w.measured} samples after {w.warmup} of warm-up) "
+                           f"is larger than the {train_set_size} training samples: samples repeat, up to "
+                           f"{math.ceil(w.measured / train_set_size)} times in the measured steps")
+        for text in caveats:
+            log.warning("%s", text)
+        metrics.caveats = caveats or None
+        return self.timer.warmup_steps
 
     # ------------------------------------------------------------------ memory by stretch
     def worst_peak(self, current: int) -> int:

@@ -1,13 +1,14 @@
 """The data one training run reads, from the config: splits loaded, a K-fold member's fold held
-out, low-quality samples left out (data.validate), augmented samples added, all tokenized."""
+out, low-quality samples flagged (and left out with data.validate), augmented samples added, all tokenized."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from summ.config import Config
+from summ.config import Config, DataSource
 from summ.data import augment, quality
 from summ.data.samples import Sample
 from summ.data.splits import Splits, fold_indices, load_splits
@@ -38,29 +39,47 @@ def prepare_data(cfg: Config, backend: Callable[[], object], output_dir: Optiona
     splits = load_splits(cfg.data)
     prepared = PreparedData(splits)
     if cfg.train.fold is not None:  # K-fold member: hold one fold out of training
+        if cfg.train.k_folds > len(splits.train):  # a fold with nothing held out would still enter the ensemble
+            raise DataError(f"train.k_folds={cfg.train.k_folds} is more than the {len(splits.train)} training "
+                            f"samples: some folds would hold nothing out; set train.k_folds to at most "
+                            f"{len(splits.train)}, or train on more samples")
         held = set(fold_indices(len(splits.train), cfg.train.k_folds, cfg.train.fold_seed)[cfg.train.fold])
         prepared.oof = [s for i, s in enumerate(splits.train) if i in held]
         splits.train = [s for i, s in enumerate(splits.train) if i not in held]
-    if cfg.data.validate:
-        _leave_out_low_quality(cfg, prepared, output_dir)
+    _check_quality(cfg, prepared, output_dir)
     if cfg.augmentation.methods and cfg.augmentation.ratio > 0:
         new, prepared.augmentation = augment.augment(splits.train, cfg.augmentation, backend())
         splits.train = splits.train + new  # training only: dev and test stay as loaded
     return prepared
 
 
-def _leave_out_low_quality(cfg: Config, prepared: PreparedData, output_dir: Optional[Path]) -> None:
-    """Score train and dev; leave low-scoring training samples out, listed in data_quality.csv."""
+def _check_quality(cfg: Config, prepared: PreparedData, output_dir: Optional[Path]) -> None:
+    """Score train and dev always (the checks are cheap). data.validate=true leaves the training
+    samples under the threshold out; otherwise what it would leave out is said in one warning.
+    Either way the scores go to data_quality.csv whenever a sample falls under the threshold."""
     thr, splits = cfg.data.quality_threshold, prepared.splits
+    if cfg.data.source == DataSource.synthetic and not cfg.data.validate:
+        return  # generated text, for speed and memory only
     train_rows = quality.assess(splits.train, "train", thr)
     dev_rows = quality.assess(splits.dev, "dev", thr)
+    under = [r for r in train_rows + dev_rows if not r.kept]
+    if not cfg.data.validate and not under:
+        return
     prepared.quality_csv = quality.to_csv(train_rows + dev_rows)
     write_quality_report(prepared, output_dir)
+    where = (output_dir or Path(".")) / DATA_QUALITY_FILE
+    prepared.data_quality = {**quality.summarize(train_rows + dev_rows), "threshold": thr,
+                             "filtered": cfg.data.validate}
+    if not cfg.data.validate:
+        counts = Counter(f for r in under for f in r.failed)
+        log.warning("data: %d of %d training and %d of %d dev samples score under data.quality_threshold=%s "
+                    "(%s); they are used as they are: data.validate=true leaves the training ones out; see %s",
+                    sum(r.split == "train" for r in under), len(train_rows), sum(r.split == "dev" for r in under),
+                    len(dev_rows), thr, ", ".join(f"{k} {v}" for k, v in counts.most_common()), where)
+        return
     splits.train = [s for s, r in zip(splits.train, train_rows) if r.kept]
-    prepared.data_quality = {**quality.summarize(train_rows + dev_rows), "threshold": thr}
     if not splits.train:
-        raise DataError(f"every training sample scored under data.quality_threshold={thr}: see "
-                        f"{(output_dir or Path('.')) / DATA_QUALITY_FILE}")
+        raise DataError(f"every training sample scored under data.quality_threshold={thr}: see {where}")
 
 
 def write_quality_report(prepared: PreparedData, output_dir: Optional[Path]) -> None:
