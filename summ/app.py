@@ -53,7 +53,7 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
             return _trial(cfg, hc, output_dir, overrides)
         return _single(cfg, output_dir)
     except Interrupted as exc:  # a sweep stops too: the user asked to stop
-        say(f"interrupted: {exc}\nresume with the same command and train.resume_from={exc.checkpoint}", err=True)
+        say(f"interrupted: {exc}\n{_how_to_go_on(hc, exc.checkpoint)}", err=True)
         sys.exit(128 + exc.signum)
     except ProcessesOutOfStep as exc:  # no later collective of this launch can be trusted: stop here
         where = (f"the sweep stops; its finished cells are kept: summ-report {hc.sweep.dir} writes their report, "
@@ -62,8 +62,20 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
         say(f"error: {exc}: {where}", err=True)
         sys.exit(exit_code("failed"))
     except KeyboardInterrupt:  # outside the training loop (setup, evaluation): nothing to resume from
-        say(f"interrupted: Ctrl-C before the run finished; {output_dir / METRICS_FILE} says where", err=True)
+        say(f"interrupted: Ctrl-C before the run finished; {output_dir / METRICS_FILE} says where"
+            + (f"\n{_how_to_go_on(hc, None)}" if hc.mode == RunMode.MULTIRUN else ""), err=True)
         sys.exit(130)
+
+
+def _how_to_go_on(hc, checkpoint) -> str:
+    """After Ctrl-C: a sweep goes on with sweep.resume (its finished cells kept, the rest measured
+    again); one run from its checkpoint."""
+    from hydra.types import RunMode
+
+    if hc.mode == RunMode.MULTIRUN:
+        return (f"the sweep's finished cells are kept: go on with the same command and sweep.resume=true "
+                f"hydra.sweep.dir={hc.sweep.dir} (the other cells are measured again)")
+    return f"resume with the same command and train.resume_from={checkpoint}"
 
 
 def _trial(cfg: DictConfig, hc, output_dir: Path, overrides: list[str]):
@@ -90,7 +102,7 @@ def _single(cfg: DictConfig, output_dir: Path) -> float:
     except UserError as exc:
         record_refusal(output_dir, exc)  # whatever happened, the run folder says why
         say(f"error: {exc}", err=True)
-        sys.exit(exit_code("failed", user_error=True))
+        sys.exit(exc.exit_status)
     if is_main_process():  # one summary per launch
         say(format_summary(metrics.to_dict(), output_dir))
     if metrics.status != "ok":

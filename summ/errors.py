@@ -26,6 +26,15 @@ def exit_code(status: str, user_error: bool = False) -> int:
 class UserError(Exception):
     """Bad input from the user: ends the run with its one-line message and exit code 2."""
 
+    exit_status = EXIT_USER_ERROR
+
+
+class ServiceDown(UserError):
+    """A service the run needs (the Solar API) could not be reached: one line like a user error,
+    but exit code 1 (the table above: a service down), since the input may well be right."""
+
+    exit_status = EXIT_FAILED
+
 
 class ConfigError(UserError):
     """A config value or combination that cannot work."""

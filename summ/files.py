@@ -1,5 +1,7 @@
 """Result files are written atomically: a temporary file in the same folder, then a rename,
-so a reader (or a resumed sweep) never sees half a file.
+so a reader (or a resumed sweep) never sees half a file. The file gets the mode an ordinary
+write would give it: the one it had when it is replaced, else 0666 less the umask (a teammate
+on a shared cluster reads results as they read run.log), never the temporary file's 0600.
 
 A write that fails (its folder cannot be created, the disk is full, the rename is refused)
 raises WriteFailed with one line naming the file and the reason; the old file, if any, is left
@@ -41,7 +43,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     make_folder(path.parent, for_file=path)
     tmp = None
     try:
+        mode = file_mode(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -53,6 +57,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if isinstance(exc, OSError) and not isinstance(exc, WriteFailed):
             raise WriteFailed(f"cannot write {path}: {_reason(exc)}") from exc
         raise
+
+
+def file_mode(path: Path) -> int:
+    """The permission bits `path` keeps (it exists) or gets (0666 less the process's umask)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~umask()
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc, since 4.7)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(current)
+    return current
 
 
 def _reason(exc: OSError) -> str:

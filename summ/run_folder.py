@@ -10,8 +10,10 @@ corrupt, so no report ever formats a string as a rate.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -42,6 +44,10 @@ HYDRA_DIR = ".hydra"
 RESULT_FILES = (METRICS_FILE, HISTORY_FILE, DEV_PREDICTIONS_FILE, ERROR_LOG, DATA_QUALITY_FILE, OOF_PREDICTIONS_FILE,
                 OOF_CANDIDATES_FILE, SUBMISSION_FILE)
 RUN_PLOTS = ("loss.png", "throughput.png", "memory.png")
+RUN_LOG, TRACKING_DIR = "run.log", "tracking"
+# Everything a run leaves in its folder: moved aside together when the folder is used again
+RUN_ENTRIES = (*RESULT_FILES, *RUN_PLOTS, MODEL_DIR, CHECKPOINTS_DIR, HYDRA_DIR, RUN_LOG, TRACKING_DIR,
+               ENSEMBLE_PREDICTIONS_FILE, ENSEMBLE_REPORT)
 
 # A sweep folder
 SWEEP_CSV, KNEE_REPORT, KNEE_PNG = "sweep.csv", "knee_report.md", "knee.png"
@@ -51,6 +57,9 @@ BEST_FILE = "best_overrides.txt"  # an Optuna study's best trial as a command
 KNEE_SEARCH_FILE = "knee_search.json"  # the knee sweeper's path
 MULTIRUN_YAML = "multirun.yaml"
 OPTUNA_RESULTS = "optimization_results.yaml"
+SWEEP_FILES = (SWEEP_CSV, KNEE_REPORT, KNEE_PNG, PARETO_REPORT, PARETO_PNG, INFERENCE_REPORT, INFERENCE_PNG, BEST_FILE,
+               KNEE_SEARCH_FILE, MULTIRUN_YAML, OPTUNA_RESULTS)
+SUPERSEDED = "superseded_"  # the prefix of a folder that holds what an earlier run or launch left
 
 STATUSES = ("ok", "oom", "over_budget", "diverged", "failed", "interrupted")
 FINAL_STATUSES = ("ok", "oom", "over_budget", "diverged")  # re-measuring would not change them
@@ -108,6 +117,7 @@ class MemoryFigures:
     capacity_bytes: Optional[int] = None
     fraction: Optional[float] = None  # peak_bytes of capacity_bytes
     budget_bytes: Optional[int] = None
+    budget_source: Optional[str] = None  # "measure.memory_budget_gb", or "device capacity" when none was set
     limit_bytes: Optional[int] = None  # budget x headroom
     source: str = ""  # how it was measured (cuda_max_memory_allocated, cpu_peak_rss_above_baseline, ...)
 
@@ -120,6 +130,7 @@ class RunMetrics:
     status: str = "failed"
     error: Optional[str] = None
     phase: Optional[str] = None  # where a failure happened: setup, load, train, eval, predict, ensemble
+    user_error: bool = False  # refused for its input (config, data, weights, key, folder): exit code 2
     mode: str = "train"
     model: Optional[str] = None
     data: Optional[str] = None
@@ -282,19 +293,85 @@ def set_aside(folder: Path, cfg_hash: str) -> Optional[Path]:
     present = [folder / f for f in RESULT_FILES if (folder / f).exists()]
     if not present:
         return None
+    present += [folder / f for f in (*RUN_PLOTS, MODEL_DIR) if (folder / f).exists()]  # results too, not in use
     earlier = read_metrics(folder)
     old_hash = (earlier.record.config_hash if earlier.record else earlier.raw.get("config_hash")) or "unknown"
-    target, n = folder / f"superseded_{old_hash}", 1
-    while target.exists():
-        n += 1
-        target = folder / f"superseded_{old_hash}_{n}"
-    target.mkdir(parents=True)
-    for path in present:
-        path.replace(target / path.name)
+    target = move_aside(folder, present, old_hash)
     why = "another config" if old_hash not in (cfg_hash, "unknown") else "an unfinished or failed run"
     log.warning("%s held a result of %s (config %s, this run's %s): moved to %s; it is measured again",
                 folder, why, old_hash, cfg_hash, target)
     return target
+
+
+def earlier_run(folder: Path) -> list[Path]:
+    """What an earlier run left in a run folder (RUN_ENTRIES and K-fold members' fold_<k>/)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [p for p in sorted(folder.iterdir()) if p.name in RUN_ENTRIES
+            or (p.name.startswith("fold_") and p.name[5:].isdigit() and p.is_dir())]
+
+
+def earlier_launch(sweep_dir: Path, launched_at: float) -> list[Path]:
+    """What an earlier launch left in a sweep folder: its job folders and sweep files, those not
+    touched since this launch started (`launched_at`, seconds since the epoch)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        return []
+    items = job_dirs(sweep_dir) + [sweep_dir / f for f in SWEEP_FILES if (sweep_dir / f).exists()]
+    return [p for p in items if p.stat().st_mtime < launched_at]
+
+
+def move_aside(folder: Path, items: list[Path], label: str) -> Path:
+    """`items` (entries of `folder`) into a new folder <folder>/superseded_<label>[_n]/; returns it."""
+    folder = Path(folder)
+    target, n = folder / f"{SUPERSEDED}{label}", 1
+    while target.exists():
+        n += 1
+        target = folder / f"{SUPERSEDED}{label}_{n}"
+    target.mkdir(parents=True)
+    for path in items:
+        path.replace(target / path.name)
+    return target
+
+
+_MARK = re.compile(r"\n<!-- written by summ: sha256 ([0-9a-f]{16}) -->\n$")
+
+
+def write_report(folder: Path, name: str, text: str) -> Path:
+    """A report people read and may annotate or protect (knee_report.md, sweep.csv, ...): rewritten
+    in place only while it is as summ wrote it (a Markdown report carries the digest of its text in
+    a last-line comment) and its owner may write it; otherwise the earlier file first moves aside
+    to <stem>.earlier[_n]<suffix>, its text and permissions as they were."""
+    path = Path(folder) / name
+    if path.is_file() and (not path.stat().st_mode & 0o200 or not _as_written(path)):
+        target, n = path.with_name(f"{path.stem}.earlier{path.suffix}"), 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.stem}.earlier_{n}{path.suffix}")
+        path.replace(target)
+        log.warning("%s was edited or made read-only since summ wrote it: kept as %s; the new one is %s",
+                    path, target.name, path.name)
+    if path.suffix == ".md":
+        text += f"\n<!-- written by summ: sha256 {_digest(text)} -->\n"
+    return write_text(folder, name, text)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _as_written(path: Path) -> bool:
+    """A Markdown report whose last line still carries the digest of the text above it (other
+    reports: always)."""
+    if path.suffix != ".md":
+        return True
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    mark = _MARK.search(text)
+    return mark is not None and mark.group(1) == _digest(text[:mark.start()])
 
 
 def write_text(folder: Path, name: str, text: str) -> Path:

@@ -168,3 +168,85 @@ def test_report_cli_refuses_a_folder_with_no_jobs_and_writes_nothing_there(tmp_p
     assert main([str(tmp_path)]) == 2
     assert "holds no job folders" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def patch(d, **fields):
+    """Change a hand-made job's metrics: top-level fields, or `memory__x` / `train__x` inside."""
+    m = json.loads((d / "metrics.json").read_text())
+    for key, value in fields.items():
+        section, _, name = key.partition("__")
+        if name:
+            m[section][name] = value
+        else:
+            m[key] = value
+    (d / "metrics.json").write_text(json.dumps(m))
+
+
+def test_the_report_says_where_the_budget_comes_from_and_small_shares_as_they_are(tmp_path):
+    for i, bs in enumerate((2, 4)):
+        patch(job(tmp_path, i, bs, 1, sps=10.0 * bs, peak=int(0.004 * 24 * GB) * bs // 2, positions=bs * 100),
+              memory__budget_source="device capacity")
+    a = build_report(tmp_path)
+    md = (tmp_path / "knee_report.md").read_text()
+    assert "Memory budget: none set (measure.memory_budget_gb), so the device's own memory: 22.352 GiB" in md
+    assert "| 0.4% |" in md and "| 0.8% |" in md and "| 0% |" not in md
+    assert "0.8% of the memory budget (the device's memory: no budget was set)" in a.reason
+
+
+@pytest.mark.parametrize("fraction,text", [(0.37, "37%"), (0.004, "0.4%"), (0.0004, "<0.1%"), (0.0, "0.0%"),
+                                           (None, "-"), (1.5, "150%")])
+def test_percent_reads_as_people_read_it(fraction, text):
+    from summ.reports.knee import percent
+
+    assert percent(fraction) == text
+
+
+def test_a_rate_outside_its_own_interval_is_flagged_and_explained(tmp_path):
+    job(tmp_path, 0, 2, 1, sps=32.14, interval=[33.3, 38.6], peak=GB, positions=200)
+    job(tmp_path, 1, 4, 1, sps=40.0, interval=[38.0, 42.0], peak=2 * GB, positions=400)
+    a = build_report(tmp_path)
+    by = {c.batch_size: c for c in a.cells}
+    assert "outside its interval" in by[2].flags and "outside its interval" not in by[4].flags
+    md = (tmp_path / "knee_report.md").read_text()
+    assert "**outside its interval**: a few steps were far slower" in md
+
+
+def test_a_cell_measured_again_shows_the_runs_range_and_the_header_counts_what_became_of_each_job(tmp_path):
+    for i, (bs, sps) in enumerate([(2, 20.0), (4, 30.0), (4, 34.0)]):
+        patch(job(tmp_path, i, bs, 1, sps=sps, interval=[sps - 1, sps + 1], peak=bs * GB, positions=bs * 100),
+              config_hash=f"h{bs}")
+    build_report(tmp_path)
+    md = (tmp_path / "knee_report.md").read_text()
+    assert "Jobs: 3 (2 ok, 1 measured again later (merged into the last reading))" in md
+    assert "32.00 (runs 30.0-34.0)" in md and "Cells: 3 (2 ok)" not in md
+
+
+def test_an_optuna_trial_that_took_an_earlier_trials_result_is_the_copy_not_the_measurement(tmp_path):
+    patch(job(tmp_path, 0, 4, 1, sps=30.0, interval=[29.0, 31.0], peak=GB, positions=400), config_hash="same")
+    patch(job(tmp_path, 1, 4, 1, sps=30.0, interval=[29.0, 31.0], peak=GB, positions=400), config_hash="same",
+          reused_from=str(tmp_path / "0"), reused_trial=0)
+    patch(job(tmp_path, 2, 8, 1, sps=31.0, interval=[30.0, 32.0], peak=2 * GB, positions=800), config_hash="other")
+    a = build_report(tmp_path)
+    by = {c.job: c for c in a.cells}
+    assert by["0"].status == "ok" and by["1"].status == "reused" and "the result of job 0" in by["1"].flags[0]
+    assert by["0"].samples_per_s_interval == [29.0, 31.0] and by["0"].interval_of == "steps"
+    md = (tmp_path / "knee_report.md").read_text()
+    assert "Jobs: 3 (2 ok, 1 took another job's result (same config))" in md
+
+
+def test_a_recommendation_among_different_effective_batches_says_it_changes_the_training(tmp_path):
+    job(tmp_path, 0, 4, 1, sps=30.0, peak=GB, positions=400)
+    job(tmp_path, 1, 4, 2, sps=31.0, peak=GB, positions=400)
+    assert "changes the training itself" in build_report(tmp_path).reason
+    same = tmp_path / "same"
+    job(same, 0, 4, 2, sps=30.0, peak=GB, positions=400)
+    job(same, 1, 8, 1, sps=31.0, peak=2 * GB, positions=800)
+    assert "changes the training itself" not in build_report(same).reason
+
+
+@pytest.mark.parametrize("lo,hi,says", [(2, 2, "the edge is micro-batch 2 itself"), (8, 16, "between micro-batch 8 and 16"),
+                                        (4, None, "the edge is micro-batch 4 itself"), (None, None, "no cell fitted")])
+def test_the_knee_searchs_log_says_where_the_edge_is(lo, hi, says):
+    from hydra_plugins.summ_knee_sweeper.knee_sweeper import bracket
+
+    assert says in bracket(lo, hi) and "between micro-batch 2 and 2" not in bracket(lo, hi)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from omegaconf import OmegaConf
 
-from summ.errors import ConfigError, UserError
+from summ.errors import ConfigError, ServiceDown, UserError
 from summ.inference.solar import SolarBackend, SolarClient, SolarError
 
 from .conftest import compose_cfg
@@ -214,10 +214,10 @@ def test_refused_connection_fails_at_once_naming_the_url(make_client, max_retrie
     url = f"http://127.0.0.1:{port}/v1"
     client = make_client(base_url=url, max_retries=max_retries, backoff_s=1.0)
     start = time.monotonic()
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ServiceDown) as err:  # exit code 1: a service down, not a bad input
         client.complete([{"role": "user", "content": "안녕"}])
     message = str(err.value)
-    assert time.monotonic() - start < 3
+    assert err.value.exit_status == 1 and time.monotonic() - start < 3
     assert "\n" not in message and f"solar.base_url={url}" in message and "unreachable" in message
     assert KEY not in message and client.stats["requests_sent"] == 1 and client.stats["retries"] == 0
 

@@ -168,9 +168,9 @@ def test_failures_exit_non_zero_with_one_line(tmp_path):
     assert proc.returncode == 2 and "test.csv is missing or empty" in one_error_line(proc)
     assert not (tmp_path / "c" / "submission.csv").exists()
 
-    # a sweep in which every job failed exits non-zero, after writing its report
+    # a sweep in which every job was refused for the same input exits 2, after writing its report
     proc = cli("-m", "model=kobart", "batch.batch_size=2,4", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    assert proc.returncode == 1 and "no job of the sweep ended ok" in proc.stderr
+    assert proc.returncode == 2 and "no job of the sweep ended ok" in proc.stderr
     assert (tmp_path / "sweep" / "knee_report.md").is_file()
 
     proc = cli("-m", "preset=optuna_step_time", "hydra.sweeper.n_trials=-1", f"hydra.sweep.dir={tmp_path / 'o'}")

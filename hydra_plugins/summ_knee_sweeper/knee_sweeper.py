@@ -117,7 +117,16 @@ class KneeSweeper(Sweeper):
         summary = {**{k: v for k, v in result.items() if k != "trials"},
                    "cells": [t.__dict__ for t in sorted(result["trials"].values(), key=lambda t: t.batch_size)]}
         atomic_write_json(sweep_dir / KNEE_SEARCH_FILE, summary)
-        log.info("knee search: %d trials; %s; between micro-batch %s and %s; the rule's answer among the cells "
-                 "measured: micro-batch %s", result["trials_run"], result["stopped_doubling"], result["last_good"],
-                 result["first_bad"], result["answer"])
+        log.info("knee search: %d trials; %s; %s; the rule's answer among the cells measured: micro-batch %s",
+                 result["trials_run"], result["stopped_doubling"], bracket(result["last_good"], result["first_bad"]),
+                 result["answer"])
         return self.returns
+
+
+def bracket(lo: Optional[int], hi: Optional[int]) -> str:
+    """Where the search left the edge it looked for, in words."""
+    if lo is None and hi is None:
+        return "no cell fitted"
+    if lo is None or hi is None or lo == hi:
+        return f"the edge is micro-batch {lo if lo is not None else hi} itself (nothing to bisect around it)"
+    return f"the edge lies between micro-batch {lo} and {hi}"

@@ -5,7 +5,8 @@ Upstage's API is OpenAI-compatible, so requests go through the official `openai`
 (chat.completions.create at solar.base_url). The SDK decides what to retry (429, 408, 409, 5xx,
 timeouts, dropped connections; x-should-retry obeyed; in 3.x nothing when Retry-After asks for
 over 2 minutes) and raises typed errors, which end a run as one line: ConfigError for what the
-user fixes (key, URL, model), SolarError otherwise. This module adds:
+user fixes (key, URL, model; exit code 2), ServiceDown when nothing answers at the address (exit
+code 1, a service down), SolarError otherwise. This module adds:
 
 - a client-side throttle: every HTTP attempt, retries included, takes a slot of
   solar.requests_per_minute shared by solar.concurrency threads; a server's Retry-After (or
@@ -40,7 +41,7 @@ import openai
 from tqdm.auto import tqdm
 
 from summ.config import PromptStrategy
-from summ.errors import ConfigError
+from summ.errors import ConfigError, ServiceDown
 from summ.inference.cache import TASKS, DiskCache
 from summ.inference.scoring import clean_prediction
 
@@ -296,7 +297,7 @@ class SolarClient:
         if isinstance(exc, httpx.ConnectError):
             # nothing answers at that address (refused, unknown host): asking again for half a
             # minute only delays saying so
-            raise ConfigError(f"cannot connect to the Solar API at solar.base_url={self.cfg.base_url} "
+            raise ServiceDown(f"cannot connect to the Solar API at solar.base_url={self.cfg.base_url} "
                               f"({self._one_line(str(exc)) or type(exc).__name__}): check solar.base_url, "
                               f"or the server is unreachable") from None
 

@@ -17,6 +17,7 @@ class Cell:
     overrides: list[str]
     status: str
     error: Optional[str] = None
+    user_error: bool = False  # refused for its input: a config, data, weights or key to change
     model: Optional[str] = None
     batch_size: Optional[int] = None
     gradient_accumulation_steps: Optional[int] = None
@@ -25,6 +26,8 @@ class Cell:
     gradient_checkpointing: Optional[bool] = None
     config_hash: Optional[str] = None
     reused_from: Optional[str] = None
+    copy_of: Optional[str] = None  # the job of this same sweep whose result this one took (an Optuna repeat)
+    interval_of: str = "steps"  # what samples_per_s_interval spans: the per-step rates, or the "runs"' means
     samples_per_s: Optional[float] = None
     samples_per_s_interval: Optional[list] = None  # [q1, q3] of the per-step rates
     samples: Optional[int] = None
@@ -41,6 +44,7 @@ class Cell:
     busy: bool = False  # timed while other work competed for the machine
     capacity_fraction: Optional[float] = None
     budget_bytes: Optional[int] = None
+    budget_source: Optional[str] = None  # measure.memory_budget_gb, or the device's capacity
     limit_bytes: Optional[int] = None
     positions: Optional[int] = None  # padded positions of the largest micro-batch
     pad_fraction: Optional[float] = None  # share of the positions that were padding
@@ -86,6 +90,8 @@ def load_cells(sweep_dir: Path) -> tuple[list[Cell], list[str]]:
     cells, warnings = [], []
     for d in job_dirs(sweep_dir):
         cell, warning = read_job(d, f"job {d.name}")
+        if cell.reused_from and Path(cell.reused_from).parent.resolve() == Path(sweep_dir).resolve():
+            cell.copy_of = Path(cell.reused_from).name
         cells.append(cell)
         if warning:
             warnings.append(warning)
@@ -115,7 +121,7 @@ def _from_config(d: Path, overrides: list[str], status: str) -> Cell:
 def cell_from_metrics(job: str, overrides: list[str], m: RunMetrics) -> Cell:
     t, mem, ev = m.train, m.memory, m.eval or {}
     return Cell(
-        job=job, overrides=overrides, status=m.status, error=m.error, model=m.model, batch_size=m.batch_size,
+        job=job, overrides=overrides, status=m.status, error=m.error, user_error=m.user_error, model=m.model, batch_size=m.batch_size,
         gradient_accumulation_steps=m.gradient_accumulation_steps, effective_batch_size=m.effective_batch_size,
         mixed_precision=m.mixed_precision, gradient_checkpointing=m.gradient_checkpointing,
         config_hash=m.config_hash, reused_from=m.reused_from,
@@ -126,7 +132,7 @@ def cell_from_metrics(job: str, overrides: list[str], m: RunMetrics) -> Cell:
         positions=t and t.max_micro_batch_positions, pad_fraction=t and t.pad_fraction,
         peak_bytes=mem and mem.peak_bytes, observed_peak_bytes=mem and mem.observed_peak_bytes,
         probe_peak_bytes=mem and mem.probe_peak_bytes, capacity_fraction=mem and mem.fraction,
-        budget_bytes=mem and mem.budget_bytes, limit_bytes=mem and mem.limit_bytes,
+        budget_bytes=mem and mem.budget_bytes, budget_source=mem and mem.budget_source, limit_bytes=mem and mem.limit_bytes,
         alloc_retries=mem and mem.alloc_retries, num_ooms=mem and mem.num_ooms,
         busy=bool((m.machine or {}).get("busy")), caveats=list(m.caveats or []),
         epoch_seconds_projected=m.epoch_seconds_projected, mfu=m.mfu, hfu=m.hfu, eval_loss=ev.get("loss"),

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from summ.reports.plots import plot_inference
-from summ.run_folder import INFERENCE_PNG, INFERENCE_REPORT, job_config, job_dirs, read_metrics, write_text
+from summ.run_folder import INFERENCE_PNG, INFERENCE_REPORT, job_config, job_dirs, read_metrics, write_report
 
 
 def _inference_rows(sweep_dir: Path) -> list[dict]:
@@ -62,7 +62,7 @@ def inference_report(sweep_dir: Path, tolerance: float = 0.05) -> Optional[dict]
         lines.append("No job finished with both a speed and a ROUGE figure.")
     for r in failed:
         lines.append(f"- job {r['job']} ({r['quantization']}): {r['status']}: {r['error']}")
-    write_text(sweep_dir, INFERENCE_REPORT, "\n".join(lines) + "\n")
+    write_report(sweep_dir, INFERENCE_REPORT, "\n".join(lines) + "\n")
     if ok:
         plot_inference(ok, pick, sweep_dir / INFERENCE_PNG)
     return pick

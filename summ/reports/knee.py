@@ -149,12 +149,22 @@ def varied_settings(cells: list[Cell]) -> list[str]:
     return [k for k in keys if len({c.settings().get(k) for c in cells}) > 1]
 
 
+# Rows that stay in the table but leave the analysis: an earlier reading of a cell measured again,
+# and a job that took the result of another job of the same sweep (an Optuna trial that repeated one)
+SET_ASIDE = ("remeasured", "reused")
+
+
 def _merge_repeats(cells: list[Cell]) -> None:
     """A cell measured again (the knee sweeper re-measures a drop before believing it): the last
-    reading carries the mean of all of them, the earlier ones are flagged and leave the analysis."""
+    reading carries the mean of all of them (its interval then spans the readings' means), the
+    earlier ones are flagged and leave the analysis. A job that only took another job's result is
+    not a reading: it is marked reused and leaves the analysis, the job that measured stays."""
     by_hash: dict[str, list[Cell]] = defaultdict(list)
     for c in cells:
-        if c.config_hash and c.ok:
+        if c.copy_of is not None and c.ok:
+            c.status = "reused"
+            c.flags.append(f"the result of job {c.copy_of} (same config), not measured again")
+        elif c.config_hash and c.ok:
             by_hash[c.config_hash].append(c)
     for repeats in by_hash.values():
         if len(repeats) < 2:
@@ -162,7 +172,7 @@ def _merge_repeats(cells: list[Cell]) -> None:
         last = repeats[-1]
         rates = [c.samples_per_s for c in repeats]
         last.samples_per_s = statistics.fmean(rates)
-        last.samples_per_s_interval = [min(rates), max(rates)]
+        last.samples_per_s_interval, last.interval_of = [min(rates), max(rates)], "runs"
         for c in repeats[:-1]:
             c.status = "remeasured"
             c.flags.append(f"measured again in job {last.job}")
@@ -187,7 +197,11 @@ def analyse(cells: list[Cell], tolerance: float = 0.05, warnings: Optional[list[
     for c in cells:
         c.flags = []
     _merge_repeats(cells)
-    varied = varied_settings([c for c in cells if c.status != "remeasured"])
+    varied = varied_settings([c for c in cells if c.status not in SET_ASIDE])
+    for c in cells:
+        i = c.samples_per_s_interval
+        if c.ok and i and c.interval_of == "steps" and not i[0] <= c.samples_per_s <= i[1]:
+            c.flags.append("outside its interval")
     _flag_memory_pressure(cells, tolerance)
     limits = [c.limit_bytes for c in cells if c.limit_bytes]
     budgets = [c.budget_bytes for c in cells if c.budget_bytes]
@@ -215,7 +229,14 @@ def analyse(cells: list[Cell], tolerance: float = 0.05, warnings: Optional[list[
                      f"{fastest.gradient_accumulation_steps}, {fastest.samples_per_s:.1f} samples/s), {why}, with "
                      f"{gib_text(rec.peak_bytes)} peak memory against {gib_text(fastest.peak_bytes)}")
     if rec.budget_fraction is not None:
-        parts.append(f"its peak (the worst batch's) is {rec.budget_fraction:.0%} of the memory budget")
+        parts.append(f"its peak (the worst batch's) is {percent(rec.budget_fraction)} of the memory budget"
+                     + (" (the device's memory: no budget was set)" if rec.budget_source == "device capacity" else ""))
+    effective = {c.effective_batch_size for c in cells if c.ok and c.status not in SET_ASIDE}
+    if len(effective) > 1:
+        parts.append(f"the cells differ in effective batch ({', '.join(map(str, sorted(effective)))}): a different "
+                     f"effective batch changes the training itself (updates per epoch, the gradient noise, the "
+                     f"learning rate that suits it), not only its speed; check its quality (sweep.evaluate=true) "
+                     f"before adopting it")
     parts += _slowdown_notes(cells, rec, tolerance)
     excluded = [c for c in cells if c.status in ("oom", "over_budget")]
     if excluded:
@@ -230,7 +251,7 @@ def _groups(cells: list[Cell], varied: list[str], tolerance: float) -> list[Grou
     """One group per combination of the other settings, each with its own knee and memory model."""
     by_key: dict[tuple, list[Cell]] = defaultdict(list)
     for c in cells:
-        if c.status != "remeasured":
+        if c.status not in SET_ASIDE:
             by_key[tuple(c.settings().get(k) for k in varied)].append(c)
     groups = []
     for key, members in by_key.items():
@@ -273,6 +294,15 @@ def _measurement_warnings(cells: list[Cell]) -> list[str]:
     out += [(f"all {len(cells)} cells" if len(jobs) == len(cells) else "job" + ("s " if len(jobs) > 1 else " ")
              + ", ".join(jobs)) + f": {text}" for text, jobs in said.items()]
     return out
+
+
+def percent(fraction: Optional[float]) -> str:
+    """A share as people read it: 37%, 0.4% (not 0%), <0.1%."""
+    if fraction is None:
+        return "-"
+    if 0 < fraction < 0.001:
+        return "<0.1%"
+    return f"{fraction:.1%}" if fraction < 0.1 else f"{fraction:.0%}"
 
 
 def gib_text(n: Optional[float]) -> str:

@@ -18,10 +18,10 @@ from typing import Optional
 
 from summ.errors import UserError
 from summ.reports.cells import Cell, load_cells
-from summ.reports.knee import MIN_R2, Analysis, analyse, gib_text, pareto_front
+from summ.reports.knee import MIN_R2, SET_ASIDE, Analysis, analyse, gib_text, pareto_front, percent
 from summ.reports.plots import plot_knee, plot_pareto
 from summ.run_folder import (KNEE_PNG, KNEE_REPORT, METRICS_FILE, MULTIRUN_YAML, PARETO_PNG, PARETO_REPORT,
-                             SWEEP_CSV, GIB, job_dirs, read_yaml, write_text)
+                             SWEEP_CSV, GIB, job_dirs, read_yaml, write_report)
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,32 @@ def knee_markdown(a: Analysis, sweep_dir: Path) -> str:
     """knee_report.md: its sections in the order a reader meets them."""
     lines = [f"# Knee report: {sweep_dir}", ""]
     models = sorted({c.model for c in a.cells if c.model})
-    lines.append(f"Model: {', '.join(models) or '-'}. Memory budget: {gib_text(a.budget_bytes)}, "
-                 f"stop limit (budget x headroom): {gib_text(a.limit_bytes)}. "
-                 f"Cells: {len(a.cells)} ({sum(c.ok for c in a.cells)} ok).")
+    lines.append(f"Model: {', '.join(models) or '-'}. {_budget_text(a)}, stop limit (budget x headroom): "
+                 f"{gib_text(a.limit_bytes)}. {_count_text(a)}.")
     for section in (_recommendation, _cells_table, _same_effective_batch, _memory_model):
         lines += section(a, sweep_dir)
     if a.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in a.warnings]
     lines += ["", "Files: `sweep.csv` (one row per job), `knee.png` (samples/s and peak memory against micro-batch)."]
     return "\n".join(lines) + "\n"
+
+
+def _budget_text(a: Analysis) -> str:
+    sources = {c.budget_source for c in a.cells if c.budget_bytes}
+    if sources == {"device capacity"}:
+        return f"Memory budget: none set (measure.memory_budget_gb), so the device's own memory: {gib_text(a.budget_bytes)}"
+    return f"Memory budget: {gib_text(a.budget_bytes)}"
+
+
+def _count_text(a: Analysis) -> str:
+    """Jobs, and what became of them: ok, set aside (measured again, or a copy), anything else."""
+    by_status: dict[str, int] = defaultdict(int)
+    for c in a.cells:
+        by_status["ok" if c.ok else c.status] += 1
+    words = {"remeasured": "measured again later (merged into the last reading)",
+             "reused": "took another job's result (same config)"}
+    parts = [f"{n} {words.get(s, s)}" for s, n in sorted(by_status.items(), key=lambda kv: kv[0] != "ok")]
+    return f"Jobs: {len(a.cells)} ({', '.join(parts)})"
 
 
 def _recommendation(a: Analysis, sweep_dir: Path) -> list[str]:
@@ -96,14 +113,16 @@ def _rate(c: Cell) -> str:
     if c.samples_per_s is None:
         return "-"
     i = c.samples_per_s_interval
-    return f"{c.samples_per_s:.2f}" + (f" ({i[0]:.1f}-{i[1]:.1f})" if i else "")
+    return f"{c.samples_per_s:.2f}" + (f" ({'runs ' if c.interval_of == 'runs' else ''}{i[0]:.1f}-{i[1]:.1f})" if i else "")
 
 
 def _cells_table(a: Analysis, sweep_dir: Path) -> list[str]:
     lines = ["", "## Cells", "",
              "Ordered by effective batch, then micro-batch. Per-sample cost is the figure to compare; step time "
-             "grows with the work per step and says little alone. samples/s: over the measured steps, with the "
-             "interquartile range of the per-step rates.", "",
+             "grows with the work per step and says little alone. samples/s: the measured samples over the measured "
+             "time, with the interquartile range of the per-step rates (\"runs\": the range of the means of a cell "
+             "measured more than once). **outside its interval**: a few steps were far slower (or faster) than the "
+             "middle half, and they weigh in the total time; compare step s median and p90 in sweep.csv.", "",
              "| eff. batch | micro-batch | accum. | " + ("settings | " if a.varied else "")
              + "status | samples/s | tokens/s | pad | ms/sample | step s (median) "
              "| peak memory | % of budget | epoch s (proj.) | ROUGE mean | notes |",
@@ -116,7 +135,7 @@ def _cells_table(a: Analysis, sweep_dir: Path) -> list[str]:
         lines.append(f"| {c.effective_batch_size or '-'} | {c.batch_size or '-'} | {c.gradient_accumulation_steps or '-'} "
                      f"{settings}| {c.status} | {_rate(c)} | {_f(c.tokens_per_s, '.0f')} | {_f(c.pad_fraction, '.0%')} "
                      f"| {_f(c.seconds_per_sample and 1000 * c.seconds_per_sample, '.2f')} "
-                     f"| {_f(c.step_time_s_median, '.3f')} | {gib_text(c.peak_bytes)} | {_f(c.budget_fraction, '.0%')} "
+                     f"| {_f(c.step_time_s_median, '.3f')} | {gib_text(c.peak_bytes)} | {percent(c.budget_fraction)} "
                      f"| {_f(c.epoch_seconds_projected, '.0f')} | {_f(c.rouge_mean, '.4f')} | {notes} |")
     return lines
 
@@ -124,7 +143,7 @@ def _cells_table(a: Analysis, sweep_dir: Path) -> list[str]:
 def _same_effective_batch(a: Analysis, sweep_dir: Path) -> list[str]:
     groups: dict[tuple, list[Cell]] = defaultdict(list)
     for c in a.cells:
-        if c.effective_batch_size and c.status != "remeasured":
+        if c.effective_batch_size and c.status not in SET_ASIDE:
             groups[(c.effective_batch_size, a.setting_text(c))].append(c)
     same = {k: v for k, v in groups.items() if len(v) > 1}
     if not same:
@@ -204,13 +223,13 @@ def build_report(sweep_dir: str | Path, tolerance: Optional[float] = None) -> An
     for w in warnings:
         log.warning(w)
     a = analyse(cells, tolerance, warnings)
-    write_text(sweep_dir, SWEEP_CSV, sweep_csv(a))
-    write_text(sweep_dir, KNEE_REPORT, knee_markdown(a, sweep_dir))
+    write_report(sweep_dir, SWEEP_CSV, sweep_csv(a))
+    write_report(sweep_dir, KNEE_REPORT, knee_markdown(a, sweep_dir))
     if any(c.ok for c in a.cells):
         plot_knee(a, sweep_dir / KNEE_PNG)
     front = pareto_front(a.cells)
     if front:  # cells were evaluated: speed against quality too
-        write_text(sweep_dir, PARETO_REPORT, pareto_markdown(a.cells, front, sweep_dir))
+        write_report(sweep_dir, PARETO_REPORT, pareto_markdown(a.cells, front, sweep_dir))
         plot_pareto(a.cells, front, sweep_dir / PARETO_PNG)
     return a
 

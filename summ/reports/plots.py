@@ -92,8 +92,14 @@ def plot_knee(a: "Analysis", path: Path) -> None:
     for ga, members in sorted(by_ga.items()):
         members.sort(key=lambda c: c.batch_size)
         okc = [c for c in members if c.ok]
-        line, = ax_s.plot([c.batch_size for c in okc], [c.samples_per_s for c in okc], "o-",
-                          label=f"accumulation {ga}")
+        # the interquartile range of the per-step rates (of the runs' means for a cell measured
+        # again): the overlaps the recommendation treats as ties are visible
+        spread = [[max(0.0, c.samples_per_s - c.samples_per_s_interval[0]) if c.samples_per_s_interval else 0.0
+                   for c in okc],
+                  [max(0.0, c.samples_per_s_interval[1] - c.samples_per_s) if c.samples_per_s_interval else 0.0
+                   for c in okc]]
+        line = ax_s.errorbar([c.batch_size for c in okc], [c.samples_per_s for c in okc], yerr=spread, fmt="o-",
+                             capsize=3, label=f"accumulation {ga}").lines[0]
         ax_m.plot([c.batch_size for c in okc], [c.peak_bytes / GIB for c in okc], "o-", color=line.get_color(),
                   label=f"accumulation {ga}")
         bad = [c for c in members if c.status in ("oom", "over_budget")]
@@ -135,7 +141,8 @@ def plot_knee(a: "Analysis", path: Path) -> None:
         ax.set_xlabel("micro-batch size (samples per forward pass)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    ax_s.set_ylabel("training throughput (samples/s)")
+    ax_s.set_ylim(bottom=0)  # from zero: a 5% difference looks like 5%
+    ax_s.set_ylabel("training throughput (samples/s; bars: middle half of the steps' rates)")
     ax_s.set_title("Throughput per sample")
     ax_m.set_ylabel("peak memory (GiB)")
     ax_m.set_title("Peak memory")

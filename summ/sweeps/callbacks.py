@@ -4,7 +4,9 @@ and the reports written, and the exit code set, when a multirun ends."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +14,26 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from summ.console import say
-from summ.distributed import is_main_process
+from summ.distributed import STAMP_ENV, is_main_process
 from summ.errors import EXIT_FAILED, EXIT_USER_ERROR, RESOURCE_STATUSES, ConfigError, UserError, exit_code
 from summ.files import make_folder
 from summ.reports.cells import OK, load_cells
 from summ.reports.inference_report import inference_report
 from summ.reports.knee_report import build_report
-from summ.run_folder import INFERENCE_REPORT, KNEE_REPORT, job_dirs
-from summ.sweeps.study import check_sweeper, name_objectives, prepare_storage, write_best
+from summ.run_folder import (INFERENCE_REPORT, KNEE_REPORT, METRICS_FILE, earlier_launch, earlier_run, job_dirs,
+                             move_aside)
+from summ.sweeps.study import (check_study, check_sweeper, fail_unfinished_trials, name_objectives, prepare_storage,
+                               watch_asked_trials, write_best)
 
 log = logging.getLogger(__name__)
 
 
 class OutputFolderCallback(Callback):
     """The run or sweep folder is made before Hydra's own mkdir, so a folder that cannot exist
-    (its parent is a file) is one line and exit code 2 instead of Hydra's traceback."""
+    (its parent is a file) is one line and exit code 2 instead of Hydra's traceback. A folder
+    belongs to one run or one launch: what an earlier one left there is moved aside, before Hydra
+    writes .hydra/ and run.log, unless this one resumes it (and a resume with nothing to resume
+    is refused)."""
 
     def _check(self, folder: str) -> None:
         try:
@@ -37,9 +44,72 @@ class OutputFolderCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.run.dir)
+        if is_main_process():  # the others write no file of their own into it
+            _refused(lambda: one_run_per_folder(config))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.sweep.dir)
+        _refused(lambda: one_launch_per_folder(config))
+
+
+def _refused(check) -> None:
+    try:
+        check()
+    except ConfigError as exc:
+        say(f"error: {exc}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def one_run_per_folder(config: DictConfig) -> None:
+    """hydra.run.dir used again: the earlier run's files (weights, .hydra/, run.log, results)
+    move to superseded_<n>/ unless this run resumes it (train.resume_from, sweep.resume)."""
+    folder = Path(config.hydra.run.dir)
+    if config.sweep.resume and not (folder / METRICS_FILE).is_file():
+        raise ConfigError(f"sweep.resume=true: {folder} holds no earlier result to resume; set hydra.run.dir to the "
+                          f"earlier run's folder, or leave sweep.resume out")
+    earlier = earlier_run(folder)
+    if config.train.resume_from or config.sweep.resume or not earlier:
+        return
+    own = [p for p in (config.model.get("path"), config.sweep.get("reuse_from")) if p]
+    if any(Path(p).expanduser().resolve().is_relative_to(folder.resolve()) for p in own):
+        raise ConfigError(f"hydra.run.dir={folder} holds what this run reads ({', '.join(own)}): its earlier files "
+                          f"would be moved aside; leave hydra.run.dir out (every run gets a folder of its own)")
+    target = move_aside(folder, earlier, "run")
+    say(f"warning: {folder} held an earlier run: its {len(earlier)} entries (weights, results, .hydra/, run.log) "
+        f"moved to {target}", err=True)
+
+
+def one_launch_per_folder(config: DictConfig) -> None:
+    """hydra.sweep.dir used again: the earlier launch's job folders and reports move to
+    superseded_launch[_n]/ (so a report never mixes two launches) unless sweep.resume=true, which
+    needs an earlier launch to resume; with it, train.resume_from may be `latest` or a path in one
+    job folder (each cell then continues from a checkpoint of its own). Other processes of a distributed launch wait for process 0's move."""
+    sweep_dir = Path(config.hydra.sweep.dir)
+    resume_from = config.train.get("resume_from")
+    if resume_from and not (config.sweep.resume and (resume_from == "latest" or Path(
+            resume_from).expanduser().resolve().is_relative_to(sweep_dir.resolve()))):
+        raise ConfigError(f"train.resume_from={resume_from} in a sweep: it resumes one run, and every cell would "
+                          f"start from it; a sweep goes on with sweep.resume=true hydra.sweep.dir=<its folder> "
+                          f"(finished cells kept, the rest measured again)")
+    stamp = os.environ.get(STAMP_ENV)
+    earlier = earlier_launch(sweep_dir, float(stamp) if stamp else time.time())
+    if config.sweep.resume:
+        if not any(p.is_dir() for p in earlier):  # job folders of an earlier launch
+            raise ConfigError(f"sweep.resume=true: {sweep_dir} holds no job folders of an earlier sweep to resume; "
+                              f"set hydra.sweep.dir to that sweep's folder (outputs/multirun/<date_time>), or leave "
+                              f"sweep.resume out")
+        return
+    if not earlier:
+        return
+    if not is_main_process():
+        deadline = time.monotonic() + 300
+        while any(p.exists() for p in earlier) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return
+    jobs = sum(p.is_dir() for p in earlier)
+    target = move_aside(sweep_dir, earlier, "launch")
+    say(f"warning: {sweep_dir} held an earlier launch ({jobs} job folders and its reports): moved to {target}; "
+        f"sweep.resume=true reuses a folder's finished cells instead", err=True)
 
 
 class OptunaStorageCallback(Callback):
@@ -50,10 +120,13 @@ class OptunaStorageCallback(Callback):
         try:
             check_sweeper(config.hydra)
             prepare_storage(config.hydra)
+            check_study(config)
         except ConfigError as exc:
             say(f"error: {exc}", err=True)
             sys.exit(EXIT_USER_ERROR)
         name_objectives(config)
+        if "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower():
+            watch_asked_trials()
 
 
 class KneeReportCallback(Callback):
@@ -70,6 +143,7 @@ class KneeReportCallback(Callback):
         self.started = True  # listed after the checks in conf/config.yaml: they all passed
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        fail_unfinished_trials()  # first: what follows may exit, and Hydra calls no later callback then
         if not self.started or not is_main_process():
             return
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -85,10 +159,10 @@ class KneeReportCallback(Callback):
         try:
             if predict:  # an inference sweep: speed against ROUGE, not a knee
                 inference_report(sweep_dir, config.knee.tolerance)
-                statuses = [c.status for c in load_cells(sweep_dir)[0]]
+                cells = load_cells(sweep_dir)[0]
             else:
                 analysis = build_report(sweep_dir, tolerance=config.knee.tolerance)
-                statuses = [c.status for c in analysis.cells]
+                cells = analysis.cells
         except Exception as exc:
             say(f"error: the report could not be written in {sweep_dir} ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}); the jobs' results are kept: rebuild it with "
@@ -100,11 +174,10 @@ class KneeReportCallback(Callback):
             command = write_best(config, sweep_dir)
             if command:
                 say(f"best trial of the study ({sweep_dir / 'best_overrides.txt'}):\n  {command}")
-        if OK not in statuses:
-            say(f"error: no job of the sweep ended ok ({', '.join(sorted(set(statuses))) or 'no job'}): see the notes "
-                f"in {report}", err=True)
-            resource = bool(statuses) and all(s in RESOURCE_STATUSES for s in statuses)
-            sys.exit(exit_code("oom") if resource else EXIT_FAILED)
+        if not any(c.status == OK for c in cells):
+            say(f"error: no job of the sweep ended ok ({', '.join(sorted({c.status for c in cells})) or 'no job'}): "
+                f"see the notes in {report}", err=True)
+            sys.exit(sweep_exit_code(cells))
 
     @staticmethod
     def _report_what_ran(config: DictConfig, sweep_dir: Path) -> None:
@@ -117,3 +190,13 @@ class KneeReportCallback(Callback):
             say(f"knee report of the jobs that ran: {sweep_dir / KNEE_REPORT}", err=True)
         except Exception as exc:  # the sweep's own failure matters more
             log.warning("no report of the jobs that ran: %s", exc)
+
+
+def sweep_exit_code(cells) -> int:
+    """A sweep with no ok cell ends like its cells when they agree: 2 when every cell was refused
+    for its input (the same bad config, data or key), 3 when none fit or trained; 1 otherwise."""
+    if cells and all(c.user_error for c in cells):
+        return EXIT_USER_ERROR
+    if cells and all(c.status in RESOURCE_STATUSES for c in cells):
+        return exit_code("oom")
+    return EXIT_FAILED

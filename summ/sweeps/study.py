@@ -4,6 +4,7 @@ sweeper's settings checked, and storage that several workers can open at once.""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -252,6 +253,107 @@ def check_sweeper(hydra_cfg: Any) -> None:
     if "knee" in target and sweeper.min_batch_size > sweeper.max_batch_size:
         raise ConfigError(f"hydra.sweeper.min_batch_size={sweeper.min_batch_size} exceeds "
                           f"hydra.sweeper.max_batch_size={sweeper.max_batch_size}")
+
+
+def check_study(config: DictConfig) -> None:
+    """A study this sweep would continue (same storage and name) must be the same search: the same
+    directions, objective and parameters with the same choices or ranges. Otherwise it is refused
+    before any trial starts, naming the study and the difference (Optuna itself fails on the first
+    trial, leaving it RUNNING, or mixes two searches in one study)."""
+    hydra_cfg = config.hydra
+    if not _is_optuna(hydra_cfg) or not hydra_cfg.sweeper.get("storage"):
+        return
+    import optuna
+
+    name, storage = hydra_cfg.sweeper.study_name, str(hydra_cfg.sweeper.storage)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:  # a new study
+        return
+    problems = []
+    direction = hydra_cfg.sweeper.direction
+    wanted = [str(d).lower() for d in direction] if OmegaConf.is_list(direction) else [str(direction).lower()]
+    held = [d.name.lower() for d in study.directions]
+    if held != wanted:
+        problems.append(f"directions {held} in the study, {wanted} here")
+    names = metric_names(str(config.objective))
+    if study.metric_names and study.metric_names != names:
+        problems.append(f"objective {study.metric_names} in the study, {names} here")
+    space, searched = search_space(hydra_cfg), {}
+    for trial in study.get_trials(deepcopy=False):
+        searched.update(trial.distributions)
+    for key in sorted(set(searched) | set(space)) if searched else ():
+        if key not in space or key not in searched:
+            problems.append(f"{key} searched {'in the study only' if key in searched else 'here only'}")
+        elif searched[key] != space[key]:
+            problems.append(f"{key}: {_distribution(searched[key])} in the study, {_distribution(space[key])} here")
+    if problems:
+        raise ConfigError(f"the Optuna study {name} in {_shown(storage)} holds another search ({'; '.join(problems)}): "
+                          f"give this sweep a study of its own (hydra.sweeper.study_name=<new name>), or run it "
+                          f"with that study's settings")
+
+
+def search_space(hydra_cfg: Any) -> dict:
+    """The distributions the Optuna sweeper will suggest from: its params and the command line's
+    sweep overrides, less the fixed ones (as the sweeper itself reads them)."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+    params = [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()]
+    arguments = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith("hydra.")]
+    space, fixed, _ = create_params_from_overrides(params + arguments)
+    return {k: v for k, v in space.items() if k not in fixed}
+
+
+def _distribution(d: Any) -> str:
+    choices = getattr(d, "choices", None)
+    if choices is not None:
+        return "choice(" + ",".join(str(c) for c in choices) + ")"
+    return f"{type(d).__name__.replace('Distribution', '').lower()}({d.low},{d.high})"
+
+
+_ASKED: list = []  # (study, trial number) of every trial this process's sweeper asked for
+
+
+def watch_asked_trials() -> None:
+    """Record the trials the Optuna sweeper asks for, so that none is left RUNNING when the sweep
+    stops before telling the study (Ctrl-C, a launch out of step, a sweeper error)."""
+    import optuna
+
+    ask = optuna.study.Study.ask
+    if getattr(ask, "summ_watched", False):
+        return
+
+    def asked(study, *args, **kwargs):
+        trial = ask(study, *args, **kwargs)
+        _ASKED.append((study, trial.number))
+        return trial
+
+    asked.summ_watched, asked.original = True, ask
+    optuna.study.Study.ask = asked
+
+
+def fail_unfinished_trials() -> list[int]:
+    """Tell FAIL for every trial this process asked for and nobody told (Optuna then samples past
+    them); stop recording. Returns their numbers."""
+    if not _ASKED and "optuna" not in sys.modules:
+        return []
+    import optuna
+
+    failed = []
+    for study, number in _ASKED:
+        try:
+            if study.get_trials(deepcopy=False)[number].state == optuna.trial.TrialState.RUNNING:
+                study.tell(number, state=optuna.trial.TrialState.FAIL)
+                failed.append(number)
+        except Exception as exc:  # the storage cannot answer: say so, the sweep's own error stands
+            log.warning("could not mark trial %d of study %s failed: %s", number, study.study_name, exc)
+    _ASKED.clear()
+    ask = optuna.study.Study.ask
+    optuna.study.Study.ask = getattr(ask, "original", ask)
+    if failed:
+        log.warning("trials %s were stopped before the study heard their result: marked FAIL",
+                    ", ".join(map(str, failed)))
+    return failed
 
 
 def metric_names(objective: str) -> list[str]:

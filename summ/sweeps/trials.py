@@ -15,18 +15,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from summ.config import config_hash
 from summ.distributed import is_main_process
-from summ.errors import ConfigError, UserError
+from summ.errors import EXIT_USER_ERROR, ConfigError, UserError
 from summ.pipeline import run_job
 from summ.run_folder import FINAL_STATUSES, METRICS_FILE, RunMetrics, job_dirs, read_metrics, set_aside, write_metrics
 from summ.sweeps.objective import objective_value, penalty_value
 from summ.sweeps.study import finished_trial_for, record_trial
+from summ.training import checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def run_trial(cfg: DictConfig, hydra_cfg: Any, output_dir: Path, overrides: Sequence[str]) -> tuple[Optional[RunMetrics], float | tuple]:
     """(metrics or None, objective) of one multirun job in `output_dir`."""
-    cfg = apply_trial_defaults(cfg, overrides)
+    cfg = own_checkpoint_only(apply_trial_defaults(cfg, overrides), output_dir)
     try:
         metrics = measured_before(cfg, hydra_cfg, output_dir)
         if metrics is None:
@@ -46,13 +47,28 @@ def record_refusal(output_dir: Path, exc: UserError) -> None:
     """The metrics of a run refused before it started (whatever happened, the folder says why)."""
     if is_main_process() and read_metrics(output_dir).problem == "missing":
         try:
-            write_metrics(output_dir, RunMetrics(status="failed", error=str(exc)))
+            write_metrics(output_dir, RunMetrics(status="failed", error=str(exc),
+                                                 user_error=exc.exit_status == EXIT_USER_ERROR))
         except UserError:  # the folder cannot take it either (a full disk): the log line says why
             pass
 
 
 def _overridden(task_overrides: Sequence[str], key: str) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in task_overrides)
+
+
+def own_checkpoint_only(cfg: DictConfig, output_dir: Path) -> DictConfig:
+    """train.resume_from in a resumed sweep (the launch checked it): a cell continues from a
+    checkpoint in its own folder (`latest`, or the path when it lies there), else starts afresh."""
+    resume_from = cfg.train.resume_from
+    if not resume_from:
+        return cfg
+    own = (checkpoint.latest(output_dir) is not None if resume_from == "latest"
+           else Path(resume_from).expanduser().resolve().is_relative_to(output_dir.resolve()))
+    if not own:
+        cfg = cfg.copy()
+        cfg.train.resume_from = None
+    return cfg
 
 
 def apply_trial_defaults(cfg: DictConfig, task_overrides: Sequence[str]) -> DictConfig:

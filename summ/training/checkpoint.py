@@ -37,14 +37,20 @@ def _steps(folder: Path) -> list[Path]:
     return sorted(found, key=lambda d: int(d.name[5:]))
 
 
+def latest(run_dir: Path) -> Optional[Path]:
+    """The run folder's newest complete checkpoint, or None."""
+    found = _steps(Path(run_dir) / FOLDER)
+    return found[-1] if found else None
+
+
 def resolve(resume_from: str, run_dir: Path) -> Path:
     """train.resume_from -> one complete checkpoint folder, or a one-line ConfigError."""
     if resume_from == "latest":
-        found = _steps(run_dir / FOLDER)
-        if not found:
+        found = latest(run_dir)
+        if found is None:
             raise ConfigError(f"train.resume_from=latest: {run_dir / FOLDER} holds no checkpoint; pass "
                               f"hydra.run.dir=<the interrupted run's folder>, or train.resume_from=<its folder>")
-        return found[-1]
+        return found
     path = Path(resume_from).expanduser()
     if _complete(path):
         return path

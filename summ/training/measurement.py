@@ -158,7 +158,8 @@ class Measurement:
             context_bytes=self.monitor.context_bytes, alloc_retries=retries, num_ooms=ooms, capacity_bytes=capacity,
             fraction=peak / capacity if capacity else None, source=self.monitor.source,
             probe_skipped=self.probe_skipped,
-            budget_bytes=self.guard.budget_bytes, limit_bytes=self.guard.limit_bytes)
+            budget_bytes=self.guard.budget_bytes, limit_bytes=self.guard.limit_bytes,
+            budget_source="measure.memory_budget_gb" if self.cfg.measure.memory_budget_gb else "device capacity")
 
     # ------------------------------------------------------------------ figures
     def train_figures(self, metrics: RunMetrics, final_loss: Optional[float], total_steps: int, processes: int,

@@ -23,7 +23,7 @@ from typing import Optional
 
 from summ.config import Config
 from summ.distributed import is_main_process, out_of_step, rank, world_size
-from summ.errors import AgreedFailure, Diverged, Interrupted, OverBudget, ProcessesOutOfStep, UserError
+from summ.errors import EXIT_USER_ERROR, AgreedFailure, Diverged, Interrupted, OverBudget, ProcessesOutOfStep, UserError
 from summ.files import atomic_write_text
 from summ.measure.memory import is_oom
 from summ.measure.timing import now
@@ -79,6 +79,7 @@ def recorded(metrics: RunMetrics, output_dir: Path, job=None):
             metrics.checkpoint = str(exc.checkpoint)
         if isinstance(exc, (Interrupted, KeyboardInterrupt, UserError)):
             raise_after = exc
+            metrics.user_error = getattr(exc, "exit_status", None) == EXIT_USER_ERROR
         else:  # recorded, and the sweep goes on...
             if metrics.status == "failed":  # a bug or an unforeseen library error
                 atomic_write_text(output_dir / (ERROR_LOG if is_main_process() else f"error.rank{rank()}.log"),
