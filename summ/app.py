@@ -209,6 +209,8 @@ def quiet_third_party() -> None:
     about other code and bars for a single file. Their warnings about the run itself stay."""
     # bitsandbytes' CPU backend: an optional kernel package is absent (it falls back to its own code)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # the `kernels` package bitsandbytes imports: "Skipping publisher trust check ... offline mode" (we are offline)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     # accelerate's save of a model with tied embeddings: "Removed shared tensor ... should be OK"
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     # peft reads and calls transformers' deprecated names itself; nothing for us to change

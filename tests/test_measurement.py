@@ -218,3 +218,29 @@ def test_the_cpu_allocator_setting_is_said_and_switches_back(run_job):
     assert memory._LIVE is not True  # glibc's own thresholds (never set in this process, or set back)
     live, _ = run_job("measure.cpu_live_memory=true", "train.max_steps=3", "measure.memory_probe=false")
     assert live["memory"]["source"] == "cpu_peak_rss_above_baseline" and memory._LIVE is True
+
+
+def test_busy_is_judged_over_the_worst_stretch_not_the_mean(monkeypatch):
+    """Issue 21, item 18: another job overlapped the last quarter of a run; the mean of other
+    runnable threads was 0.32 (not busy), the worst quarter about 1.3 (busy on 2 cores)."""
+    from summ.measure import machine
+
+    monkeypatch.setattr(machine, "cores", lambda: 2)
+    watch = LoadWatch(torch.device("cpu")).start()
+    watch._others = [0] * 30 + [1, 2, 1, 1, 2, 1, 1, 2, 1, 2]  # 40 steps, the last 10 contended
+    record = watch.finish()
+    assert record["other_runnable_threads_mean"] < 0.5 and record["other_runnable_threads_worst_stretch"] >= 1.0
+    assert record["busy"]
+    watch._others = [0, 1, 0, 0, 0, 0, 1, 0, 0, 0] * 4  # a spike now and then: the machine's own noise
+    assert not watch.finish()["busy"]
+    assert machine.worst_stretch([]) is None and machine.worst_stretch([2]) == 2
+    assert machine.worst_stretch([0, 0, 3, 3, 3, 0]) == 3  # 6 samples: a stretch of 3
+
+
+def test_a_headline_outside_its_own_interval_is_said():
+    from summ.reports.summary import outside_warning
+
+    text = outside_warning({"samples_per_s": 18.0, "samples_per_s_interval": [30.4, 75.9]})
+    assert "lies below the middle half of its own steps' rates (30.4-75.9)" in text
+    assert outside_warning({"samples_per_s": 40.0, "samples_per_s_interval": [30.4, 75.9]}) is None
+    assert outside_warning({"samples_per_s": 40.0}) is None

@@ -36,7 +36,9 @@ def test_optuna_study_persists_penalises_infeasible_trials_and_writes_the_best(t
     for t in infeasible:
         assert t.user_attrs["status"] == "over_budget" and t.value == 1e6  # finite, worse than any real cell
         assert t.user_attrs["peak_bytes"] > 0
-    best = (tmp_path / "b" / "best_overrides.txt").read_text().splitlines()[-1]
+    best_file = (tmp_path / "b" / "best_overrides.txt").read_text().splitlines()
+    best = best_file[-1]
+    assert best_file[-2].startswith("# it trains ") and "samples/s" in best_file[-2]  # what the command will run
     assert best.startswith("python run.py ") and "batch.batch_size=" in best and "measure.steps" not in best
     assert study.best_trial.number in (0, 1)
     # the best trial's overrides run as they are

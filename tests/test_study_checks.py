@@ -139,3 +139,41 @@ def test_ctrl_c_in_an_optuna_sweep_leaves_no_trial_running(tmp_path):
         assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
     study = optuna.load_study(study_name=NAME, storage=storage)
     assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL], log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("train,steps,says", [
+    ({"epochs": 15, "max_steps": None, "total_samples": None}, 23_355, "train.epochs=15; 15 epochs of 12,457 samples"),
+    ({"epochs": 15, "max_steps": 500, "total_samples": None}, 500, "train.max_steps=500; 0.321 epochs"),
+    ({"epochs": 15, "max_steps": None, "total_samples": 960}, 120, "train.total_samples=960"),
+])
+def test_the_best_command_says_what_it_will_run(tmp_path, train, steps, says):
+    """best_overrides.txt: the schedule in steps and epochs and the time at the measured rate
+    (issue 21, item 17: a command that trained 15 epochs, 1 h 39 min, without a word)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from summ.sweeps.study import what_it_runs
+
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create({"train": train}), tmp_path / ".hydra" / "config.yaml")
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "status": "ok", "batch_size": 4, "gradient_accumulation_steps": 2, "effective_batch_size": 8,
+        "num_processes": 1, "train_set_size": 12_457, "train": {"samples_per_s": 44.1}}))
+    text = what_it_runs(tmp_path)
+    assert text.startswith(f"it trains {steps:,} optimizer steps of 8 samples") and says in text
+    seconds = steps * 8 / 44.1
+    expected = (f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400
+                else f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min")
+    assert f"about {expected} at the trial's 44.1 samples/s" in text
+
+
+def test_no_plan_without_a_measured_rate(tmp_path):
+    from omegaconf import OmegaConf
+
+    from summ.sweeps.study import what_it_runs
+
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create({"train": {"epochs": 1}}), tmp_path / ".hydra" / "config.yaml")
+    (tmp_path / "metrics.json").write_text('{"status": "oom"}')
+    assert what_it_runs(tmp_path) is None

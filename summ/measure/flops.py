@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -143,15 +144,16 @@ def _sdpa_cpu_backward(grad_out, query, key, value, *args, out_shape=None, **kwa
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
-@functools.lru_cache(maxsize=1)
 def custom_mapping() -> dict:
     """Formulas for FlopCounterMode(custom_mapping=...), keyed by op packet (covers .default and
     .out). Only the outer ops are mapped: an op called inside another op's kernel never reaches
-    the counter, so the bitsandbytes matmuls count once."""
-    try:
-        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes.*)
-    except ImportError:
-        pass
+    the counter, so the bitsandbytes matmuls count once. Their ops exist once bitsandbytes is
+    imported, which a quantized model has done; a run without one does not pay its import (seconds)."""
+    return _mapping("bitsandbytes" in sys.modules)
+
+
+@functools.lru_cache(maxsize=2)
+def _mapping(with_bitsandbytes: bool) -> dict:  # the flag keys the cache: bitsandbytes' ops appear on import
     wanted = {("bitsandbytes", "gemm_4bit"): _gemm_4bit, ("bitsandbytes", "gemv_4bit"): _gemm_4bit,
               ("bitsandbytes", "int8_linear_matmul"): _int8_mm, ("bitsandbytes", "int8_scaled_mm"): _int8_mm,
               ("bitsandbytes", "int8_mixed_scaled_mm"): _int8_mixed_mm,

@@ -6,7 +6,9 @@ samples, over the measured steps, how many runnable threads belong to other proc
 kernel's instantaneous count in /proc/loadavg less this process's own running threads), and
 records the 1-minute load average at start and end, the process's CPU time against wall time and,
 on CUDA, other processes on the GPU. A run is `busy` when other processes kept at least half a
-core's worth of threads runnable on average, or shared the GPU.
+core's worth of threads runnable over its worst stretch (a quarter of the measured steps, at
+least 3: another job that overlapped only the end of the run lowers the headline rate although
+the whole run's mean stays low), or shared the GPU.
 """
 from __future__ import annotations
 
@@ -20,6 +22,21 @@ import torch
 from summ.measure.devices import cuda_index
 
 BUSY_OTHER_THREADS_PER_CORE = 0.5
+STRETCH_SHARE, STRETCH_MIN = 0.25, 3  # the stretch the busy test judges: a quarter of the samples, at least 3
+
+
+def worst_stretch(samples: list[int]) -> Optional[float]:
+    """The highest mean over any run of consecutive samples as long as the stretch (all of them
+    when there are fewer)."""
+    if not samples:
+        return None
+    width = min(len(samples), max(STRETCH_MIN, round(STRETCH_SHARE * len(samples))))
+    window = sum(samples[:width])
+    worst = window
+    for i in range(width, len(samples)):
+        window += samples[i] - samples[i - width]
+        worst = max(worst, window)
+    return worst / width
 
 
 def device_name(device: torch.device) -> str:
@@ -82,10 +99,12 @@ class LoadWatch:
             self.start()
         wall = time.perf_counter() - self._wall0
         others = sum(self._others) / len(self._others) if self._others else None
+        worst = worst_stretch(self._others)
         gpu_others = _other_gpu_processes(self.device)
-        busy = bool((others is not None and others >= BUSY_OTHER_THREADS_PER_CORE * cores()) or gpu_others)
+        busy = bool((worst is not None and worst >= BUSY_OTHER_THREADS_PER_CORE * cores()) or gpu_others)
         return {"cores": cores(), "load_avg_1m_start": self._load_start, "load_avg_1m_end": _load1(),
-                "other_runnable_threads_mean": others, "cpu_seconds": time.process_time() - self._cpu0,
+                "other_runnable_threads_mean": others, "other_runnable_threads_worst_stretch": worst,
+                "cpu_seconds": time.process_time() - self._cpu0,
                 "wall_seconds": wall, "torch_threads": torch.get_num_threads(), "other_gpu_processes": gpu_others,
                 "busy": busy}
 

@@ -91,6 +91,9 @@ def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
     busy = busy_warning(m.get("machine"))
     if busy:
         rows.append(("warning", busy))
+    outside = outside_warning(t)
+    if outside:
+        rows.append(("warning", outside))
     if m.get("eval"):
         rows += [("eval loss", _fmt(ev.get("loss"), ".4f")),
                  ("ROUGE-1/2/L", " / ".join(_fmt(ev.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL"))
@@ -107,14 +110,27 @@ def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
     return _table(rows)
 
 
+def outside_warning(t: dict) -> Optional[str]:
+    """The headline samples/s (measured samples over measured time) outside the interquartile range
+    of its own steps' rates: some steps were far slower (or faster) than the rest."""
+    rate, i = t.get("samples_per_s"), t.get("samples_per_s_interval")
+    if rate is None or not i or i[0] <= rate <= i[1]:
+        return None
+    side = "below" if rate < i[0] else "above"
+    return (f"samples/s {rate:.2f} lies {side} the middle half of its own steps' rates ({i[0]:.1f}-{i[1]:.1f}): "
+            f"a few steps were far {'slower' if side == 'below' else 'faster'} than the rest (another job, a "
+            f"pause, the widest batches); see the step times in train_history.jsonl")
+
+
 def busy_warning(machine: Optional[dict]) -> Optional[str]:
     """One line for the summary and the reports when the timing was taken on a busy machine."""
     if not machine or not machine.get("busy"):
         return None
     parts = []
-    if machine.get("other_runnable_threads_mean") is not None:
-        parts.append(f"{machine['other_runnable_threads_mean']:.1f} runnable threads of other processes on "
-                     f"{machine['cores']} cores")
+    worst = machine.get("other_runnable_threads_worst_stretch", machine.get("other_runnable_threads_mean"))
+    if worst is not None:
+        parts.append(f"{worst:.1f} runnable threads of other processes on {machine['cores']} cores over the worst "
+                     f"stretch of the measured steps ({machine.get('other_runnable_threads_mean') or 0:.1f} on average)")
     if machine.get("other_gpu_processes"):
         parts.append(f"{machine['other_gpu_processes']} other process(es) on the GPU")
     return ("timed on a busy machine (" + ", ".join(parts) + "): its samples/s is lower than the "

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from summ.errors import ConfigError
 from summ.files import make_folder
-from summ.run_folder import BEST_FILE, HYDRA_DIR, RunMetrics, write_text
+from summ.run_folder import BEST_FILE, HYDRA_DIR, RunMetrics, read_metrics, write_text
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,42 @@ def write_best(config: DictConfig, sweep_dir: Path) -> Optional[str]:
         log.warning("the best trial (%d) left no job folder to rebuild its command from", best.number)
         return None
     command = reproduce_command(Path(job_dir))
+    plan = what_it_runs(Path(job_dir))
     write_text(sweep_dir, BEST_FILE, f"# best trial {best.number} of study {study.study_name}: {best.value:.6g} "
-                                     f"({config.objective}), measured in {job_dir}; train that cell with:\n{command}\n")
-    return command
+                                     f"({config.objective}), measured in {job_dir}; train that cell with:\n"
+                                     + (f"# {plan}\n" if plan else "") + f"{command}\n")
+    return command + (f"\n  ({plan})" if plan else "")
+
+
+def what_it_runs(job_dir: Path) -> Optional[str]:
+    """What the best trial's command trains, in words: its schedule in epochs and optimizer steps
+    (the same rules as the run: train.total_samples, train.max_steps, then train.epochs) and the
+    training time at the trial's measured samples/s. None when the trial's record lacks them."""
+    m = read_metrics(job_dir).record
+    cfg = OmegaConf.load(job_dir / HYDRA_DIR / "config.yaml")
+    eff, n, sps = (m.effective_batch_size, m.train_set_size, m.train and m.train.samples_per_s) if m else (0, 0, 0)
+    if not (eff and n and sps):
+        return None
+    per_epoch = n // ((m.batch_size or 1) * (m.num_processes or 1)) // (m.gradient_accumulation_steps or 1)
+    train = cfg.train
+    if train.get("total_samples"):
+        steps, rule = max(1, round(train.total_samples / eff)), f"train.total_samples={train.total_samples}"
+    elif train.get("max_steps"):
+        steps, rule = int(train.max_steps), f"train.max_steps={train.max_steps}"
+    else:
+        steps, rule = int(train.epochs) * per_epoch, f"train.epochs={train.epochs}"
+    seconds = steps * eff / sps
+    return (f"it trains {steps:,} optimizer steps of {eff} samples ({rule}; {steps / max(per_epoch, 1):.3g} epochs "
+            f"of {n:,} samples): about {_duration(seconds)} at the trial's {sps:.1f} samples/s, evaluation not "
+            f"counted; add train.max_steps=<n> or train.epochs=<n> to shorten it")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
 
 
 # Settings that only shape a measurement trial; the command trains the cell for real.
