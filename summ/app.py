@@ -51,6 +51,10 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
     try:
         if hc.mode == RunMode.MULTIRUN:
             return _trial(cfg, hc, output_dir, overrides)
+        preset = hc.runtime.choices.get("preset")
+        if preset:  # every preset is a sweep (multirun_presets/): run once, it would drop its grid without a word
+            say(f"error: preset={preset} is a sweep: run it with -m (python run.py -m preset={preset} ...)", err=True)
+            sys.exit(exit_code("failed", user_error=True))
         return _single(cfg, output_dir)
     except Interrupted as exc:  # a sweep stops too: the user asked to stop
         say(f"interrupted: {exc}\n{_how_to_go_on(hc, exc.checkpoint)}", err=True)
@@ -98,6 +102,7 @@ def _single(cfg: DictConfig, output_dir: Path) -> float:
 
     try:
         validate(cfg)  # before anything reads the folder
+        _same_model_as_trained(cfg)
         metrics = measured_before(cfg, None, output_dir) or run_job(cfg, output_dir)
     except UserError as exc:
         record_refusal(output_dir, exc)  # whatever happened, the run folder says why
@@ -109,6 +114,23 @@ def _single(cfg: DictConfig, output_dir: Path) -> float:
         say(f"error: status {metrics.status}: {metrics.error}", err=True)
         sys.exit(exit_code(metrics.status))
     return 0.0
+
+
+def _same_model_as_trained(cfg: DictConfig) -> None:
+    """mode=predict reads the model group from the trained run: a model= given on the command line
+    that names another would label the folder and the record with a model that never ran."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from summ.errors import ConfigError
+    from summ.modeling.saved import saved_model_name
+
+    if cfg.mode != "predict" or not cfg.model.get("path"):
+        return
+    given = [o.split("=", 1)[1] for o in HydraConfig.get().overrides.task if o.startswith("model=")]
+    trained = saved_model_name(cfg.model.path)
+    if given and trained and given[-1] != trained:
+        raise ConfigError(f"model={given[-1]}, but model.path={cfg.model.path} was trained as model={trained}: "
+                          f"leave model= out (predict reads it from the run), or give model={trained}")
 
 
 def guard_hydra() -> None:

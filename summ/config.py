@@ -444,4 +444,9 @@ def resolve_batch(batch_size: int, gradient_accumulation_steps: int,
                 f"batch.effective_batch_size={effective_batch_size} is not a multiple of "
                 f"batch.batch_size x processes = {batch_size} x {num_processes}: change one of them")
         ga = effective_batch_size // per_update
+        if gradient_accumulation_steps not in (1, ga):  # 1: the default, which the effective batch replaces
+            raise ConfigError(
+                f"batch.gradient_accumulation_steps={gradient_accumulation_steps} contradicts "
+                f"batch.effective_batch_size={effective_batch_size} (micro-batch {batch_size} x {num_processes} "
+                f"processes needs {ga}): set one of them, or set batch.effective_batch_size=null")
     return batch_size, ga, batch_size * ga * num_processes

@@ -12,7 +12,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from summ.config import Config, ModelKind, config_hash
-from summ.validation import validate
+from summ.validation import unused_settings, validate
 from summ.files import make_folder
 from summ.inference.predict import run_predict
 from summ.reports.plots import save_run_plots
@@ -38,6 +38,8 @@ def run_job(cfg: DictConfig, output_dir: str | os.PathLike, keep: Optional[list]
     logit averaging); `tracking_names`: (run name, sweep group) for the experiment tracker;
     `reuse_loaded`: a sweep's cell, sharing data and model with the process's other cells."""
     validate(cfg)
+    for text in unused_settings(cfg):
+        log.warning("%s", text)
     obj: Config = OmegaConf.to_object(cfg)
     output_dir = make_folder(output_dir)  # a folder that cannot be made fails now, not after training
     if obj.mode == "predict" or obj.model.kind == ModelKind.api:

@@ -304,22 +304,23 @@ def set_aside(folder: Path, cfg_hash: str) -> Optional[Path]:
 
 
 def earlier_run(folder: Path) -> list[Path]:
-    """What an earlier run left in a run folder (RUN_ENTRIES and K-fold members' fold_<k>/)."""
+    """What an earlier run left in a run folder (RUN_ENTRIES and K-fold members' fold_<k>/), and
+    what an earlier sweep left there (its job folders and reports): a folder holds one or the other."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return [p for p in sorted(folder.iterdir()) if p.name in RUN_ENTRIES
-            or (p.name.startswith("fold_") and p.name[5:].isdigit() and p.is_dir())]
+    own = [p for p in sorted(folder.iterdir()) if p.name in RUN_ENTRIES
+           or (p.name.startswith("fold_") and p.name[5:].isdigit() and p.is_dir())]
+    return own + [p for p in job_dirs(folder) + [folder / f for f in SWEEP_FILES] if p.exists() and p not in own]
 
 
 def earlier_launch(sweep_dir: Path, launched_at: float) -> list[Path]:
-    """What an earlier launch left in a sweep folder: its job folders and sweep files, those not
-    touched since this launch started (`launched_at`, seconds since the epoch)."""
+    """What an earlier launch left in a sweep folder (its job folders and sweep files, or a single
+    run's files), those not touched since this launch started (`launched_at`, seconds since the epoch)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         return []
-    items = job_dirs(sweep_dir) + [sweep_dir / f for f in SWEEP_FILES if (sweep_dir / f).exists()]
-    return [p for p in items if p.stat().st_mtime < launched_at]
+    return [p for p in earlier_run(sweep_dir) if p.stat().st_mtime < launched_at]
 
 
 def move_aside(folder: Path, items: list[Path], label: str) -> Path:
@@ -338,20 +339,22 @@ def move_aside(folder: Path, items: list[Path], label: str) -> Path:
 _MARK = re.compile(r"\n<!-- written by summ: sha256 ([0-9a-f]{16}) -->\n$")
 
 
-def write_report(folder: Path, name: str, text: str) -> Path:
+def write_report(folder: Path, name: str, text: str, keep_earlier: bool = False) -> Path:
     """A report people read and may annotate or protect (knee_report.md, sweep.csv, ...): rewritten
     in place only while it is as summ wrote it (a Markdown report carries the digest of its text in
     a last-line comment) and its owner may write it; otherwise the earlier file first moves aside
-    to <stem>.earlier[_n]<suffix>, its text and permissions as they were."""
+    to <stem>.earlier[_n]<suffix>, its text and permissions as they were. `keep_earlier`: an
+    earlier file always moves aside (a result of other settings, not a copy of this one)."""
     path = Path(folder) / name
-    if path.is_file() and (not path.stat().st_mode & 0o200 or not _as_written(path)):
+    if path.is_file() and (keep_earlier or not path.stat().st_mode & 0o200 or not _as_written(path)):
         target, n = path.with_name(f"{path.stem}.earlier{path.suffix}"), 1
         while target.exists():
             n += 1
             target = path.with_name(f"{path.stem}.earlier_{n}{path.suffix}")
         path.replace(target)
-        log.warning("%s was edited or made read-only since summ wrote it: kept as %s; the new one is %s",
-                    path, target.name, path.name)
+        log.warning("%s %s: kept as %s; the new one is %s", path,
+                    "held an earlier result" if keep_earlier else "was edited or made read-only since summ wrote it",
+                    target.name, path.name)
     if path.suffix == ".md":
         text += f"\n<!-- written by summ: sha256 {_digest(text)} -->\n"
     return write_text(folder, name, text)

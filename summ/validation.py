@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -77,6 +78,7 @@ def validate(cfg: DictConfig | Config) -> None:
     _check_model(c)
     _check_device(c)
     _check_data_and_mode(c)
+    _check_contradictions(c)
     resolve_batch(_get(c, "batch.batch_size"), _get(c, "batch.gradient_accumulation_steps"),
                   _get(c, "batch.effective_batch_size"), num_processes=1)
 
@@ -88,6 +90,19 @@ def _check_ranges(c: Any) -> None:
     for key in ("train.warmup_ratio", "train.label_smoothing"):
         if _get(c, key) >= 1:
             raise ConfigError(f"{key}={_get(c, key)} must be below 1")
+    for key in ("model.tiny.dropout", "model.lora.dropout", "solar.top_p"):
+        if _get(c, key) is not None and not 0 <= _get(c, key) <= 1:
+            raise ConfigError(f"{key}={_get(c, key)} is a probability: it must be in [0, 1]")
+    if not 0 < _get(c, "inference.top_p") <= 1:
+        raise ConfigError(f"inference.top_p={_get(c, 'inference.top_p')} is the nucleus' share of the probability: "
+                          f"it must be in (0, 1] (1 = off)")
+    if _get(c, "inference.do_sample") and _get(c, "inference.temperature") <= 0:
+        raise ConfigError(f"inference.temperature={_get(c, 'inference.temperature')} with inference.do_sample=true: "
+                          f"sampling needs a temperature > 0; for the most likely summary use inference=greedy")
+    if _get(c, "data.source") == DataSource.synthetic:
+        for key in ("data.synthetic_train_size", "data.synthetic_eval_size"):
+            if _get(c, key) < 1:
+                raise ConfigError(f"{key}={_get(c, key)} is invalid: data=synthetic needs at least 1 sample")
     if _get(c, "knee.tolerance") >= 1:
         raise ConfigError(f"knee.tolerance={_get(c, 'knee.tolerance')} is a fraction of the best samples/s: "
                           f"it must be in [0, 1) (0.05 = within 5%)")
@@ -100,12 +115,24 @@ def _check_ranges(c: Any) -> None:
         raise ConfigError(f"train.k_folds={k}, train.fold={fold}: fold must be in [0, k_folds)")
     if "{dialogue}" not in _get(c, "model.prompt_template"):
         raise ConfigError("model.prompt_template must contain {dialogue}")
-    reuse_from = _get(c, "sweep.reuse_from")
-    if reuse_from and not os.path.isdir(os.path.expanduser(str(reuse_from))):
-        raise ConfigError(f"sweep.reuse_from={reuse_from} is not a folder: give a finished sweep's folder")
+    check_reuse_from(_get(c, "sweep.reuse_from"))
     url = str(_get(c, "solar.base_url"))
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"solar.base_url={url} is not an http(s) URL: set it like https://api.upstage.ai/v1")
+
+
+def check_reuse_from(reuse_from: Any) -> None:
+    """sweep.reuse_from names a finished sweep: a folder that holds job folders (0/, 1/, ...)."""
+    if not reuse_from:
+        return
+    from summ.run_folder import job_dirs
+
+    folder = os.path.expanduser(str(reuse_from))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"sweep.reuse_from={reuse_from} is not a folder: give a finished sweep's folder")
+    if not job_dirs(Path(folder)):
+        raise ConfigError(f"sweep.reuse_from={reuse_from} holds no job folders (0/, 1/, ...): give a finished "
+                          f"sweep's folder (outputs/multirun/<date_time>), not a run's")
 
 
 def _check_model(c: Any) -> None:
@@ -131,7 +158,20 @@ def _check_model(c: Any) -> None:
                               f"(python run.py ...), not under accelerate launch / torchrun")
     elif _get(c, "model.tiny") is None and not (_get(c, "model.path") or _get(c, "model.hub_id")):
         raise ConfigError(f"model '{_get(c, 'model.name')}' has no weights: set model.path=<local folder>")
-    if _get(c, "model.tiny") is not None:  # a real model's limit is in its config.json, read at load
+    tiny = _get(c, "model.tiny")
+    if tiny is not None:
+        d, heads, kv = _get(c, "model.tiny.d_model"), _get(c, "model.tiny.heads"), _get(c, "model.tiny.kv_heads")
+        for key, value in (("model.tiny.d_model", d), ("model.tiny.heads", heads), ("model.tiny.layers",
+                           _get(c, "model.tiny.layers")), ("model.tiny.ffn_dim", _get(c, "model.tiny.ffn_dim"))):
+            if value < 1:
+                raise ConfigError(f"{key}={value} is invalid: it must be >= 1")
+        if d % heads:
+            raise ConfigError(f"model.tiny.d_model={d} is not a multiple of model.tiny.heads={heads}: each head takes "
+                              f"an equal share of the width; change one of them")
+        if _get(c, "model.tiny.arch") == "llama" and (kv < 1 or heads % kv):
+            raise ConfigError(f"model.tiny.heads={heads} is not a multiple of model.tiny.kv_heads={kv} (grouped-query "
+                              f"attention shares each key/value head among equal groups): change one of them")
+    if tiny is not None:  # a real model's limit is in its config.json, read at load
         enc, dec, limit = _get(c, "data.encoder_max_len"), _get(c, "data.decoder_max_len"), _get(c, "model.tiny.max_positions")
         if (enc + dec if kind == ModelKind.causal else max(enc, dec)) > limit:  # causal: prompt and summary share them
             raise ConfigError(f"data.encoder_max_len={enc} and data.decoder_max_len={dec} do not fit the model's "
@@ -150,6 +190,29 @@ def _check_data_and_mode(c: Any) -> None:
     if _get(c, "data.source") == DataSource.csv and not _get(c, "data.dir"):
         raise ConfigError(f"data={_get(c, 'data.name')} reads CSVs from a folder: set data.dir=<folder with "
                           f"{_get(c, 'data.train_file')}, {_get(c, 'data.dev_file')}, {_get(c, 'data.test_file')}>")
+
+
+def _check_contradictions(c: Any) -> None:
+    """Settings that say two different things: refused where one would silently win."""
+    if _get(c, "measure.steps") is not None and _get(c, "measure.samples") is not None:
+        raise ConfigError(f"measure.steps={_get(c, 'measure.steps')} and measure.samples={_get(c, 'measure.samples')} "
+                          f"both set the measured window: keep one (a sweep's cells compare in samples)")
+    if _get(c, "mode") == "predict" and _get(c, "train.k_folds") > 1:
+        raise ConfigError(f"train.k_folds={_get(c, 'train.k_folds')} with mode=predict: predict uses one trained model; "
+                          f"point model.path at one member (<run>/fold_<k>), or ensemble them with summ-ensemble")
+
+
+def unused_settings(c: Any) -> list[str]:
+    """Settings this run will not act on, though accepted (a sweep may vary them to zero): each
+    becomes a warning line, so nothing is dropped without a word."""
+    said = []
+    if _get(c, "augmentation.methods") and not _get(c, "augmentation.ratio"):
+        said.append(f"augmentation {'+'.join(map(str, _get(c, 'augmentation.methods')))} adds nothing: "
+                    f"augmentation.ratio=0 (samples per training sample per method)")
+    if _get(c, "tta.methods") and (not _get(c, "eval.enabled") or not _get(c, "eval.generate")):
+        said.append(f"tta {'+'.join(map(str, _get(c, 'tta.methods')))} runs at evaluation, and this run generates "
+                    f"no summaries (eval.enabled or eval.generate is false): set them true, or tta=none")
+    return said
 
 
 def _installed(package: str) -> bool:

@@ -46,14 +46,14 @@ def clean_accelerate():
 
 
 def run(tcfg: TrackingConfig, run_dir: Path, run_name="job", group=None, n_steps=5, metrics=METRICS):
-    """One tracked run as train.py wires it: accelerator, start, a step per record, then finish
+    """One tracked run as summ/training/loop.py wires it: accelerator, start, a step per record, then finish
     after the job has closed (its status is known only then)."""
     _reset_accelerate()
     acc = Accelerator(cpu=True, **tracking.accelerator_kwargs(tcfg, run_dir))
     t = tracking.start(acc, tcfg, CONFIG, run_name, group)
     for record in steps(n_steps):
         t.log_step(record, record["step"])
-    acc.free_memory()  # _Job.close()
+    acc.free_memory()  # Job.close()
     _reset_accelerate()
     t.finish(metrics)
     return t

@@ -45,14 +45,19 @@ def read_csv(path: Path, need_summary: bool) -> list[Sample]:
     csv.field_size_limit(2**31 - 1)  # the module's default (128 KiB per field) refuses a long dialogue
     try:
         with path.open(encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
+            reader = csv.DictReader(fh, strict=True)  # strict: a quote left open is an error, not a merged row
             columns = [c.strip() for c in (reader.fieldnames or [])]
+            repeated = sorted({c for c in columns if columns.count(c) > 1})
+            if repeated:  # DictReader would keep the last of them without a word
+                raise DataError(f"{path}: the column(s) {', '.join(repeated)} appear more than once in the header; "
+                                f"keep one of each")
             reader.fieldnames = columns
             rows = list(reader)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8 CSV") from None
     except csv.Error as exc:
-        raise DataError(f"{path}: not a readable CSV ({exc}); check its quoting (every quoted field closed)") from None
+        raise DataError(f"{path}: not a readable CSV (line {reader.line_num}: {exc}); check its quoting (every quoted "
+                        f"field closed, a quote inside a field doubled)") from None
     required = ["fname", "dialogue"] + (["summary"] if need_summary else [])
     missing = [c for c in required if c not in columns]
     if missing:

@@ -2,6 +2,7 @@
 and the folds of K-fold training."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from summ.config import DataConfig, DataSource
 from summ.data.samples import Sample, bundled_sample_dir, read_csv
 from summ.data.synthetic import generate
 from summ.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +38,9 @@ def load_splits(cfg: DataConfig, need_train: bool = True) -> Splits:
             raise DataError(f"data.dir={cfg.dir} {what}: set data.dir to the folder that holds "
                             f"{cfg.train_file}, {cfg.dev_file} and {cfg.test_file}")
         train_path = folder / cfg.train_file
+        if train_path.resolve() == (folder / cfg.dev_file).resolve():
+            raise DataError(f"data.train_file and data.dev_file are the same file ({train_path}): the dev ROUGE would "
+                            f"score the samples the model trained on; give the dev set its own file")
         train = read_csv(train_path, need_summary=True) if need_train or train_path.is_file() else []
         dev = read_csv(folder / cfg.dev_file, need_summary=True)
         test_path = folder / cfg.test_file
@@ -45,6 +51,11 @@ def load_splits(cfg: DataConfig, need_train: bool = True) -> Splits:
         train = train[: cfg.max_train_samples]
     if cfg.max_eval_samples is not None:
         dev = dev[: cfg.max_eval_samples]  # the test set is never cut: a submission covers every row
+    seen = {s.dialogue for s in train}
+    shared = sum(s.dialogue in seen for s in dev)
+    if shared:
+        log.warning("data: %d of %d dev dialogues are also in the training set: their ROUGE measures recall of "
+                    "training samples, not summarising", shared, len(dev))
     return Splits(train=train, dev=dev, test=test)
 
 

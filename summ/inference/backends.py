@@ -76,9 +76,9 @@ def build(cfg, cache_dir: Path, solar_cfg=None) -> Optional[Cached]:
     if cfg.kind == "solar":
         from summ.inference.solar import SolarBackend  # on use: the openai SDK takes a moment to import
 
-        return Cached(SolarBackend(solar_cfg), DiskCache(cache_dir / "generation.sqlite"))
+        return Cached(SolarBackend(solar_cfg), DiskCache(cache_dir / "generation.sqlite", "generation.cache_dir"))
     if cfg.kind == "local":
         backend = LocalSeq2Seq({"ko_en": cfg.ko_en_path, "en_ko": cfg.en_ko_path, "paraphrase": cfg.paraphrase_path},
                                batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
-        return Cached(backend, DiskCache(cache_dir / "generation.sqlite"))
+        return Cached(backend, DiskCache(cache_dir / "generation.sqlite", "generation.cache_dir"))
     raise ConfigError(f"generation.kind={cfg.kind} is unknown: choose none, local or solar")

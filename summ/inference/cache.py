@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from summ.files import WriteFailed, make_folder
+
 TASKS = ("ko_en", "en_ko", "paraphrase")  # what a generation backend is asked to do
 
 
@@ -20,9 +22,14 @@ class Backend(Protocol):
 class DiskCache:
     """(backend, task, text) -> generated text, in SQLite (safe for several processes)."""
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
+    def __init__(self, path: Path, setting: str = "the cache folder"):
+        """`setting`: the config key that names the folder, for the one line when it cannot be one."""
+        try:
+            make_folder(path.parent, for_file=path)
+            self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
+        except (WriteFailed, sqlite3.Error) as exc:
+            raise WriteFailed(f"{setting}={path.parent}: {exc}; set {setting} to a folder that can be written, "
+                              f"or null") from None
         self._db.execute("CREATE TABLE IF NOT EXISTS gen (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self._lock = threading.Lock()
 

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from summ.config import RougeTokenizer
+from summ.files import WriteFailed
 from summ.inference.scoring import pair_rouge_mean, rouge_scores
 from summ.run_folder import (DEV_PREDICTIONS_FILE, ENSEMBLE_PREDICTIONS_FILE, ENSEMBLE_REPORT, job_config,
-                             read_predictions, write_text)
+                             read_predictions, write_report)
 
 
 def mbr_select(candidates: Sequence[str], weights: Optional[Sequence[float]] = None) -> int:
@@ -161,6 +162,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {run / DEV_PREDICTIONS_FILE} not found: ensemble runs that evaluated with generation on",
                   file=sys.stderr)
             return 2
+        lacking = [c for c in ("fname", "prediction") if rows and c not in rows[0]]
+        if lacking:
+            print(f"error: {run / DEV_PREDICTIONS_FILE} has no {' or '.join(lacking)} column: ensemble the "
+                  f"dev_predictions.csv that training runs write", file=sys.stderr)
+            return 2
         members.append((run, rows))
     fnames = [r["fname"] for r in members[0][1]]
     if any([r["fname"] for r in rows] != fnames for _, rows in members):
@@ -187,12 +193,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lines.append(f"| **ensemble** | {ens['rouge1']:.4f} | {ens['rouge2']:.4f} | {ens['rougeL']:.4f} | "
                  f"**{ens['rouge_mean']:.4f}** |")
     report = "\n".join(lines) + "\n"
-    write_text(out, ENSEMBLE_REPORT, report)
     buf = [["fname", "prediction", "reference", "all_references"]] + [
         [f, p, r[0], json.dumps(r, ensure_ascii=False)] for f, p, r in zip(fnames, chosen, refs)]
     text = io.StringIO()
     csv.writer(text).writerows(buf)
-    write_text(out, ENSEMBLE_PREDICTIONS_FILE, text.getvalue())
+    try:  # an earlier ensemble's files (another strategy, other members) are kept beside the new ones
+        write_report(out, ENSEMBLE_REPORT, report, keep_earlier=True)
+        write_report(out, ENSEMBLE_PREDICTIONS_FILE, text.getvalue(), keep_earlier=True)
+    except WriteFailed as exc:
+        print(f"error: {exc}: give --out a folder that can be written", file=sys.stderr)
+        return 2
     print(report)
     return 0
 

@@ -165,7 +165,7 @@ class SolarClient:
         self.url = str(cfg.base_url).rstrip("/") + "/chat/completions"
         self.path = httpx.URL(self.url).path
         self._limiter = RateLimiter(cfg.requests_per_minute)
-        self._cache = DiskCache(Path(cfg.cache_dir).expanduser() / "solar.sqlite") if cfg.cache_dir else None
+        self._cache = DiskCache(Path(cfg.cache_dir).expanduser() / "solar.sqlite", "solar.cache_dir") if cfg.cache_dir else None
         # connecting takes seconds at most (the SDK's own default is 5 s): an endpoint that drops
         # packets costs each attempt that, not solar.timeout_s
         timeout = httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 5.0))

@@ -18,8 +18,9 @@ from summ.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-def usable_methods(cfg, backend) -> tuple[list[str], dict]:
-    """The configured methods that can run, and why the others cannot."""
+def usable_methods(cfg, backend, say: bool = True) -> tuple[list[str], dict]:
+    """The configured methods that can run, and why the others cannot (said in the log unless
+    `say` is false: a check before training, repeated at evaluation)."""
     skipped = {}
     methods = []
     for m in cfg.methods:
@@ -29,7 +30,7 @@ def usable_methods(cfg, backend) -> tuple[list[str], dict]:
         methods.append(m)
     if not methods and cfg.methods:
         raise ConfigError(f"tta={cfg.name}: {skipped.get('paraphrase')}")
-    for m, why in skipped.items():
+    for m, why in skipped.items() if say else ():
         log.warning("tta %s skipped: %s", m, why)
     return methods, skipped
 

@@ -65,10 +65,27 @@ def _no_load_report():
 def from_pretrained_checked(auto, source: str, where: str, **kwargs):
     """`auto.from_pretrained(source, **kwargs)`, refused with one line where the weights do not fit
     the folder's config.json (check_loaded)."""
-    with _no_load_report():
-        model, info = auto.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    try:
+        with _no_load_report():
+            model, info = auto.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True,
+                                               **kwargs)
+    except Exception as exc:
+        if not _unreadable_weights(exc):
+            raise
+        raise WeightsNotFound(f"{where}: its weights cannot be read ({type(exc).__name__}: "
+                              f"{(str(exc).splitlines() or [''])[0][:160]}): the file is truncated or damaged; copy "
+                              f"it again, or point at another folder") from None
     check_loaded(info, where, type(model).__name__)
     return model
+
+
+def _unreadable_weights(exc: BaseException) -> bool:
+    """A weights file that is not what its name says: safetensors' header or data, or torch's
+    pickle (a truncated copy, an interrupted download, another file renamed)."""
+    name = type(exc).__name__
+    text = str(exc)
+    return (name in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "UnpicklingError", "EOFError")
+            or "deserializing header" in text or "invalid load key" in text or "PytorchStreamReader" in text)
 
 
 def check_loaded(info: dict, where: str, architecture: str) -> None:

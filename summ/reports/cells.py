@@ -19,6 +19,7 @@ class Cell:
     error: Optional[str] = None
     user_error: bool = False  # refused for its input: a config, data, weights or key to change
     model: Optional[str] = None
+    data: Optional[str] = None
     batch_size: Optional[int] = None
     gradient_accumulation_steps: Optional[int] = None
     effective_batch_size: Optional[int] = None
@@ -121,7 +122,8 @@ def _from_config(d: Path, overrides: list[str], status: str) -> Cell:
 def cell_from_metrics(job: str, overrides: list[str], m: RunMetrics) -> Cell:
     t, mem, ev = m.train, m.memory, m.eval or {}
     return Cell(
-        job=job, overrides=overrides, status=m.status, error=m.error, user_error=m.user_error, model=m.model, batch_size=m.batch_size,
+        job=job, overrides=overrides, status=m.status, error=m.error, user_error=m.user_error,
+        model=m.model, data=m.data, batch_size=m.batch_size,
         gradient_accumulation_steps=m.gradient_accumulation_steps, effective_batch_size=m.effective_batch_size,
         mixed_precision=m.mixed_precision, gradient_checkpointing=m.gradient_checkpointing,
         config_hash=m.config_hash, reused_from=m.reused_from,
@@ -132,7 +134,8 @@ def cell_from_metrics(job: str, overrides: list[str], m: RunMetrics) -> Cell:
         positions=t and t.max_micro_batch_positions, pad_fraction=t and t.pad_fraction,
         peak_bytes=mem and mem.peak_bytes, observed_peak_bytes=mem and mem.observed_peak_bytes,
         probe_peak_bytes=mem and mem.probe_peak_bytes, capacity_fraction=mem and mem.fraction,
-        budget_bytes=mem and mem.budget_bytes, budget_source=mem and mem.budget_source, limit_bytes=mem and mem.limit_bytes,
+        budget_bytes=mem and mem.budget_bytes, budget_source=mem and mem.budget_source,
+        limit_bytes=mem and mem.limit_bytes,
         alloc_retries=mem and mem.alloc_retries, num_ooms=mem and mem.num_ooms,
         busy=bool((m.machine or {}).get("busy")), caveats=list(m.caveats or []),
         epoch_seconds_projected=m.epoch_seconds_projected, mfu=m.mfu, hfu=m.hfu, eval_loss=ev.get("loss"),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from summ.files import atomic_write_text
+from summ.files import WriteFailed, atomic_write_text
 from summ.reports.cells import Cell, load_cells, read_job
 from summ.reports.summary import gib
 from summ.run_folder import METRICS_FILE, is_run_folder
@@ -32,6 +32,7 @@ COLUMNS: dict[str, tuple[str, bool]] = {
     "run": ("", False),
     "status": ("", False),
     "model": ("", False),
+    "data": ("", False),
     "batch_size": ("d", True),
     "gradient_accumulation_steps": ("d", True),
     "effective_batch_size": ("d", True),
@@ -169,6 +170,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: no runs found ({'; '.join(warnings)}): give run folders (with {METRICS_FILE}) "
               f"or sweep folders (outputs/multirun/<time>)", file=sys.stderr)
         return 2
+    datas = sorted({r.cell.data for r in rows if r.cell.data})
+    if len(datas) > 1:  # a rate on other data (other lengths, other padding) is no rival
+        warnings.append(f"the runs trained on different data ({', '.join(datas)}): compare rates within one data only")
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if args.sort:
@@ -176,9 +180,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     text = to_csv(rows) if args.format == "csv" else to_markdown(rows)
     if args.output is None:
         sys.stdout.write(text)
-    else:
+        return 0
+    if args.output.is_dir():
+        print(f"error: --output {args.output} is a folder: give a file name (like {args.output / 'runs.md'})",
+              file=sys.stderr)
+        return 2
+    try:
         atomic_write_text(args.output, text)
-        print(f"{len(rows)} runs: {args.output}", file=sys.stderr)
+    except WriteFailed as exc:
+        print(f"error: {exc}: give --output a file in a folder that can be written", file=sys.stderr)
+        return 2
+    print(f"{len(rows)} runs: {args.output}", file=sys.stderr)
     return 0
 
 

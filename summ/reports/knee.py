@@ -26,6 +26,13 @@ class MemoryModel:
     r2: float
     positions_per_sample: float  # padded positions per sample, in the largest micro-batch measured
     n: int
+    sizes: int = 0  # distinct micro-batch widths (padded positions) among the points
+
+    @property
+    def predicts(self) -> bool:
+        """A fit that may predict cells not measured: R^2 >= MIN_R2 over at least MIN_SIZES widths
+        (a line through two points fits them exactly, R^2 = 1, and says nothing)."""
+        return self.r2 >= MIN_R2 and self.sizes >= MIN_SIZES
 
     def predict(self, micro_batch: int) -> float:
         return self.intercept + self.slope * micro_batch * self.positions_per_sample
@@ -53,10 +60,11 @@ def fit_memory_model(cells: list[Cell]) -> Optional[MemoryModel]:
     # Positions per sample from the largest micro-batch measured: the longest sample in a batch
     # sets its padded width, and larger batches are likelier to hold a long one.
     largest = max(pts, key=lambda p: (p[2], p[0]))
-    return MemoryModel(intercept, slope, r2, largest[0] / largest[2], len(pts))
+    return MemoryModel(intercept, slope, r2, largest[0] / largest[2], len(pts), len(set(xs)))
 
 
 MIN_R2 = 0.9  # below it the memory model is shown, but predicts nothing
+MIN_SIZES = 3  # nor with fewer distinct micro-batch widths than this
 PRESSURE_FRACTION = 0.9  # a peak above this share of the budget is memory pressure by itself
 
 
@@ -96,9 +104,9 @@ class Analysis:
 
     @property
     def predicted_largest_fitting(self) -> Optional[int]:
-        """None unless the memory model fits well (R^2 >= MIN_R2): a poor fit predicts nothing."""
+        """None unless the memory model predicts (MemoryModel.predicts): a poor fit predicts nothing."""
         mm = self.memory_model
-        if mm is None or not self.limit_bytes or mm.r2 < MIN_R2:
+        if mm is None or not self.limit_bytes or not mm.predicts:
             return None
         return mm.largest_fitting(self.limit_bytes)
 
@@ -225,7 +233,7 @@ def analyse(cells: list[Cell], tolerance: float = 0.05, warnings: Optional[list[
         ratio = rec.samples_per_s / fastest.samples_per_s
         why = (f"within the {tolerance:.0%} tolerance" if ratio >= 1 - tolerance else
                f"outside the {tolerance:.0%} tolerance, but their per-step rates overlap: a tie within the noise")
-        parts.append(f"{ratio:.0%} of the fastest cell (micro-batch {fastest.batch_size} x "
+        parts.append(f"{ratio:.1%} of the fastest cell (micro-batch {fastest.batch_size} x "
                      f"{fastest.gradient_accumulation_steps}, {fastest.samples_per_s:.1f} samples/s), {why}, with "
                      f"{gib_text(rec.peak_bytes)} peak memory against {gib_text(fastest.peak_bytes)}")
     if rec.budget_fraction is not None:

@@ -18,7 +18,7 @@ from typing import Optional
 
 from summ.errors import UserError
 from summ.reports.cells import Cell, load_cells
-from summ.reports.knee import MIN_R2, SET_ASIDE, Analysis, analyse, gib_text, pareto_front, percent
+from summ.reports.knee import MIN_R2, MIN_SIZES, SET_ASIDE, Analysis, analyse, gib_text, pareto_front, percent
 from summ.reports.plots import plot_knee, plot_pareto
 from summ.run_folder import (KNEE_PNG, KNEE_REPORT, METRICS_FILE, MULTIRUN_YAML, PARETO_PNG, PARETO_REPORT,
                              SWEEP_CSV, GIB, job_dirs, read_yaml, write_report)
@@ -70,7 +70,8 @@ def knee_markdown(a: Analysis, sweep_dir: Path) -> str:
 def _budget_text(a: Analysis) -> str:
     sources = {c.budget_source for c in a.cells if c.budget_bytes}
     if sources == {"device capacity"}:
-        return f"Memory budget: none set (measure.memory_budget_gb), so the device's own memory: {gib_text(a.budget_bytes)}"
+        return (f"Memory budget: none set (measure.memory_budget_gb), so the device's own memory: "
+                f"{gib_text(a.budget_bytes)}")
     return f"Memory budget: {gib_text(a.budget_bytes)}"
 
 
@@ -113,7 +114,8 @@ def _rate(c: Cell) -> str:
     if c.samples_per_s is None:
         return "-"
     i = c.samples_per_s_interval
-    return f"{c.samples_per_s:.2f}" + (f" ({'runs ' if c.interval_of == 'runs' else ''}{i[0]:.1f}-{i[1]:.1f})" if i else "")
+    runs = "runs " if c.interval_of == "runs" else ""
+    return f"{c.samples_per_s:.2f}" + (f" ({runs}{i[0]:.1f}-{i[1]:.1f})" if i else "")
 
 
 def _cells_table(a: Analysis, sweep_dir: Path) -> list[str]:
@@ -167,6 +169,9 @@ def _memory_model(a: Analysis, sweep_dir: Path) -> list[str]:
     lines.append(f"peak = {mm.intercept / GIB:.3f} GiB + {mm.slope:.0f} bytes x (micro-batch x padded positions); "
                  f"{mm.positions_per_sample:.0f} padded positions per sample in the largest micro-batch; "
                  f"R^2 = {mm.r2:.3f} over {mm.n} ok cells of the recommended cell's settings.")
+    if mm.sizes < MIN_SIZES:
+        return lines + ["", f"Fitted through {mm.sizes} micro-batch widths: a line through two points fits them "
+                            f"exactly whatever memory does; measure {MIN_SIZES} or more to predict cells not measured."]
     if mm.r2 < MIN_R2:
         return lines + ["", f"R^2 is under {MIN_R2}: the fit is too poor to predict cells that were not measured."]
     if a.limit_bytes:

@@ -120,8 +120,8 @@ def plot_knee(a: "Analysis", path: Path) -> None:
     off_scale = bool(a.budget_bytes and top and a.budget_bytes / GIB > 4 * top)
     if off_scale:  # keep the measured curve readable; say where the budget is
         ax_m.set_ylim(0, top * 1.35)
-        ax_m.text(0.02, 0.97, f"budget {a.budget_bytes / GIB:.1f} GIB, budget x headroom "
-                  f"{(a.limit_bytes or 0) / GIB:.1f} GIB (above the plot)", transform=ax_m.transAxes,
+        ax_m.text(0.02, 0.97, f"budget {a.budget_bytes / GIB:.1f} GiB, budget x headroom "
+                  f"{(a.limit_bytes or 0) / GIB:.1f} GiB (above the plot)", transform=ax_m.transAxes,
                   va="top", fontsize=8)
     else:
         if a.budget_bytes:
@@ -142,7 +142,7 @@ def plot_knee(a: "Analysis", path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     ax_s.set_ylim(bottom=0)  # from zero: a 5% difference looks like 5%
-    ax_s.set_ylabel("training throughput (samples/s; bars: middle half of the steps' rates)")
+    ax_s.set_ylabel("samples/s (bars: middle half of the steps)")
     ax_s.set_title("Throughput per sample")
     ax_m.set_ylabel("peak memory (GiB)")
     ax_m.set_title("Peak memory")

@@ -129,8 +129,9 @@ def busy_warning(machine: Optional[dict]) -> Optional[str]:
     parts = []
     worst = machine.get("other_runnable_threads_worst_stretch", machine.get("other_runnable_threads_mean"))
     if worst is not None:
+        mean = machine.get("other_runnable_threads_mean") or 0
         parts.append(f"{worst:.1f} runnable threads of other processes on {machine['cores']} cores over the worst "
-                     f"stretch of the measured steps ({machine.get('other_runnable_threads_mean') or 0:.1f} on average)")
+                     f"stretch of the measured steps ({mean:.1f} on average)")
     if machine.get("other_gpu_processes"):
         parts.append(f"{machine['other_gpu_processes']} other process(es) on the GPU")
     return ("timed on a busy machine (" + ", ".join(parts) + "): its samples/s is lower than the "

@@ -24,6 +24,7 @@ from summ.run_folder import (INFERENCE_REPORT, KNEE_REPORT, METRICS_FILE, earlie
                              move_aside)
 from summ.sweeps.study import (check_study, check_sweeper, fail_unfinished_trials, name_objectives, prepare_storage,
                                watch_asked_trials, write_best)
+from summ.validation import check_reuse_from
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,10 @@ def one_launch_per_folder(config: DictConfig) -> None:
     """hydra.sweep.dir used again: the earlier launch's job folders and reports move to
     superseded_launch[_n]/ (so a report never mixes two launches) unless sweep.resume=true, which
     needs an earlier launch to resume; with it, train.resume_from may be `latest` or a path in one
-    job folder (each cell then continues from a checkpoint of its own). Other processes of a distributed launch wait for process 0's move."""
+    job folder (each cell then continues from a checkpoint of its own). Other processes of a
+    distributed launch wait for process 0's move."""
     sweep_dir = Path(config.hydra.sweep.dir)
+    check_reuse_from(config.sweep.get("reuse_from"))  # before any cell, not once per cell
     resume_from = config.train.get("resume_from")
     if resume_from and not (config.sweep.resume and (resume_from == "latest" or Path(
             resume_from).expanduser().resolve().is_relative_to(sweep_dir.resolve()))):
@@ -106,10 +109,11 @@ def one_launch_per_folder(config: DictConfig) -> None:
         while any(p.exists() for p in earlier) and time.monotonic() < deadline:
             time.sleep(0.2)
         return
-    jobs = sum(p.is_dir() for p in earlier)
+    jobs = len(set(earlier) & set(job_dirs(sweep_dir)))
     target = move_aside(sweep_dir, earlier, "launch")
-    say(f"warning: {sweep_dir} held an earlier launch ({jobs} job folders and its reports): moved to {target}; "
-        f"sweep.resume=true reuses a folder's finished cells instead", err=True)
+    say(f"warning: {sweep_dir} held an earlier launch ({jobs} job folders and {len(earlier) - jobs} other entries: "
+        f"reports, or a single run's files): moved to {target}; sweep.resume=true reuses a folder's finished cells "
+        f"instead", err=True)
 
 
 class OptunaStorageCallback(Callback):
@@ -175,8 +179,7 @@ class KneeReportCallback(Callback):
             if command:
                 say(f"best trial of the study ({sweep_dir / 'best_overrides.txt'}):\n  {command}")
         if not any(c.status == OK for c in cells):
-            say(f"error: no job of the sweep ended ok ({', '.join(sorted({c.status for c in cells})) or 'no job'}): "
-                f"see the notes in {report}", err=True)
+            say(f"error: {why_none_ok(cells)}: see the notes in {report}", err=True)
             sys.exit(sweep_exit_code(cells))
 
     @staticmethod
@@ -200,3 +203,12 @@ def sweep_exit_code(cells) -> int:
     if cells and all(c.status in RESOURCE_STATUSES for c in cells):
         return exit_code("oom")
     return EXIT_FAILED
+
+
+def why_none_ok(cells) -> str:
+    """The one line of a sweep in which no job ended ok: the refusal itself when every job was
+    refused for the same input (it is what to change), else the statuses."""
+    errors = {c.error for c in cells}
+    if cells and all(c.user_error for c in cells) and len(errors) == 1:
+        return f"every job of the sweep was refused: {errors.pop()}"
+    return f"no job of the sweep ended ok ({', '.join(sorted({c.status for c in cells})) or 'no job'})"

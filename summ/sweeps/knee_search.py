@@ -36,7 +36,9 @@ class Trial:
 def predicted_over_limit(ok_cells: list, batch_size: int, limit_bytes: Optional[int]) -> Optional[float]:
     """The peak the knee report's memory model predicts for `batch_size` when it passes
     `limit_bytes` (budget x headroom), from cells that ran ok; None when it fits or the model is
-    not trustworthy yet (fewer than two cells, or R^2 under 0.9)."""
+    not trustworthy yet (fewer than two cells, or R^2 under 0.9). Two cells suffice here, unlike
+    for the report's predictions (MemoryModel.predicts): a search skips only the cell the line puts
+    over the limit, and a wrong skip is bisected back by the memory edge."""
     if not limit_bytes or len(ok_cells) < 2:
         return None
     model = fit_memory_model(ok_cells)

@@ -124,6 +124,15 @@ class Measurement:
             caveats.append(f"the measured window (measure.samples: {w.measured} samples after {w.warmup} of warm-up) "
                            f"is larger than the {train_set_size} training samples: samples repeat, up to "
                            f"{math.ceil(w.measured / train_set_size)} times in the measured steps")
+        elif w is None and cfg.measure.steps and (cfg.measure.warmup_steps + cfg.measure.steps) * eff > train_set_size:
+            drawn = (cfg.measure.warmup_steps + cfg.measure.steps) * eff
+            caveats.append(f"the measured steps (measure.warmup_steps + measure.steps, {drawn} samples) draw more than "
+                           f"the {train_set_size} training samples: samples repeat, up to "
+                           f"{math.ceil(drawn / train_set_size)} times")
+        if (w is not None or cfg.measure.steps) and (cfg.train.max_steps or cfg.train.total_samples):
+            caveats.append(f"{'train.max_steps' if cfg.train.max_steps else 'train.total_samples'} is not used: the "
+                           f"measured window ({'measure.samples' if w is not None else 'measure.steps'}) sets this "
+                           f"run's length")
         for text in caveats:
             log.warning("%s", text)
         metrics.caveats = caveats or None

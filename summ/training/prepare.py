@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 from summ.config import Config, DataSource
 from summ.data import augment, quality
+from summ.inference import tta
 from summ.data.samples import Sample
 from summ.data.splits import Splits, fold_indices, load_splits
 from summ.data.tokenize import Encoder, TokenizedDataset
@@ -47,6 +48,8 @@ def prepare_data(cfg: Config, backend: Callable[[], object], output_dir: Optiona
         prepared.oof = [s for i, s in enumerate(splits.train) if i in held]
         splits.train = [s for i, s in enumerate(splits.train) if i not in held]
     _check_quality(cfg, prepared, output_dir)
+    if cfg.tta.methods and cfg.eval.enabled and cfg.eval.generate:  # refused now, not after training
+        tta.usable_methods(cfg.tta, backend(), say=False)
     if cfg.augmentation.methods and cfg.augmentation.ratio > 0:
         new, prepared.augmentation = augment.augment(splits.train, cfg.augmentation, backend())
         splits.train = splits.train + new  # training only: dev and test stay as loaded
