@@ -26,24 +26,6 @@ def _choices(name: str, *values: str) -> type[enum.StrEnum]:
     return enum.StrEnum(name, [(v, v) for v in values])
 
 
-class ModelKind(enum.StrEnum):
-    seq2seq = "seq2seq"
-    causal = "causal"
-    api = "api"  # a hosted chat model (model=solar_api, summ/inference/solar.py): evaluated, not trained
-
-
-class Precision(enum.StrEnum):
-    no = "no"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class Scheduler(enum.StrEnum):
-    linear = "linear"
-    cosine = "cosine"
-    constant = "constant"
-
-
 class RougeTokenizer(enum.StrEnum):
     whitespace = "whitespace"  # the baseline's `rouge` package on whitespace tokens
     morpheme = "morpheme"  # kiwipiepy morphemes first, as the competition scores
@@ -55,6 +37,10 @@ class DataSource(enum.StrEnum):
     synthetic = "synthetic"  # generated, competition-shaped lengths
 
 
+# api: a hosted chat model (model=solar_api, summ/inference/solar.py), evaluated, not trained
+ModelKind = _choices("ModelKind", "seq2seq", "causal", "api")
+Precision = _choices("Precision", "no", "fp16", "bf16")
+Scheduler = _choices("Scheduler", "linear", "cosine", "constant")
 Quantization = _choices("Quantization", "none", "8bit", "4bit")
 InferenceQuantization = _choices("InferenceQuantization", "none", "dynamic_int8", "bnb_8bit", "bnb_4bit")
 Mode = _choices("Mode", "train", "predict")
@@ -401,14 +387,26 @@ def threads_per_job(jobs: Any) -> int:
 
 
 def run_name(mode: Any, model: Any, kind: Any, batch_size: Any, accumulation: Any,
-             effective_batch_size: Any = None, k_folds: Any = 1) -> str:
+             effective_batch_size: Any = None, k_folds: Any = 1, path: Any = None) -> str:
     """A run folder's name after what ran: `train_tiny_bart_bs32x2`, `train_..._k5` for K-fold,
-    `predict_tiny_bart`, `eval_solar_api` (a hosted model evaluated, nothing trained)."""
+    `predict_tiny_llama` (the model the run at model.path trained), `eval_solar_api` (a hosted
+    model evaluated, nothing trained)."""
     if str(mode) == "predict" or str(kind).endswith("api"):
-        return f"{'predict' if str(mode) == 'predict' else 'eval'}_{model}"
+        trained = _trained_model(path) if str(mode) == "predict" and path else None
+        return f"{'predict' if str(mode) == 'predict' else 'eval'}_{trained or model}"
     if effective_batch_size and batch_size and int(effective_batch_size) % int(batch_size) == 0:
         accumulation = int(effective_batch_size) // int(batch_size)
     return f"train_{model}_bs{batch_size}x{accumulation}" + (f"_k{k_folds}" if k_folds and int(k_folds) > 1 else "")
+
+
+def _trained_model(path: Any) -> Optional[str]:
+    """model.name in a training run's saved config (<run>/model/ or the folder itself), or None."""
+    for folder in (os.path.join(os.path.expanduser(str(path)), "model"), os.path.expanduser(str(path))):
+        try:
+            return str(OmegaConf.load(os.path.join(folder, "summ_config.yaml")).model.name)
+        except Exception:  # absent or unreadable: the run says so when it reads the folder
+            continue
+    return None
 
 
 # Settings that change how long a failure is waited for, never what a job computes.

@@ -323,7 +323,7 @@ def test_cli_mlflow_default_store_single_run_and_a_grouped_sweep_then_compare(tm
     out = subprocess_compare(tmp_path / "sweeps" / "s1", "--sort", "batch_size")
     lines = [line for line in out.splitlines() if line.startswith("|")]
     assert "samples_per_s" in lines[0] and len(lines) == 4  # header, rule, two jobs
-    assert [line.split("|")[4].strip() for line in lines[2:]] == ["2", "4"]
+    assert [line.split("|")[5].strip() for line in lines[2:]] == ["2", "4"]
 
 
 def subprocess_compare(*args) -> str:

@@ -78,11 +78,16 @@ def test_truncation_holds_even_where_the_tokenizer_would_not_truncate():
     assert feats.input_ids[-1] == tok.eos_token_id
 
 
-def test_run_folders_are_named_after_what_ran():
+def test_run_folders_are_named_after_what_ran(tmp_path):
     assert run_name("train", "tiny_bart", "seq2seq", 32, 2) == "train_tiny_bart_bs32x2"
     assert run_name("train", "tiny_bart", "seq2seq", 8, 1, 32) == "train_tiny_bart_bs8x4"  # effective batch given
     assert run_name("train", "tiny_bart", "seq2seq", 8, 1, None, 5) == "train_tiny_bart_bs8x1_k5"
     assert run_name("predict", "tiny_bart", "seq2seq", 8, 1) == "predict_tiny_bart"
+    llama_run = tmp_path / "run" / "model"
+    llama_run.mkdir(parents=True)
+    (llama_run / "summ_config.yaml").write_text("model:\n  name: tiny_llama\n")
+    # the model the run trained, not the default group the command line left alone
+    assert run_name("predict", "tiny_bart", "seq2seq", 8, 1, None, 1, str(tmp_path / "run")) == "predict_tiny_llama"
     assert run_name("train", "solar_api", "ModelKind.api", 8, 1) == "eval_solar_api"
     cfg = compose_cfg(["batch.batch_size=32", "batch.gradient_accumulation_steps=2"], return_hydra_config=True)
     assert cfg.hydra.run.dir.endswith("_train_tiny_bart_bs32x2")
@@ -170,7 +175,8 @@ def test_failures_exit_non_zero_with_one_line(tmp_path):
 
     # a sweep in which every job was refused for the same input exits 2, after writing its report
     proc = cli("-m", "model=kobart", "batch.batch_size=2,4", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    assert proc.returncode == 2 and "no job of the sweep ended ok" in proc.stderr
+    line = one_error_line(proc)
+    assert proc.returncode == 2 and line.startswith("error: every job of the sweep was refused: model=kobart: weights")
     assert (tmp_path / "sweep" / "knee_report.md").is_file()
 
     proc = cli("-m", "preset=optuna_step_time", "hydra.sweeper.n_trials=-1", f"hydra.sweep.dir={tmp_path / 'o'}")

@@ -140,11 +140,10 @@ def _run_rouge_tokenizer(run: Path) -> RougeTokenizer:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """summ-ensemble [--strategy mbr|weighted] RUN_DIR RUN_DIR ...   (python -m summ.ensemble)
 
-    Ensembles the dev predictions of finished runs (different models, seeds or settings over the
-    same dev set): each run's dev_predictions.csv is a member; weighted uses each run's dev ROUGE.
-    ROUGE uses every reference and the runs' own eval.rouge_tokenizer. Prints each member's ROUGE
-    and the ensemble's, and writes ensemble_predictions.csv and
-    ensemble_report.md into the first run's folder (or --out)."""
+    Ensembles the dev predictions (dev_predictions.csv) of finished runs over the same dev set;
+    weighted uses each run's dev ROUGE (every reference, the runs' own eval.rouge_tokenizer). Prints
+    each member's ROUGE and the ensemble's; writes ensemble_predictions.csv and ensemble_report.md
+    into the first run's folder (or --out), an earlier ensemble's kept beside them."""
     ap = argparse.ArgumentParser(prog="summ-ensemble", description=main.__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders holding dev_predictions.csv")
     ap.add_argument("--strategy", choices=("mbr", "weighted"), default="mbr")
@@ -193,18 +192,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lines.append(f"| **ensemble** | {ens['rouge1']:.4f} | {ens['rouge2']:.4f} | {ens['rougeL']:.4f} | "
                  f"**{ens['rouge_mean']:.4f}** |")
     report = "\n".join(lines) + "\n"
-    buf = [["fname", "prediction", "reference", "all_references"]] + [
-        [f, p, r[0], json.dumps(r, ensure_ascii=False)] for f, p, r in zip(fnames, chosen, refs)]
+    rows = [[f, p, r[0], json.dumps(r, ensure_ascii=False)] for f, p, r in zip(fnames, chosen, refs)]
+    if not _write(out, report, rows):
+        return 2
+    print(report)
+    return 0
+
+
+def _write(out: Path, report: str, rows: list[list[str]]) -> bool:
+    """The ensemble's report and predictions into `out`; an earlier ensemble's files (another
+    strategy, other members) are kept beside them. False, said in one line, when `out` cannot take them."""
     text = io.StringIO()
-    csv.writer(text).writerows(buf)
-    try:  # an earlier ensemble's files (another strategy, other members) are kept beside the new ones
+    csv.writer(text).writerows([["fname", "prediction", "reference", "all_references"]] + rows)
+    try:
         write_report(out, ENSEMBLE_REPORT, report, keep_earlier=True)
         write_report(out, ENSEMBLE_PREDICTIONS_FILE, text.getvalue(), keep_earlier=True)
     except WriteFailed as exc:
         print(f"error: {exc}: give --out a folder that can be written", file=sys.stderr)
-        return 2
-    print(report)
-    return 0
+        return False
+    return True
 
 
 if __name__ == "__main__":
