@@ -53,7 +53,12 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
             return _trial(cfg, hc, output_dir, overrides)
         preset = hc.runtime.choices.get("preset")
         if preset:  # every preset is a sweep (multirun_presets/): run once, it would drop its grid without a word
-            say(f"error: preset={preset} is a sweep: run it with -m (python run.py -m preset={preset} ...)", err=True)
+            from summ.errors import ConfigError
+            from summ.sweeps.trials import record_refusal
+
+            refusal = ConfigError(f"preset={preset} is a sweep: run it with -m (python run.py -m preset={preset} ...)")
+            record_refusal(output_dir, refusal)  # the folder says why, as every refused run's does
+            say(f"error: {refusal}", err=True)
             sys.exit(exit_code("failed", user_error=True))
         return _single(cfg, output_dir)
     except Interrupted as exc:  # a sweep stops too: the user asked to stop

@@ -285,7 +285,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: (0, int(d.name)) if d.name.isdigit() else (1, d.name))
 
 
-def set_aside(folder: Path, cfg_hash: str) -> Optional[Path]:
+def set_aside(folder: Path, cfg_hash: str, resuming: bool = False) -> Optional[Path]:
     """A folder that already holds a result the new run will not reuse (another config under
     sweep.resume, a failed cell, a command run again into the same folder): its result files move
     to superseded_<their config hash>[_n]/ inside it, never overwritten. Returns that folder."""
@@ -297,6 +297,10 @@ def set_aside(folder: Path, cfg_hash: str) -> Optional[Path]:
     earlier = read_metrics(folder)
     old_hash = (earlier.record.config_hash if earlier.record else earlier.raw.get("config_hash")) or "unknown"
     target = move_aside(folder, present, old_hash)
+    if resuming:  # train.resume_from: the record of the run this one continues (its checkpoints stay)
+        log.info("%s: the interrupted run's record moved to %s; this run continues from its checkpoint",
+                 folder, target)
+        return target
     why = "another config" if old_hash not in (cfg_hash, "unknown") else "an unfinished or failed run"
     log.warning("%s held a result of %s (config %s, this run's %s): moved to %s; it is measured again",
                 folder, why, old_hash, cfg_hash, target)

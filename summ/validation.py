@@ -90,9 +90,10 @@ def _check_ranges(c: Any) -> None:
     for key in ("train.warmup_ratio", "train.label_smoothing"):
         if _get(c, key) >= 1:
             raise ConfigError(f"{key}={_get(c, key)} must be below 1")
-    for key in ("model.tiny.dropout", "model.lora.dropout", "solar.top_p"):
-        if _get(c, key) is not None and not 0 <= _get(c, key) <= 1:
-            raise ConfigError(f"{key}={_get(c, key)} is a probability: it must be in [0, 1]")
+    for key, top in (("model.tiny.dropout", 1), ("model.lora.dropout", 1), ("solar.top_p", 2)):
+        value = _get(c, key)  # a dropout of 1 zeroes every output: in [0, 1); a top_p of 1 is off: in [0, 1]
+        if value is not None and not (0 <= value < 1 or (top == 2 and value == 1)):
+            raise ConfigError(f"{key}={value} is a probability: it must be in [0, 1{']' if top == 2 else ')'}")
     if not 0 < _get(c, "inference.top_p") <= 1:
         raise ConfigError(f"inference.top_p={_get(c, 'inference.top_p')} is the nucleus' share of the probability: "
                           f"it must be in (0, 1] (1 = off)")
@@ -209,6 +210,9 @@ def unused_settings(c: Any) -> list[str]:
     if _get(c, "augmentation.methods") and not _get(c, "augmentation.ratio"):
         said.append(f"augmentation {'+'.join(map(str, _get(c, 'augmentation.methods')))} adds nothing: "
                     f"augmentation.ratio=0 (samples per training sample per method)")
+    if _get(c, "data.group_by_length") and _get(c, "batch.batch_size") == 1:
+        said.append("data.group_by_length=true groups samples of like length into a batch, and a micro-batch of 1 "
+                    "has no padding to save: it changes nothing here")
     if _get(c, "tta.methods") and (not _get(c, "eval.enabled") or not _get(c, "eval.generate")):
         said.append(f"tta {'+'.join(map(str, _get(c, 'tta.methods')))} runs at evaluation, and this run generates "
                     f"no summaries (eval.enabled or eval.generate is false): set them true, or tta=none")

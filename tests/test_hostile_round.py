@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["model.tiny.heads=0"], "model.tiny.heads=0 is invalid"),
     (["model.tiny.dropout=1.5"], "model.tiny.dropout=1.5 is a probability"),
     (["model.lora.dropout=-0.1"], "model.lora.dropout=-0.1 is a probability"),
+    (["model.tiny.dropout=1.0"], "model.tiny.dropout=1.0 is a probability: it must be in [0, 1)"),
     (["inference=sampling", "inference.temperature=0"], "sampling needs a temperature > 0"),
     (["inference.top_p=1.5"], "inference.top_p=1.5 is the nucleus' share"),
     (["inference.top_p=0"], "inference.top_p=0.0 is the nucleus' share"),
@@ -57,6 +58,7 @@ def test_an_accumulation_that_agrees_with_the_effective_batch_is_fine():
     (["augmentation=synonym", "augmentation.ratio=0"], "adds nothing: augmentation.ratio=0"),
     (["tta=reorder", "eval.enabled=false"], "tta reorder runs at evaluation"),
     (["tta=reorder", "eval.generate=false"], "tta reorder runs at evaluation"),
+    (["data.group_by_length=true", "batch.batch_size=1"], "a micro-batch of 1 has no padding to save"),
 ])
 def test_settings_accepted_but_not_acted_on_are_said(overrides, says):
     [text] = unused_settings(compose_cfg(overrides))
@@ -284,6 +286,7 @@ def test_cli_cases_end_in_one_line(tmp_path):
         return one_line(proc, code)
 
     assert "preset=knee_grid is a sweep: run it with -m" in run("preset=knee_grid", f"hydra.run.dir={tmp_path / 'p'}")
+    assert "is a sweep" in json.loads((tmp_path / "p" / "metrics.json").read_text())["error"]  # the folder says why
     trained = tmp_path / "trained"
     subprocess.run([sys.executable, "run.py", "measure.steps=1", "eval.enabled=false", f"hydra.run.dir={trained}"],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
@@ -292,3 +295,64 @@ def test_cli_cases_end_in_one_line(tmp_path):
     said = run("tta=paraphrase", "measure.steps=1", f"hydra.run.dir={tmp_path / 'r'}")
     assert "tta=paraphrase: no generation backend for paraphrase" in said
     assert not (tmp_path / "r" / "train_history.jsonl").exists()  # before any training
+
+
+# --------------------------------------------------------------------------- the re-check's new cases
+
+
+def test_tools_say_a_bad_option_in_one_line(tmp_path):
+    for module in ("summ.report", "summ.compare", "summ.ensemble"):
+        line = one_line(tool(module, "--no-such-option", str(tmp_path)))
+        assert "--help lists the options" in line, line
+
+
+def test_summ_report_refuses_a_runs_folder_a_k_fold_one_included(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"status": "ok"}')
+    for k in (0, 1):
+        (tmp_path / f"fold_{k}").mkdir()
+        (tmp_path / f"fold_{k}" / "metrics.json").write_text('{"status": "ok"}')
+    assert "is a run's folder, not a sweep's" in one_line(tool("summ.report", str(tmp_path)))
+    assert not (tmp_path / "knee_report.md").exists()
+
+
+def test_a_job_whose_overrides_are_gone_is_warned_about(tmp_path):
+    from summ.reports.cells import load_cells
+
+    for j in (0, 1):
+        (tmp_path / str(j) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(j) / "metrics.json").write_text(json.dumps({"status": "ok", "batch_size": 2 + j}))
+        (tmp_path / str(j) / ".hydra" / "overrides.yaml").write_text(f"- batch.batch_size={2 + j}\n")
+    (tmp_path / "1" / ".hydra" / "overrides.yaml").unlink()
+    _, warnings = load_cells(tmp_path)
+    assert len(warnings) == 1 and warnings[0].startswith("job 1: no .hydra/overrides.yaml")
+
+
+def test_different_tokenizers_are_not_different_samples():
+    from summ.reports.cells import Cell
+    from summ.reports.knee import _measurement_warnings
+
+    cells = [Cell(job=str(i), overrides=[], status="ok", model=m, samples=64, tokens=t, samples_per_s=1.0)
+             for i, (m, t) in enumerate([("bart", 900), ("bart", 900), ("llama", 1200), ("llama", 1200)])]
+    assert not [w for w in _measurement_warnings(cells) if "different samples" in w]
+    cells[1].tokens = 950
+    [said] = [w for w in _measurement_warnings(cells) if "different samples" in w]
+    assert said.startswith("the bart cells measured different samples")
+
+
+def test_compare_tells_two_csv_folders_apart(tmp_path):
+    for name, folder in (("a", "/data/one"), ("b", "/data/two")):
+        run = a_run(tmp_path, name, ["x"], data="dialogsum_ko")
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "config.yaml").write_text(f"data:\n  dir: {folder}\n")
+    proc = tool("summ.compare", str(tmp_path))
+    assert "trained on different data (dialogsum_ko:/data/one, dialogsum_ko:/data/two)" in proc.stderr
+
+
+def test_a_submission_of_empty_summaries_is_warned_about(tmp_path, caplog):
+    from summ.data.samples import Sample
+    from summ.inference.predict import _write_submission
+    from summ.run_folder import RunMetrics
+
+    with caplog.at_level(logging.WARNING, logger="summ.inference.predict"):
+        _write_submission(True, tmp_path, [Sample("a", "d"), Sample("b", "d")], ["", "요약"], {}, RunMetrics())
+    assert "1 of 2 summaries are empty: raise inference.max_new_tokens" in caplog.text

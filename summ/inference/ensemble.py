@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from summ.config import RougeTokenizer
+from summ.console import OneLineParser
 from summ.files import WriteFailed
 from summ.inference.scoring import pair_rouge_mean, rouge_scores
 from summ.run_folder import (DEV_PREDICTIONS_FILE, ENSEMBLE_PREDICTIONS_FILE, ENSEMBLE_REPORT, job_config,
@@ -144,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     weighted uses each run's dev ROUGE (every reference, the runs' own eval.rouge_tokenizer). Prints
     each member's ROUGE and the ensemble's; writes ensemble_predictions.csv and ensemble_report.md
     into the first run's folder (or --out), an earlier ensemble's kept beside them."""
-    ap = argparse.ArgumentParser(prog="summ-ensemble", description=main.__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="summ-ensemble", description=main.__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders holding dev_predictions.csv")
     ap.add_argument("--strategy", choices=("mbr", "weighted"), default="mbr")
     ap.add_argument("--out", default=None, help="folder for the ensemble's files (default: the first run's)")

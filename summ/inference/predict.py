@@ -144,6 +144,10 @@ def quantized_eval(acc, cfg: Config, model_dir: Path, samples, base: dict) -> di
 
 
 def _write_submission(is_main: bool, output_dir: Path, target, summaries, speed: dict, metrics: RunMetrics) -> None:
+    empty = sum(not s.strip() for s in summaries)
+    if empty:  # a tiny inference.max_new_tokens, or a model that only ends sentences: a submission of blanks
+        log.warning("%d of %d summaries are empty: raise inference.max_new_tokens, or check the model",
+                    empty, len(summaries))
     if is_main:
         write_text(output_dir, SUBMISSION_FILE, submission_csv(target, summaries))
     metrics.predict = {**speed, "file": str(output_dir / SUBMISSION_FILE), "rows": len(target),

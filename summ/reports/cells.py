@@ -105,7 +105,10 @@ def read_job(d: Path, label: str) -> tuple[Cell, Optional[str]]:
     overrides = job_overrides(d)
     found = read_metrics(d)
     if found.record is not None:
-        return cell_from_metrics(d.name, overrides, found.record), None
+        unknown = None if (d / ".hydra" / "overrides.yaml").is_file() else (
+            f"{label}: no .hydra/overrides.yaml, so its own settings are unknown: it is grouped with the cells that "
+            f"set nothing beyond the batch, which may be wrong")
+        return cell_from_metrics(d.name, overrides, found.record), unknown
     if found.problem == "missing":
         return _from_config(d, overrides, "missing"), f"{label}: no {METRICS_FILE} (the job did not finish)"
     return _from_config(d, overrides, "corrupt"), f"{label}: {METRICS_FILE} is {found.problem}; skipped"

@@ -10,7 +10,6 @@ a row with status missing or corrupt and a warning on stderr.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import os
@@ -19,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from summ.console import OneLineParser
 from summ.files import WriteFailed, atomic_write_text
 from summ.reports.cells import Cell, load_cells, read_job
 from summ.reports.summary import gib
-from summ.run_folder import METRICS_FILE, is_run_folder
+from summ.run_folder import METRICS_FILE, is_run_folder, job_config
 
 
 MAX_DEPTH = 4  # folder levels searched below a given folder for runs and sweeps
@@ -155,7 +155,7 @@ def to_csv(rows: list[Row]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="summ-compare", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="summ-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="run folders, sweep folders, or folders above them")
     parser.add_argument("--sort", choices=list(COLUMNS), default=None,
                         help="order by this column (numbers by value; rows without a value last); default: as found")
@@ -170,6 +170,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: no runs found ({'; '.join(warnings)}): give run folders (with {METRICS_FILE}) "
               f"or sweep folders (outputs/multirun/<time>)", file=sys.stderr)
         return 2
+    for r in rows:  # two folders of CSVs under one data group are two data sets
+        folder = (job_config(r.path).get("data") or {}).get("dir")
+        if folder and r.cell.data:
+            r.cell.data = f"{r.cell.data}:{folder}"
     datas = sorted({r.cell.data for r in rows if r.cell.data})
     if len(datas) > 1:  # a rate on other data (other lengths, other padding) is no rival
         warnings.append(f"the runs trained on different data ({', '.join(datas)}): compare rates within one data only")

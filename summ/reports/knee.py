@@ -290,11 +290,15 @@ def _measurement_warnings(cells: list[Cell]) -> list[str]:
     """What makes cells unfit to compare: another machine's load, different measured work."""
     out = [f"job {c.job} ({c.batch_size} x {c.gradient_accumulation_steps}) was timed on a busy machine: other "
            f"processes competed for it, so its samples/s reads low; measure it again alone" for c in cells if c.busy]
-    work = {(c.samples, c.tokens) for c in cells if c.ok and c.samples is not None}
-    if len(work) > 1:
-        out.append("the cells measured different samples (" + ", ".join(
-            f"{s} samples / {t} tokens" for s, t in sorted(work)) + "): their rates compare less well; set "
-            "measure.samples to a multiple of every cell's effective batch so that all measure the same ones")
+    work: dict = defaultdict(set)  # per model: another tokenizer reads the same samples as other tokens
+    for c in cells:
+        if c.ok and c.samples is not None:
+            work[c.model].add((c.samples, c.tokens))
+    for model, seen in sorted(work.items(), key=lambda kv: str(kv[0])):
+        if len(seen) > 1:
+            out.append(f"the {model} cells measured different samples (" + ", ".join(
+                f"{s} samples / {t} tokens" for s, t in sorted(seen)) + "): their rates compare less well; set "
+                "measure.samples to a multiple of every cell's effective batch so that all measure the same ones")
     said: dict[str, list[str]] = {}
     for c in cells:
         for text in c.caveats:

@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from summ.console import OneLineParser
 from summ.errors import UserError
 from summ.reports.cells import Cell, load_cells
 from summ.reports.knee import MIN_R2, MIN_SIZES, SET_ASIDE, Analysis, analyse, gib_text, pareto_front, percent
@@ -247,13 +248,17 @@ def _fraction(text: str) -> float:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="summ-report", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="summ-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", help="a multirun folder (holds one numbered folder per job)")
     parser.add_argument("--tolerance", type=_fraction, default=None,
                         help="samples/s tolerance of the recommendation rule (default: the sweep's knee.tolerance, or 0.05)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     folder = Path(args.sweep_dir)
+    if (folder / METRICS_FILE).is_file():  # a single run (a K-fold run's fold_<k>/ are its members, not cells)
+        print(f"error: {folder} is a run's folder, not a sweep's: summ-report reads a sweep's job folders "
+              f"(outputs/multirun/<date_time>); summ-compare {folder} shows one run", file=sys.stderr)
+        return 2
     if folder.is_dir() and not job_dirs(folder):
         print(f"error: {folder} holds no job folders (0/, 1/, ... with {METRICS_FILE}): give the folder of a sweep, "
               f"such as outputs/multirun/<date_time>", file=sys.stderr)

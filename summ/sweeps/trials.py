@@ -116,7 +116,7 @@ def measured_before(cfg: DictConfig, hydra_cfg: Optional[Any], output_dir: Path)
             log.info("trial %s of study %s measured this config already (%s, %s); its result is taken, not "
                      "measured again", found[1].reused_trial, hydra_cfg.sweeper.study_name, found[0], found[1].status)
     if found is None:
-        set_aside(output_dir, cfg_hash)
+        set_aside(output_dir, cfg_hash, resuming=bool(cfg.train.resume_from))
         return None
     source, prior = found
     prior = replace(prior, reused_from=str(source))
