@@ -168,6 +168,7 @@ def guard_hydra() -> None:
 
         reported.summ_guarded = True
         hydra_internal.run_and_report = reported
+    _one_line_flags()
     save = hydra_utils._save_config
     if getattr(save, "summ_guarded", False):
         return
@@ -182,6 +183,28 @@ def guard_hydra() -> None:
 
     guarded.summ_guarded = True
     hydra_utils._save_config = guarded
+
+
+def _one_line_flags() -> None:
+    """A flag Hydra's parser does not know (`python run.py --badflag`): one line and exit code 2,
+    instead of argparse's usage block."""
+    hydra_main = sys.modules["hydra.main"]  # the module: `hydra.main` the attribute is the decorator
+    made = hydra_main.get_args_parser
+    if getattr(made, "summ_guarded", False):
+        return
+
+    def parser():
+        p = made()
+
+        def error(message: str):
+            say(f"error: {message}: python run.py --help lists the groups, --hydra-help Hydra's own flags", err=True)
+            sys.exit(exit_code("failed", user_error=True))
+
+        p.error = error
+        return p
+
+    parser.summ_guarded = True
+    hydra_main.get_args_parser = parser
 
 
 def _raise(exc: BaseException):

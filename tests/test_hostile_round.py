@@ -356,3 +356,8 @@ def test_a_submission_of_empty_summaries_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="summ.inference.predict"):
         _write_submission(True, tmp_path, [Sample("a", "d"), Sample("b", "d")], ["", "요약"], {}, RunMetrics())
     assert "1 of 2 summaries are empty: raise inference.max_new_tokens" in caplog.text
+
+
+def test_a_flag_hydra_does_not_know_is_one_line():
+    proc = subprocess.run([sys.executable, "run.py", "--badflag"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert one_line(proc).startswith("error: unrecognized arguments: --badflag: python run.py --help")

@@ -89,7 +89,13 @@ class Cell:
 def load_cells(sweep_dir: Path) -> tuple[list[Cell], list[str]]:
     """One Cell per job folder; missing or corrupt metrics become a warning and a row."""
     cells, warnings = [], []
-    for d in job_dirs(sweep_dir):
+    dirs = job_dirs(sweep_dir)
+    recorded = [(d / ".hydra" / "overrides.yaml").is_file() for d in dirs]
+    if any(recorded):  # a job whose overrides are gone would be grouped as if it set nothing beyond the batch
+        warnings += [f"job {d.name}: no .hydra/overrides.yaml, so its own settings are unknown: it is grouped with "
+                     f"the cells that set nothing beyond the batch, which may be wrong"
+                     for d, known in zip(dirs, recorded) if not known and (d / METRICS_FILE).is_file()]
+    for d in dirs:
         cell, warning = read_job(d, f"job {d.name}")
         if cell.reused_from and Path(cell.reused_from).parent.resolve() == Path(sweep_dir).resolve():
             cell.copy_of = Path(cell.reused_from).name
@@ -105,10 +111,7 @@ def read_job(d: Path, label: str) -> tuple[Cell, Optional[str]]:
     overrides = job_overrides(d)
     found = read_metrics(d)
     if found.record is not None:
-        unknown = None if (d / ".hydra" / "overrides.yaml").is_file() else (
-            f"{label}: no .hydra/overrides.yaml, so its own settings are unknown: it is grouped with the cells that "
-            f"set nothing beyond the batch, which may be wrong")
-        return cell_from_metrics(d.name, overrides, found.record), unknown
+        return cell_from_metrics(d.name, overrides, found.record), None
     if found.problem == "missing":
         return _from_config(d, overrides, "missing"), f"{label}: no {METRICS_FILE} (the job did not finish)"
     return _from_config(d, overrides, "corrupt"), f"{label}: {METRICS_FILE} is {found.problem}; skipped"
