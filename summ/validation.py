@@ -90,10 +90,10 @@ def _check_ranges(c: Any) -> None:
     for key in ("train.warmup_ratio", "train.label_smoothing"):
         if _get(c, key) >= 1:
             raise ConfigError(f"{key}={_get(c, key)} must be below 1")
-    for key, top in (("model.tiny.dropout", 1), ("model.lora.dropout", 1), ("solar.top_p", 2)):
-        value = _get(c, key)  # a dropout of 1 zeroes every output: in [0, 1); a top_p of 1 is off: in [0, 1]
-        if value is not None and not (0 <= value < 1 or (top == 2 and value == 1)):
-            raise ConfigError(f"{key}={value} is a probability: it must be in [0, 1{']' if top == 2 else ')'}")
+    for key, one_allowed in (("model.tiny.dropout", False), ("model.lora.dropout", False), ("solar.top_p", True)):
+        value = _get(c, key)  # a dropout of 1 zeroes every output; a top_p of 1 turns nucleus sampling off
+        if value is not None and not (0 <= value < 1 or (one_allowed and value == 1)):
+            raise ConfigError(f"{key}={value} is a probability: it must be in [0, 1{']' if one_allowed else ')'}")
     if not 0 < _get(c, "inference.top_p") <= 1:
         raise ConfigError(f"inference.top_p={_get(c, 'inference.top_p')} is the nucleus' share of the probability: "
                           f"it must be in (0, 1] (1 = off)")
