@@ -14,9 +14,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from summ.config import register_configs
+from summ.config import register_configs, trained_model_name
 from summ.console import say
-from summ.errors import Interrupted, ProcessesOutOfStep, UserError, exit_code
+from summ.errors import ConfigError, Interrupted, ProcessesOutOfStep, UserError, exit_code
 from summ.run_folder import METRICS_FILE
 from summ.sweeps.study import register_resolvers
 
@@ -51,15 +51,6 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
     try:
         if hc.mode == RunMode.MULTIRUN:
             return _trial(cfg, hc, output_dir, overrides)
-        preset = hc.runtime.choices.get("preset")
-        if preset:  # every preset is a sweep (multirun_presets/): run once, it would drop its grid without a word
-            from summ.errors import ConfigError
-            from summ.sweeps.trials import record_refusal
-
-            refusal = ConfigError(f"preset={preset} is a sweep: run it with -m (python run.py -m preset={preset} ...)")
-            record_refusal(output_dir, refusal)  # the folder says why, as every refused run's does
-            say(f"error: {refusal}", err=True)
-            sys.exit(exit_code("failed", user_error=True))
         return _single(cfg, output_dir)
     except Interrupted as exc:  # a sweep stops too: the user asked to stop
         say(f"interrupted: {exc}\n{_how_to_go_on(hc, exc.checkpoint)}", err=True)
@@ -107,6 +98,7 @@ def _single(cfg: DictConfig, output_dir: Path) -> float:
 
     try:
         validate(cfg)  # before anything reads the folder
+        _not_a_sweep_preset()
         _same_model_as_trained(cfg)
         metrics = measured_before(cfg, None, output_dir) or run_job(cfg, output_dir)
     except UserError as exc:
@@ -121,18 +113,24 @@ def _single(cfg: DictConfig, output_dir: Path) -> float:
     return 0.0
 
 
+def _not_a_sweep_preset() -> None:
+    """Every preset is a sweep (multirun_presets/): run once, it would drop its grid without a word."""
+    from hydra.core.hydra_config import HydraConfig
+
+    preset = HydraConfig.get().runtime.choices.get("preset")
+    if preset:
+        raise ConfigError(f"preset={preset} is a sweep: run it with -m (python run.py -m preset={preset} ...)")
+
+
 def _same_model_as_trained(cfg: DictConfig) -> None:
     """mode=predict reads the model group from the trained run: a model= given on the command line
     that names another would label the folder and the record with a model that never ran."""
     from hydra.core.hydra_config import HydraConfig
 
-    from summ.errors import ConfigError
-    from summ.modeling.saved import saved_model_name
-
     if cfg.mode != "predict" or not cfg.model.get("path"):
         return
     given = [o.split("=", 1)[1] for o in HydraConfig.get().overrides.task if o.startswith("model=")]
-    trained = saved_model_name(cfg.model.path)
+    trained = trained_model_name(cfg.model.path)
     if given and trained and given[-1] != trained:
         raise ConfigError(f"model={given[-1]}, but model.path={cfg.model.path} was trained as model={trained}: "
                           f"leave model= out (predict reads it from the run), or give model={trained}")

@@ -392,14 +392,14 @@ def run_name(mode: Any, model: Any, kind: Any, batch_size: Any, accumulation: An
     `predict_tiny_llama` (the model the run at model.path trained), `eval_solar_api` (a hosted
     model evaluated, nothing trained)."""
     if str(mode) == "predict" or str(kind).endswith("api"):
-        trained = _trained_model(path) if str(mode) == "predict" and path else None
+        trained = trained_model_name(path) if str(mode) == "predict" and path else None
         return f"{'predict' if str(mode) == 'predict' else 'eval'}_{trained or model}"
     if effective_batch_size and batch_size and int(effective_batch_size) % int(batch_size) == 0:
         accumulation = int(effective_batch_size) // int(batch_size)
     return f"train_{model}_bs{batch_size}x{accumulation}" + (f"_k{k_folds}" if k_folds and int(k_folds) > 1 else "")
 
 
-def _trained_model(path: Any) -> Optional[str]:
+def trained_model_name(path: Any) -> Optional[str]:
     """model.name in a training run's saved config (<run>/model/ or the folder itself), or None."""
     for folder in (os.path.join(os.path.expanduser(str(path)), "model"), os.path.expanduser(str(path))):
         try:

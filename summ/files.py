@@ -60,11 +60,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def file_mode(path: Path) -> int:
-    """The permission bits `path` keeps (it exists) or gets (0666 less the process's umask)."""
+    """The permission bits `path` keeps (it exists) or gets (new_file_mode)."""
     try:
         return path.stat().st_mode & 0o7777
     except OSError:
-        return 0o666 & ~umask()
+        return new_file_mode()
+
+
+def new_file_mode() -> int:
+    """What an ordinary write gives a new file: 0666 less the process's umask."""
+    return 0o666 & ~umask()
 
 
 def umask() -> int:

@@ -16,7 +16,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -327,13 +327,18 @@ def earlier_launch(sweep_dir: Path, launched_at: float) -> list[Path]:
     return [p for p in earlier_run(sweep_dir) if p.stat().st_mtime < launched_at]
 
 
+def unused(name: Callable[[int], Path]) -> Path:
+    """The first of name(1), name(2), ... that does not exist: where an earlier file goes aside."""
+    n = 1
+    while name(n).exists():
+        n += 1
+    return name(n)
+
+
 def move_aside(folder: Path, items: list[Path], label: str) -> Path:
     """`items` (entries of `folder`) into a new folder <folder>/superseded_<label>[_n]/; returns it."""
     folder = Path(folder)
-    target, n = folder / f"{SUPERSEDED}{label}", 1
-    while target.exists():
-        n += 1
-        target = folder / f"{SUPERSEDED}{label}_{n}"
+    target = unused(lambda n: folder / f"{SUPERSEDED}{label}{'' if n == 1 else f'_{n}'}")
     target.mkdir(parents=True)
     for path in items:
         path.replace(target / path.name)
@@ -351,10 +356,7 @@ def write_report(folder: Path, name: str, text: str, keep_earlier: bool = False)
     earlier file always moves aside (a result of other settings, not a copy of this one)."""
     path = Path(folder) / name
     if path.is_file() and (keep_earlier or not path.stat().st_mode & 0o200 or not _as_written(path)):
-        target, n = path.with_name(f"{path.stem}.earlier{path.suffix}"), 1
-        while target.exists():
-            n += 1
-            target = path.with_name(f"{path.stem}.earlier_{n}{path.suffix}")
+        target = unused(lambda n: path.with_name(f"{path.stem}.earlier{'' if n == 1 else f'_{n}'}{path.suffix}"))
         path.replace(target)
         log.warning("%s %s: kept as %s; the new one is %s", path,
                     "held an earlier result" if keep_earlier else "was edited or made read-only since summ wrote it",

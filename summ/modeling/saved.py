@@ -29,7 +29,7 @@ def save_for_predict(accelerator, model, tokenizer, cfg: Config, target: Path,
     process beforehand; save_pretrained cannot read a sharded parameter's storage)."""
     import shutil
 
-    from summ.files import WriteFailed, make_folder, umask
+    from summ.files import WriteFailed, make_folder, new_file_mode
 
     tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -41,7 +41,7 @@ def save_for_predict(accelerator, model, tokenizer, cfg: Config, target: Path,
         atomic_write_text(tmp / SAVED_CONFIG, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         for path in tmp.rglob("*"):  # safetensors writes its files 0600: the weights get the umask's mode too
             if path.is_file():
-                path.chmod(0o666 & ~umask())
+                path.chmod(new_file_mode())
         if target.exists():
             target.replace(old)
         tmp.replace(target)
@@ -83,16 +83,6 @@ def locate(cfg: Config) -> Trained:
                               f"with summ-ensemble")
     raise WeightsNotFound(f"model.path={cfg.model.path} holds no trained model: give a training run's folder "
                           f"(saved with train.save_model=true) or a folder with config.json and *.safetensors")
-
-
-def saved_model_name(path: str) -> str | None:
-    """The model group a training run folder (or its model/) was trained as, or None."""
-    for folder in (Path(path).expanduser() / MODEL_DIR, Path(path).expanduser()):
-        try:
-            return str(OmegaConf.load(folder / SAVED_CONFIG).model.name)
-        except Exception:  # absent or unreadable: locate() says so, with its own line
-            continue
-    return None
 
 
 def locate_folder(folder: Path) -> Trained:

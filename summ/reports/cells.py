@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from summ.run_folder import METRICS_FILE, RunMetrics, job_config, job_dirs, job_overrides, read_metrics
+from summ.run_folder import HYDRA_DIR, METRICS_FILE, RunMetrics, job_config, job_dirs, job_overrides, read_metrics
 
 OK = "ok"
 
@@ -90,7 +90,7 @@ def load_cells(sweep_dir: Path) -> tuple[list[Cell], list[str]]:
     """One Cell per job folder; missing or corrupt metrics become a warning and a row."""
     cells, warnings = [], []
     dirs = job_dirs(sweep_dir)
-    recorded = [(d / ".hydra" / "overrides.yaml").is_file() for d in dirs]
+    recorded = [(d / HYDRA_DIR / "overrides.yaml").is_file() for d in dirs]
     if any(recorded):  # a job whose overrides are gone would be grouped as if it set nothing beyond the batch
         warnings += [f"job {d.name}: no .hydra/overrides.yaml, so its own settings are unknown: it is grouped with "
                      f"the cells that set nothing beyond the batch, which may be wrong"

@@ -121,13 +121,7 @@ class OptunaStorageCallback(Callback):
     storage's tables made (prepare_storage) and its objective named."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            check_sweeper(config.hydra)
-            prepare_storage(config.hydra)
-            check_study(config)
-        except ConfigError as exc:
-            say(f"error: {exc}", err=True)
-            sys.exit(EXIT_USER_ERROR)
+        _refused(lambda: (check_sweeper(config.hydra), prepare_storage(config.hydra), check_study(config)))
         name_objectives(config)
         if "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower():
             watch_asked_trials()

@@ -138,14 +138,13 @@ def what_it_runs(job_dir: Path) -> Optional[str]:
     eff, n, sps = (m.effective_batch_size, m.train_set_size, m.train and m.train.samples_per_s) if m else (0, 0, 0)
     if not (eff and n and sps):
         return None
+    from summ.training.measurement import schedule_length
+
     per_epoch = n // ((m.batch_size or 1) * (m.num_processes or 1)) // (m.gradient_accumulation_steps or 1)
-    train = cfg.train
-    if train.get("total_samples"):
-        steps, rule = max(1, round(train.total_samples / eff)), f"train.total_samples={train.total_samples}"
-    elif train.get("max_steps"):
-        steps, rule = int(train.max_steps), f"train.max_steps={train.max_steps}"
-    else:
-        steps, rule = int(train.epochs) * per_epoch, f"train.epochs={train.epochs}"
+    # the run's own rule, without the trial's measured window (reproduce_command drops it)
+    steps = schedule_length(OmegaConf.merge(cfg, {"measure": {"samples": None, "steps": None}}), per_epoch, eff)
+    key = next(k for k in ("total_samples", "max_steps", "epochs") if cfg.train.get(k))
+    rule = f"train.{key}={cfg.train[key]}"
     seconds = steps * eff / sps
     return (f"it trains {steps:,} optimizer steps of {eff} samples ({rule}; {steps / max(per_epoch, 1):.3g} epochs "
             f"of {n:,} samples): about {_duration(seconds)} at the trial's {sps:.1f} samples/s, evaluation not "
