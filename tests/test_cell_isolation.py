@@ -5,6 +5,7 @@ backward, a forward, the memory probe, the optimizer step), over_budget, diverge
 not keep its model wrapper, optimizer, loader, accelerator or batch alive: on a GPU whatever it
 kept is gigabytes the next cells start short of. The failures are injected with SUMM_FAILPOINTS'
 own mechanism (summ/failpoints.py), in process."""
+
 from __future__ import annotations
 
 import gc
@@ -15,12 +16,19 @@ import torch
 
 from summ import failpoints
 from summ.measure.memory import MemoryMonitor
-from summ.training import loop, measurement, reuse
+from summ.training import loop, probe, reuse
 
 from .conftest import compose_cfg
 
-CELL = ["model=tiny_llama", "batch.batch_size=32", "measure.steps=2", "measure.warmup_steps=1",
-        "eval.enabled=false", "train.save_model=false", "data.max_train_samples=160"]
+CELL = [
+    "model=tiny_llama",
+    "batch.batch_size=32",
+    "measure.steps=2",
+    "measure.warmup_steps=1",
+    "eval.enabled=false",
+    "train.save_model=false",
+    "data.max_train_samples=160",
+]
 
 # (what ends the cell, overrides, the failpoint, the status it ends with)
 FAILURES = [
@@ -42,18 +50,19 @@ def watched(monkeypatch):
     close = loop.Job.close
 
     def closing(job):
-        for name in ("model", "optimizer", "train_loader", "accelerator"):
-            obj = getattr(job, name)
-            if obj is not None:
-                seen["refs"].append((name, weakref.ref(obj)))
-        if job.optimizer is not None:
-            seen["refs"].append(("the optimizer's state", weakref.ref(job.optimizer.optimizer)))
+        if job.accelerator is not None:
+            seen["refs"].append(("accelerator", weakref.ref(job.accelerator)))
+        if job.run is not None:
+            for name in ("model", "optimizer", "train_loader"):
+                seen["refs"].append((name, weakref.ref(getattr(job.run, name))))
+            seen["refs"].append(("the optimizer's state", weakref.ref(job.run.optimizer.optimizer)))
         close(job)
 
     def inputs(original):
         def taken(batch):
             seen["refs"].append(("a batch tensor", weakref.ref(batch["input_ids"])))
             return original(batch)
+
         return taken
 
     start = MemoryMonitor.start
@@ -65,7 +74,7 @@ def watched(monkeypatch):
 
     monkeypatch.setattr(loop.Job, "close", closing)
     monkeypatch.setattr(loop, "model_inputs", inputs(loop.model_inputs))
-    monkeypatch.setattr(measurement, "model_inputs", inputs(measurement.model_inputs))
+    monkeypatch.setattr(probe, "model_inputs", inputs(probe.model_inputs))
     monkeypatch.setattr(MemoryMonitor, "start", started)
     reuse.clear()
     yield seen
@@ -95,7 +104,9 @@ def test_a_failed_cell_leaves_nothing_alive_for_the_next(tmp_path, watched):
         # nothing collected here: dead as the cell returns, before anything the next cell does
         alive = [name for name, ref in watched["refs"] if ref() is not None]
         assert not alive, f"{what}: still alive after the cell: {alive}"
-        assert {"model", "optimizer", "train_loader", "accelerator", "a batch tensor"} <= {n for n, _ in watched["refs"]}
+        assert {"model", "optimizer", "train_loader", "accelerator", "a batch tensor"} <= {
+            n for n, _ in watched["refs"]
+        }
         watched["refs"].clear()
         # what the cell froze is what any cell leaves (imported code, caches), not its tensors
         assert gc.get_freeze_count() - frozen < 20_000, (what, gc.get_freeze_count() - frozen)

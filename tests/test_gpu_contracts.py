@@ -1,6 +1,7 @@
 """What the CUDA-only paths hand to torch and Accelerate, checked on the CPU (issue 20). Where a
 mechanism is CUDA's own, the call contract is tested here (what reaches which torch.cuda call, and
 in which order); benchmarks/gpu_check.py confirms the rest on a GPU."""
+
 from __future__ import annotations
 
 import inspect
@@ -8,7 +9,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,21 +19,32 @@ from torch._utils import _get_device_index
 from summ.measure import flops, machine, timing
 from summ.measure.memory import BudgetGuard, MemoryMonitor
 
-from .conftest import ROOT, compose_cfg
+from .conftest import ROOT, cli, compose_cfg
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 # the recorder's global backward hook sees modules whose outputs are not tensors: torch says so
-pytestmark = [pytest.mark.filterwarnings("ignore:For backward hooks to be called"),
-              pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:For backward hooks to be called"),
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
+]
 GIB = 2**30
 
 # torch.cuda's calls that take a device, and whether torch lets it name no index (torch/cuda/
 # memory.py and __init__.py: `_get_device_index(device, optional=True)`; False: it raises
 # "Expected a torch.device with a specified index").
-CUDA_CALLS = {"reset_peak_memory_stats": True, "memory_allocated": True, "memory_reserved": True,
-              "max_memory_allocated": True, "max_memory_reserved": True, "memory_stats": True,
-              "mem_get_info": True, "set_per_process_memory_fraction": False, "synchronize": True,
-              "get_device_name": True, "get_device_properties": True, "list_gpu_processes": True}
+CUDA_CALLS = {
+    "reset_peak_memory_stats": True,
+    "memory_allocated": True,
+    "memory_reserved": True,
+    "max_memory_allocated": True,
+    "max_memory_reserved": True,
+    "memory_stats": True,
+    "mem_get_info": True,
+    "set_per_process_memory_fraction": False,
+    "synchronize": True,
+    "get_device_name": True,
+    "get_device_properties": True,
+    "list_gpu_processes": True,
+}
 
 
 def two_processes(script: Path, *args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -41,9 +52,9 @@ def two_processes(script: Path, *args: str, env: dict | None = None, cwd: Path =
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**ENV, **(env or {})})
+    return cli(
+        "--nproc_per_node", "2", "--master_port", port, script, *args, module="torch.distributed.run", env=env, cwd=cwd
+    )
 
 
 @pytest.fixture
@@ -52,11 +63,17 @@ def fake_cuda(monkeypatch):
     refuses (a device with no index where torch needs one), so a run gets past setup only if every
     call was given what torch takes. The current device is 1, so an index taken from it shows."""
     calls: list[tuple[str, object]] = []
-    results = {"memory_allocated": 0, "memory_reserved": 0, "max_memory_allocated": 3 * GIB,
-               "max_memory_reserved": 4 * GIB, "memory_stats": {"num_alloc_retries": 0, "num_ooms": 0},
-               "mem_get_info": (70 * GIB, 80 * GIB), "get_device_name": "NVIDIA H100 80GB HBM3",
-               "list_gpu_processes": "GPU:1\nno processes are running",
-               "get_device_properties": SimpleNamespace(multi_processor_count=132)}
+    results = {
+        "memory_allocated": 0,
+        "memory_reserved": 0,
+        "max_memory_allocated": 3 * GIB,
+        "max_memory_reserved": 4 * GIB,
+        "memory_stats": {"num_alloc_retries": 0, "num_ooms": 0},
+        "mem_get_info": (70 * GIB, 80 * GIB),
+        "get_device_name": "NVIDIA H100 80GB HBM3",
+        "list_gpu_processes": "GPU:1\nno processes are running",
+        "get_device_properties": SimpleNamespace(multi_processor_count=132),
+    }
 
     def fake(name, optional):
         signature = inspect.signature(getattr(torch.cuda, name))
@@ -67,6 +84,7 @@ def fake_cuda(monkeypatch):
                 _get_device_index(device)  # torch's own check: raises for torch.device("cuda")
             calls.append((name, device))
             return results.get(name)
+
         return call
 
     for name, optional in CUDA_CALLS.items():
@@ -96,21 +114,18 @@ def test_a_cuda_device_with_no_index_reaches_every_torch_cuda_call_as_an_integer
 
 
 def test_a_run_with_a_budget_on_a_device_with_no_index_gets_past_setup(fake_cuda, tmp_path):
-    """The memory setup of a run (Job._start_memory: the monitor, the budget and its cap) on
+    """The memory setup of a run (Job.setup's MemoryStretches: the monitor, the budget and its cap) on
     Accelerate's `cuda` device."""
     from omegaconf import OmegaConf
 
-    from summ.run_folder import RunMetrics
-    from summ.training.loop import Job
+    from summ.training.instruments import MemoryStretches
 
     cfg = compose_cfg(["measure.memory_budget_gb=24"])
-    job = Job(OmegaConf.to_object(cfg), tmp_path, RunMetrics(), "identity")
-    job.accelerator = SimpleNamespace(device=torch.device("cuda"))
-    job._start_memory()
-    assert job.guard.budget_bytes == 24 * GIB and job.monitor._capped
+    memory = MemoryStretches(OmegaConf.to_object(cfg), torch.device("cuda"))
+    assert memory.guard.budget_bytes == 24 * GIB and memory.monitor.capped
     (fraction,) = [c for c in fake_cuda if c[0] == "set_per_process_memory_fraction"]
     assert fraction[1] == 1
-    job.monitor.stop()
+    memory.monitor.stop()
 
 
 # --------------------------------------------------------------------------- the step clock
@@ -182,9 +197,16 @@ def test_no_measured_step_starts_while_probe_or_warmup_work_is_queued(run_job, m
 
 @pytest.mark.slow
 def test_no_measured_step_starts_while_probe_or_warmup_work_is_queued_on_two_processes(tmp_path):
-    proc = two_processes(ROOT / "tests" / "record_clock.py", f"hydra.run.dir={tmp_path / 'run'}", "measure.steps=3",
-                         "measure.warmup_steps=2", "eval.enabled=false", "train.save_model=false", cwd=tmp_path,
-                         env={"SUMM_TEST_EVENTS": str(tmp_path / "events"), "ACCELERATE_USE_CPU": "true"})
+    proc = two_processes(
+        ROOT / "tests" / "record_clock.py",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "measure.steps=3",
+        "measure.warmup_steps=2",
+        "eval.enabled=false",
+        "train.save_model=false",
+        cwd=tmp_path,
+        env={"SUMM_TEST_EVENTS": str(tmp_path / "events"), "ACCELERATE_USE_CPU": "true"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         events = json.loads((tmp_path / "events" / f"rank{rank}.json").read_text())
@@ -222,11 +244,11 @@ def test_two_processes_with_different_peaks_agree_on_the_larger(tmp_path):
 
 @pytest.mark.parametrize("model", ["tiny_bart", "tiny_llama"])
 def test_the_vocabulary_is_padded_to_64_rows_and_generation_never_emits_a_padding_row(model, run_job):
+    from omegaconf import OmegaConf
+
     from summ.config import InferenceConfig, ModelKind
     from summ.inference.evaluate import generation_config
     from summ.modeling import models
-
-    from omegaconf import OmegaConf
 
     m, out = run_job(f"model={model}", "measure.steps=1", "eval.enabled=false", "train.save_model=true")
     assert m["status"] == "ok", m["error"]
@@ -265,11 +287,28 @@ def test_the_real_models_vocabularies_grow_to_a_multiple_of_64():
 
     from summ.modeling import models
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=128256, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
-    bart = BartForConditionalGeneration(BartConfig(vocab_size=30000, d_model=8, encoder_layers=1, decoder_layers=1,
-                                                   encoder_attention_heads=2, decoder_attention_heads=2,
-                                                   encoder_ffn_dim=16, decoder_ffn_dim=16))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128256,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    bart = BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=30000,
+            d_model=8,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=16,
+            decoder_ffn_dim=16,
+        )
+    )
     for model, ids, rows in ((llama, 128256 + 15, 128320), (bart, 30000 + 15, 30016)):
         models.fit_vocabulary(model, range(ids))  # anything with the tokenizer's length
         assert models.vocabulary_rows(model) == model.config.vocab_size == rows
@@ -309,19 +348,24 @@ def test_a_collective_another_process_never_reaches_fails_after_the_timeout(tmp_
     assert waited["out_of_step"] and 1.5 < waited["seconds"] < 6, waited
 
 
-
 # --------------------------------------------------------------------------- smaller contracts
 
 
-@pytest.mark.parametrize("listing,others", [
-    (lambda me: f"GPU:0\nprocess {me:>10} uses 1234.000 MB GPU memory\nprocess 99999 uses 900.000 MB GPU memory", 1),
-    (lambda me: f"GPU:0\nprocess {me:>10} uses 1234.000 MB GPU memory", 0),
-    # in a container NVML lists host PIDs: this process is not there under its own, nothing can be matched
-    (lambda me: "GPU:0\nprocess    4183221 uses 1234.000 MB GPU memory", None),
-])
+@pytest.mark.parametrize(
+    "listing,others",
+    [
+        (
+            lambda me: f"GPU:0\nprocess {me:>10} uses 1234.000 MB GPU memory\nprocess 99999 uses 900.000 MB GPU memory",
+            1,
+        ),
+        (lambda me: f"GPU:0\nprocess {me:>10} uses 1234.000 MB GPU memory", 0),
+        # in a container NVML lists host PIDs: this process is not there under its own, nothing can be matched
+        (lambda me: "GPU:0\nprocess    4183221 uses 1234.000 MB GPU memory", None),
+    ],
+)
 def test_other_gpu_processes_count_only_where_this_process_is_listed(monkeypatch, listing, others):
     monkeypatch.setattr(torch.cuda, "list_gpu_processes", lambda device: listing(os.getpid()))
-    assert machine._other_gpu_processes(torch.device("cuda", 0)) == others
+    assert machine.other_gpu_processes(torch.device("cuda", 0)) == others
 
 
 def test_a_checkpoint_is_renamed_only_after_every_process_has_written_its_part(tmp_path):
@@ -359,8 +403,11 @@ def _deepspeed(accumulation, **plugin_kwargs):
     from accelerate.utils import DeepSpeedPlugin, DistributedType
 
     plugin = DeepSpeedPlugin(zero_stage=2, **plugin_kwargs)
-    return _Launched(distributed_type=DistributedType.DEEPSPEED, gradient_accumulation_steps=accumulation,
-                     state=SimpleNamespace(deepspeed_plugin=plugin))
+    return _Launched(
+        distributed_type=DistributedType.DEEPSPEED,
+        gradient_accumulation_steps=accumulation,
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+    )
 
 
 def test_a_launcher_that_overrides_the_cells_accumulation_stops_the_run_with_one_line():
@@ -445,16 +492,27 @@ def test_under_fsdp_every_process_gathers_the_weights_and_process_0_saves_them(t
     for rank, main in ((0, True), (1, False)):
         job = loop.Job.__new__(loop.Job)
         weights = {"w": torch.zeros(2)}
-        job.accelerator = _Launched(distributed_type=DistributedType.FSDP, is_main_process=main,
-                                    get_state_dict=lambda model, r=rank, w=weights: calls.append(("gather", r)) or w,
-                                    wait_for_everyone=lambda r=rank: calls.append(("barrier", r)))
+        accelerator = _Launched(
+            distributed_type=DistributedType.FSDP,
+            is_main_process=main,
+            get_state_dict=lambda model, r=rank, w=weights: calls.append(("gather", r)) or w,
+            wait_for_everyone=lambda r=rank: calls.append(("barrier", r)),
+        )
         job.cfg = SimpleNamespace(train=SimpleNamespace(save_model=True))
-        job.metrics, job.model, job.tokenizer, job.output_dir = SimpleNamespace(), object(), object(), tmp_path
-        job.start_step, job.measurement = 0, SimpleNamespace(timer=SimpleNamespace(steps_seen=3))
-        job.bs, job.ga = 1, 1
-        monkeypatch.setattr(loop, "save_for_predict", lambda acc, model, tok, cfg, target, state, r=rank, w=weights:
-                            calls.append(("save", r, state is w)))
-        job.save()
+        job.metrics, job.output_dir = SimpleNamespace(), tmp_path
+        job.start_step, job.timing = 0, SimpleNamespace(timer=SimpleNamespace(steps_seen=3))
+        job.run = SimpleNamespace(
+            accelerator=accelerator,
+            model=object(),
+            tokenizer=object(),
+            shape=SimpleNamespace(micro_batch=1, accumulation=1),
+        )
+        monkeypatch.setattr(
+            loop,
+            "save_for_predict",
+            lambda acc, model, tok, cfg, target, state, r=rank, w=weights: calls.append(("save", r, state is w)),
+        )
+        job.save(job.run)
     assert calls == [("gather", 0), ("save", 0, True), ("barrier", 0), ("gather", 1), ("barrier", 1)]
 
 
@@ -490,14 +548,21 @@ def test_under_fsdp_generation_keeps_every_process_in_step(monkeypatch):
 
         def autocast(self):
             import contextlib
+
             return contextlib.nullcontext()
 
     # this is process 0; process 1's summaries come back with the gather
     monkeypatch.setattr(evaluate, "gather_object", lambda objects: objects + [{i: "x" for i in range(3)}])
-    acc = Accelerator(distributed_type=DistributedType.FSDP, num_processes=2, device=torch.device("cpu"),
-                      unwrap_model=lambda model: model)
+    acc = Accelerator(
+        distributed_type=DistributedType.FSDP,
+        num_processes=2,
+        device=torch.device("cpu"),
+        unwrap_model=lambda model: model,
+    )
     tok = models.tiny_tokenizer()
     encoder = SimpleNamespace(prompt_ids=lambda dialogue: [5, 6, 7])
     samples = [Sample(f"f{i}", "#Person1#: 안녕하세요", "요약") for i in range(3)]
-    evaluate.generate(acc, Model(), samples, encoder, tok, InferenceConfig(name="greedy", num_beams=1), ModelKind.causal, 1)
+    evaluate.generate(
+        acc, Model(), samples, encoder, tok, InferenceConfig(name="greedy", num_beams=1), ModelKind.causal, 1
+    )
     assert split == [True] and generated and all(generated)

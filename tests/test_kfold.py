@@ -1,4 +1,5 @@
 """K-fold: K members on K splits, out-of-fold predictions, per-fold figures and an ensemble."""
+
 from __future__ import annotations
 
 import csv
@@ -18,9 +19,16 @@ def test_folds_are_disjoint_and_cover_everything():
 @pytest.mark.parametrize("strategy", ["mbr", "weighted", "stacking", "logit_avg"])
 def test_two_folds_with_an_ensemble(run_job, strategy):
     decoding = "inference.num_beams=2" if strategy == "stacking" else "inference=greedy"  # stacking learns from beams
-    m, out = run_job("train.k_folds=2", f"ensemble.strategy={strategy}", "measure.steps=2", "eval.generate=true",
-                     decoding, "inference.max_new_tokens=12", "data.max_eval_samples=6",
-                     "data.max_train_samples=40")
+    m, out = run_job(
+        "train.k_folds=2",
+        f"ensemble.strategy={strategy}",
+        "measure.steps=2",
+        "eval.generate=true",
+        decoding,
+        "inference.max_new_tokens=12",
+        "data.max_eval_samples=6",
+        "data.max_train_samples=40",
+    )
     assert m["status"] == "ok", m["error"]
     assert [f["fold"] for f in m["folds"]] == [0, 1] and all(f["status"] == "ok" for f in m["folds"])
     assert m["kfold"]["k"] == 2 and m["kfold"]["rouge_mean"]["mean"] is not None
@@ -42,14 +50,27 @@ def test_a_finished_member_leaves_the_device_before_the_next_fold_trains(run_job
     from summ.training.loop import Job
 
     events = []
-    setup, moved = Job.setup, kfold._moved
+    setup, moved = Job.setup, kfold.moved
     monkeypatch.setattr(Job, "setup", lambda job: events.append("fold starts") or setup(job))
     # after a fold the member goes to "cpu"; for the ensemble, to the Accelerator's device (a torch.device)
-    monkeypatch.setattr(kfold, "_moved", lambda model, device: events.append(
-        "to host" if device == "cpu" and isinstance(device, str) else "to device") or moved(model, device))
-    m, _ = run_job("train.k_folds=3", "ensemble.strategy=logit_avg", "measure.steps=1", "eval.generate=true",
-                   "inference=greedy", "inference.max_new_tokens=4", "data.max_eval_samples=2",
-                   "data.max_train_samples=30")
+    monkeypatch.setattr(
+        kfold,
+        "moved",
+        lambda model, device: (
+            events.append("to host" if device == "cpu" and isinstance(device, str) else "to device")
+            or moved(model, device)
+        ),
+    )
+    m, _ = run_job(
+        "train.k_folds=3",
+        "ensemble.strategy=logit_avg",
+        "measure.steps=1",
+        "eval.generate=true",
+        "inference=greedy",
+        "inference.max_new_tokens=4",
+        "data.max_eval_samples=2",
+        "data.max_train_samples=30",
+    )
     assert m["status"] == "ok", m["error"]
     assert events == ["fold starts", "to host"] * 3 + ["to device"] * 3
 
@@ -60,8 +81,11 @@ def test_stacking_selector_learns_which_feature_predicts_rouge():
     # references reward the candidate that agrees with the others; a lone outlier scores 0
     groups = []
     for k in range(20):
-        cands = [f"#Person1#은 {k}번 회의를 준비합니다.", f"#Person1#은 {k}번 회의를 준비합니다 내일.",
-                 "전혀 다른 이야기"]
+        cands = [
+            f"#Person1#은 {k}번 회의를 준비합니다.",
+            f"#Person1#은 {k}번 회의를 준비합니다 내일.",
+            "전혀 다른 이야기",
+        ]
         groups.append((cands, [0.8, 0.7, 0.0]))
     w = fit_selector(groups)
     assert stack_select(["엉뚱한 말", "#Person2#는 예약을 바꿉니다.", "#Person2#는 예약을 바꿉니다 오늘."], w) in (1, 2)
@@ -99,8 +123,14 @@ def test_ensemble_across_runs(run_job, capsys):
 
     runs = []
     for seed in (1, 2):
-        m, out = run_job("measure.steps=2", f"train.seed={seed}", "eval.generate=true", "inference=greedy",
-                         "inference.max_new_tokens=10", "data.max_eval_samples=5")
+        m, out = run_job(
+            "measure.steps=2",
+            f"train.seed={seed}",
+            "eval.generate=true",
+            "inference=greedy",
+            "inference.max_new_tokens=10",
+            "data.max_eval_samples=5",
+        )
         assert m["status"] == "ok"
         runs.append(str(out))
     assert main(["--strategy", "weighted", *runs]) == 0

@@ -2,10 +2,10 @@
 cell measures the same samples, memory is judged at the worst batch and never at evaluation's,
 FLOPs count the 4-bit matmuls and not the recompute, peaks come from the right device row, OOMs
 raised without a type are OOMs, and a busy machine is said."""
+
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +21,7 @@ from summ.measure.machine import LoadWatch
 from summ.measure.memory import is_oom
 from summ.training.outcome import classify
 
-from .conftest import ROOT, compose_cfg
+from .conftest import cli, compose_cfg
 
 SYNTHETIC = ["data=synthetic", "data.synthetic_train_size=800", "eval.enabled=false", "train.save_model=false"]
 CELLS = [(2, 1), (4, 1), (8, 1), (2, 2), (4, 2)]
@@ -35,8 +35,9 @@ def test_a_window_draws_the_same_samples_whatever_the_split_or_the_grouping():
     sets = set()
     for bs in (2, 4, 8, 16):
         for grouped in (False, True):
-            order = EpochSampler(lengths, seed=3, group_by_length=grouped, batch_size=bs,
-                                 window=Window(warmup=64, measured=192)).order(0)
+            order = EpochSampler(
+                lengths, seed=3, group_by_length=grouped, batch_size=bs, window=Window(warmup=64, measured=192)
+            ).order(0)
             assert len(order) == 256
             sets.add((frozenset(order[:64]), frozenset(order[64:])))
     assert len(sets) == 1  # the same warm-up samples, the same measured samples
@@ -47,7 +48,7 @@ def test_grouped_batches_are_shuffled_and_a_partial_batch_stays_last():
     sampler = EpochSampler(lengths, seed=0, group_by_length=True, batch_size=8)
     order = sampler.order(0)
     assert sorted(order) == list(range(1003))
-    batches = [order[i: i + 8] for i in range(0, 1000, 8)]
+    batches = [order[i : i + 8] for i in range(0, 1000, 8)]
     widths = [max(lengths[j] for j in b) for b in batches]
     assert widths[0] != max(widths) or widths[1] != sorted(widths)[-2]  # not longest-first
     spread = [max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches]
@@ -59,9 +60,17 @@ def test_grouped_batches_are_shuffled_and_a_partial_batch_stays_last():
 def test_cells_of_a_sweep_measure_identical_samples_and_tokens(run_job, grouped):
     seen = set()
     for bs, ga in CELLS:
-        m, _ = run_job(*SYNTHETIC, f"batch.batch_size={bs}", f"batch.gradient_accumulation_steps={ga}",
-                       f"data.group_by_length={grouped}", "measure.samples=96", "measure.warmup_samples=32",
-                       "measure.memory_probe=false", "measure.cpu_live_memory=false", fast=False)
+        m, _ = run_job(
+            *SYNTHETIC,
+            f"batch.batch_size={bs}",
+            f"batch.gradient_accumulation_steps={ga}",
+            f"data.group_by_length={grouped}",
+            "measure.samples=96",
+            "measure.warmup_samples=32",
+            "measure.memory_probe=false",
+            "measure.cpu_live_memory=false",
+            fast=False,
+        )
         assert m["status"] == "ok"
         seen.add((m["train"]["samples"], m["train"]["tokens"]))
     assert len(seen) == 1 and next(iter(seen))[0] == 96
@@ -71,8 +80,7 @@ def test_cells_of_a_sweep_measure_identical_samples_and_tokens(run_job, grouped)
 
 
 def _cli_metrics(folder, *overrides) -> dict:
-    subprocess.run([sys.executable, "run.py", f"hydra.run.dir={folder}", *overrides], cwd=ROOT, check=True,
-                   capture_output=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cli(f"hydra.run.dir={folder}", *overrides, timeout=600, code=0)
     return json.loads((folder / "metrics.json").read_text())
 
 
@@ -92,8 +100,15 @@ def test_the_probe_bounds_an_epochs_observed_peak(tmp_path):
 def test_evaluation_memory_is_not_judged_against_the_training_budget(run_job):
     """Beam search over a large evaluation batch peaks above training at micro-batch 2: a budget
     between the two lets the cell finish ok, with both peaks recorded."""
-    cfg = ["batch.batch_size=2", "batch.eval_batch_size=64", "train.max_steps=4", "eval.generate=true",
-           "inference.num_beams=8", "data.max_eval_samples=30", "train.save_model=false"]
+    cfg = [
+        "batch.batch_size=2",
+        "batch.eval_batch_size=64",
+        "train.max_steps=4",
+        "eval.generate=true",
+        "inference.num_beams=8",
+        "data.max_eval_samples=30",
+        "train.save_model=false",
+    ]
     first, _ = run_job(*cfg, fast=False)
     train_peak, eval_peak = first["memory"]["peak_bytes"], first["memory"]["eval_peak_bytes"]
     assert eval_peak > 1.3 * train_peak, (train_peak, eval_peak)
@@ -103,17 +118,22 @@ def test_evaluation_memory_is_not_judged_against_the_training_budget(run_job):
 
 
 def test_allocation_failures_raised_without_a_type_are_oom(run_job, monkeypatch):
-    for text in ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)",
-                 "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes",
-                 # NCCL's, as ProcessGroupNCCL raises them (DistBackendError is a RuntimeError)
-                 "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error (run with NCCL_DEBUG=INFO for details), "
-                 "NCCL version 2.21.5\nncclUnhandledCudaError: Call to CUDA function failed.\nLast error:\n"
-                 "Cuda failure 'out of memory'", "Cuda failure 2 'out of memory'",
-                 "NCCL error: unhandled system error\nncclSystemError: System call failed.\nLast error:\nout of memory"):
+    for text in (
+        "CUDA error: out of memory",
+        "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)",
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes",
+        # NCCL's, as ProcessGroupNCCL raises them (DistBackendError is a RuntimeError)
+        "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error (run with NCCL_DEBUG=INFO for details), "
+        "NCCL version 2.21.5\nncclUnhandledCudaError: Call to CUDA function failed.\nLast error:\n"
+        "Cuda failure 'out of memory'",
+        "Cuda failure 2 'out of memory'",
+        "NCCL error: unhandled system error\nncclSystemError: System call failed.\nLast error:\nout of memory",
+    ):
         assert is_oom(RuntimeError(text)) and classify(RuntimeError(text), "train")[0] == "oom"
     assert not is_oom(RuntimeError("shape mismatch")) and not is_oom(ValueError("out of memory"))
-    assert not is_oom(RuntimeError("NCCL error: invalid usage")) and issubclass(torch.distributed.DistBackendError,
-                                                                                RuntimeError)
+    assert not is_oom(RuntimeError("NCCL error: invalid usage")) and issubclass(
+        torch.distributed.DistBackendError, RuntimeError
+    )
 
     # the failpoint's error as a cuBLAS or caching allocator raises it: a RuntimeError with its message
     monkeypatch.setattr(failpoints.Failpoint, "error", lambda self, where: RuntimeError("CUDA error: out of memory"))
@@ -138,15 +158,30 @@ def test_qlora_counts_the_4bit_matmuls_and_model_flops_leave_out_recompute(run_j
     assert ckpt_hardware > 1.1 * ckpt_model  # the recompute is hardware work
 
 
-@pytest.mark.parametrize("name,precision,tflops", [
-    ("NVIDIA H100 80GB HBM3", "bf16", 989.0), ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H100 NVL", "fp16", 835.0),
-    ("NVIDIA H200", "bf16", 989.0), ("NVIDIA L40", "bf16", 181.0), ("NVIDIA L40S", "bf16", 362.0),
-    ("NVIDIA L4", "bf16", 121.0), ("NVIDIA RTX A1000", "bf16", None), ("NVIDIA A100-SXM4-80GB", "fp32", 19.5),
-    ("Tesla V100-SXM2-16GB", "bf16", None), ("Tesla T4", "bf16", None), ("Tesla T4", "fp16", 65.0),
-    ("NVIDIA A10G", "bf16", 70.0), ("NVIDIA A10", "bf16", 125.0),
-    ("NVIDIA B200", "bf16", 2250.0), ("NVIDIA GH200 480GB", "bf16", 989.0), ("NVIDIA H800", "bf16", 989.0),
-    ("NVIDIA H800 PCIe", "fp16", 756.0), ("NVIDIA H200 NVL", "bf16", 835.0),
-])
+@pytest.mark.parametrize(
+    "name,precision,tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.0),
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("NVIDIA H100 NVL", "fp16", 835.0),
+        ("NVIDIA H200", "bf16", 989.0),
+        ("NVIDIA L40", "bf16", 181.0),
+        ("NVIDIA L40S", "bf16", 362.0),
+        ("NVIDIA L4", "bf16", 121.0),
+        ("NVIDIA RTX A1000", "bf16", None),
+        ("NVIDIA A100-SXM4-80GB", "fp32", 19.5),
+        ("Tesla V100-SXM2-16GB", "bf16", None),
+        ("Tesla T4", "bf16", None),
+        ("Tesla T4", "fp16", 65.0),
+        ("NVIDIA A10G", "bf16", 70.0),
+        ("NVIDIA A10", "bf16", 125.0),
+        ("NVIDIA B200", "bf16", 2250.0),
+        ("NVIDIA GH200 480GB", "bf16", 989.0),
+        ("NVIDIA H800", "bf16", 989.0),
+        ("NVIDIA H800 PCIe", "fp16", 756.0),
+        ("NVIDIA H200 NVL", "bf16", 835.0),
+    ],
+)
 def test_the_peak_comes_from_the_most_specific_device_row(name, precision, tflops):
     assert flops.device_peak_tflops(name, precision) == tflops
 
@@ -162,7 +197,10 @@ def test_a_mig_slice_gets_its_share_of_the_peak_by_its_streaming_multiprocessors
 def test_the_peak_precision_is_the_one_the_matmuls_compute_in():
     for preset in ("llama", "qwen3_4b", "solar_10_7b", "polyglot_ko_12_8b", "kullm_v2"):
         c = OmegaConf.to_object(compose_cfg([f"model={preset}", "model.path=/x"]))
-        assert flops.compute_precision(str(c.train.mixed_precision), str(c.model.quantization), str(c.model.dtype)) == "bf16"
+        assert (
+            flops.compute_precision(str(c.train.mixed_precision), str(c.model.quantization), str(c.model.dtype))
+            == "bf16"
+        )
     assert flops.compute_precision("no", "none", "float32") == "fp32"
     assert flops.compute_precision("fp16", "none", "float32") == "fp16"
 
@@ -215,9 +253,9 @@ def test_the_cpu_allocator_setting_is_said_and_switches_back(run_job):
 
     kept, _ = run_job("measure.cpu_live_memory=false", "train.max_steps=3", "measure.memory_probe=false")
     assert kept["status"] == "ok" and kept["memory"]["source"].endswith("_heap_kept")
-    assert memory._LIVE is not True  # glibc's own thresholds (never set in this process, or set back)
+    assert memory.tensors_off_the_heap() is not True  # glibc's own thresholds (never set in this process, or set back)
     live, _ = run_job("measure.cpu_live_memory=true", "train.max_steps=3", "measure.memory_probe=false")
-    assert live["memory"]["source"] == "cpu_peak_rss_above_baseline" and memory._LIVE is True
+    assert live["memory"]["source"] == "cpu_peak_rss_above_baseline" and memory.tensors_off_the_heap() is True
 
 
 def test_busy_is_judged_over_the_worst_stretch_not_the_mean(monkeypatch):
@@ -227,11 +265,11 @@ def test_busy_is_judged_over_the_worst_stretch_not_the_mean(monkeypatch):
 
     monkeypatch.setattr(machine, "cores", lambda: 2)
     watch = LoadWatch(torch.device("cpu")).start()
-    watch._others = [0] * 30 + [1, 2, 1, 1, 2, 1, 1, 2, 1, 2]  # 40 steps, the last 10 contended
+    watch.others_runnable = [0] * 30 + [1, 2, 1, 1, 2, 1, 1, 2, 1, 2]  # 40 steps, the last 10 contended
     record = watch.finish()
     assert record["other_runnable_threads_mean"] < 0.5 and record["other_runnable_threads_worst_stretch"] >= 1.0
     assert record["busy"]
-    watch._others = [0, 1, 0, 0, 0, 0, 1, 0, 0, 0] * 4  # a spike now and then: the machine's own noise
+    watch.others_runnable = [0, 1, 0, 0, 0, 0, 1, 0, 0, 0] * 4  # a spike now and then: the machine's own noise
     assert not watch.finish()["busy"]
     assert machine.worst_stretch([]) is None and machine.worst_stretch([2]) == 2
     assert machine.worst_stretch([0, 0, 3, 3, 3, 0]) == 3  # 6 samples: a stretch of 3

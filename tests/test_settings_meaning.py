@@ -1,5 +1,6 @@
 """Settings that change what a figure means are said in the run and in the knee report; settings
 that make a result meaningless are refused (issue 21, item 3)."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,10 @@ from summ.reports.knee_report import build_report
 
 
 def test_probe_off_with_a_budget_is_a_caveat_in_the_run(run_job, caplog):
-    with caplog.at_level(logging.WARNING, logger="summ.training.measurement"):
-        m, _ = run_job("measure.memory_probe=false", "measure.memory_budget_gb=8", "measure.steps=2",
-                       "batch.batch_size=2")
+    with caplog.at_level(logging.WARNING, logger="summ.training.loop"):
+        m, _ = run_job(
+            "measure.memory_probe=false", "measure.memory_budget_gb=8", "measure.steps=2", "batch.batch_size=2"
+        )
     assert m["status"] == "ok"
     [caveat] = m["caveats"]
     assert "memory_probe=false" in caveat and "memory budget (8 GiB) is judged without it" in caveat
@@ -56,10 +58,20 @@ def test_caveats_reach_the_knee_report(tmp_path):
         d = tmp_path / str(i)
         (d / ".hydra").mkdir(parents=True)
         (d / ".hydra" / "overrides.yaml").write_text(f"- batch.batch_size={bs}\n")
-        (d / "metrics.json").write_text(json.dumps({
-            "status": "ok", "model": "kobart", "batch_size": bs, "gradient_accumulation_steps": 1,
-            "effective_batch_size": bs, "train": {"samples_per_s": 10.0 * bs, "samples": 64},
-            "memory": {"peak_bytes": bs * 2**20}, "caveats": caveats}))
+        (d / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "status": "ok",
+                    "model": "kobart",
+                    "batch_size": bs,
+                    "gradient_accumulation_steps": 1,
+                    "effective_batch_size": bs,
+                    "train": {"samples_per_s": 10.0 * bs, "samples": 64},
+                    "memory": {"peak_bytes": bs * 2**20},
+                    "caveats": caveats,
+                }
+            )
+        )
     a = build_report(tmp_path)
     assert "all 3 cells: A" in a.warnings and "job 1: B" in a.warnings
     md = (tmp_path / "knee_report.md").read_text()

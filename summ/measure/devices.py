@@ -6,6 +6,7 @@ mem_get_info, synchronize); others refuse it (`set_per_process_memory_fraction` 
 torch.device with a specified index"). So the index is resolved once, here, and every torch.cuda
 call of summ is given an integer: the device's own index, else the current device's.
 """
+
 from __future__ import annotations
 
 import torch

@@ -16,14 +16,16 @@ The device's peak comes from a table by device name (the most specific name firs
 precision the matmuls compute in: mixed precision, else the quantization's compute dtype, else the
 weights' dtype. None where the device or the precision is not in the table (then no MFU).
 """
+
 from __future__ import annotations
 
 import functools
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -55,8 +57,17 @@ PEAK_TFLOPS = (
 _PRECISION_COLUMN = {"fp32": 0, "fp16": 1, "bf16": 2}
 # The whole GPU's streaming multiprocessors, for the GPUs that can be split into MIG slices: a slice
 # (named "... MIG 3g.40gb") has the table's peak times its own SMs over these.
-FULL_GPU_SMS = (("GH200", 132), ("H200", 132), ("H100 PCIe", 114), ("H100", 132), ("H800 PCIe", 114),
-                ("H800", 132), ("B200", 148), ("A100", 108), ("A30", 56))
+FULL_GPU_SMS = (
+    ("GH200", 132),
+    ("H200", 132),
+    ("H100 PCIe", 114),
+    ("H100", 132),
+    ("H800 PCIe", 114),
+    ("H800", 132),
+    ("B200", 148),
+    ("A100", 108),
+    ("A30", 56),
+)
 
 
 def compute_precision(mixed_precision: str, quantization: str, dtype: str) -> str:
@@ -71,7 +82,7 @@ def compute_precision(mixed_precision: str, quantization: str, dtype: str) -> st
     return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
 
 
-def _named(name: str, table) -> Optional[Any]:
+def _named(name: str, table) -> Any | None:
     """The first row of `table` whose name is in `name` as a whole word (most specific first)."""
     for fragment, value in table:
         if re.search(rf"(?<![A-Za-z0-9]){re.escape(fragment)}(?![A-Za-z0-9])", name):
@@ -79,7 +90,7 @@ def _named(name: str, table) -> Optional[Any]:
     return None
 
 
-def device_peak_tflops(name: str, precision: str, sms: Optional[int] = None) -> Optional[float]:
+def device_peak_tflops(name: str, precision: str, sms: int | None = None) -> float | None:
     """The table's peak for a device name, or None (unknown device, or a precision it lacks). A MIG
     slice has its share by streaming multiprocessors (`sms`: the slice's own count); None where the
     whole GPU's count is not known."""
@@ -95,15 +106,16 @@ def device_peak_tflops(name: str, precision: str, sms: Optional[int] = None) -> 
     return peak
 
 
-def peak_flops(device: torch.device, precision: str, configured_tflops: Optional[float]) -> Optional[float]:
+def peak_flops(device: torch.device, precision: str, configured_tflops: float | None) -> float | None:
     """FLOP/s the device can do at best, or None where unknown (then MFU is null)."""
     if configured_tflops:
         return configured_tflops * 1e12
     if device.type != "cuda":
         return None
     index = cuda_index(device)
-    tflops = device_peak_tflops(torch.cuda.get_device_name(index), precision,
-                                torch.cuda.get_device_properties(index).multi_processor_count)
+    tflops = device_peak_tflops(
+        torch.cuda.get_device_name(index), precision, torch.cuda.get_device_properties(index).multi_processor_count
+    )
     return tflops * 1e12 if tflops else None
 
 
@@ -154,11 +166,15 @@ def custom_mapping() -> dict:
 
 @functools.lru_cache(maxsize=2)
 def _mapping(with_bitsandbytes: bool) -> dict:  # the flag keys the cache: bitsandbytes' ops appear on import
-    wanted = {("bitsandbytes", "gemm_4bit"): _gemm_4bit, ("bitsandbytes", "gemv_4bit"): _gemm_4bit,
-              ("bitsandbytes", "int8_linear_matmul"): _int8_mm, ("bitsandbytes", "int8_scaled_mm"): _int8_mm,
-              ("bitsandbytes", "int8_mixed_scaled_mm"): _int8_mixed_mm,
-              ("aten", "_scaled_dot_product_flash_attention_for_cpu"): _sdpa_cpu,
-              ("aten", "_scaled_dot_product_flash_attention_for_cpu_backward"): _sdpa_cpu_backward}
+    wanted = {
+        ("bitsandbytes", "gemm_4bit"): _gemm_4bit,
+        ("bitsandbytes", "gemv_4bit"): _gemm_4bit,
+        ("bitsandbytes", "int8_linear_matmul"): _int8_mm,
+        ("bitsandbytes", "int8_scaled_mm"): _int8_mm,
+        ("bitsandbytes", "int8_mixed_scaled_mm"): _int8_mixed_mm,
+        ("aten", "_scaled_dot_product_flash_attention_for_cpu"): _sdpa_cpu,
+        ("aten", "_scaled_dot_product_flash_attention_for_cpu_backward"): _sdpa_cpu_backward,
+    }
     mapping = {}
     for (namespace, name), formula in wanted.items():
         try:
@@ -191,9 +207,10 @@ class RecomputeMeter:
                 return fn(*args, **kwargs)
             finally:
                 self.flops += self.counter.get_total_flops() - before
+
         return run
 
-    def __enter__(self) -> "RecomputeMeter":
+    def __enter__(self) -> RecomputeMeter:
         for module in self.model.modules():
             original = getattr(module, "_gradient_checkpointing_func", None)
             if original is None:
@@ -225,11 +242,11 @@ class MicroStepProfile:
     positions: int = 0  # padded positions the micro-batch had
 
     @property
-    def flops_per_token(self) -> Optional[float]:
+    def flops_per_token(self) -> float | None:
         return self.model_flops / self.positions if self.positions else None
 
     @property
-    def hardware_flops_per_position(self) -> Optional[float]:
+    def hardware_flops_per_position(self) -> float | None:
         return self.hardware_flops / self.positions if self.positions else None
 
 
@@ -238,7 +255,7 @@ class ProfileMicroStep:
     forward and backward run inside it. `model`: whose parameters are not activations, and whose
     checkpointed layers' recompute is booked apart; None counts every saved tensor and no recompute."""
 
-    def __init__(self, model: Optional[torch.nn.Module] = None, positions: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module | None = None, positions: int = 0) -> None:
         self.model = model
         self.profile = MicroStepProfile(positions=positions)
         self._storages: set[int] = set()
@@ -253,7 +270,7 @@ class ProfileMicroStep:
             pass
         return t
 
-    def __enter__(self) -> "ProfileMicroStep":
+    def __enter__(self) -> ProfileMicroStep:
         from torch.utils.flop_counter import FlopCounterMode
 
         if self.model is not None:  # a weight saved for backward is the model's, not an activation

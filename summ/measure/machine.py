@@ -10,12 +10,12 @@ core's worth of threads runnable over its worst stretch (a quarter of the measur
 least 3: another job that overlapped only the end of the run lowers the headline rate although
 the whole run's mean stays low), or shared the GPU.
 """
+
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -25,7 +25,7 @@ BUSY_OTHER_THREADS_PER_CORE = 0.5
 STRETCH_SHARE, STRETCH_MIN = 0.25, 3  # the stretch the busy test judges: a quarter of the samples, at least 3
 
 
-def worst_stretch(samples: list[int]) -> Optional[float]:
+def worst_stretch(samples: list[int]) -> float | None:
     """The highest mean over any run of consecutive samples as long as the stretch (all of them
     when there are fewer)."""
     if not samples:
@@ -49,7 +49,7 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _runnable_total() -> Optional[int]:
+def _runnable_total() -> int | None:
     """Runnable threads on the machine now (/proc/loadavg's fourth field, before the slash)."""
     try:
         return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
@@ -68,7 +68,7 @@ def _runnable_own() -> int:
     return running
 
 
-def _load1() -> Optional[float]:
+def _load1() -> float | None:
     try:
         return os.getloadavg()[0]
     except OSError:
@@ -80,10 +80,10 @@ class LoadWatch:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._others: list[int] = []
-        self._wall0: Optional[float] = None
+        self.others_runnable: list[int] = []  # other runnable threads, once per measured step
+        self._wall0: float | None = None
 
-    def start(self) -> "LoadWatch":
+    def start(self) -> LoadWatch:
         self._load_start, self._cpu0, self._wall0 = _load1(), time.process_time(), time.perf_counter()
         return self
 
@@ -92,24 +92,31 @@ class LoadWatch:
             self.start()
         total = _runnable_total()
         if total is not None:
-            self._others.append(max(0, total - _runnable_own()))
+            self.others_runnable.append(max(0, total - _runnable_own()))
 
     def finish(self) -> dict:
         if self._wall0 is None:
             self.start()
         wall = time.perf_counter() - self._wall0
-        others = sum(self._others) / len(self._others) if self._others else None
-        worst = worst_stretch(self._others)
-        gpu_others = _other_gpu_processes(self.device)
+        others = sum(self.others_runnable) / len(self.others_runnable) if self.others_runnable else None
+        worst = worst_stretch(self.others_runnable)
+        gpu_others = other_gpu_processes(self.device)
         busy = bool((worst is not None and worst >= BUSY_OTHER_THREADS_PER_CORE * cores()) or gpu_others)
-        return {"cores": cores(), "load_avg_1m_start": self._load_start, "load_avg_1m_end": _load1(),
-                "other_runnable_threads_mean": others, "other_runnable_threads_worst_stretch": worst,
-                "cpu_seconds": time.process_time() - self._cpu0,
-                "wall_seconds": wall, "torch_threads": torch.get_num_threads(), "other_gpu_processes": gpu_others,
-                "busy": busy}
+        return {
+            "cores": cores(),
+            "load_avg_1m_start": self._load_start,
+            "load_avg_1m_end": _load1(),
+            "other_runnable_threads_mean": others,
+            "other_runnable_threads_worst_stretch": worst,
+            "cpu_seconds": time.process_time() - self._cpu0,
+            "wall_seconds": wall,
+            "torch_threads": torch.get_num_threads(),
+            "other_gpu_processes": gpu_others,
+            "busy": busy,
+        }
 
 
-def _other_gpu_processes(device: torch.device) -> Optional[int]:
+def other_gpu_processes(device: torch.device) -> int | None:
     """Processes other than this one holding memory on the GPU (NVML through torch), or None where
     it cannot be seen. NVML names processes by the host's PIDs: inside a container (its own PID
     namespace) this process is not among them under its own PID, and every process would look like

@@ -6,8 +6,8 @@ run's start, after the previous job's memory was handed back. glibc keeps freed 
 heap, where it fragments: over an epoch the resident set crept 20-40% above what a few steps
 showed. So by default (measure.cpu_live_memory) allocations from 64 KiB up are served by mmap
 (mallopt): a freed tensor goes back to the kernel and the resident peak tracks live tensors, as
-CUDA's statistics do. The price is a page fault per fresh page: on 2 cores tiny BART at micro-batch
-16 trains about 1.6x slower. `measure.cpu_live_memory=false` keeps glibc's own thresholds (fast;
+CUDA's statistics do. The price is a page fault per fresh page (README, "What a run measures",
+gives the measured cost). `measure.cpu_live_memory=false` keeps glibc's own thresholds (fast;
 the peak then includes heap glibc kept, and creeps over an epoch). GPU runs are unaffected: their
 tensors are not on this heap. Where the kernel refuses the reset, a thread samples RSS instead
 (costs a few % on 2 cores).
@@ -15,6 +15,7 @@ Executable code paged in during the run (a kernel's first use: about 4 MB in a p
 run, none in the runs after it) is host memory no batch setting changes and a GPU's figure would
 not hold: it is left out of the CPU peaks (read from /proc/self/smaps at each stretch's end).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,14 +23,13 @@ import gc
 import os
 import re
 import threading
-from typing import Optional
 
 import torch
 
 from summ.errors import AgreedFailure, OverBudget
-from summ.run_folder import GIB
 from summ.measure.devices import cuda_index
 from summ.measure.flops import ProfileMicroStep
+from summ.run_folder import GIB
 
 
 def release_memory(collect: bool = True) -> None:
@@ -51,7 +51,15 @@ def trim_heap() -> None:
 
 
 _WARMED = False
-_LIVE: Optional[bool] = None  # the allocator setting in force in this process (None: glibc's own)
+_LIVE: bool | None = None  # the allocator setting in force in this process (None: glibc's own)
+
+
+def tensors_off_the_heap() -> bool | None:
+    """The CPU allocator setting in force in this process: True, freed tensors go back to the
+    kernel (measure.cpu_live_memory); False or None, glibc's own heap."""
+    return _LIVE
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
@@ -79,8 +87,9 @@ def _warm_process() -> None:
     layer = torch.nn.Linear(64, 64)
     opt = torch.optim.AdamW(layer.parameters())
     with ProfileMicroStep():
-        torch.nn.functional.cross_entropy(layer(torch.randn(8, 64)), torch.zeros(8, dtype=torch.long),
-                                          label_smoothing=0.1).backward()
+        torch.nn.functional.cross_entropy(
+            layer(torch.randn(8, 64)), torch.zeros(8, dtype=torch.long), label_smoothing=0.1
+        ).backward()
     opt.step()
     big = torch.randn(512, 512, requires_grad=True)  # large enough to start the intra-op thread pool
     (big @ big).relu().softmax(-1).sum().backward()
@@ -138,8 +147,9 @@ class MemoryMonitor:
     model kept loaded across a sweep's cells): added to every peak, so a cell reads as in a fresh
     process."""
 
-    def __init__(self, device: torch.device, interval_ms: float = 2.0, weights_bytes: int = 0,
-                 cpu_live_memory: bool = True):
+    def __init__(
+        self, device: torch.device, interval_ms: float = 2.0, weights_bytes: int = 0, cpu_live_memory: bool = True
+    ):
         self.device = device
         self.cuda = device.type == "cuda"
         self.index = cuda_index(device) if self.cuda else None  # what every torch.cuda call below is given
@@ -147,14 +157,14 @@ class MemoryMonitor:
         self.interval_s = interval_ms / 1000.0
         self.weights_bytes = weights_bytes
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._kernel_peak = False
         self._peak_rss = 0
         self.baseline = self.baseline_reserved = 0
         self._code0 = self._code_growth = 0  # CPU: code pages resident at start, and paged in since
-        self.context_bytes: Optional[int] = None
+        self.context_bytes: int | None = None
         self._stats0: dict = {}
-        self._capped = False
+        self.capped = False  # the CUDA allocator held to the budget (set_per_process_memory_fraction)
 
     @property
     def source(self) -> str:
@@ -163,7 +173,7 @@ class MemoryMonitor:
         source = "cpu_peak_rss_above_baseline" if self._kernel_peak else "cpu_sampled_rss_above_baseline"
         return source if self.cpu_live_memory else source + "_heap_kept"
 
-    def start(self) -> "MemoryMonitor":
+    def start(self) -> MemoryMonitor:
         if not self.cuda:
             _tensors_off_the_heap(self.cpu_live_memory)
         _warm_process()
@@ -192,7 +202,7 @@ class MemoryMonitor:
         total = torch.cuda.mem_get_info(self.index)[1]
         usable = budget_bytes - (self.context_bytes or 0)
         torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, usable / total)), self.index)
-        self._capped = True
+        self.capped = True
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -205,9 +215,9 @@ class MemoryMonitor:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._capped:
+        if self.capped:
             torch.cuda.set_per_process_memory_fraction(1.0, self.index)
-            self._capped = False
+            self.capped = False
 
     def _process_peak(self) -> int:
         if self._kernel_peak:
@@ -249,7 +259,7 @@ class MemoryMonitor:
             self._peak_rss = _rss_bytes()
         return peak
 
-    def pressure(self) -> tuple[Optional[int], Optional[int]]:
+    def pressure(self) -> tuple[int | None, int | None]:
         """(allocator retries, OOMs) since start: the CUDA allocator freed its cache to satisfy a
         request (a sign of memory pressure), or failed. None on the CPU."""
         if not self.cuda:
@@ -266,13 +276,13 @@ class MemoryMonitor:
 class BudgetGuard:
     """Raises OverBudget once the measured peak passes budget x headroom."""
 
-    def __init__(self, monitor: MemoryMonitor, budget_gb: Optional[float], headroom: float):
+    def __init__(self, monitor: MemoryMonitor, budget_gb: float | None, headroom: float):
         self.monitor = monitor
         budget = budget_gb * GIB if budget_gb else monitor.capacity_bytes()
         self.budget_bytes = int(budget)
         self.limit_bytes = int(budget * headroom)
 
-    def check(self, peak: Optional[int] = None) -> None:
+    def check(self, peak: int | None = None) -> None:
         peak = self.monitor.peak_bytes() if peak is None else peak
         if peak > self.limit_bytes:
             raise OverBudget(peak, self.limit_bytes)
@@ -281,9 +291,15 @@ class BudgetGuard:
 # What allocators say when they run out, for errors raised without the typed exception (as
 # accelerate.utils.memory.should_reduce_batch_size matches them): cuBLAS, cuDNN and bitsandbytes
 # surface allocation failures as RuntimeError.
-OOM_MESSAGES = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_SUPPORTED",
-                "cuDNN error: CUDNN_STATUS_ALLOC_FAILED", "DefaultCPUAllocator: can't allocate memory",
-                "CUDA error: out of memory", "PT_DEVMEM Allocation failed")
+OOM_MESSAGES = (
+    "CUDA out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_NOT_SUPPORTED",
+    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    "DefaultCPUAllocator: can't allocate memory",
+    "CUDA error: out of memory",
+    "PT_DEVMEM Allocation failed",
+)
 # NCCL's own allocation failures, raised by ProcessGroupNCCL as DistBackendError (a RuntimeError):
 # its CUDACHECK prints "Cuda failure 'out of memory'" (older releases "Cuda failure 2 'out of
 # memory'"), and a failed communicator or buffer allocation is "NCCL error ... out of memory".

@@ -13,12 +13,12 @@
 - ``samples_per_s_interval``: the interquartile range of the per-step rates, the noise to read a
   5% knee tolerance against.
 """
+
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -98,7 +98,7 @@ class StepTimer:
         }
 
 
-def _percentile(values: list[float], q: float) -> Optional[float]:
+def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
@@ -107,7 +107,7 @@ def _percentile(values: list[float], q: float) -> Optional[float]:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def _quartiles(values: list[float]) -> Optional[list[float]]:
+def _quartiles(values: list[float]) -> list[float] | None:
     if not values:
         return None
     return [_percentile(values, 0.25), _percentile(values, 0.75)]
@@ -118,9 +118,9 @@ def now() -> float:
 
 
 class StepClock:
-    """The clock of the training steps: `start()` opens a window (the loop's start, the first
+    """The clock of the training steps: `start()` opens a span (the loop's start, the first
     measured step, the step after a checkpoint), `lap()` closes a step and opens the next. Both wait
-    for the device first: on a GPU the host runs ahead of the work it queues, so a window opened
+    for the device first: on a GPU the host runs ahead of the work it queues, so a span opened
     without it would bill the step to work of the stretch before (the memory probe's worst-batch
     forward and backward, a warm-up step, a checkpoint's copies), and a step closed without it
     would miss its own. The step's loss is read back before `lap()`, so there the wait finds an
@@ -128,7 +128,7 @@ class StepClock:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._opened: Optional[float] = None
+        self._opened: float | None = None
 
     def start(self) -> float:
         synchronize(self.device)
@@ -136,7 +136,7 @@ class StepClock:
         return self._opened
 
     def lap(self) -> float:
-        """Seconds since the window opened (the last start or lap); the next one opens now."""
+        """Seconds since the span opened (the last start or lap); the next one opens now."""
         synchronize(self.device)
         t = now()
         seconds, self._opened = t - self._opened, t

@@ -1,14 +1,16 @@
 """The micro-batches of each optimizer step, in the order a run draws them, resumable."""
+
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 
-def accumulation_groups(loader, accumulation: int, epoch: int, skip: int,
-                        resumed: bool) -> Iterator[tuple[int, list[dict], dict]]:
+def accumulation_groups(
+    loader, accumulation: int, epoch: int, skip: int, resumed: bool
+) -> Iterator[tuple[int, list[dict], dict]]:
     """(epoch, the `accumulation` micro-batches of one optimizer step, the position after them) forever,
     epoch after epoch, from micro-batch `skip` of `epoch` (a resumed run skips what its checkpoint
     had consumed: same data order). A trailing partial group is dropped, like a partial micro-batch

@@ -1,9 +1,9 @@
 """What a run must not leave behind for the next cell of a sweep in the same process: Accelerate's
 process-wide state, and the frames of the error that ended it."""
+
 from __future__ import annotations
 
 import traceback
-from typing import Optional
 
 
 def reset_accelerate() -> None:
@@ -14,7 +14,7 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def clear_frames(exc: Optional[BaseException]) -> None:
+def clear_frames(exc: BaseException | None) -> None:
     """The locals of the finished frames in `exc`'s traceback, and in those of the errors it was
     raised from, released (frames still running are skipped). While an error is on its way out,
     its traceback holds every frame it left: the failed step's batch, logits and graph, and through

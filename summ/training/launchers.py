@@ -18,9 +18,8 @@ mean what the cell asked for under every launcher.
   saving gathers the full weights on every process (a collective) before process 0 writes them
   (loop.Job.save), and generation keeps the processes in step (inference/evaluate.py: generate).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 from summ.distributed import sharded_by
 from summ.errors import ConfigError
@@ -34,12 +33,16 @@ def before_prepare(accelerator, max_grad_norm: float, kind: str, quantization: s
     group"), and bitsandbytes' packed 4-bit / 8-bit weights."""
     sharding = sharded_by(accelerator)
     if sharding == "fsdp" and kind == "seq2seq":
-        raise ConfigError("an encoder-decoder model (model.kind=seq2seq, KoBART) does not shard under FSDP: its "
-                          "tied embeddings land in two FSDP groups; launch it with accelerate_configs/ddp_gpus.yaml "
-                          "or deepspeed_zero2.yaml (KoBART's 124M parameters fit one GPU)")
+        raise ConfigError(
+            "an encoder-decoder model (model.kind=seq2seq, KoBART) does not shard under FSDP: its "
+            "tied embeddings land in two FSDP groups; launch it with accelerate_configs/ddp_gpus.yaml "
+            "or deepspeed_zero2.yaml (KoBART's 124M parameters fit one GPU)"
+        )
     if sharding == "fsdp" and quantization != "none":
-        raise ConfigError(f"model.quantization={quantization} (bitsandbytes) does not shard under FSDP: launch QLoRA "
-                          f"with accelerate_configs/ddp_gpus.yaml, or set model.quantization=none")
+        raise ConfigError(
+            f"model.quantization={quantization} (bitsandbytes) does not shard under FSDP: launch QLoRA "
+            f"with accelerate_configs/ddp_gpus.yaml, or set model.quantization=none"
+        )
     if sharding != "deepspeed":
         return
     config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -51,24 +54,32 @@ def check_prepared(accelerator, accumulation: int, max_grad_norm: float) -> None
     """After prepare: the accumulation Accelerate will use, and DeepSpeed's clipping, are the cell's."""
     used = accelerator.gradient_accumulation_steps
     if used != accumulation:
-        raise ConfigError(f"the launcher's config sets gradient accumulation to {used} and this cell asks for "
-                          f"{accumulation} (batch.gradient_accumulation_steps): set gradient_accumulation_steps to "
-                          f"auto in the accelerate config file (accelerate_configs/deepspeed_zero2.yaml leaves it out)")
+        raise ConfigError(
+            f"the launcher's config sets gradient accumulation to {used} and this cell asks for "
+            f"{accumulation} (batch.gradient_accumulation_steps): set gradient_accumulation_steps to "
+            f"auto in the accelerate config file (accelerate_configs/deepspeed_zero2.yaml leaves it out)"
+        )
     if sharded_by(accelerator) == "deepspeed":
         clip = accelerator.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping")
         if clip not in ("auto", None) and float(clip) != float(max_grad_norm):
-            raise ConfigError(f"DeepSpeed clips gradients at its config's gradient_clipping={clip} and "
-                              f"train.max_grad_norm={max_grad_norm}: set one to the other (or gradient_clipping: "
-                              f"auto in the accelerate config file)")
+            raise ConfigError(
+                f"DeepSpeed clips gradients at its config's gradient_clipping={clip} and "
+                f"train.max_grad_norm={max_grad_norm}: set one to the other (or gradient_clipping: "
+                f"auto in the accelerate config file)"
+            )
 
 
-def probe_skipped(accelerator) -> Optional[str]:
+def probe_skipped(accelerator) -> str | None:
     """Why the memory probe cannot run under this launcher without changing the training, or None."""
     kind = sharded_by(accelerator)
     if kind == "deepspeed":
-        return ("DeepSpeed: its backward runs the optimizer step, so a probe would train on the worst batch; "
-                "the memory figures cover the steps that ran")
+        return (
+            "DeepSpeed: its backward runs the optimizer step, so a probe would train on the worst batch; "
+            "the memory figures cover the steps that ran"
+        )
     if kind == "fsdp":
-        return ("FSDP: gradients of a backward without synchronisation stay unreduced into the next step, so a "
-                "probe would change the first update; the memory figures cover the steps that ran")
+        return (
+            "FSDP: gradients of a backward without synchronisation stay unreduced into the next step, so a "
+            "probe would change the first update; the memory figures cover the steps that ran"
+        )
     return None

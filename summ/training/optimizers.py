@@ -1,4 +1,5 @@
 """The optimizer a run trains with."""
+
 from __future__ import annotations
 
 import torch

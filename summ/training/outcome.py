@@ -9,35 +9,66 @@ whatever happened (the metrics record, the step history, the tracker's final fig
 | Diverged (a NaN or infinite loss) | diverged | - |
 | Interrupted (SIGINT / SIGTERM, checkpoint saved) or a second Ctrl-C | interrupted | yes |
 | UserError (config, data, weights, key, folder) | failed | yes |
-| a collective that timed out or lost a peer, or an error on one process that the others cannot hear of (several processes) | failed | yes, as ProcessesOutOfStep: the launch stops |
+| a collective timed out or lost a peer; a process failed unheard of | failed | yes (ProcessesOutOfStep) |
 | anything else (a bug, an unforeseen library error) | failed, traceback in error.log | - |
 
 Job-level outcomes are recorded, not raised, so a sweep goes on to its next cell.
 """
+
 from __future__ import annotations
 
 import contextlib
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from summ.config import Config
 from summ.distributed import is_main_process, out_of_step, rank, world_size
-from summ.errors import EXIT_USER_ERROR, AgreedFailure, Diverged, Interrupted, OverBudget, ProcessesOutOfStep, UserError
+from summ.errors import (
+    EXIT_USER_ERROR,
+    AgreedFailure,
+    Diverged,
+    Interrupted,
+    OverBudget,
+    ProcessesOutOfStep,
+    Status,
+    UserError,
+)
 from summ.files import atomic_write_text
 from summ.measure.memory import is_oom
 from summ.measure.timing import now
 from summ.run_folder import ERROR_LOG, METRICS_FILE, RunMetrics, write_history, write_metrics
+from summ.training.tracking import Tracking
+
+
+@dataclass
+class StepLog:
+    """A training run's step history and its experiment tracker: the loop adds a row per optimizer
+    step; `recorded` writes the history and gives the tracker the final figures."""
+
+    history: list[dict] = field(default_factory=list)
+    tracking: Tracking = field(default_factory=Tracking)  # inactive until the run starts its own
+
+    def add(self, row: dict) -> None:
+        self.history.append(row)
+        self.tracking.log_step(row, row["step"])  # queued by the tracker, not waited on
 
 
 def new_metrics(cfg: Config, cfg_hash: str) -> RunMetrics:
     """A run's record before anything ran: what it was asked to do, status failed until it ends."""
     return RunMetrics(
-        mode=str(cfg.mode), model=cfg.model.name, data=cfg.data.name, batch_size=cfg.batch.batch_size,
+        mode=str(cfg.mode),
+        model=cfg.model.name,
+        data=cfg.data.name,
+        batch_size=cfg.batch.batch_size,
         gradient_accumulation_steps=cfg.batch.gradient_accumulation_steps,
-        mixed_precision=str(cfg.train.mixed_precision), gradient_checkpointing=cfg.model.gradient_checkpointing,
-        quantization=str(cfg.model.quantization), lora=cfg.model.lora.enabled, config_hash=cfg_hash,
-        random_init=cfg.model.tiny is not None and not cfg.model.path)
+        mixed_precision=str(cfg.train.mixed_precision),
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        quantization=str(cfg.model.quantization),
+        lora=cfg.model.lora.enabled,
+        config_hash=cfg_hash,
+        random_init=cfg.model.tiny is not None and not cfg.model.path,
+    )
 
 
 def first_line(exc: BaseException) -> str:
@@ -45,34 +76,34 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
-def classify(exc: BaseException, phase: Optional[str]) -> tuple[str, str]:
+def classify(exc: BaseException, phase: str | None) -> tuple[str, str]:
     """(status, one-line error) for what ended a run."""
     if isinstance(exc, OverBudget):
-        return "over_budget", str(exc)
+        return Status.over_budget, str(exc)
     if is_oom(exc):
-        return "oom", f"out of memory during {phase}: {first_line(exc)}"
+        return Status.oom, f"out of memory during {phase}: {first_line(exc)}"
     if isinstance(exc, Diverged):
-        return "diverged", str(exc)
+        return Status.diverged, str(exc)
     if isinstance(exc, Interrupted):
-        return "interrupted", str(exc)
+        return Status.interrupted, str(exc)
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted", f"KeyboardInterrupt during {phase}"
+        return Status.interrupted, f"KeyboardInterrupt during {phase}"
     if isinstance(exc, UserError):
-        return "failed", str(exc)
-    return "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return Status.failed, str(exc)
+    return Status.failed, f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 @contextlib.contextmanager
-def recorded(metrics: RunMetrics, output_dir: Path, job=None):
+def recorded(metrics: RunMetrics, output_dir: Path, steps: StepLog | None = None):
     """Turn the run's outcome into metrics.status and write the metrics record (and the step history),
     whatever happens. Interruptions and user errors are raised again after the write (run.py says
-    how to resume, or prints the one line); `job` (training) brings its history and tracker."""
+    how to resume, or prints the one line); `steps` (training): the history and the tracker."""
     started = now()
-    raise_after: Optional[BaseException] = None
+    raise_after: BaseException | None = None
     writes = is_main_process()  # one set of files per run (and one tracker run): process 0's
     try:
         yield
-        metrics.status, metrics.phase = "ok", None
+        metrics.status, metrics.phase = Status.ok, None
     except (Exception, KeyboardInterrupt) as exc:
         metrics.status, metrics.error = classify(exc, metrics.phase)
         if isinstance(exc, Interrupted):
@@ -81,9 +112,10 @@ def recorded(metrics: RunMetrics, output_dir: Path, job=None):
             raise_after = exc
             metrics.user_error = getattr(exc, "exit_status", None) == EXIT_USER_ERROR
         else:  # recorded, and the sweep goes on...
-            if metrics.status == "failed":  # a bug or an unforeseen library error
-                atomic_write_text(output_dir / (ERROR_LOG if is_main_process() else f"error.rank{rank()}.log"),
-                                  traceback.format_exc())
+            if metrics.status == Status.failed:  # a bug or an unforeseen library error
+                atomic_write_text(
+                    output_dir / (ERROR_LOG if is_main_process() else f"error.rank{rank()}.log"), traceback.format_exc()
+                )
             if out_of_step(exc):  # ... unless the processes are no longer in step: no later collective holds
                 metrics.error = f"another process stopped reaching the collectives ({metrics.error})"
                 raise_after = ProcessesOutOfStep(metrics.error)
@@ -97,11 +129,11 @@ def recorded(metrics: RunMetrics, output_dir: Path, job=None):
                 writes = True
     metrics.wall_seconds = now() - started  # the whole job: setup, training, evaluation
     if writes:
-        if job is not None and job.history:
-            write_history(output_dir, job.history)
+        if steps is not None and steps.history:
+            write_history(output_dir, steps.history)
         write_metrics(output_dir, metrics)
-        if job is not None:
-            job.tracking.finish(metrics.to_dict())  # the final figures and status, known only now
+        if steps is not None:
+            steps.tracking.finish(metrics.to_dict())  # the final figures and status, known only now
     if raise_after is not None:
         try:
             raise raise_after

@@ -17,13 +17,13 @@ collective the others never reach (DDP over gloo or NCCL; one process: nothing t
   the cell ends `failed`, and since a group whose collective timed out is out of step for good, the
   sweep stops there (errors.ProcessesOutOfStep), every finished cell kept.
 """
+
 from __future__ import annotations
 
 import logging
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
 
 import torch
 
@@ -39,11 +39,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Failure:
     """What ended a step on one process, for the others to raise too."""
+
     oom: bool
     message: str  # the error's first line (with its type where it is not an out-of-memory error)
 
 
-def shared_failure(accelerator, exc: BaseException) -> Optional[Failure]:
+def shared_failure(accelerator, exc: BaseException) -> Failure | None:
     """What `exc` is, for `agree` to share once this process has taken its part in the step, when
     the other processes must hear of it (several processes). None: the caller raises it again with a
     bare `raise`. Never raised from here: a frame that holds the exception it raises makes a cycle
@@ -55,18 +56,21 @@ def shared_failure(accelerator, exc: BaseException) -> Optional[Failure]:
     if is_oom(exc):
         return Failure(True, first_line(exc))
     # its traceback as text, not exc_info: a log record kept by a handler would hold the failed step's frames
-    log.error("process %d failed in a training step (the others end the cell with it):\n%s",
-              accelerator.process_index, "".join(traceback.format_exception(exc)))
+    log.error(
+        "process %d failed in a training step (the others end the cell with it):\n%s",
+        accelerator.process_index,
+        "".join(traceback.format_exception(exc)),
+    )
     return Failure(False, f"{type(exc).__name__}: {first_line(exc)}")
 
 
-def window_counts(accelerator, window: list[dict]) -> tuple[int, int, int, int]:
-    """(samples, tokens, pad tokens, label tokens) of the window over all processes."""
-    mine = [sum(b["counts"][i] for b in window) for i in range(len(BatchCounts._fields))]
+def step_counts(accelerator, micro_batches: list[dict]) -> BatchCounts:
+    """What one optimizer step's micro-batches hold, over all processes."""
+    mine = [sum(b["counts"][i] for b in micro_batches) for i in range(len(BatchCounts._fields))]
     if accelerator.num_processes == 1:
-        return tuple(mine)
+        return BatchCounts(*mine)
     total = accelerator.reduce(torch.tensor(mine, device=accelerator.device), reduction="sum")
-    return tuple(total.tolist())  # one read back, not one per count
+    return BatchCounts(*total.tolist())  # one read back, not one per count
 
 
 def stand_in(accelerator, model, batch: dict, sync: bool) -> torch.Tensor:
@@ -83,30 +87,32 @@ def stand_in(accelerator, model, batch: dict, sync: bool) -> torch.Tensor:
     return torch.zeros((), device=accelerator.device)
 
 
-def agree(accelerator, peak: int, signum: int, failure: Optional[Failure] = None, where: str = "") -> tuple[int, int]:
+def agree(accelerator, peak: int, signum: int, failure: Failure | None = None, where: str = "") -> tuple[int, int]:
     """The largest peak and any stop signal over all processes, in one collective; raises on every
     process where one failed (`failure`: this process's, in `where`): OutOfMemoryOnAProcess for an
     out-of-memory error, FailedOnAProcess for any other."""
     if accelerator.num_processes == 1:
         return peak, signum
     mine = [peak, signum, accelerator.process_index + 1 if failure is not None else 0]
-    agreed = accelerator.reduce(torch.tensor(mine, dtype=torch.int64, device=accelerator.device),
-                                reduction="max").tolist()
+    agreed = accelerator.reduce(
+        torch.tensor(mine, dtype=torch.int64, device=accelerator.device), reduction="max"
+    ).tolist()
     if agreed[2]:  # every process ends the run the same way, with the error of the one that failed
         from accelerate.utils import broadcast_object_list
 
         failed = broadcast_object_list([failure], from_process=agreed[2] - 1)[0]
         if failed.oom:
             raise OutOfMemoryOnAProcess(agreed[2] - 1, accelerator.num_processes, where, failed.message)
-        raise FailedOnAProcess(f"process {agreed[2] - 1} of {accelerator.num_processes} failed in {where}: "
-                               f"{failed.message}")
+        raise FailedOnAProcess(
+            f"process {agreed[2] - 1} of {accelerator.num_processes} failed in {where}: {failed.message}"
+        )
     return agreed[0], agreed[1]
 
 
 def set_collective_timeout(seconds: float) -> None:
     """The process group's timeout, for a group made before this run (an earlier cell's): a
     collective that another process never reaches fails after it instead of waiting 10-30 minutes
-    (torch's defaults). A group made by this run got it at creation (loop.Job._start_accelerator)."""
+    (torch's defaults). A group made by this run got it at creation (setup.start_accelerator)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and hasattr(dist.distributed_c10d, "_set_pg_timeout"):

@@ -13,13 +13,14 @@ One entry each, keyed by everything that shapes it; a cell whose key differs loa
 replaces the entry. One cache per process: joblib and SLURM workers and each process of a
 distributed launch keep their own. Sharded launches (FSDP, DeepSpeed) never reuse the model.
 """
+
 from __future__ import annotations
 
 import gc
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -37,8 +38,20 @@ def data_key(cfg: Config) -> str:
     """The data a run trains and evaluates on: source, fold, quality filter, augmentation, and
     the tokenizer and encoder that turned it into ids."""
     m = cfg.model
-    return _key(cfg.data, cfg.train.fold, cfg.train.k_folds, cfg.train.fold_seed, cfg.augmentation, cfg.generation,
-                m.kind, m.path, m.hub_id, m.tiny, m.prompt_template, m.trust_remote_code)
+    return _key(
+        cfg.data,
+        cfg.train.fold,
+        cfg.train.k_folds,
+        cfg.train.fold_seed,
+        cfg.augmentation,
+        cfg.generation,
+        m.kind,
+        m.path,
+        m.hub_id,
+        m.tiny,
+        m.prompt_template,
+        m.trust_remote_code,
+    )
 
 
 def model_key(cfg: Config, device: torch.device, vocabulary: int) -> str:
@@ -51,15 +64,15 @@ def model_key(cfg: Config, device: torch.device, vocabulary: int) -> str:
 class KeptModel:
     key: str
     model: Any  # the base: unwrapped, no adapters
-    pristine: Optional[dict]  # full fine-tune: the weights as loaded, on the CPU
+    pristine: dict | None  # full fine-tune: the weights as loaded, on the CPU
     weights_bytes: int
 
 
-_data: Optional[tuple[str, Any]] = None
-_model: Optional[KeptModel] = None
+_data: tuple[str, Any] | None = None
+_model: KeptModel | None = None
 
 
-def take_data(key: str) -> Optional[Any]:
+def take_data(key: str) -> Any | None:
     return _data[1] if _data is not None and _data[0] == key else None
 
 
@@ -73,7 +86,7 @@ def keep_data(key: str, data: Any) -> None:
     gc.freeze()
 
 
-def take_model(key: str) -> Optional[KeptModel]:
+def take_model(key: str) -> KeptModel | None:
     """The kept model for `key`, its weights restored; None when there is none (then the caller
     loads afresh and the old one is dropped)."""
     global _model

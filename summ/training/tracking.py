@@ -17,6 +17,7 @@ Tracking never breaks a run: a missing package, a tracker that cannot start or f
 costs one warning line and tracking is off for the rest of that run. Only the main process
 logs. The run folder's metrics and step history stay the record either way.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,9 +27,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
-
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ def _installed(name: str) -> bool:
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
 
-    return (any(importlib.util.find_spec(p) is not None for p in _PACKAGES[name])
-            and LoggerType(name) in get_available_trackers())
+    return (
+        any(importlib.util.find_spec(p) is not None for p in _PACKAGES[name])
+        and LoggerType(name) in get_available_trackers()
+    )
 
 
 def tensorboard_dir(tcfg, run_dir: Path) -> Path:
@@ -59,8 +62,13 @@ def accelerator_kwargs(tcfg, run_dir: Path) -> dict:
     if tcfg.name == "none":  # (an unknown name fails at composition: an enum)
         return {}
     if not _installed(tcfg.name):
-        log.warning("tracking.name=%s needs the %s package (pip install %s, or pip install -e '.[track]'): "
-                    "this run is not tracked", tcfg.name, _PACKAGES[tcfg.name][0], _PACKAGES[tcfg.name][0])
+        log.warning(
+            "tracking.name=%s needs the %s package (pip install %s, or pip install -e '.[track]'): "
+            "this run is not tracked",
+            tcfg.name,
+            _PACKAGES[tcfg.name][0],
+            _PACKAGES[tcfg.name][0],
+        )
         return {}
     if tcfg.name == "tensorboard":
         return {"log_with": "tensorboard", "project_dir": str(tensorboard_dir(tcfg, run_dir))}
@@ -77,7 +85,7 @@ def wandb_mode(tcfg) -> str:
     return tcfg.wandb_mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
-def hyperparameters(config: Any, max_value_len: Optional[int] = None) -> dict[str, Any]:
+def hyperparameters(config: Any, max_value_len: int | None = None) -> dict[str, Any]:
     """A resolved config (a DictConfig, the Config dataclass or a dict) as flat `a.b.c` keys with
     scalar values: lists as JSON text, None as "null", enums by value; text longer than
     `max_value_len` is cut (MLflow's parameter limit)."""
@@ -103,7 +111,7 @@ def hyperparameters(config: Any, max_value_len: Optional[int] = None) -> dict[st
         elif not isinstance(node, (bool, int, float, str)):
             node = str(node)
         if max_value_len is not None and isinstance(node, str) and len(node) > max_value_len:
-            node = node[:max_value_len - 1] + "…"
+            node = node[: max_value_len - 1] + "…"
         flat[prefix] = node
 
     walk("", config)
@@ -134,8 +142,8 @@ class Tracking:
 
     def __init__(self, accelerator=None, name: str = "none", log_every_steps: int = 1):
         self._acc, self.name, self.every = accelerator, name, max(1, log_every_steps)
-        self._pending: Optional[tuple[dict, int]] = None  # the latest step not logged yet
-        self._last_step: Optional[int] = None
+        self._pending: tuple[dict, int] | None = None  # the latest step not logged yet
+        self._last_step: int | None = None
         self._logged_steps = 0
 
     @property
@@ -147,8 +155,11 @@ class Tracking:
         (from finish) the last one."""
         if not self.active:
             return
-        values = {f"step/{k}": float(record[k]) for k in STEP_KEYS
-                  if isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool)}
+        values = {
+            f"step/{k}": float(record[k])
+            for k in STEP_KEYS
+            if isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool)
+        }
         self._last_step = step
         if self._logged_steps == 0 or step % self.every == 0:
             self._pending = None
@@ -205,8 +216,12 @@ class Tracking:
             self._disable("sending the queued steps", exc)
 
     def _disable(self, what: str, exc: BaseException) -> None:
-        log.warning("tracking (%s) failed while %s, and is off for the rest of this run: %s",
-                    self.name, what, f"{type(exc).__name__}: {exc}".splitlines()[0])
+        log.warning(
+            "tracking (%s) failed while %s, and is off for the rest of this run: %s",
+            self.name,
+            what,
+            f"{type(exc).__name__}: {exc}".splitlines()[0],
+        )
         self._end(quiet=True)
 
     def _end(self, quiet: bool = False) -> None:
@@ -232,11 +247,14 @@ class Tracking:
                 failure = failure or exc
         acc.trackers.clear()
         if failure is not None and not quiet:
-            log.warning("tracking (%s) failed while ending the run: %s", self.name,
-                        f"{type(failure).__name__}: {failure}".splitlines()[0])
+            log.warning(
+                "tracking (%s) failed while ending the run: %s",
+                self.name,
+                f"{type(failure).__name__}: {failure}".splitlines()[0],
+            )
 
 
-def _run_setup(tcfg, run_name: str, group: Optional[str]) -> tuple[str, dict, Optional[int]]:
+def _run_setup(tcfg, run_name: str, group: str | None) -> tuple[str, dict, int | None]:
     """(project name for init_trackers, its init_kwargs, the parameter text limit) per tracker."""
     if tcfg.name == "tensorboard":
         # events in <dir>/<project name>; a shared tracking.dir keeps a sweep's runs in one folder
@@ -245,15 +263,18 @@ def _run_setup(tcfg, run_name: str, group: Optional[str]) -> tuple[str, dict, Op
     if tcfg.name == "wandb":
         wdir = Path(tcfg.dir or "outputs")
         wdir.mkdir(parents=True, exist_ok=True)
-        return tcfg.project, {"wandb": {"name": run_name, "group": group, "mode": wandb_mode(tcfg),
-                                        "dir": str(wdir.resolve())}}, None
+        return (
+            tcfg.project,
+            {"wandb": {"name": run_name, "group": group, "mode": wandb_mode(tcfg), "dir": str(wdir.resolve())}},
+            None,
+        )
     import mlflow
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
     uri = mlflow_tracking_uri(tcfg)
     kwargs: dict[str, Any] = {"run_name": run_name}
     if uri.startswith("sqlite:///"):  # a local store: artifacts beside the database, not in ./mlruns
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         db.parent.mkdir(parents=True, exist_ok=True)
         kwargs["logging_dir"] = str((db.parent / "mlartifacts").resolve())
     _check_reachable(uri)
@@ -281,11 +302,13 @@ def _check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         return  # it answered (a proxy, an older server without /health): let MLflow's client judge
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise ConnectionError(f"the MLflow server at {uri} does not answer ({reason}): check "
-                              f"tracking.mlflow_tracking_uri, or leave it unset for the local store") from None
+        raise ConnectionError(
+            f"the MLflow server at {uri} does not answer ({reason}): check "
+            f"tracking.mlflow_tracking_uri, or leave it unset for the local store"
+        ) from None
 
 
-def start(accelerator, tcfg, config: Any, run_name: str, group: Optional[str]) -> Tracking:
+def start(accelerator, tcfg, config: Any, run_name: str, group: str | None) -> Tracking:
     """Start the configured tracker for one run and log `config` (the resolved config) as its
     hyperparameters. `group` is the sweep folder's name for a multirun job, None for a single
     run. The accelerator must have been built with accelerator_kwargs(tcfg, run_dir), which
