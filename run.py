@@ -11,8 +11,10 @@ Several processes (DDP through Accelerate; gloo on CPU):
     accelerate launch --cpu --num_processes 2 run.py measure.steps=5 eval.enabled=false
 
 The config is composed from conf/ (schemas in summ/config.py); the work is summ.app.run
-(a single run: summ.pipeline.run_job; a sweep's job: summ.sweeps.trials.run_trial).
+(a single run: summ.single_run.run_single; a sweep's job: summ.sweeps.trials.run_trial; both run
+summ.pipeline.run_job).
 """
+
 import os
 import sys
 

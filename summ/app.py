@@ -1,9 +1,11 @@
 """The task function behind run.py: one composed config in, the sweeper's objective out.
 
-A single run prints its summary and exits with the code of its status (summ/errors.py: 0 ok,
-1 failed, 2 user error, 3 oom / over_budget / diverged, 130 / 143 interrupted). Inside a multirun
-a job is a trial (summ/sweeps/trials.py): it never exits, and the sweep goes on.
+A single run (summ/single_run.py) prints its summary and exits with the code of its status
+(README, "Exit codes and errors"). Inside a multirun a job is a trial (summ/sweeps/trials.py): it never exits, and the
+sweep goes on. Here: the dispatch between the two, what stops either (Ctrl-C, processes out of
+step), and what Hydra does before our code runs, ended like our own errors.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,9 +16,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from summ.config import register_configs, trained_model_name
 from summ.console import say
-from summ.errors import ConfigError, Interrupted, ProcessesOutOfStep, UserError, exit_code
+from summ.errors import Interrupted, ProcessesOutOfStep, Status, UserError, exit_code
+from summ.resolvers import register_configs
 from summ.run_folder import METRICS_FILE
 from summ.sweeps.study import register_resolvers
 
@@ -32,7 +34,7 @@ def check_environment() -> None:
         failpoints.load()
     except UserError as exc:
         say(f"error: {exc}", err=True)
-        sys.exit(exit_code("failed", user_error=True))
+        sys.exit(exit_code(Status.failed, user_error=True))
 
 
 def register() -> None:
@@ -51,19 +53,27 @@ def run(cfg: DictConfig) -> float | tuple[float, float]:
     try:
         if hc.mode == RunMode.MULTIRUN:
             return _trial(cfg, hc, output_dir, overrides)
-        return _single(cfg, output_dir)
+        from summ.single_run import run_single  # here, not at start-up: it loads torch (--help does not)
+
+        return run_single(cfg, output_dir)
     except Interrupted as exc:  # a sweep stops too: the user asked to stop
         say(f"interrupted: {exc}\n{_how_to_go_on(hc, exc.checkpoint)}", err=True)
         sys.exit(128 + exc.signum)
     except ProcessesOutOfStep as exc:  # no later collective of this launch can be trusted: stop here
-        where = (f"the sweep stops; its finished cells are kept: summ-report {hc.sweep.dir} writes their report, "
-                 f"and the same command with sweep.resume=true hydra.sweep.dir={hc.sweep.dir} measures the rest"
-                 if hc.mode == RunMode.MULTIRUN else f"{output_dir / METRICS_FILE} says where")
+        where = (
+            f"the sweep stops; its finished cells are kept: summ-report {hc.sweep.dir} writes their report, "
+            f"and the same command with sweep.resume=true hydra.sweep.dir={hc.sweep.dir} measures the rest"
+            if hc.mode == RunMode.MULTIRUN
+            else f"{output_dir / METRICS_FILE} says where"
+        )
         say(f"error: {exc}: {where}", err=True)
-        sys.exit(exit_code("failed"))
+        sys.exit(exit_code(Status.failed))
     except KeyboardInterrupt:  # outside the training loop (setup, evaluation): nothing to resume from
-        say(f"interrupted: Ctrl-C before the run finished; {output_dir / METRICS_FILE} says where"
-            + (f"\n{_how_to_go_on(hc, None)}" if hc.mode == RunMode.MULTIRUN else ""), err=True)
+        say(
+            f"interrupted: Ctrl-C before the run finished; {output_dir / METRICS_FILE} says where"
+            + (f"\n{_how_to_go_on(hc, None)}" if hc.mode == RunMode.MULTIRUN else ""),
+            err=True,
+        )
         sys.exit(130)
 
 
@@ -73,8 +83,10 @@ def _how_to_go_on(hc, checkpoint) -> str:
     from hydra.types import RunMode
 
     if hc.mode == RunMode.MULTIRUN:
-        return (f"the sweep's finished cells are kept: go on with the same command and sweep.resume=true "
-                f"hydra.sweep.dir={hc.sweep.dir} (the other cells are measured again)")
+        return (
+            f"the sweep's finished cells are kept: go on with the same command and sweep.resume=true "
+            f"hydra.sweep.dir={hc.sweep.dir} (the other cells are measured again)"
+        )
     return f"resume with the same command and train.resume_from={checkpoint}"
 
 
@@ -89,53 +101,6 @@ def _trial(cfg: DictConfig, hc, output_dir: Path, overrides: list[str]):
     return objective
 
 
-def _single(cfg: DictConfig, output_dir: Path) -> float:
-    from summ.distributed import is_main_process
-    from summ.pipeline import run_job
-    from summ.reports.summary import format_summary
-    from summ.sweeps.trials import measured_before, record_refusal
-    from summ.validation import validate
-
-    try:
-        validate(cfg)  # before anything reads the folder
-        _not_a_sweep_preset()
-        _same_model_as_trained(cfg)
-        metrics = measured_before(cfg, None, output_dir) or run_job(cfg, output_dir)
-    except UserError as exc:
-        record_refusal(output_dir, exc)  # whatever happened, the run folder says why
-        say(f"error: {exc}", err=True)
-        sys.exit(exc.exit_status)
-    if is_main_process():  # one summary per launch
-        say(format_summary(metrics.to_dict(), output_dir))
-    if metrics.status != "ok":
-        say(f"error: status {metrics.status}: {metrics.error}", err=True)
-        sys.exit(exit_code(metrics.status))
-    return 0.0
-
-
-def _not_a_sweep_preset() -> None:
-    """Every preset is a sweep (multirun_presets/): run once, it would drop its grid without a word."""
-    from hydra.core.hydra_config import HydraConfig
-
-    preset = HydraConfig.get().runtime.choices.get("preset")
-    if preset:
-        raise ConfigError(f"preset={preset} is a sweep: run it with -m (python run.py -m preset={preset} ...)")
-
-
-def _same_model_as_trained(cfg: DictConfig) -> None:
-    """mode=predict reads the model group from the trained run: a model= given on the command line
-    that names another would label the folder and the record with a model that never ran."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if cfg.mode != "predict" or not cfg.model.get("path"):
-        return
-    given = [o.split("=", 1)[1] for o in HydraConfig.get().overrides.task if o.startswith("model=")]
-    trained = trained_model_name(cfg.model.path)
-    if given and trained and given[-1] != trained:
-        raise ConfigError(f"model={given[-1]}, but model.path={cfg.model.path} was trained as model={trained}: "
-                          f"leave model= out (predict reads it from the run), or give model={trained}")
-
-
 def guard_hydra() -> None:
     """What Hydra does before our code runs ends like our own errors: a config it cannot compose (an
     unknown key or group option, a wrong type, a value outside a closed choice) in one line and exit
@@ -147,20 +112,27 @@ def guard_hydra() -> None:
     logging.raiseExceptions = False
     report = hydra_internal.run_and_report
     if not getattr(report, "summ_guarded", False):
+
         def reported(func):
             try:
                 return func()
             except Exception as exc:
                 full = os.environ.get("HYDRA_FULL_ERROR") == "1"  # Hydra's switch for the whole traceback
                 if not full and _composing(exc):
-                    say(f"error: {_config_error(exc)}: python run.py --help lists the groups and their options, "
-                        f"--cfg job every setting", err=True)
-                    sys.exit(exit_code("failed", user_error=True))
+                    say(
+                        f"error: {_config_error(exc)}: python run.py --help lists the groups and their options, "
+                        f"--cfg job every setting",
+                        err=True,
+                    )
+                    sys.exit(exit_code(Status.failed, user_error=True))
                 if not full and _disk_refused(exc):  # Hydra's own files
                     where = f" ({exc.filename})" if exc.filename else ""
-                    say(f"error: {exc.strerror}{where} while Hydra wrote the sweep's files: free space or set "
-                        f"hydra.run.dir / hydra.sweep.dir to a folder that can take them", err=True)
-                    sys.exit(exit_code("failed", user_error=True))
+                    say(
+                        f"error: {exc.strerror}{where} while Hydra wrote the sweep's files: free space or set "
+                        f"hydra.run.dir / hydra.sweep.dir to a folder that can take them",
+                        err=True,
+                    )
+                    sys.exit(exit_code(Status.failed, user_error=True))
                 error = exc  # anything else: Hydra's own report
                 return report(lambda: _raise(error))
 
@@ -175,9 +147,12 @@ def guard_hydra() -> None:
         try:
             save(cfg, filename, output_dir)
         except OSError as exc:
-            say(f"error: cannot write {output_dir}/{filename}: {exc.strerror or exc}: free space or set "
-                f"hydra.run.dir / hydra.sweep.dir to a folder that can take the run's files", err=True)
-            sys.exit(exit_code("failed", user_error=True))
+            say(
+                f"error: cannot write {output_dir}/{filename}: {exc.strerror or exc}: free space or set "
+                f"hydra.run.dir / hydra.sweep.dir to a folder that can take the run's files",
+                err=True,
+            )
+            sys.exit(exit_code(Status.failed, user_error=True))
 
     guarded.summ_guarded = True
     hydra_utils._save_config = guarded
@@ -196,7 +171,7 @@ def _one_line_flags() -> None:
 
         def error(message: str):
             say(f"error: {message}: python run.py --help lists the groups, --hydra-help Hydra's own flags", err=True)
-            sys.exit(exit_code("failed", user_error=True))
+            sys.exit(exit_code(Status.failed, user_error=True))
 
         p.error = error
         return p
@@ -244,8 +219,14 @@ def _config_error(exc: BaseException) -> str:
             continue
         text = str(e).split("Config search path")[0]
         lines = [line.strip() for line in text.splitlines()]
-        text = " ".join(line for line in lines if line and not line.startswith(
-            ("Set the environment variable", "full_key", "reference_type", "object_type", "provider=")))
+        text = " ".join(
+            line
+            for line in lines
+            if line
+            and not line.startswith(
+                ("Set the environment variable", "full_key", "reference_type", "object_type", "provider=")
+            )
+        )
         text = re.sub(r"\s*To append to your config use \S+", "", text).strip(" .")
         if text and text not in parts:
             parts.append(text)

@@ -1,33 +1,26 @@
 """Search for the optimum: a persistent Optuna study, the Pareto preset, and the adaptive knee
 sweeper, all through the real CLI."""
+
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import optuna
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, cli
+
 SMALL = ["data.synthetic_train_size=600", "measure.steps=2", "measure.warmup_steps=1"]
-
-
-def cli(*args, timeout=600, code=0):
-    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == code, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.mark.slow
 def test_optuna_study_persists_penalises_infeasible_trials_and_writes_the_best(tmp_path):
     storage = f"sqlite:///{tmp_path}/study.db"
     common = ["-m", "preset=optuna_step_time", f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=2", *SMALL]
-    cli(*common, f"hydra.sweep.dir={tmp_path}/a")
+    cli(*common, f"hydra.sweep.dir={tmp_path}/a", timeout=600, code=0)
     # the same command again continues the study; this time every cell is over a tiny budget
     # (no cell of that sweep fits: it exits 3, as an over_budget run does)
-    cli(*common, f"hydra.sweep.dir={tmp_path}/b", "measure.memory_budget_gb=0.0001", code=3)
+    cli(*common, f"hydra.sweep.dir={tmp_path}/b", "measure.memory_budget_gb=0.0001", code=3, timeout=600)
     study = optuna.load_study(study_name="tiny_bart-synthetic-seconds_per_sample", storage=storage)
     trials = study.get_trials()
     assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
@@ -42,13 +35,24 @@ def test_optuna_study_persists_penalises_infeasible_trials_and_writes_the_best(t
     assert best.startswith("python run.py ") and "batch.batch_size=" in best and "measure.steps" not in best
     assert study.best_trial.number in (0, 1)
     # the best trial's overrides run as they are
-    cli(*best.split()[2:], f"hydra.run.dir={tmp_path}/best", "train.epochs=1", "eval.enabled=false")
+    cli(
+        *best.split()[2:], f"hydra.run.dir={tmp_path}/best", "train.epochs=1", "eval.enabled=false", timeout=600, code=0
+    )
 
 
 @pytest.mark.slow
 def test_pareto_preset_lists_and_plots_the_front(tmp_path):
-    cli("-m", "preset=optuna_pareto", f"hydra.sweep.dir={tmp_path}/p", f"hydra.sweeper.storage=sqlite:///{tmp_path}/p.db",
-        "hydra.sweeper.n_trials=3", "train.total_samples=96", "data.max_eval_samples=6")
+    cli(
+        "-m",
+        "preset=optuna_pareto",
+        f"hydra.sweep.dir={tmp_path}/p",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/p.db",
+        "hydra.sweeper.n_trials=3",
+        "train.total_samples=96",
+        "data.max_eval_samples=6",
+        timeout=600,
+        code=0,
+    )
     md = (tmp_path / "p" / "pareto_report.md").read_text()
     assert "Pareto front" in md and "**yes**" in md
     assert (tmp_path / "p" / "pareto.png").stat().st_size > 10_000
@@ -62,9 +66,19 @@ def test_pareto_preset_lists_and_plots_the_front(tmp_path):
 @pytest.mark.slow
 def test_knee_sweeper_finds_the_memory_edge_in_few_trials(tmp_path):
     sweep = tmp_path / "k"
-    cli("-m", "preset=knee_search", f"hydra.sweep.dir={sweep}", "measure.memory_budget_gb=0.5",
-        "hydra.sweeper.tolerance=-1", "hydra.sweeper.min_batch_size=1", "hydra.sweeper.max_batch_size=64",
-        "hydra.sweeper.resolution=0.25", *SMALL)
+    cli(
+        "-m",
+        "preset=knee_search",
+        f"hydra.sweep.dir={sweep}",
+        "measure.memory_budget_gb=0.5",
+        "hydra.sweeper.tolerance=-1",
+        "hydra.sweeper.min_batch_size=1",
+        "hydra.sweeper.max_batch_size=64",
+        "hydra.sweeper.resolution=0.25",
+        *SMALL,
+        timeout=600,
+        code=0,
+    )
     search = json.loads((sweep / "knee_search.json").read_text())
     assert search["trials_run"] <= 8  # a 1..64 grid would take 7 cells with one accumulation value alone
     lo, hi = search["last_good"], search["first_bad"]
@@ -78,9 +92,19 @@ def test_knee_sweeper_finds_the_memory_edge_in_few_trials(tmp_path):
 # A recorded knee_grid table shaped like the original report's Llama case on a 24 GB card:
 # per-sample throughput climbs to micro-batch 8, falls at 16 (memory pressure), 32 runs out of
 # memory; accumulation barely changes per-sample cost. (samples/s, peak GiB or None for oom)
-RECORDED = {(2, 1): (3.00, 9.0), (4, 1): (4.40, 12.0), (8, 1): (4.85, 17.5), (12, 1): (4.50, 20.0),
-            (16, 1): (4.00, 21.5), (32, 1): (None, None),
-            (2, 2): (2.97, 9.2), (4, 2): (4.36, 12.2), (8, 2): (4.80, 17.7), (16, 2): (3.98, 21.6), (32, 2): (None, None)}
+RECORDED = {
+    (2, 1): (3.00, 9.0),
+    (4, 1): (4.40, 12.0),
+    (8, 1): (4.85, 17.5),
+    (12, 1): (4.50, 20.0),
+    (16, 1): (4.00, 21.5),
+    (32, 1): (None, None),
+    (2, 2): (2.97, 9.2),
+    (4, 2): (4.36, 12.2),
+    (8, 2): (4.80, 17.7),
+    (16, 2): (3.98, 21.6),
+    (32, 2): (None, None),
+}
 GRID = [(bs, ga) for ga in (1, 2) for bs in (2, 4, 8, 16, 32)]
 _ORIGINAL = dict(RECORDED)
 
@@ -91,10 +115,22 @@ def _cells(keys):
     out = []
     for bs, ga in keys:
         sps, peak = RECORDED[(bs, ga)]
-        out.append(Cell(job=f"{bs}x{ga}", overrides=[], status="ok" if sps else "oom", model="llama",
-                        batch_size=bs, gradient_accumulation_steps=ga, effective_batch_size=bs * ga,
-                        samples_per_s=sps, peak_bytes=int(peak * 2**30) if peak else None,
-                        budget_bytes=24 * 2**30, limit_bytes=int(21.6 * 2**30), positions=bs * 600 if sps else None))
+        out.append(
+            Cell(
+                job=f"{bs}x{ga}",
+                overrides=[],
+                status="ok" if sps else "oom",
+                model="llama",
+                batch_size=bs,
+                gradient_accumulation_steps=ga,
+                effective_batch_size=bs * ga,
+                samples_per_s=sps,
+                peak_bytes=int(peak * 2**30) if peak else None,
+                budget_bytes=24 * 2**30,
+                limit_bytes=int(21.6 * 2**30),
+                positions=bs * 600 if sps else None,
+            )
+        )
     return out
 
 
@@ -112,12 +148,26 @@ def _replay(table_keys, ga=1, memory_model=True, **overrides):
         seen.append(c)
         return Trial(bs, ga, c.status, c.samples_per_s, c.peak_bytes, job=str(bs))
 
-    preset = yaml.safe_load((ROOT / "multirun_presets" / "knee_search.yaml").read_text())["hydra"]["sweeper"]
-    kw = dict(min_batch_size=preset["min_batch_size"], max_batch_size=preset["max_batch_size"], tolerance=0.05,
-              resolution=preset["resolution"], max_trials=preset["max_trials"], patience=preset["patience"])
+    import dataclasses
+
+    from hydra_plugins.summ_knee_sweeper.knee_sweeper import KneeSweeperConf
+
+    # the preset as it composes: the sweeper's schema defaults, then what the preset sets
+    preset = {f.name: f.default for f in dataclasses.fields(KneeSweeperConf)}
+    preset.update(yaml.safe_load((ROOT / "multirun_presets" / "knee_search.yaml").read_text())["hydra"]["sweeper"])
+    kw = dict(
+        min_batch_size=preset["min_batch_size"],
+        max_batch_size=preset["max_batch_size"],
+        tolerance=0.05,
+        resolution=preset["resolution"],
+        max_trials=preset["max_trials"],
+        patience=preset["patience"],
+    )
     kw.update(overrides)
     limit = int(21.6 * 2**30)
-    predict = (lambda bs: predicted_over_limit([c for c in seen if c.ok], bs, limit)) if memory_model else (lambda bs: None)
+    predict = (
+        (lambda bs: predicted_over_limit([c for c in seen if c.ok], bs, limit)) if memory_model else (lambda bs: None)
+    )
     return knee_search(measure, predict, lambda bs: ga, **kw)
 
 
@@ -143,8 +193,13 @@ def test_one_flat_reading_does_not_stop_the_doubling():
     """A plateau of one cell, then throughput climbs again (a 2-core CPU's timing noise does
     this): with patience 1 the search goes on and finds the grid's answer; without, it stops
     doubling, and its look at the largest micro-batch finds the rise."""
-    flat = {(2, 1): (75.0, 1.0), (4, 1): (133.0, 1.1), (8, 1): (131.0, 1.2), (16, 1): (152.0, 1.4),
-            (32, 1): (175.0, 1.8)}
+    flat = {
+        (2, 1): (75.0, 1.0),
+        (4, 1): (133.0, 1.1),
+        (8, 1): (131.0, 1.2),
+        (16, 1): (152.0, 1.4),
+        (32, 1): (175.0, 1.8),
+    }
     RECORDED.update(flat)  # restored below
     try:
         from summ.reports.knee import analyse
@@ -153,7 +208,9 @@ def test_one_flat_reading_does_not_stop_the_doubling():
         patient = _replay(list(flat), resolution=1.0)
         assert patient["answer"] == 32 and patient["trials_run"] == 5
         hasty = _replay(list(flat), resolution=1.0, patience=0)  # stops doubling at the flat reading...
-        assert "the largest micro-batch, 32, did" in hasty["stopped_doubling"] and hasty["answer"] == 32  # ...looks at 32
+        assert (
+            "the largest micro-batch, 32, did" in hasty["stopped_doubling"] and hasty["answer"] == 32
+        )  # ...looks at 32
         plateau = {**flat, (16, 1): (134.0, 1.4), (32, 1): (132.0, 1.8)}  # a real plateau: two flat doublings
         RECORDED.update(plateau)
         stopped = _replay(list(plateau), resolution=1.0)
@@ -166,8 +223,13 @@ def test_one_dip_does_not_stop_the_doubling_and_the_knee_is_sought_below_the_bes
     """{2:100, 4:170, 8:160, 16:260, 32:280}: the dip at 8 is measured again and counts as one
     reading that did not beat 4; 16 and 32 then beat the best. The grid's rule answers 32 (16 is
     more than 5% slower), and so does the sweeper, whose bisection looks below 32, not above."""
-    dip = {(2, 1): (100.0, 1.0), (4, 1): (170.0, 1.1), (8, 1): (160.0, 1.2), (16, 1): (260.0, 1.4),
-           (32, 1): (280.0, 1.8)}
+    dip = {
+        (2, 1): (100.0, 1.0),
+        (4, 1): (170.0, 1.1),
+        (8, 1): (160.0, 1.2),
+        (16, 1): (260.0, 1.4),
+        (32, 1): (280.0, 1.8),
+    }
     RECORDED.update(dip)
     try:
         from summ.reports.knee import analyse
@@ -199,14 +261,29 @@ def test_knee_search_reaches_the_grid_recommendation_on_the_real_tiny_model(tmp_
     from summ.reports.knee import analyse
     from summ.reports.knee_report import build_report
 
-    same = ["data.synthetic_train_size=600", "measure.warmup_steps=1", "measure.steps=3", "data.padding=max_length",
-            "data.encoder_max_len=128", "data.decoder_max_len=32"]
-    cli("-m", "preset=knee_grid", f"hydra.sweep.dir={tmp_path}/grid", *same)
+    same = [
+        "data.synthetic_train_size=600",
+        "measure.warmup_steps=1",
+        "measure.steps=3",
+        "data.padding=max_length",
+        "data.encoder_max_len=128",
+        "data.decoder_max_len=32",
+    ]
+    cli("-m", "preset=knee_grid", f"hydra.sweep.dir={tmp_path}/grid", *same, timeout=600, code=0)
     accumulation = build_report(tmp_path / "grid").recommended.gradient_accumulation_steps
     column = analyse([c for c in load_cells(tmp_path / "grid")[0] if c.gradient_accumulation_steps == accumulation])
     target = (column.recommended.batch_size, accumulation)
-    cli("-m", "preset=knee_search", f"hydra.sweep.dir={tmp_path}/search", f"sweep.reuse_from={tmp_path}/grid",
-        f"hydra.sweeper.gradient_accumulation_steps={target[1]}", "hydra.sweeper.resolution=1", *same)
+    cli(
+        "-m",
+        "preset=knee_search",
+        f"hydra.sweep.dir={tmp_path}/search",
+        f"sweep.reuse_from={tmp_path}/grid",
+        f"hydra.sweeper.gradient_accumulation_steps={target[1]}",
+        "hydra.sweeper.resolution=1",
+        *same,
+        timeout=600,
+        code=0,
+    )
     search = json.loads((tmp_path / "search" / "knee_search.json").read_text())
     grid_trials = len(list((tmp_path / "grid").glob("*/metrics.json")))
     # one accumulation column of 5 powers of two, walked upward from 2: how far depends on where the
@@ -226,8 +303,13 @@ def test_a_plateau_is_checked_against_the_largest_micro_batch_before_the_search_
     been within 5% of 32, the answer would be 16, and the search measures it."""
     from summ.reports.knee import analyse
 
-    late = {(2, 1): (44.46, 1.0), (4, 1): (42.46, 1.1), (8, 1): (44.30, 1.2), (16, 1): (45.02, 1.4),
-            (32, 1): (53.10, 1.8)}
+    late = {
+        (2, 1): (44.46, 1.0),
+        (4, 1): (42.46, 1.1),
+        (8, 1): (44.30, 1.2),
+        (16, 1): (45.02, 1.4),
+        (32, 1): (53.10, 1.8),
+    }
     RECORDED.update(late)
     try:
         assert analyse(_cells(list(late))).recommended.batch_size == 32

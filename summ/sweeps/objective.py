@@ -1,10 +1,11 @@
 """What a sweeper optimises: one figure of a job's metrics, or a penalty where it gave none."""
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 from summ.config import Config, Objective
+from summ.errors import Status
 from summ.run_folder import RunMetrics
 
 
@@ -16,7 +17,7 @@ def objective_value(metrics: RunMetrics, cfg: Config) -> float | tuple[float, fl
     job without both figures."""
     train, ev = metrics.train, metrics.eval or {}
 
-    def figure(value) -> Optional[float]:
+    def figure(value) -> float | None:
         return float(value) if metrics.ok and value is not None and math.isfinite(value) else None
 
     if cfg.objective == Objective["seconds_per_sample_and_rouge"]:
@@ -34,4 +35,4 @@ def objective_value(metrics: RunMetrics, cfg: Config) -> float | tuple[float, fl
 
 def penalty_value(cfg: Config) -> float | tuple[float, float]:
     """The objective of a job that produced no figure."""
-    return objective_value(RunMetrics(status="failed"), cfg)
+    return objective_value(RunMetrics(status=Status.failed), cfg)

@@ -1,36 +1,43 @@
 """One sweep trial, start to end (run_trial): the trial's defaults, a result taken from earlier
-work where the same config was measured (sweep.resume, sweep.reuse_from, the Optuna study), the
-job run, a failure turned into the penalty, the trial's record in the study, and the objective.
+work where the same config was measured (sweep.resume, sweep.reuse_from: summ/jobs.py; the Optuna
+study: reused_from_study), the config checked and the job run, a failure turned into the penalty,
+the trial's record in the study, and the objective.
 
 A trial never exits the process: the sweep goes on to its next cell whatever this one did.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from summ.config import config_hash
 from summ.distributed import is_main_process
-from summ.errors import EXIT_USER_ERROR, ConfigError, UserError
+from summ.errors import UserError
+from summ.jobs import final_result, measured_before, record_refusal
 from summ.pipeline import run_job
-from summ.run_folder import FINAL_STATUSES, METRICS_FILE, RunMetrics, job_dirs, read_metrics, set_aside, write_metrics
+from summ.run_folder import RunMetrics
 from summ.sweeps.objective import objective_value, penalty_value
 from summ.sweeps.study import finished_trial_for, record_trial
 from summ.training import checkpoint
+from summ.validation import validate
 
 log = logging.getLogger(__name__)
 
 
-def run_trial(cfg: DictConfig, hydra_cfg: Any, output_dir: Path, overrides: Sequence[str]) -> tuple[Optional[RunMetrics], float | tuple]:
+def run_trial(
+    cfg: DictConfig, hydra_cfg: Any, output_dir: Path, overrides: Sequence[str]
+) -> tuple[RunMetrics | None, float | tuple]:
     """(metrics or None, objective) of one multirun job in `output_dir`."""
     cfg = own_checkpoint_only(apply_trial_defaults(cfg, overrides), output_dir)
     try:
-        metrics = measured_before(cfg, hydra_cfg, output_dir)
+        metrics = measured_before(cfg, output_dir, lambda cfg_hash: reused_from_study(hydra_cfg, cfg_hash))
         if metrics is None:
+            validate(cfg)  # the config as the trial runs it, once per job (run_job leaves it to its caller)
             # tracker run name, and the sweep that groups it (one experiment / group per sweep folder)
             names = (hydra_cfg.job.override_dirname or output_dir.name, Path(hydra_cfg.sweep.dir).name)
             metrics = run_job(cfg, output_dir, tracking_names=names, reuse_loaded=cfg.sweep.reuse_loaded)
@@ -43,16 +50,6 @@ def run_trial(cfg: DictConfig, hydra_cfg: Any, output_dir: Path, overrides: Sequ
     return metrics, objective_value(metrics, OmegaConf.to_object(cfg))
 
 
-def record_refusal(output_dir: Path, exc: UserError) -> None:
-    """The metrics of a run refused before it started (whatever happened, the folder says why)."""
-    if is_main_process() and read_metrics(output_dir).problem == "missing":
-        try:
-            write_metrics(output_dir, RunMetrics(status="failed", error=str(exc),
-                                                 user_error=exc.exit_status == EXIT_USER_ERROR))
-        except UserError:  # the folder cannot take it either (a full disk): the log line says why
-            pass
-
-
 def _overridden(task_overrides: Sequence[str], key: str) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in task_overrides)
 
@@ -63,8 +60,11 @@ def own_checkpoint_only(cfg: DictConfig, output_dir: Path) -> DictConfig:
     resume_from = cfg.train.resume_from
     if not resume_from:
         return cfg
-    own = (checkpoint.latest(output_dir) is not None if resume_from == "latest"
-           else Path(resume_from).expanduser().resolve().is_relative_to(output_dir.resolve()))
+    own = (
+        checkpoint.latest(output_dir) is not None
+        if resume_from == "latest"
+        else Path(resume_from).expanduser().resolve().is_relative_to(output_dir.resolve())
+    )
     if not own:
         cfg = cfg.copy()
         cfg.train.resume_from = None
@@ -92,60 +92,7 @@ def apply_trial_defaults(cfg: DictConfig, task_overrides: Sequence[str]) -> Dict
     return cfg
 
 
-def measured_before(cfg: DictConfig, hydra_cfg: Optional[Any], output_dir: Path) -> Optional[RunMetrics]:
-    """A finished result for this exact config: the folder's own (sweep.resume), a cell of another
-    sweep (sweep.reuse_from, copied into the folder), or an earlier trial of the same Optuna study
-    (`hydra_cfg`: a multirun job's). None: measure it (after moving aside any other result the
-    folder holds). A single run honours the first two as well."""
-    cfg_hash = config_hash(cfg)
-    if cfg.sweep.resume:
-        prior = final_result(output_dir, cfg_hash)
-        if prior is not None:
-            log.info("resume: %s already holds a complete %s result for this config; not measured again",
-                     output_dir, prior.status)
-            return prior
-    found = None
-    if cfg.sweep.reuse_from:
-        found = reused_from_sweep(Path(cfg.sweep.reuse_from), cfg_hash)
-        if found is not None:
-            log.info("sweep.reuse_from: %s measured this config already (%s); its result is taken",
-                     found[0], found[1].status)
-    if found is None and hydra_cfg is not None:
-        found = reused_from_study(hydra_cfg, cfg_hash)
-        if found is not None:
-            log.info("trial %s of study %s measured this config already (%s, %s); its result is taken, not "
-                     "measured again", found[1].reused_trial, hydra_cfg.sweeper.study_name, found[0], found[1].status)
-    if found is None:
-        set_aside(output_dir, cfg_hash, resuming=bool(cfg.train.resume_from))
-        return None
-    source, prior = found
-    prior = replace(prior, reused_from=str(source))
-    write_metrics(output_dir, prior)
-    return prior
-
-
-def final_result(folder: Path, cfg_hash: str) -> Optional[RunMetrics]:
-    """The folder's metrics if they are complete, final (re-measuring would not change them;
-    "failed" is measured again) and for the same config."""
-    found = read_metrics(folder)
-    if found.problem and found.problem != "missing":
-        log.warning("%s: %s is %s: measuring the cell again", folder, METRICS_FILE, found.problem)
-    m = found.record
-    return m if m is not None and m.status in FINAL_STATUSES and m.config_hash == cfg_hash else None
-
-
-def reused_from_sweep(sweep_dir: Path, cfg_hash: str) -> Optional[tuple[Path, RunMetrics]]:
-    """(job folder, metrics) of a finished cell in another sweep folder with the same config."""
-    if not sweep_dir.is_dir():
-        raise ConfigError(f"sweep.reuse_from={sweep_dir} is not a folder: give a finished sweep's folder")
-    for d in job_dirs(sweep_dir):
-        m = final_result(d, cfg_hash)
-        if m is not None:
-            return d, m
-    return None
-
-
-def reused_from_study(hydra_cfg: Any, cfg_hash: str) -> Optional[tuple[Path, RunMetrics]]:
+def reused_from_study(hydra_cfg: Any, cfg_hash: str) -> tuple[Path, RunMetrics] | None:
     """(job folder, metrics) of an earlier COMPLETE trial of this job's Optuna study that measured
     the same config, so a study never measures one configuration twice; None outside an Optuna
     sweep with storage, or when no such trial left a readable result."""
@@ -154,4 +101,13 @@ def reused_from_study(hydra_cfg: Any, cfg_hash: str) -> Optional[tuple[Path, Run
         return None
     number, job_dir = found
     m = final_result(Path(job_dir), cfg_hash)
-    return None if m is None else (Path(job_dir), replace(m, reused_trial=number))
+    if m is None:
+        return None
+    log.info(
+        "trial %s of study %s measured this config already (%s, %s); its result is taken, not measured again",
+        number,
+        hydra_cfg.sweeper.study_name,
+        job_dir,
+        m.status,
+    )
+    return Path(job_dir), replace(m, reused_trial=number)
