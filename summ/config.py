@@ -2,41 +2,41 @@
 
 Each group's YAML files in ``conf/`` merge onto one of these dataclasses, so an unknown key, a
 value of the wrong type or a choice outside its enum fails when Hydra composes the config, before
-any model loads. ``conf/config.yaml`` picks the groups and repeats no value set here. Rules that a
-type cannot express (a batch size of 0, an effective batch that does not divide) live in
-summ/validation.py and run right after composition, also before any compute.
+any model loads. A YAML file (a group option, a preset) sets only what differs from the defaults
+here (tests/test_defaults.py). A field's lower bound is declared with it (positive, not_negative);
+summ/validation.py checks those and the rules a type cannot express right after composition.
 """
+
 from __future__ import annotations
 
 import enum
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from summ.errors import ConfigError
 
 
 def _choices(name: str, *values: str) -> type[enum.StrEnum]:
-    """A closed choice whose names are its values (YAML and the command line write them as they
-    are, "4bit" included); compares equal to those strings."""
+    """A closed choice named by its values (as YAML and the command line write them, "4bit" too)."""
     return enum.StrEnum(name, [(v, v) for v in values])
 
 
-class RougeTokenizer(enum.StrEnum):
-    whitespace = "whitespace"  # the baseline's `rouge` package on whitespace tokens
-    morpheme = "morpheme"  # kiwipiepy morphemes first, as the competition scores
+def positive(default: Any) -> Any:
+    """A field summ/validation.py refuses at or below 0 (null, where allowed, is not set)."""
+    return field(default=default, metadata={"low": 0, "strict": True})
 
 
-class DataSource(enum.StrEnum):
-    bundled = "bundled"  # the sample shipped inside the package
-    csv = "csv"  # competition CSVs under data.dir
-    synthetic = "synthetic"  # generated, competition-shaped lengths
+def not_negative(default: Any) -> Any:
+    """A field summ/validation.py refuses below 0."""
+    return field(default=default, metadata={"low": 0, "strict": False})
 
 
+RougeTokenizer = _choices("RougeTokenizer", "whitespace", "morpheme")
+DataSource = _choices("DataSource", "bundled", "csv", "synthetic")
 # api: a hosted chat model (model=solar_api, summ/inference/solar.py), evaluated, not trained
 ModelKind = _choices("ModelKind", "seq2seq", "causal", "api")
 Precision = _choices("Precision", "no", "fp16", "bf16")
@@ -49,8 +49,14 @@ DType = _choices("DType", "float32", "bfloat16", "float16")
 Padding = _choices("Padding", "longest", "max_length")
 EnsembleStrategy = _choices("EnsembleStrategy", "mbr", "weighted", "stacking", "logit_avg")
 Attention = _choices("Attention", "eager", "sdpa", "flash_attention_2", "flex_attention")
-Objective = _choices("Objective", "train_seconds_per_sample", "train_seconds_per_token", "eval_loss",
-                     "neg_rouge_mean", "seconds_per_sample_and_rouge")  # the last: two values, a Pareto study
+Objective = _choices(
+    "Objective",
+    "train_seconds_per_sample",
+    "train_seconds_per_token",
+    "eval_loss",
+    "neg_rouge_mean",
+    "seconds_per_sample_and_rouge",
+)  # the last: two values, a Pareto study
 PromptStrategy = _choices("PromptStrategy", "zero_shot", "few_shot_standard", "few_shot_chat")
 AugmentationMethod = _choices("AugmentationMethod", "turn_shuffle", "synonym", "back_translation", "paraphrase")
 TTAMethod = _choices("TTAMethod", "reorder", "mask", "synonym", "paraphrase")
@@ -62,20 +68,21 @@ TinyArch = _choices("TinyArch", "bart", "llama")
 @dataclass
 class DataConfig:
     name: str = MISSING
+    # bundled: the sample shipped inside the package | csv: competition CSVs under data.dir | synthetic: generated
     source: DataSource = DataSource.bundled
-    dir: Optional[str] = None  # folder with train.csv / dev.csv / test.csv (source=csv)
+    dir: str | None = None  # folder with train.csv / dev.csv / test.csv (source=csv)
     train_file: str = "train.csv"
     dev_file: str = "dev.csv"
     test_file: str = "test.csv"
-    max_train_samples: Optional[int] = None  # first N after loading (null = all)
-    max_eval_samples: Optional[int] = None
-    encoder_max_len: int = 512  # tokens; dialogue is truncated to this
+    max_train_samples: int | None = positive(None)  # first N after loading (null = all)
+    max_eval_samples: int | None = positive(None)
+    encoder_max_len: int = 512  # tokens; dialogue is truncated to this (512 / 100: the official baseline's)
     decoder_max_len: int = 100  # tokens; summary is truncated to this
     group_by_length: bool = False  # length-grouped training batches (less padding), batch order still shuffled
     padding: Padding = Padding.longest  # longest: to the longest sample in each batch | max_length: fixed shapes
     validate: bool = False  # score every sample (summ/data/quality.py); drop training samples under the threshold
     quality_threshold: float = 0.7
-    num_workers: Optional[int] = None  # DataLoader workers; null: 2 on CUDA (collation overlaps the step), 0 on CPU
+    num_workers: int | None = not_negative(None)  # DataLoader workers; null: CUDA 2 (collating during steps), CPU 0
     # source=synthetic only
     synthetic_train_size: int = 12457
     synthetic_eval_size: int = 499
@@ -94,103 +101,104 @@ class TinyArchConfig:
     ffn_dim: int = 128
     dropout: float = 0.1
     max_positions: int = 1024
-    vocab_size: Optional[int] = None  # null: the tokenizer's; set a real model's (e.g. 128256) for its logits memory
+    vocab_size: int | None = None  # null: the tokenizer's; set a real model's (e.g. 128256) for its logits memory
 
 
 @dataclass
 class LoraSettings:
     enabled: bool = False
-    r: int = 16
+    r: int = positive(16)
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: List[str] = field(default_factory=list)
+    target_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING
     kind: ModelKind = ModelKind.seq2seq
-    hub_id: Optional[str] = None  # where the weights come from when path is null (local HF cache only)
-    path: Optional[str] = None  # local folder with config.json + *.safetensors (or a training run's folder)
-    tiny: Optional[TinyArchConfig] = None  # set: build this architecture with random init (unless path is set)
+    hub_id: str | None = None  # where the weights come from when path is null (local HF cache only)
+    path: str | None = None  # local folder with config.json + *.safetensors (or a training run's folder)
+    tiny: TinyArchConfig | None = None  # set: build this architecture with random init (unless path is set)
     # Causal LMs: the prompt around the dialogue; the summary follows it, then the EOS token.
     prompt_template: str = "{dialogue}"
     lora: LoraSettings = field(default_factory=LoraSettings)
     quantization: Quantization = Quantization["none"]  # bitsandbytes; 4bit = QLoRA with NF4, bf16 compute
     gradient_checkpointing: bool = False
     dtype: DType = DType["float32"]  # weights as loaded (mixed precision is train.mixed_precision)
-    attn_implementation: Optional[Attention] = None  # null = transformers' default (sdpa where it can)
+    attn_implementation: Attention | None = None  # null = transformers' default (sdpa where it can)
     trust_remote_code: bool = False
 
 
 @dataclass
 class BatchConfig:
     name: str = MISSING
-    batch_size: int = 8  # micro-batch per process
-    gradient_accumulation_steps: int = 1
+    batch_size: int = positive(8)  # micro-batch per process
+    gradient_accumulation_steps: int = positive(1)
     # Set to fix the samples per optimizer step; accumulation is then derived from it.
-    effective_batch_size: Optional[int] = None
-    eval_batch_size: int = 16
+    effective_batch_size: int | None = positive(None)
+    eval_batch_size: int = positive(16)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 15  # passes over the training set (ignored when max_steps, total_samples or measure.* is set)
-    max_steps: Optional[int] = None  # optimizer steps; overrides epochs
+    epochs: int = positive(15)  # passes over the training set (ignored when max_steps, total_samples or measure.* set)
+    max_steps: int | None = positive(None)  # optimizer steps; overrides epochs
     # Training samples to process; overrides epochs and max_steps. Cells of a sweep with this set
     # see the same number of samples whatever their effective batch (to within one batch).
-    total_samples: Optional[int] = None
-    learning_rate: float = 2.0e-3  # tiny models learn fast; kobart's baseline used 1e-5, QLoRA typically 1e-4 to 2e-4
-    warmup_ratio: float = 0.1  # fraction of optimizer steps with linear warmup
-    weight_decay: float = 0.01  # AdamW; never applied to biases and norm weights
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-    label_smoothing: float = 0.0
+    total_samples: int | None = positive(None)
+    learning_rate: float = positive(2.0e-3)  # tiny models learn fast; kobart's baseline 1e-5, QLoRA 1e-4 to 2e-4
+    warmup_ratio: float = not_negative(0.1)  # fraction of optimizer steps with linear warmup
+    weight_decay: float = not_negative(0.01)  # AdamW; never applied to biases and norm weights
+    adam_epsilon: float = not_negative(1e-8)
+    max_grad_norm: float = not_negative(1.0)  # 0 turns clipping off
+    label_smoothing: float = not_negative(0.0)
     scheduler: Scheduler = Scheduler.linear  # constant: constant after the warmup
     mixed_precision: Precision = Precision.no  # fp16 needs CUDA; bf16 autocast also runs on CPUs
     seed: int = 42
-    log_every_steps: int = 10  # optimizer steps between progress updates (the bar, or a log line without a terminal)
+    log_every_steps: int = positive(10)  # optimizer steps between progress updates (the bar; a log line without a tty)
     cpu: bool = False  # force the CPU even where CUDA is present
     save_model: bool = True  # weights (or LoRA adapter), tokenizer and config into <run dir>/model (sweep trials: off)
-    k_folds: int = 1  # > 1: K models on K splits of the training set, out-of-fold predictions, ensemble
+    k_folds: int = positive(1)  # > 1: K models on K splits of the training set, out-of-fold predictions, ensemble
     fold_seed: int = 0  # how samples are dealt into folds
-    fold: Optional[int] = None  # set by the K-fold driver: this job trains without fold `fold`
+    fold: int | None = None  # set by the K-fold driver: this job trains without fold `fold`
     # Accelerate state (model, optimizer, scheduler, RNG, data position) into
     # <run dir>/checkpoints/step_<n> every N optimizer steps (null: only on SIGINT / SIGTERM).
-    save_every_steps: Optional[int] = None
-    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
+    save_every_steps: int | None = positive(None)
+    keep_checkpoints: int = positive(2)  # newest checkpoints kept; older ones are deleted
     # Continue a run: "latest" (this run folder's newest checkpoint; pass hydra.run.dir=<that run>),
     # a run folder, or one checkpoint folder. Same steps, schedule position and data order.
-    resume_from: Optional[str] = None
+    resume_from: str | None = None
 
 
 @dataclass
 class MeasureConfig:
-    warmup_steps: int = 3  # optimizer steps excluded from every timing figure (allocator, kernel selection)
-    steps: Optional[int] = None  # stop after this many measured optimizer steps; null = the full schedule
+    warmup_steps: int = not_negative(3)  # optimizer steps left out of every timing figure (allocator, kernels)
+    steps: int | None = positive(None)  # stop after this many measured optimizer steps; null = the full schedule
     # The measured window in samples instead (sweeps: every cell measures the same samples whatever
     # its micro-batch, accumulation or grouping); a multiple of each cell's effective batch.
-    samples: Optional[int] = None
-    warmup_samples: Optional[int] = None  # warm-up in samples (taken from outside the measured window)
-    memory_budget_gb: Optional[float] = None  # plan for a smaller card: null = the device's own capacity
+    samples: int | None = positive(None)
+    warmup_samples: int | None = not_negative(None)  # warm-up in samples (taken from outside the measured window)
+    memory_budget_gb: float | None = positive(None)  # plan for a smaller card: null = the device's own capacity
     headroom: float = 0.9  # over budget x headroom the trial stops with status over_budget
     memory_probe: bool = True  # one micro-batch at the maximum widths before the measured steps: the worst case
-    peak_tflops: Optional[float] = None  # device peak for MFU; null = the built-in table (CUDA) or no MFU (CPU)
-    rss_interval_ms: float = 2.0  # CPU peak memory where the kernel peak (VmHWM) cannot be reset: RSS sampling period
-    # CPU: tensors from 64 KiB up served by mmap, so the resident peak tracks live tensors (about
-    # 1.6x slower training on 2 cores); false: glibc's own heap, fast, peak includes memory it kept
+    peak_tflops: float | None = positive(None)  # device peak for MFU; null: the built-in table (CUDA), no MFU (CPU)
+    rss_interval_ms: float = positive(2.0)  # RSS sampling period: CPU peak memory where VmHWM cannot be reset
+    # CPU: tensors from 64 KiB up served by mmap, so the resident peak tracks live tensors (slower
+    # training: README, "What a run measures"); false: glibc's own heap, fast, peak includes memory it kept
     cpu_live_memory: bool = True
     # Several processes: a collective one of them never reaches fails after this many seconds (the
     # cell ends failed and the sweep stops, its finished cells kept) instead of waiting for torch's
     # watchdog (10 min NCCL, 30 min gloo); null: sweep.trial_collective_timeout_s in a sweep's trials,
     # torch's default in a single run (a big model's save or evaluation may keep the others waiting)
-    collective_timeout_s: Optional[float] = None
+    collective_timeout_s: float | None = positive(None)
 
 
 @dataclass
 class EvalConfig:
     enabled: bool = True
     generate: bool = True  # generate summaries and score ROUGE (false: eval loss only, faster)
+    # whitespace: the baseline's `rouge` package on whitespace tokens | morpheme: kiwipiepy's, as the competition scores
     rouge_tokenizer: RougeTokenizer = RougeTokenizer.whitespace
     save_predictions: bool = True  # dev_predictions.csv in the run folder
 
@@ -198,8 +206,8 @@ class EvalConfig:
 @dataclass
 class InferenceConfig:
     name: str = MISSING
-    num_beams: int = 4
-    max_new_tokens: int = 100
+    num_beams: int = positive(4)  # 4 beams, at most 100 new tokens: the official baseline's decoding
+    max_new_tokens: int = positive(100)
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -209,7 +217,7 @@ class InferenceConfig:
     no_repeat_ngram_size: int = 0
     # Inference speed (summ/inference/predict.py): how summaries are generated, measured per run.
     quantization: InferenceQuantization = InferenceQuantization["none"]  # dynamic_int8: CPU, torch
-    batch_size: Optional[int] = None  # prompts per generate() call; null = batch.eval_batch_size
+    batch_size: int | None = positive(None)  # prompts per generate() call; null = batch.eval_batch_size
     sort_by_length: bool = True  # batches of similar prompt length (less padding); output order is kept
     compare_unquantized: bool = True  # a quantized run also generates unquantized: ROUGE change and speed-up
 
@@ -225,8 +233,8 @@ class PredictConfig:
 @dataclass
 class AugmentationConfig:
     name: str = MISSING
-    methods: List[AugmentationMethod] = field(default_factory=list)
-    ratio: float = 0.0  # new samples per training sample, per method
+    methods: list[AugmentationMethod] = field(default_factory=list)
+    ratio: float = not_negative(0.0)  # new samples per training sample, per method
     seed: int = 0
     shuffle_window: int = 3  # turn_shuffle: turns are shuffled inside windows of this many
     synonym_rate: float = 0.3  # synonym: share of lexicon nouns replaced
@@ -235,8 +243,8 @@ class AugmentationConfig:
 @dataclass
 class TTAConfig:
     name: str = MISSING
-    methods: List[TTAMethod] = field(default_factory=list)
-    num_aug: int = 0  # perturbed copies per evaluation dialogue (methods used in turn)
+    methods: list[TTAMethod] = field(default_factory=list)
+    num_aug: int = not_negative(0)  # perturbed copies per evaluation dialogue (methods used in turn)
     seed: int = 0
     shuffle_window: int = 3
     synonym_rate: float = 0.3
@@ -248,9 +256,9 @@ class GenerationBackendConfig:
     """Where back-translation and paraphrase text comes from (summ/inference/backends.py)."""
 
     kind: GenerationKind = GenerationKind["none"]  # local: the seq2seq folders below | solar: the API
-    ko_en_path: Optional[str] = None  # local seq2seq folder, e.g. a MarianMT ko->en checkpoint
-    en_ko_path: Optional[str] = None
-    paraphrase_path: Optional[str] = None
+    ko_en_path: str | None = None  # local seq2seq folder, e.g. a MarianMT ko->en checkpoint
+    en_ko_path: str | None = None
+    paraphrase_path: str | None = None
     batch_size: int = 16
     max_new_tokens: int = 128
     num_beams: int = 4
@@ -276,29 +284,29 @@ class SolarConfig:
     model: str = "solar-mini"  # the older notebook: solar-1-mini-chat; also solar-pro2
     api_key_env: str = "UPSTAGE_API_KEY"
     prompt_strategy: PromptStrategy = PromptStrategy["few_shot_chat"]  # few_shot_standard: examples inline
-    num_examples: int = 1  # few-shot: training dialogues shown as examples
+    num_examples: int = not_negative(1)  # few-shot: training dialogues shown as examples
     temperature: float = 0.2
     top_p: float = 0.3
-    max_tokens: int = 256
-    requests_per_minute: float = 100.0  # client-side throttle (the competition's limit)
-    concurrency: int = 4  # requests in flight at once
-    max_retries: int = 5  # on 429, 5xx and timeouts (a refused connection fails at once)
-    backoff_s: float = 1.0  # first wait when the server sends no Retry-After; doubles each retry
-    max_backoff_s: float = 60.0
-    timeout_s: float = 60.0  # per request
-    cache_dir: Optional[str] = "outputs/.cache"  # answers cached on disk by prompt; null = no cache
+    max_tokens: int = positive(256)
+    requests_per_minute: float = positive(100.0)  # client-side throttle (the competition's limit)
+    concurrency: int = positive(4)  # requests in flight at once
+    max_retries: int = not_negative(5)  # on 429, 5xx and timeouts (a refused connection fails at once)
+    backoff_s: float = not_negative(1.0)  # first wait when the server sends no Retry-After; doubles each retry
+    max_backoff_s: float = not_negative(60.0)
+    timeout_s: float = positive(60.0)  # per request
+    cache_dir: str | None = "outputs/.cache"  # answers cached on disk by prompt; null = no cache
 
 
 @dataclass
 class TrackingConfig:
     """Experiment trackers through Accelerate (summ/training/tracking.py). Never fails a run."""
 
-    name: Tracker = Tracker["none"]
+    name: Tracker = MISSING  # the group's choice (conf/tracking/): none, tensorboard, wandb, mlflow
     project: str = "summ"  # project (wandb) / experiment (mlflow); a sweep's runs are grouped by its folder
-    dir: Optional[str] = None  # local files: null = <run dir>/tracking (tensorboard), outputs/ (wandb)
-    mlflow_tracking_uri: Optional[str] = None  # null = sqlite:///outputs/mlflow.db; or a server http://...
-    wandb_mode: Optional[str] = None  # null = offline unless WANDB_API_KEY is set
-    log_every_steps: int = 1  # optimizer steps between logged points (sent from a background thread)
+    dir: str | None = None  # local files: null = <run dir>/tracking (tensorboard), outputs/ (wandb)
+    mlflow_tracking_uri: str | None = None  # null = sqlite:///outputs/mlflow.db; or a server http://...
+    wandb_mode: str | None = None  # null = offline unless WANDB_API_KEY is set
+    log_every_steps: int = positive(1)  # optimizer steps between logged points (sent from a background thread)
 
 
 @dataclass
@@ -308,14 +316,14 @@ class SweepConfig:
     # A multirun job that sets no window measures this many samples after trial_warmup_samples
     # (the same samples in every cell: summ/data/sampler.py); null: it trains the full schedule.
     # Rounded up to whole optimizer steps: 192 is a multiple of every effective batch up to 64 and of 3.
-    trial_samples: Optional[int] = 192
-    trial_warmup_samples: int = 64
-    trial_collective_timeout_s: float = 300  # measure.collective_timeout_s of a trial that sets none
+    trial_samples: int | None = positive(192)
+    trial_warmup_samples: int = not_negative(64)
+    trial_collective_timeout_s: float = positive(300)  # measure.collective_timeout_s of a trial that sets none
     evaluate: bool = False  # multirun jobs evaluate only if this, or eval.enabled on the command line, asks
     resume: bool = False  # reuse a job folder's complete result when its config hash matches
     # A finished sweep folder (a grid, an earlier search): a job whose config matches one of its
     # cells takes that cell's result instead of measuring it again.
-    reuse_from: Optional[str] = None
+    reuse_from: str | None = None
     # Cells of one sweep process share the prepared data and the loaded model (reset to a fresh
     # process's state for each cell); false: every cell loads afresh.
     reuse_loaded: bool = True
@@ -325,7 +333,7 @@ class SweepConfig:
 class KneeConfig:
     """The knee report's recommendation rule (summ/reports/knee.py)."""
 
-    tolerance: float = 0.05  # cells within this fraction of the best samples/s count as "as fast"
+    tolerance: float = not_negative(0.05)  # cells within this fraction of the best samples/s count as "as fast"
 
 
 @dataclass
@@ -353,30 +361,6 @@ class Config:
     objective_penalty: float = 1.0e6  # returned to a sweeper for a trial without a figure (oom, over_budget, ...)
 
 
-def register_configs() -> None:
-    """The schemas in Hydra's ConfigStore (conf/config.yaml lists `schema` first) and the
-    resolvers the configs use."""
-    from summ.distributed import now
-
-    ConfigStore.instance().store(name="schema", node=Config, replace=True)
-    OmegaConf.register_resolver("summ_precisions", precision_choices, replace=True)
-    # ${summ_now:FORMAT}: like Hydra's ${now:}, but one time for the whole launch: every job of a
-    # sweep (which resolves hydra.sweep.dir once per job) and every process of a distributed launch
-    OmegaConf.register_resolver("summ_now", now, replace=True)
-    OmegaConf.register_resolver("summ_run_name", run_name, replace=True)
-    OmegaConf.register_resolver("summ_threads_per_job", threads_per_job, replace=True)
-
-
-def precision_choices() -> str:
-    """Mixed-precision values this device can train with, as an Optuna sweeper choice."""
-    import torch
-
-    values = ["no", "bf16"]  # bf16 autocast runs on CPUs too
-    if torch.cuda.is_available():
-        values = ["no", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
-    return f"choice({','.join(values)})"
-
-
 def threads_per_job(jobs: Any) -> int:
     """CPU threads for each of `jobs` jobs run side by side (joblib launcher): the cores divided
     among them. Each job's torch would otherwise start one spinning thread per core, and two
@@ -386,8 +370,16 @@ def threads_per_job(jobs: Any) -> int:
     return max(1, cores // jobs)
 
 
-def run_name(mode: Any, model: Any, kind: Any, batch_size: Any, accumulation: Any,
-             effective_batch_size: Any = None, k_folds: Any = 1, path: Any = None) -> str:
+def run_name(
+    mode: Any,
+    model: Any,
+    kind: Any,
+    batch_size: Any,
+    accumulation: Any,
+    effective_batch_size: Any = None,
+    k_folds: Any = 1,
+    path: Any = None,
+) -> str:
     """A run folder's name after what ran: `train_tiny_bart_bs32x2`, `train_..._k5` for K-fold,
     `predict_tiny_llama` (the model the run at model.path trained), `eval_solar_api` (a hosted
     model evaluated, nothing trained)."""
@@ -399,7 +391,7 @@ def run_name(mode: Any, model: Any, kind: Any, batch_size: Any, accumulation: An
     return f"train_{model}_bs{batch_size}x{accumulation}" + (f"_k{k_folds}" if k_folds and int(k_folds) > 1 else "")
 
 
-def trained_model_name(path: Any) -> Optional[str]:
+def trained_model_name(path: Any) -> str | None:
     """model.name in a training run's saved config (<run>/model/ or the folder itself), or None."""
     for folder in (os.path.join(os.path.expanduser(str(path)), "model"), os.path.expanduser(str(path))):
         try:
@@ -427,12 +419,11 @@ def config_hash(cfg: DictConfig, leave_out: tuple[str, ...] = ()) -> str:
     return hashlib.sha256(OmegaConf.to_yaml(kept, resolve=True).encode()).hexdigest()[:16]
 
 
-def resolve_batch(batch_size: int, gradient_accumulation_steps: int,
-                  effective_batch_size: Optional[int], num_processes: int) -> tuple[int, int, int]:
-    """The one place that turns batch settings into (micro-batch, accumulation, effective batch).
-
-    The effective batch is the samples behind one optimizer step, over all processes.
-    """
+def resolve_batch(
+    batch_size: int, gradient_accumulation_steps: int, effective_batch_size: int | None, num_processes: int
+) -> tuple[int, int, int]:
+    """The one place that turns batch settings into (micro-batch, accumulation, effective batch);
+    the effective batch is the samples behind one optimizer step, over all processes."""
     if effective_batch_size is None:
         ga = gradient_accumulation_steps
     else:
@@ -440,11 +431,13 @@ def resolve_batch(batch_size: int, gradient_accumulation_steps: int,
         if effective_batch_size % per_update:
             raise ConfigError(
                 f"batch.effective_batch_size={effective_batch_size} is not a multiple of "
-                f"batch.batch_size x processes = {batch_size} x {num_processes}: change one of them")
+                f"batch.batch_size x processes = {batch_size} x {num_processes}: change one of them"
+            )
         ga = effective_batch_size // per_update
         if gradient_accumulation_steps not in (1, ga):  # 1: the default, which the effective batch replaces
             raise ConfigError(
                 f"batch.gradient_accumulation_steps={gradient_accumulation_steps} contradicts "
                 f"batch.effective_batch_size={effective_batch_size} (micro-batch {batch_size} x {num_processes} "
-                f"processes needs {ga}): set one of them, or set batch.effective_batch_size=null")
+                f"processes needs {ga}): set one of them, or set batch.effective_batch_size=null"
+            )
     return batch_size, ga, batch_size * ga * num_processes

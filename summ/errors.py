@@ -1,22 +1,39 @@
 """Errors a user can cause and fix (each carries one line that says what to change), and the
-exit codes a script or a scheduler reads from a run.
+exit codes a script or a scheduler reads from a run: their table is README's "Exit codes and
+errors" (tests/test_exit_codes.py runs each of its rows)."""
 
-| exit code | meaning |
-|---:|---|
-| 0 | ok (a multirun: at least one job ended ok) |
-| 1 | failed: a crash or an unforeseen library error (error.log in the run folder), a service down |
-| 2 | user error: a bad config, data, weights, API key, or a folder or disk that cannot take the files |
-| 3 | the cell did not fit or did not train: oom, over_budget, diverged |
-| 130 / 143 | interrupted by SIGINT / SIGTERM (128 + the signal's number); a checkpoint says where |
-"""
+import enum
 
 EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_RESOURCE = 0, 1, 2, 3
-RESOURCE_STATUSES = ("oom", "over_budget", "diverged")
+
+
+class Status(enum.StrEnum):
+    """What became of a run: its record's `status` (run_folder.RunMetrics), written, read and compared
+    as the plain string."""
+
+    ok = "ok"
+    oom = "oom"  # out of memory
+    over_budget = "over_budget"  # peak memory over measure.memory_budget_gb x measure.headroom
+    diverged = "diverged"  # the loss stopped being a number
+    failed = "failed"  # a crash, a refused input (user_error) or a service down: the error says which
+    interrupted = "interrupted"  # SIGINT / SIGTERM
+    # A sweep's cell as the reports and the knee search call it where no run's status says it
+    missing = "missing"  # the job left no record: it did not finish
+    corrupt = "corrupt"  # a record that cannot be read
+    reused = "reused"  # took another job's result (same config)
+    remeasured = "remeasured"  # measured again later (merged into the last reading)
+    predicted_over_budget = "predicted_over_budget"  # not run: the knee search's memory model says it cannot fit
+
+
+RUN_STATUSES = (Status.ok, Status.oom, Status.over_budget, Status.diverged, Status.failed, Status.interrupted)
+MEMORY_STATUSES = (Status.oom, Status.over_budget)  # the cell did not fit
+RESOURCE_STATUSES = (*MEMORY_STATUSES, Status.diverged)  # exit code 3
+FINAL_STATUSES = (Status.ok, *RESOURCE_STATUSES)  # measuring the same config again would not change them
 
 
 def exit_code(status: str, user_error: bool = False) -> int:
     """The process exit code for a run's status (see the table above)."""
-    if status == "ok":
+    if status == Status.ok:
         return EXIT_OK
     if user_error:
         return EXIT_USER_ERROR
@@ -52,8 +69,9 @@ class OverBudget(Exception):
     """The measured peak memory passed measure.memory_budget_gb x measure.headroom."""
 
     def __init__(self, peak_bytes: int, limit_bytes: int):
-        super().__init__(f"peak memory {peak_bytes / 2**30:.2f} GiB passed the budget x headroom "
-                         f"{limit_bytes / 2**30:.2f} GiB")
+        super().__init__(
+            f"peak memory {peak_bytes / 2**30:.2f} GiB passed the budget x headroom {limit_bytes / 2**30:.2f} GiB"
+        )
         self.peak_bytes = peak_bytes
         self.limit_bytes = limit_bytes
 

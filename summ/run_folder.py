@@ -7,6 +7,7 @@ one-line problem ("missing", or "corrupt: <why>"); the caller decides whether th
 row (reports) or a cell to measure again (resume). A figure that is not a number makes the file
 corrupt, so no report ever formats a string as a rate.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,12 +15,14 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import yaml
 
+from summ.errors import RUN_STATUSES, Status
 from summ.files import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -41,13 +44,30 @@ SAVED_CONFIG = "summ_config.yaml"
 CHECKPOINTS_DIR = "checkpoints"
 HYDRA_DIR = ".hydra"
 # What a run leaves besides Hydra's files: moved aside together when a result is superseded.
-RESULT_FILES = (METRICS_FILE, HISTORY_FILE, DEV_PREDICTIONS_FILE, ERROR_LOG, DATA_QUALITY_FILE, OOF_PREDICTIONS_FILE,
-                OOF_CANDIDATES_FILE, SUBMISSION_FILE)
+RESULT_FILES = (
+    METRICS_FILE,
+    HISTORY_FILE,
+    DEV_PREDICTIONS_FILE,
+    ERROR_LOG,
+    DATA_QUALITY_FILE,
+    OOF_PREDICTIONS_FILE,
+    OOF_CANDIDATES_FILE,
+    SUBMISSION_FILE,
+)
 RUN_PLOTS = ("loss.png", "throughput.png", "memory.png")
 RUN_LOG, TRACKING_DIR = "run.log", "tracking"
 # Everything a run leaves in its folder: moved aside together when the folder is used again
-RUN_ENTRIES = (*RESULT_FILES, *RUN_PLOTS, MODEL_DIR, CHECKPOINTS_DIR, HYDRA_DIR, RUN_LOG, TRACKING_DIR,
-               ENSEMBLE_PREDICTIONS_FILE, ENSEMBLE_REPORT)
+RUN_ENTRIES = (
+    *RESULT_FILES,
+    *RUN_PLOTS,
+    MODEL_DIR,
+    CHECKPOINTS_DIR,
+    HYDRA_DIR,
+    RUN_LOG,
+    TRACKING_DIR,
+    ENSEMBLE_PREDICTIONS_FILE,
+    ENSEMBLE_REPORT,
+)
 
 # A sweep folder
 SWEEP_CSV, KNEE_REPORT, KNEE_PNG = "sweep.csv", "knee_report.md", "knee.png"
@@ -57,12 +77,20 @@ BEST_FILE = "best_overrides.txt"  # an Optuna study's best trial as a command
 KNEE_SEARCH_FILE = "knee_search.json"  # the knee sweeper's path
 MULTIRUN_YAML = "multirun.yaml"
 OPTUNA_RESULTS = "optimization_results.yaml"
-SWEEP_FILES = (SWEEP_CSV, KNEE_REPORT, KNEE_PNG, PARETO_REPORT, PARETO_PNG, INFERENCE_REPORT, INFERENCE_PNG, BEST_FILE,
-               KNEE_SEARCH_FILE, MULTIRUN_YAML, OPTUNA_RESULTS)
+SWEEP_FILES = (
+    SWEEP_CSV,
+    KNEE_REPORT,
+    KNEE_PNG,
+    PARETO_REPORT,
+    PARETO_PNG,
+    INFERENCE_REPORT,
+    INFERENCE_PNG,
+    BEST_FILE,
+    KNEE_SEARCH_FILE,
+    MULTIRUN_YAML,
+    OPTUNA_RESULTS,
+)
 SUPERSEDED = "superseded_"  # the prefix of a folder that holds what an earlier run or launch left
-
-STATUSES = ("ok", "oom", "over_budget", "diverged", "failed", "interrupted")
-FINAL_STATUSES = ("ok", "oom", "over_budget", "diverged")  # re-measuring would not change them
 
 
 @dataclass
@@ -76,27 +104,27 @@ class TrainFigures:
     samples: int = 0  # in the measured steps, all processes
     tokens: int = 0  # non-pad tokens the model read in the measured steps
     pad_tokens: int = 0
-    pad_fraction: Optional[float] = None
+    pad_fraction: float | None = None
     seconds: float = 0.0  # wall time of the measured steps, bookkeeping included
-    loop_seconds: Optional[float] = None  # wall time of the whole training loop, warm-up and bookkeeping included
-    probe_seconds: Optional[float] = None  # the memory probe's wall time (between steps: in loop_seconds only)
-    samples_per_s: Optional[float] = None
-    tokens_per_s: Optional[float] = None
-    seconds_per_sample: Optional[float] = None
-    seconds_per_token: Optional[float] = None
-    samples_per_s_interval: Optional[list] = None  # [q1, q3] of the per-step rates: the noise next to a 5% rule
-    samples_per_s_per_process: Optional[float] = None
-    tokens_per_s_per_process: Optional[float] = None
-    step_time_s_median: Optional[float] = None
-    step_time_s_p90: Optional[float] = None
-    micro_step_time_s_median: Optional[float] = None
+    loop_seconds: float | None = None  # wall time of the whole training loop, warm-up and bookkeeping included
+    probe_seconds: float | None = None  # the memory probe's wall time (between steps: in loop_seconds only)
+    samples_per_s: float | None = None
+    tokens_per_s: float | None = None
+    seconds_per_sample: float | None = None
+    seconds_per_token: float | None = None
+    samples_per_s_interval: list | None = None  # [q1, q3] of the per-step rates: the noise next to a 5% rule
+    samples_per_s_per_process: float | None = None
+    tokens_per_s_per_process: float | None = None
+    step_time_s_median: float | None = None
+    step_time_s_p90: float | None = None
+    micro_step_time_s_median: float | None = None
     max_micro_batch_positions: int = 0  # padded positions of the largest micro-batch measured
-    positions_per_s: Optional[float] = None  # padded positions (real + pad) per second
-    epoch_positions: Optional[int] = None  # padded positions of one epoch in the sampler's exact order
-    flops_per_token: Optional[float] = None  # model FLOPs per non-pad token, forward and backward, no recompute
-    hardware_flops_per_position: Optional[float] = None  # as executed: recompute included, per padded position
-    activation_bytes_first_micro_batch: Optional[int] = None  # tensors saved for backward, parameters excluded
-    final_loss: Optional[float] = None
+    positions_per_s: float | None = None  # padded positions (real + pad) per second
+    epoch_positions: int | None = None  # padded positions of one epoch in the sampler's exact order
+    flops_per_token: float | None = None  # model FLOPs per non-pad token, forward and backward, no recompute
+    hardware_flops_per_position: float | None = None  # as executed: recompute included, per padded position
+    activation_bytes_first_micro_batch: int | None = None  # tensors saved for backward, parameters excluded
+    final_loss: float | None = None
 
 
 @dataclass
@@ -105,20 +133,20 @@ class MemoryFigures:
 
     peak_bytes: int = 0  # the worst of observed and probe: what the budget, the report and the sweeper use
     observed_peak_bytes: int = 0  # during the steps that ran
-    probe_peak_bytes: Optional[int] = None  # one micro-batch at the maximum widths (measure.memory_probe)
-    probe_skipped: Optional[str] = None  # why the probe did not run under this launcher (DeepSpeed, FSDP)
-    eval_peak_bytes: Optional[int] = None  # evaluation and generation; never judged against the budget
-    reserved_peak_bytes: Optional[int] = None  # the allocator's reserved peak (CUDA) or resident set (CPU)
-    peak_bytes_per_process: Optional[list] = None
-    weights_bytes: Optional[int] = None  # the model as loaded; a model kept loaded across a sweep counts it here
-    context_bytes: Optional[int] = None  # CUDA context and other processes' memory on the device at start
-    alloc_retries: Optional[int] = None  # the CUDA allocator freed its cache to satisfy a request: memory pressure
-    num_ooms: Optional[int] = None
-    capacity_bytes: Optional[int] = None
-    fraction: Optional[float] = None  # peak_bytes of capacity_bytes
-    budget_bytes: Optional[int] = None
-    budget_source: Optional[str] = None  # "measure.memory_budget_gb", or "device capacity" when none was set
-    limit_bytes: Optional[int] = None  # budget x headroom
+    probe_peak_bytes: int | None = None  # one micro-batch at the maximum widths (measure.memory_probe)
+    probe_skipped: str | None = None  # why the probe did not run under this launcher (DeepSpeed, FSDP)
+    eval_peak_bytes: int | None = None  # evaluation and generation; never judged against the budget
+    reserved_peak_bytes: int | None = None  # the allocator's reserved peak (CUDA) or resident set (CPU)
+    peak_bytes_per_process: list | None = None
+    weights_bytes: int | None = None  # the model as loaded; a model kept loaded across a sweep counts it here
+    context_bytes: int | None = None  # CUDA context and other processes' memory on the device at start
+    alloc_retries: int | None = None  # the CUDA allocator freed its cache to satisfy a request: memory pressure
+    num_ooms: int | None = None
+    capacity_bytes: int | None = None
+    fraction: float | None = None  # peak_bytes of capacity_bytes
+    budget_bytes: int | None = None
+    budget_source: str | None = None  # "measure.memory_budget_gb", or "device capacity" when none was set
+    limit_bytes: int | None = None  # budget x headroom
     source: str = ""  # how it was measured (cuda_max_memory_allocated, cpu_peak_rss_above_baseline, ...)
 
 
@@ -127,55 +155,55 @@ class RunMetrics:
     """metrics.json: one run's outcome and figures. Sections that only some runs have (eval,
     predict, kfold, solar, ...) are plain dicts documented where they are filled."""
 
-    status: str = "failed"
-    error: Optional[str] = None
-    phase: Optional[str] = None  # where a failure happened: setup, load, train, eval, predict, ensemble
+    status: Status = Status.failed
+    error: str | None = None
+    phase: str | None = None  # where a failure happened: setup, load, train, eval, predict, ensemble
     user_error: bool = False  # refused for its input (config, data, weights, key, folder): exit code 2
     mode: str = "train"
-    model: Optional[str] = None
-    data: Optional[str] = None
-    device: Optional[str] = None
-    num_processes: Optional[int] = None
-    batch_size: Optional[int] = None
-    gradient_accumulation_steps: Optional[int] = None
-    effective_batch_size: Optional[int] = None
-    mixed_precision: Optional[str] = None
-    gradient_checkpointing: Optional[bool] = None
-    quantization: Optional[str] = None
-    lora: Optional[bool] = None
-    config_hash: Optional[str] = None
+    model: str | None = None
+    data: str | None = None
+    device: str | None = None
+    num_processes: int | None = None
+    batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    effective_batch_size: int | None = None
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool | None = None
+    quantization: str | None = None
+    lora: bool | None = None
+    config_hash: str | None = None
     random_init: bool = False  # a test-size model with random weights: its ROUGE means nothing
-    trainable_params: Optional[int] = None
-    total_params: Optional[int] = None
-    train_set_size: Optional[int] = None  # samples one epoch draws from (after fold, quality filter, augmentation)
-    eval_set_size: Optional[int] = None
-    train: Optional[TrainFigures] = None
-    memory: Optional[MemoryFigures] = None
-    eval: Optional[dict] = None  # loss, rouge1/2/L, rouge_sum, rouge_mean, n, generation speed, tta, quantized, oof
-    epoch_seconds_projected: Optional[float] = None  # one epoch's padded positions at the measured positions/s
-    mfu: Optional[float] = None  # model FLOPs utilisation: flops_per_token x tokens/s / peak
-    hfu: Optional[float] = None  # hardware FLOPs utilisation: padding and recompute included
-    wall_seconds: Optional[float] = None  # the whole job: setup, training, evaluation
-    machine: Optional[dict] = None  # what competed with the run: load average, CPU time, other GPU processes
-    caveats: Optional[list] = None  # settings that change what a figure means (measurement.Measurement.plan)
-    reused: Optional[dict] = None  # what this cell took from earlier cells of its sweep (data, model)
-    resumed_from: Optional[dict] = None
-    checkpoint: Optional[str] = None
-    augmentation: Optional[dict] = None
-    data_quality: Optional[dict] = None
-    folds: Optional[list] = None
-    kfold: Optional[dict] = None
-    trained_from: Optional[str] = None
-    lora_adapter: Optional[bool] = None
-    inference: Optional[dict] = None
-    predict: Optional[dict] = None
-    solar: Optional[dict] = None
-    reused_from: Optional[str] = None  # a finished cell of another sweep or trial whose result this is
-    reused_trial: Optional[int] = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    train_set_size: int | None = None  # samples one epoch draws from (after fold, quality filter, augmentation)
+    eval_set_size: int | None = None
+    train: TrainFigures | None = None
+    memory: MemoryFigures | None = None
+    eval: dict | None = None  # loss, rouge1/2/L, rouge_sum, rouge_mean, n, generation speed, tta, quantized, oof
+    epoch_seconds_projected: float | None = None  # one epoch's padded positions at the measured positions/s
+    mfu: float | None = None  # model FLOPs utilisation: flops_per_token x tokens/s / peak
+    hfu: float | None = None  # hardware FLOPs utilisation: padding and recompute included
+    wall_seconds: float | None = None  # the whole job: setup, training, evaluation
+    machine: dict | None = None  # what competed with the run: load average, CPU time, other GPU processes
+    caveats: list | None = None  # settings that change what a figure means (measurement.Measurement.plan)
+    reused: dict | None = None  # what this cell took from earlier cells of its sweep (data, model)
+    resumed_from: dict | None = None
+    checkpoint: str | None = None
+    augmentation: dict | None = None
+    data_quality: dict | None = None
+    folds: list | None = None
+    kfold: dict | None = None
+    trained_from: str | None = None
+    lora_adapter: bool | None = None
+    inference: dict | None = None
+    predict: dict | None = None
+    solar: dict | None = None
+    reused_from: str | None = None  # a finished cell of another sweep or trial whose result this is
+    reused_trial: int | None = None
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == Status.ok
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -195,8 +223,8 @@ def read_history(folder: Path) -> list[dict]:
 
 @dataclass
 class MetricsRead:
-    record: Optional[RunMetrics]
-    problem: Optional[str] = None  # "missing", or "corrupt: <why>"
+    record: RunMetrics | None
+    problem: str | None = None  # "missing", or "corrupt: <why>"
     raw: dict = field(default_factory=dict)  # the file as read (keys a newer summ wrote are kept here)
 
 
@@ -217,15 +245,17 @@ def read_metrics(folder: Path) -> MetricsRead:
 
 
 def _record(raw: Any) -> RunMetrics:
-    if not isinstance(raw, dict) or raw.get("status") not in STATUSES:
-        raise ValueError(f"no valid status (one of {', '.join(STATUSES)})")
-    top = _typed(RunMetrics, raw, "")
+    if not isinstance(raw, dict) or raw.get("status") not in RUN_STATUSES:
+        raise ValueError(f"no valid status (one of {', '.join(RUN_STATUSES)})")
+    top = {**_typed(RunMetrics, raw, ""), "status": Status(raw["status"])}
     top["train"] = None if raw.get("train") is None else TrainFigures(**_typed(TrainFigures, raw["train"], "train."))
-    top["memory"] = None if raw.get("memory") is None else MemoryFigures(**_typed(MemoryFigures, raw["memory"], "memory."))
+    top["memory"] = (
+        None if raw.get("memory") is None else MemoryFigures(**_typed(MemoryFigures, raw["memory"], "memory."))
+    )
     return RunMetrics(**top)
 
 
-_NUMBER_TYPES = ("int", "float", "Optional[int]", "Optional[float]")
+_NUMBER_TYPES = ("int", "float", "Optional[int]", "Optional[float]", "int | None", "float | None")  # either spelling
 
 
 def _typed(cls, raw: Any, prefix: str) -> dict:
@@ -237,14 +267,17 @@ def _typed(cls, raw: Any, prefix: str) -> dict:
         if f.name not in raw:
             continue
         value = raw[f.name]
-        if str(f.type) in _NUMBER_TYPES and value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float))):
+        if (
+            str(f.type) in _NUMBER_TYPES
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, (int, float)))
+        ):
             raise ValueError(f"{prefix}{f.name} is {value!r}, not a number")
         out[f.name] = value
     return out
 
 
-def read_predictions(folder: Path, name: str = DEV_PREDICTIONS_FILE) -> Optional[list[dict]]:
+def read_predictions(folder: Path, name: str = DEV_PREDICTIONS_FILE) -> list[dict] | None:
     """The rows of a predictions CSV (fname, prediction, reference, all_references), or None."""
     import csv
 
@@ -285,7 +318,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: (0, int(d.name)) if d.name.isdigit() else (1, d.name))
 
 
-def set_aside(folder: Path, cfg_hash: str, resuming: bool = False) -> Optional[Path]:
+def set_aside(folder: Path, cfg_hash: str, resuming: bool = False) -> Path | None:
     """A folder that already holds a result the new run will not reuse (another config under
     sweep.resume, a failed cell, a command run again into the same folder): its result files move
     to superseded_<their config hash>[_n]/ inside it, never overwritten. Returns that folder."""
@@ -298,12 +331,17 @@ def set_aside(folder: Path, cfg_hash: str, resuming: bool = False) -> Optional[P
     old_hash = (earlier.record.config_hash if earlier.record else earlier.raw.get("config_hash")) or "unknown"
     target = move_aside(folder, present, old_hash)
     if resuming:  # train.resume_from: the record of the run this one continues (its checkpoints stay)
-        log.info("%s: the interrupted run's record moved to %s; this run continues from its checkpoint",
-                 folder, target)
+        log.info("%s: the interrupted run's record moved to %s; this run continues from its checkpoint", folder, target)
         return target
     why = "another config" if old_hash not in (cfg_hash, "unknown") else "an unfinished or failed run"
-    log.warning("%s held a result of %s (config %s, this run's %s): moved to %s; it is measured again",
-                folder, why, old_hash, cfg_hash, target)
+    log.warning(
+        "%s held a result of %s (config %s, this run's %s): moved to %s; it is measured again",
+        folder,
+        why,
+        old_hash,
+        cfg_hash,
+        target,
+    )
     return target
 
 
@@ -313,8 +351,11 @@ def earlier_run(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    own = [p for p in sorted(folder.iterdir()) if p.name in RUN_ENTRIES
-           or (p.name.startswith("fold_") and p.name[5:].isdigit() and p.is_dir())]
+    own = [
+        p
+        for p in sorted(folder.iterdir())
+        if p.name in RUN_ENTRIES or (p.name.startswith("fold_") and p.name[5:].isdigit() and p.is_dir())
+    ]
     return own + [p for p in job_dirs(folder) + [folder / f for f in SWEEP_FILES] if p.exists() and p not in own]
 
 
@@ -358,9 +399,13 @@ def write_report(folder: Path, name: str, text: str, keep_earlier: bool = False)
     if path.is_file() and (keep_earlier or not path.stat().st_mode & 0o200 or not _as_written(path)):
         target = unused(lambda n: path.with_name(f"{path.stem}.earlier{'' if n == 1 else f'_{n}'}{path.suffix}"))
         path.replace(target)
-        log.warning("%s %s: kept as %s; the new one is %s", path,
-                    "held an earlier result" if keep_earlier else "was edited or made read-only since summ wrote it",
-                    target.name, path.name)
+        log.warning(
+            "%s %s: kept as %s; the new one is %s",
+            path,
+            "held an earlier result" if keep_earlier else "was edited or made read-only since summ wrote it",
+            target.name,
+            path.name,
+        )
     if path.suffix == ".md":
         text += f"\n<!-- written by summ: sha256 {_digest(text)} -->\n"
     return write_text(folder, name, text)
@@ -380,7 +425,7 @@ def _as_written(path: Path) -> bool:
     except (OSError, UnicodeDecodeError):
         return False
     mark = _MARK.search(text)
-    return mark is not None and mark.group(1) == _digest(text[:mark.start()])
+    return mark is not None and mark.group(1) == _digest(text[: mark.start()])
 
 
 def write_text(folder: Path, name: str, text: str) -> Path:

@@ -1,11 +1,14 @@
 """Value rules that a type cannot express (a batch size of 0, an effective batch that does not
 divide, a setting this device cannot run), checked right after composition, before any compute.
 Each refusal is one ConfigError line naming the key to change."""
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,9 @@ def _refuse_unknown_keys(node: DictConfig, prefix: str = "") -> None:
         if key == "hydra" and not prefix:
             continue
         if known is not None and key not in known:
-            raise ConfigError(f"{prefix}{key} is not a setting (a typo?): remove it; python run.py --cfg job lists "
-                              f"every setting")
+            raise ConfigError(
+                f"{prefix}{key} is not a setting (a typo?): remove it; python run.py --cfg job lists every setting"
+            )
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
             _refuse_unknown_keys(child, f"{prefix}{key}.")
@@ -34,8 +38,11 @@ def _refuse_unknown_keys(node: DictConfig, prefix: str = "") -> None:
 def _refuse_non_finite(node: Any, prefix: str = "") -> None:
     """NaN and infinities pass every "> 0" check (a NaN learning rate failed in the optimizer, an
     infinite one trained to `diverged`): no setting of summ takes them."""
-    items = (((k, node[k]) for k in node.keys() if not OmegaConf.is_missing(node, k)) if isinstance(node, DictConfig)
-             else ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node)))
+    items = (
+        ((k, node[k]) for k in node.keys() if not OmegaConf.is_missing(node, k))
+        if isinstance(node, DictConfig)
+        else ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node))
+    )
     for key, value in items:
         if key == "hydra" and not prefix:
             continue
@@ -45,25 +52,27 @@ def _refuse_non_finite(node: Any, prefix: str = "") -> None:
             _refuse_non_finite(value, f"{prefix}{key}.")
 
 
-def _at_least(c: Any, keys: tuple[str, ...], low: float, strict: bool) -> None:
-    for key in keys:
+def bounds() -> list[tuple[str, float, bool]]:
+    """(dotted key, lower bound, strict) of every field declared positive() or not_negative() in the
+    schemas (summ/config.py), the strict (> 0) ones first."""
+    return sorted(_declared(Config, ""), key=lambda bound: not bound[2])
+
+
+def _declared(schema: type, prefix: str) -> Iterator[tuple[str, float, bool]]:
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if "low" in f.metadata:
+            yield prefix + f.name, f.metadata["low"], f.metadata["strict"]
+        for inner in typing.get_args(hints[f.name]) or (hints[f.name],):  # Optional[X]: X
+            if dataclasses.is_dataclass(inner):
+                yield from _declared(inner, f"{prefix}{f.name}.")
+
+
+def _at_least(c: Any) -> None:
+    for key, low, strict in bounds():
         value = _get(c, key)
         if value is not None and (value < low or (strict and value == low)):
             raise ConfigError(f"{key}={value} is invalid: it must be {'>' if strict else '>='} {low:g}")
-
-
-POSITIVE = ("batch.batch_size", "batch.gradient_accumulation_steps", "batch.eval_batch_size",
-            "batch.effective_batch_size", "data.max_train_samples", "data.max_eval_samples", "train.epochs",
-            "train.max_steps", "train.learning_rate", "train.total_samples", "measure.steps", "measure.samples",
-            "measure.memory_budget_gb", "measure.peak_tflops", "measure.collective_timeout_s",
-            "sweep.trial_collective_timeout_s", "inference.num_beams", "inference.max_new_tokens",
-            "inference.batch_size", "measure.rss_interval_ms", "train.log_every_steps", "model.lora.r",
-            "sweep.trial_samples", "tracking.log_every_steps", "train.save_every_steps", "train.keep_checkpoints",
-            "train.k_folds", "solar.requests_per_minute", "solar.timeout_s", "solar.concurrency", "solar.max_tokens")
-NOT_NEGATIVE = ("sweep.trial_warmup_samples", "measure.warmup_steps", "measure.warmup_samples", "train.weight_decay", "train.max_grad_norm",
-                "train.label_smoothing", "train.warmup_ratio", "augmentation.ratio", "tta.num_aug",
-                "train.adam_epsilon", "knee.tolerance", "data.num_workers", "solar.num_examples", "solar.max_retries",
-                "solar.backoff_s", "solar.max_backoff_s")
 
 
 def validate(cfg: DictConfig | Config) -> None:
@@ -72,15 +81,18 @@ def validate(cfg: DictConfig | Config) -> None:
     if isinstance(cfg, DictConfig):
         _refuse_unknown_keys(cfg)
     _refuse_non_finite(cfg)
-    _at_least(c, POSITIVE, 0, strict=True)
-    _at_least(c, NOT_NEGATIVE, 0, strict=False)
+    _at_least(c)
     _check_ranges(c)
     _check_model(c)
     _check_device(c)
     _check_data_and_mode(c)
     _check_contradictions(c)
-    resolve_batch(_get(c, "batch.batch_size"), _get(c, "batch.gradient_accumulation_steps"),
-                  _get(c, "batch.effective_batch_size"), num_processes=1)
+    resolve_batch(
+        _get(c, "batch.batch_size"),
+        _get(c, "batch.gradient_accumulation_steps"),
+        _get(c, "batch.effective_batch_size"),
+        num_processes=1,
+    )
 
 
 def _check_ranges(c: Any) -> None:
@@ -95,22 +107,29 @@ def _check_ranges(c: Any) -> None:
         if value is not None and not (0 <= value < 1 or (one_allowed and value == 1)):
             raise ConfigError(f"{key}={value} is a probability: it must be in [0, 1{']' if one_allowed else ')'}")
     if not 0 < _get(c, "inference.top_p") <= 1:
-        raise ConfigError(f"inference.top_p={_get(c, 'inference.top_p')} is the nucleus' share of the probability: "
-                          f"it must be in (0, 1] (1 = off)")
+        raise ConfigError(
+            f"inference.top_p={_get(c, 'inference.top_p')} is the nucleus' share of the probability: "
+            f"it must be in (0, 1] (1 = off)"
+        )
     if _get(c, "inference.do_sample") and _get(c, "inference.temperature") <= 0:
-        raise ConfigError(f"inference.temperature={_get(c, 'inference.temperature')} with inference.do_sample=true: "
-                          f"sampling needs a temperature > 0; for the most likely summary use inference=greedy")
+        raise ConfigError(
+            f"inference.temperature={_get(c, 'inference.temperature')} with inference.do_sample=true: "
+            f"sampling needs a temperature > 0; for the most likely summary use inference=greedy"
+        )
     if _get(c, "data.source") == DataSource.synthetic:
         for key in ("data.synthetic_train_size", "data.synthetic_eval_size"):
             if _get(c, key) < 1:
                 raise ConfigError(f"{key}={_get(c, key)} is invalid: data=synthetic needs at least 1 sample")
     if _get(c, "knee.tolerance") >= 1:
-        raise ConfigError(f"knee.tolerance={_get(c, 'knee.tolerance')} is a fraction of the best samples/s: "
-                          f"it must be in [0, 1) (0.05 = within 5%)")
+        raise ConfigError(
+            f"knee.tolerance={_get(c, 'knee.tolerance')} is a fraction of the best samples/s: "
+            f"it must be in [0, 1) (0.05 = within 5%)"
+        )
     for key, least in (("data.encoder_max_len", 8), ("data.decoder_max_len", 4)):
         if _get(c, key) < least:
-            raise ConfigError(f"{key}={_get(c, key)} is too short to hold the special tokens and any text: "
-                              f"it must be >= {least}")
+            raise ConfigError(
+                f"{key}={_get(c, key)} is too short to hold the special tokens and any text: it must be >= {least}"
+            )
     k, fold = _get(c, "train.k_folds"), _get(c, "train.fold")
     if fold is not None and not 0 <= fold < k:
         raise ConfigError(f"train.k_folds={k}, train.fold={fold}: fold must be in [0, k_folds)")
@@ -132,8 +151,10 @@ def check_reuse_from(reuse_from: Any) -> None:
     if not os.path.isdir(folder):
         raise ConfigError(f"sweep.reuse_from={reuse_from} is not a folder: give a finished sweep's folder")
     if not job_dirs(Path(folder)):
-        raise ConfigError(f"sweep.reuse_from={reuse_from} holds no job folders (0/, 1/, ...): give a finished "
-                          f"sweep's folder (outputs/multirun/<date_time>), not a run's")
+        raise ConfigError(
+            f"sweep.reuse_from={reuse_from} holds no job folders (0/, 1/, ...): give a finished "
+            f"sweep's folder (outputs/multirun/<date_time>), not a run's"
+        )
 
 
 def _check_model(c: Any) -> None:
@@ -143,64 +164,101 @@ def _check_model(c: Any) -> None:
             raise ConfigError("model.quantization (QLoRA) is for causal models only: set model.quantization=none")
         if not _get(c, "model.lora.enabled"):
             raise ConfigError("a quantized model trains only through LoRA: set model.lora.enabled=true")
-    for key, needs_bnb in (("model.quantization", ("8bit", "4bit")), ("inference.quantization", ("bnb_8bit", "bnb_4bit"))):
+    for key, needs_bnb in (
+        ("model.quantization", ("8bit", "4bit")),
+        ("inference.quantization", ("bnb_8bit", "bnb_4bit")),
+    ):
         if _get(c, key) in needs_bnb and not _installed("bitsandbytes"):
-            raise ConfigError(f"{key}={_get(c, key)} needs bitsandbytes, which is not installed: "
-                              f"pip install bitsandbytes, or set {key}=none")
-    if (_get(c, "ensemble.strategy") == "stacking" and _get(c, "train.k_folds") > 1
-            and _get(c, "inference.num_beams") < 2 and not _get(c, "inference.do_sample")):
-        raise ConfigError("ensemble.strategy=stacking learns from several candidates per dialogue: "
-                          "set inference.num_beams >= 2")
+            raise ConfigError(
+                f"{key}={_get(c, key)} needs bitsandbytes, which is not installed: "
+                f"pip install bitsandbytes, or set {key}=none"
+            )
+    if (
+        _get(c, "ensemble.strategy") == "stacking"
+        and _get(c, "train.k_folds") > 1
+        and _get(c, "inference.num_beams") < 2
+        and not _get(c, "inference.do_sample")
+    ):
+        raise ConfigError(
+            "ensemble.strategy=stacking learns from several candidates per dialogue: set inference.num_beams >= 2"
+        )
     if kind == ModelKind.api:
         from summ.distributed import world_size
 
         if world_size() > 1:
-            raise ConfigError(f"model={_get(c, 'model.name')} calls a paid, rate-limited API: run it as one process "
-                              f"(python run.py ...), not under accelerate launch / torchrun")
+            raise ConfigError(
+                f"model={_get(c, 'model.name')} calls a paid, rate-limited API: run it as one process "
+                f"(python run.py ...), not under accelerate launch / torchrun"
+            )
     elif _get(c, "model.tiny") is None and not (_get(c, "model.path") or _get(c, "model.hub_id")):
         raise ConfigError(f"model '{_get(c, 'model.name')}' has no weights: set model.path=<local folder>")
     tiny = _get(c, "model.tiny")
     if tiny is not None:
         d, heads, kv = _get(c, "model.tiny.d_model"), _get(c, "model.tiny.heads"), _get(c, "model.tiny.kv_heads")
-        for key, value in (("model.tiny.d_model", d), ("model.tiny.heads", heads), ("model.tiny.layers",
-                           _get(c, "model.tiny.layers")), ("model.tiny.ffn_dim", _get(c, "model.tiny.ffn_dim"))):
+        for key, value in (
+            ("model.tiny.d_model", d),
+            ("model.tiny.heads", heads),
+            ("model.tiny.layers", _get(c, "model.tiny.layers")),
+            ("model.tiny.ffn_dim", _get(c, "model.tiny.ffn_dim")),
+        ):
             if value < 1:
                 raise ConfigError(f"{key}={value} is invalid: it must be >= 1")
         if d % heads:
-            raise ConfigError(f"model.tiny.d_model={d} is not a multiple of model.tiny.heads={heads}: each head takes "
-                              f"an equal share of the width; change one of them")
+            raise ConfigError(
+                f"model.tiny.d_model={d} is not a multiple of model.tiny.heads={heads}: each head takes "
+                f"an equal share of the width; change one of them"
+            )
         if _get(c, "model.tiny.arch") == "llama" and (kv < 1 or heads % kv):
-            raise ConfigError(f"model.tiny.heads={heads} is not a multiple of model.tiny.kv_heads={kv} (grouped-query "
-                              f"attention shares each key/value head among equal groups): change one of them")
+            raise ConfigError(
+                f"model.tiny.heads={heads} is not a multiple of model.tiny.kv_heads={kv} (grouped-query "
+                f"attention shares each key/value head among equal groups): change one of them"
+            )
     if tiny is not None:  # a real model's limit is in its config.json, read at load
-        enc, dec, limit = _get(c, "data.encoder_max_len"), _get(c, "data.decoder_max_len"), _get(c, "model.tiny.max_positions")
+        enc, dec = _get(c, "data.encoder_max_len"), _get(c, "data.decoder_max_len")
+        limit = _get(c, "model.tiny.max_positions")
         if (enc + dec if kind == ModelKind.causal else max(enc, dec)) > limit:  # causal: prompt and summary share them
-            raise ConfigError(f"data.encoder_max_len={enc} and data.decoder_max_len={dec} do not fit the model's "
-                              f"{limit} positions (model.tiny.max_positions): lower them")
+            raise ConfigError(
+                f"data.encoder_max_len={enc} and data.decoder_max_len={dec} do not fit the model's "
+                f"{limit} positions (model.tiny.max_positions): lower them"
+            )
 
 
 def _check_data_and_mode(c: Any) -> None:
     kind = _get(c, "model.kind")
-    if (_get(c, "mode") == "train" and kind != ModelKind.api and _get(c, "inference.quantization") != "none"
-            and not _get(c, "train.save_model")):
-        raise ConfigError(f"inference.quantization={_get(c, 'inference.quantization')} measures the saved weights "
-                          f"after training: set train.save_model=true (a sweep trial saves none unless told)")
+    if (
+        _get(c, "mode") == "train"
+        and kind != ModelKind.api
+        and _get(c, "inference.quantization") != "none"
+        and not _get(c, "train.save_model")
+    ):
+        raise ConfigError(
+            f"inference.quantization={_get(c, 'inference.quantization')} measures the saved weights "
+            f"after training: set train.save_model=true (a sweep trial saves none unless told)"
+        )
     if _get(c, "mode") == "predict" and kind != ModelKind.api and not _get(c, "model.path"):
-        raise ConfigError("mode=predict summarises with a trained model: set model.path=<a training run's folder "
-                          "(train.save_model=true) or a folder with config.json and *.safetensors>")
+        raise ConfigError(
+            "mode=predict summarises with a trained model: set model.path=<a training run's folder "
+            "(train.save_model=true) or a folder with config.json and *.safetensors>"
+        )
     if _get(c, "data.source") == DataSource.csv and not _get(c, "data.dir"):
-        raise ConfigError(f"data={_get(c, 'data.name')} reads CSVs from a folder: set data.dir=<folder with "
-                          f"{_get(c, 'data.train_file')}, {_get(c, 'data.dev_file')}, {_get(c, 'data.test_file')}>")
+        raise ConfigError(
+            f"data={_get(c, 'data.name')} reads CSVs from a folder: set data.dir=<folder with "
+            f"{_get(c, 'data.train_file')}, {_get(c, 'data.dev_file')}, {_get(c, 'data.test_file')}>"
+        )
 
 
 def _check_contradictions(c: Any) -> None:
     """Settings that say two different things: refused where one would silently win."""
     if _get(c, "measure.steps") is not None and _get(c, "measure.samples") is not None:
-        raise ConfigError(f"measure.steps={_get(c, 'measure.steps')} and measure.samples={_get(c, 'measure.samples')} "
-                          f"both set the measured window: keep one (a sweep's cells compare in samples)")
-    if _get(c, "mode") == "predict" and _get(c, "train.k_folds") > 1:
-        raise ConfigError(f"train.k_folds={_get(c, 'train.k_folds')} with mode=predict: predict uses one trained model; "
-                          f"point model.path at one member (<run>/fold_<k>), or ensemble them with summ-ensemble")
+        raise ConfigError(
+            f"measure.steps={_get(c, 'measure.steps')} and measure.samples={_get(c, 'measure.samples')} "
+            f"both set the measured window: keep one (a sweep's cells compare in samples)"
+        )
+    if _get(c, "mode") == "predict" and (k_folds := _get(c, "train.k_folds")) > 1:
+        raise ConfigError(
+            f"train.k_folds={k_folds} with mode=predict: predict uses one trained model; "
+            f"point model.path at one member (<run>/fold_<k>), or ensemble them with summ-ensemble"
+        )
 
 
 def unused_settings(c: Any) -> list[str]:
@@ -208,14 +266,20 @@ def unused_settings(c: Any) -> list[str]:
     becomes a warning line, so nothing is dropped without a word."""
     said = []
     if _get(c, "augmentation.methods") and not _get(c, "augmentation.ratio"):
-        said.append(f"augmentation {'+'.join(map(str, _get(c, 'augmentation.methods')))} adds nothing: "
-                    f"augmentation.ratio=0 (samples per training sample per method)")
+        said.append(
+            f"augmentation {'+'.join(map(str, _get(c, 'augmentation.methods')))} adds nothing: "
+            f"augmentation.ratio=0 (samples per training sample per method)"
+        )
     if _get(c, "data.group_by_length") and _get(c, "batch.batch_size") == 1:
-        said.append("data.group_by_length=true groups samples of like length into a batch, and a micro-batch of 1 "
-                    "has no padding to save: it changes nothing here")
+        said.append(
+            "data.group_by_length=true groups samples of like length into a batch, and a micro-batch of 1 "
+            "has no padding to save: it changes nothing here"
+        )
     if _get(c, "tta.methods") and (not _get(c, "eval.enabled") or not _get(c, "eval.generate")):
-        said.append(f"tta {'+'.join(map(str, _get(c, 'tta.methods')))} runs at evaluation, and this run generates "
-                    f"no summaries (eval.enabled or eval.generate is false): set them true, or tta=none")
+        said.append(
+            f"tta {'+'.join(map(str, _get(c, 'tta.methods')))} runs at evaluation, and this run generates "
+            f"no summaries (eval.enabled or eval.generate is false): set them true, or tta=none"
+        )
     return said
 
 
@@ -238,26 +302,40 @@ def _on_cpu(c: Any) -> bool:
 
 def _check_device(c: Any) -> None:
     """Settings that work on one kind of device only, refused before anything loads."""
-    if (_get(c, "train.mixed_precision") == "fp16" and _get(c, "model.dtype") == "float16"
-            and not _get(c, "model.lora.enabled") and _get(c, "model.tiny") is None):
-        raise ConfigError("train.mixed_precision=fp16 scales float32 gradients, and a full fine-tune of a "
-                          "model.dtype=float16 model has float16 ones, which the gradient scaler cannot unscale: "
-                          "set model.dtype=float32 (fp16 autocast still computes in half precision), or "
-                          "train.mixed_precision=bf16 with model.dtype=bfloat16, or model.lora.enabled=true")
+    if (
+        _get(c, "train.mixed_precision") == "fp16"
+        and _get(c, "model.dtype") == "float16"
+        and not _get(c, "model.lora.enabled")
+        and _get(c, "model.tiny") is None
+    ):
+        raise ConfigError(
+            "train.mixed_precision=fp16 scales float32 gradients, and a full fine-tune of a "
+            "model.dtype=float16 model has float16 ones, which the gradient scaler cannot unscale: "
+            "set model.dtype=float32 (fp16 autocast still computes in half precision), or "
+            "train.mixed_precision=bf16 with model.dtype=bfloat16, or model.lora.enabled=true"
+        )
     if _get(c, "train.mixed_precision") == "fp16" and _on_cpu(c):
-        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU and this run is on the CPU "
-                          "(train.cpu=true or no CUDA device): set train.mixed_precision=bf16 or no")
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a CUDA GPU and this run is on the CPU "
+            "(train.cpu=true or no CUDA device): set train.mixed_precision=bf16 or no"
+        )
     if _get(c, "model.attn_implementation") == "flash_attention_2":
         if _on_cpu(c):
-            raise ConfigError("model.attn_implementation=flash_attention_2 runs on CUDA GPUs only and this run is on "
-                              "the CPU: set model.attn_implementation=sdpa (or eager)")
+            raise ConfigError(
+                "model.attn_implementation=flash_attention_2 runs on CUDA GPUs only and this run is on "
+                "the CPU: set model.attn_implementation=sdpa (or eager)"
+            )
         if not _installed("flash_attn"):
-            raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
-                              "installed: pip install flash-attn --no-build-isolation, or set "
-                              "model.attn_implementation=sdpa")
+            raise ConfigError(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
+                "installed: pip install flash-attn --no-build-isolation, or set "
+                "model.attn_implementation=sdpa"
+            )
     if _get(c, "inference.quantization") == "dynamic_int8" and not _on_cpu(c):
-        raise ConfigError("inference.quantization=dynamic_int8 runs on the CPU only and this run is on CUDA: "
-                          "add train.cpu=true, or set inference.quantization=bnb_8bit, bnb_4bit or none")
+        raise ConfigError(
+            "inference.quantization=dynamic_int8 runs on the CPU only and this run is on CUDA: "
+            "add train.cpu=true, or set inference.quantization=bnb_8bit, bnb_4bit or none"
+        )
 
 
 def _get(c: Any, dotted: str) -> Any:

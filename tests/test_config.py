@@ -1,4 +1,5 @@
 """Every option of every config group composes and validates; bad values fail before compute."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from summ.config import Config
-from summ.validation import validate
 from summ.errors import ConfigError
+from summ.validation import validate
 
 from .conftest import CONF, compose_cfg
 
@@ -37,9 +38,18 @@ def test_each_group_has_options():
     found = {g for g, _ in _options()}
     assert found == set(GROUPS)
     assert {"bs4_ga1", "bs8_ga1", "bs8_ga2", "bs16_ga1", "bs16_ga2", "bs32_ga1"} <= {
-        o for g, o in _options() if g == "batch"}
-    assert {"tiny_bart", "tiny_llama", "kobart", "llama", "qwen3_4b", "solar_10_7b", "polyglot_ko_12_8b",
-            "kullm_v2"} <= {o for g, o in _options() if g == "model"}
+        o for g, o in _options() if g == "batch"
+    }
+    assert {
+        "tiny_bart",
+        "tiny_llama",
+        "kobart",
+        "llama",
+        "qwen3_4b",
+        "solar_10_7b",
+        "polyglot_ko_12_8b",
+        "kullm_v2",
+    } <= {o for g, o in _options() if g == "model"}
 
 
 def test_real_causal_models_share_qlora_base():
@@ -49,13 +59,16 @@ def test_real_causal_models_share_qlora_base():
     assert compose_cfg(["model=llama"]).model.lora.target_modules[0] == "q_proj"
 
 
-@pytest.mark.parametrize("override,key", [
-    ("batch.batch_size=0", "batch.batch_size"),
-    ("batch.gradient_accumulation_steps=-1", "batch.gradient_accumulation_steps"),
-    ("measure.headroom=1.5", "measure.headroom"),
-    ("batch.effective_batch_size=30", "batch.effective_batch_size"),
-    ("model=kobart model.quantization=4bit model.lora.enabled=true", "causal"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("batch.batch_size=0", "batch.batch_size"),
+        ("batch.gradient_accumulation_steps=-1", "batch.gradient_accumulation_steps"),
+        ("measure.headroom=1.5", "measure.headroom"),
+        ("batch.effective_batch_size=30", "batch.effective_batch_size"),
+        ("model=kobart model.quantization=4bit model.lora.enabled=true", "causal"),
+    ],
+)
 def test_bad_values_fail_validation_with_the_key(override, key):
     cfg = compose_cfg(override.split())
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -67,31 +80,42 @@ def test_csv_data_needs_a_folder():
         validate(compose_cfg(["data=dialogsum_ko"]))
 
 
-@pytest.mark.parametrize("override,exc", [
-    ("batch.batch_sise=4", (ConfigCompositionException, ConfigKeyError)),
-    ("batch.batch_size=four", (ConfigCompositionException, ValidationError)),
-    ("train.mixed_precision=fp8", (ConfigCompositionException, ValidationError)),
-    ("model=nosuch", (MissingConfigException, ConfigCompositionException)),
-])
+@pytest.mark.parametrize(
+    "override,exc",
+    [
+        ("batch.batch_sise=4", (ConfigCompositionException, ConfigKeyError)),
+        ("batch.batch_size=four", (ConfigCompositionException, ValidationError)),
+        ("train.mixed_precision=fp8", (ConfigCompositionException, ValidationError)),
+        ("model=nosuch", (MissingConfigException, ConfigCompositionException)),
+    ],
+)
 def test_typos_and_types_fail_at_composition(override, exc):
     with pytest.raises(exc):
         compose_cfg([override])
 
 
 def _closed_choices(node=None, prefix=""):
-    """Every enum-typed key of the schema (found by walking the composed config's nodes)."""
+    """Every enum-typed key of the schema (found by walking the composed config, each section typed
+    by its schema dataclass: a key whose default is null has its type there, not in its value)."""
+    import dataclasses
     import enum
+    import types
+    import typing
 
-    from omegaconf import DictConfig
+    from omegaconf import DictConfig, OmegaConf
 
     node = compose_cfg([]) if node is None else node
+    schema = OmegaConf.get_type(node)
+    hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
     for key in node.keys():
         if key == "hydra":
             continue
-        child = node._get_node(key)
-        if isinstance(child, DictConfig):
-            yield from _closed_choices(child, f"{prefix}{key}.")
-        elif isinstance(getattr(child, "enum_type", None), type) and issubclass(child.enum_type, enum.Enum):
+        if isinstance(None if OmegaConf.is_missing(node, key) else node[key], DictConfig):
+            yield from _closed_choices(node[key], f"{prefix}{key}.")
+            continue
+        kind = hints.get(key, OmegaConf.get_type(node, key))
+        kinds = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+        if any(isinstance(k, type) and issubclass(k, enum.Enum) for k in kinds):  # Optional[Enum] included
             yield f"{prefix}{key}"
 
 
@@ -99,9 +123,21 @@ CLOSED = sorted(_closed_choices())
 
 
 def test_the_closed_choices_are_enums():
-    assert {"model.quantization", "inference.quantization", "mode", "tracking.name", "model.dtype", "data.padding",
-            "ensemble.strategy", "objective", "solar.prompt_strategy", "generation.kind", "predict.split",
-            "train.mixed_precision", "data.source"} <= set(CLOSED)
+    assert {
+        "model.quantization",
+        "inference.quantization",
+        "mode",
+        "tracking.name",
+        "model.dtype",
+        "data.padding",
+        "ensemble.strategy",
+        "objective",
+        "solar.prompt_strategy",
+        "generation.kind",
+        "predict.split",
+        "train.mixed_precision",
+        "data.source",
+    } <= set(CLOSED)
 
 
 @pytest.mark.parametrize("key", CLOSED)

@@ -1,14 +1,13 @@
 """A sweep's cells as the reports read them: one Cell per job folder, from its metrics record
 (summ/run_folder.py reads it) and the overrides Hydra recorded for it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
+from summ.errors import Status
 from summ.run_folder import HYDRA_DIR, METRICS_FILE, RunMetrics, job_config, job_dirs, job_overrides, read_metrics
-
-OK = "ok"
 
 
 @dataclass
@@ -16,56 +15,56 @@ class Cell:
     job: str
     overrides: list[str]
     status: str
-    error: Optional[str] = None
+    error: str | None = None
     user_error: bool = False  # refused for its input: a config, data, weights or key to change
-    model: Optional[str] = None
-    data: Optional[str] = None
-    batch_size: Optional[int] = None
-    gradient_accumulation_steps: Optional[int] = None
-    effective_batch_size: Optional[int] = None
-    mixed_precision: Optional[str] = None
-    gradient_checkpointing: Optional[bool] = None
-    config_hash: Optional[str] = None
-    reused_from: Optional[str] = None
-    copy_of: Optional[str] = None  # the job of this same sweep whose result this one took (an Optuna repeat)
+    model: str | None = None
+    data: str | None = None
+    batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    effective_batch_size: int | None = None
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool | None = None
+    config_hash: str | None = None
+    reused_from: str | None = None
+    copy_of: str | None = None  # the job of this same sweep whose result this one took (an Optuna repeat)
     interval_of: str = "steps"  # what samples_per_s_interval spans: the per-step rates, or the "runs"' means
-    samples_per_s: Optional[float] = None
-    samples_per_s_interval: Optional[list] = None  # [q1, q3] of the per-step rates
-    samples: Optional[int] = None
-    tokens: Optional[int] = None
-    tokens_per_s: Optional[float] = None
-    seconds_per_sample: Optional[float] = None
-    step_time_s_median: Optional[float] = None
-    step_time_s_p90: Optional[float] = None
-    peak_bytes: Optional[int] = None  # the worst of observed and probe
-    observed_peak_bytes: Optional[int] = None
-    probe_peak_bytes: Optional[int] = None
-    alloc_retries: Optional[int] = None
-    num_ooms: Optional[int] = None
+    samples_per_s: float | None = None
+    samples_per_s_interval: list | None = None  # [q1, q3] of the per-step rates
+    samples: int | None = None
+    tokens: int | None = None
+    tokens_per_s: float | None = None
+    seconds_per_sample: float | None = None
+    step_time_s_median: float | None = None
+    step_time_s_p90: float | None = None
+    peak_bytes: int | None = None  # the worst of observed and probe
+    observed_peak_bytes: int | None = None
+    probe_peak_bytes: int | None = None
+    alloc_retries: int | None = None
+    num_ooms: int | None = None
     busy: bool = False  # timed while other work competed for the machine
-    capacity_fraction: Optional[float] = None
-    budget_bytes: Optional[int] = None
-    budget_source: Optional[str] = None  # measure.memory_budget_gb, or the device's capacity
-    limit_bytes: Optional[int] = None
-    positions: Optional[int] = None  # padded positions of the largest micro-batch
-    pad_fraction: Optional[float] = None  # share of the positions that were padding
-    epoch_seconds_projected: Optional[float] = None
-    mfu: Optional[float] = None
-    hfu: Optional[float] = None
-    eval_loss: Optional[float] = None
-    rouge1: Optional[float] = None
-    rouge2: Optional[float] = None
-    rougeL: Optional[float] = None
-    rouge_mean: Optional[float] = None
+    capacity_fraction: float | None = None
+    budget_bytes: int | None = None
+    budget_source: str | None = None  # measure.memory_budget_gb, or the device's capacity
+    limit_bytes: int | None = None
+    positions: int | None = None  # padded positions of the largest micro-batch
+    pad_fraction: float | None = None  # share of the positions that were padding
+    epoch_seconds_projected: float | None = None
+    mfu: float | None = None
+    hfu: float | None = None
+    eval_loss: float | None = None
+    rouge1: float | None = None
+    rouge2: float | None = None
+    rougeL: float | None = None
+    rouge_mean: float | None = None
     flags: list[str] = field(default_factory=list)
     caveats: list[str] = field(default_factory=list)  # settings that change what its figures mean
 
     @property
     def ok(self) -> bool:
-        return self.status == OK and bool(self.samples_per_s)
+        return self.status == Status.ok and bool(self.samples_per_s)
 
     @property
-    def budget_fraction(self) -> Optional[float]:
+    def budget_fraction(self) -> float | None:
         if self.peak_bytes is None or not self.budget_bytes:
             return None
         return self.peak_bytes / self.budget_bytes
@@ -75,8 +74,15 @@ class Cell:
         out = {}
         for o in self.overrides:
             key, _, value = o.lstrip("+~").partition("=")
-            if not key.startswith(("batch.batch_size", "batch.gradient_accumulation_steps",
-                                   "batch.effective_batch_size", "hydra.", "preset")):
+            if not key.startswith(
+                (
+                    "batch.batch_size",
+                    "batch.gradient_accumulation_steps",
+                    "batch.effective_batch_size",
+                    "hydra.",
+                    "preset",
+                )
+            ):
                 out[key] = value
         return out
 
@@ -92,9 +98,12 @@ def load_cells(sweep_dir: Path) -> tuple[list[Cell], list[str]]:
     dirs = job_dirs(sweep_dir)
     recorded = [(d / HYDRA_DIR / "overrides.yaml").is_file() for d in dirs]
     if any(recorded):  # a job whose overrides are gone would be grouped as if it set nothing beyond the batch
-        warnings += [f"job {d.name}: no .hydra/overrides.yaml, so its own settings are unknown: it is grouped with "
-                     f"the cells that set nothing beyond the batch, which may be wrong"
-                     for d, known in zip(dirs, recorded) if not known and (d / METRICS_FILE).is_file()]
+        warnings += [
+            f"job {d.name}: no .hydra/overrides.yaml, so its own settings are unknown: it is grouped with "
+            f"the cells that set nothing beyond the batch, which may be wrong"
+            for d, known in zip(dirs, recorded)
+            if not known and (d / METRICS_FILE).is_file()
+        ]
     for d in dirs:
         cell, warning = read_job(d, f"job {d.name}")
         if cell.reused_from and Path(cell.reused_from).parent.resolve() == Path(sweep_dir).resolve():
@@ -105,7 +114,7 @@ def load_cells(sweep_dir: Path) -> tuple[list[Cell], list[str]]:
     return cells, warnings
 
 
-def read_job(d: Path, label: str) -> tuple[Cell, Optional[str]]:
+def read_job(d: Path, label: str) -> tuple[Cell, str | None]:
     """A job or run folder as a Cell, and a warning (`label`: how to name it) when its
     metrics file is missing or unusable: then the Cell comes from its saved config."""
     overrides = job_overrides(d)
@@ -113,36 +122,69 @@ def read_job(d: Path, label: str) -> tuple[Cell, Optional[str]]:
     if found.record is not None:
         return cell_from_metrics(d.name, overrides, found.record), None
     if found.problem == "missing":
-        return _from_config(d, overrides, "missing"), f"{label}: no {METRICS_FILE} (the job did not finish)"
-    return _from_config(d, overrides, "corrupt"), f"{label}: {METRICS_FILE} is {found.problem}; skipped"
+        return _from_config(d, overrides, Status.missing), f"{label}: no {METRICS_FILE} (the job did not finish)"
+    return _from_config(d, overrides, Status.corrupt), f"{label}: {METRICS_FILE} is {found.problem}; skipped"
 
 
 def _from_config(d: Path, overrides: list[str], status: str) -> Cell:
     cfg = job_config(d)
     batch = cfg.get("batch") or {}
     bs, ga = batch.get("batch_size"), batch.get("gradient_accumulation_steps")
-    return Cell(job=d.name, overrides=overrides, status=status, model=(cfg.get("model") or {}).get("name"),
-                batch_size=bs, gradient_accumulation_steps=ga, effective_batch_size=bs * ga if bs and ga else None)
+    return Cell(
+        job=d.name,
+        overrides=overrides,
+        status=status,
+        model=(cfg.get("model") or {}).get("name"),
+        batch_size=bs,
+        gradient_accumulation_steps=ga,
+        effective_batch_size=bs * ga if bs and ga else None,
+    )
 
 
 def cell_from_metrics(job: str, overrides: list[str], m: RunMetrics) -> Cell:
     t, mem, ev = m.train, m.memory, m.eval or {}
     return Cell(
-        job=job, overrides=overrides, status=m.status, error=m.error, user_error=m.user_error,
-        model=m.model, data=m.data, batch_size=m.batch_size,
-        gradient_accumulation_steps=m.gradient_accumulation_steps, effective_batch_size=m.effective_batch_size,
-        mixed_precision=m.mixed_precision, gradient_checkpointing=m.gradient_checkpointing,
-        config_hash=m.config_hash, reused_from=m.reused_from,
-        samples_per_s=t and t.samples_per_s, samples_per_s_interval=t and t.samples_per_s_interval,
-        tokens_per_s=t and t.tokens_per_s, seconds_per_sample=t and t.seconds_per_sample,
-        step_time_s_median=t and t.step_time_s_median, step_time_s_p90=t and t.step_time_s_p90,
-        samples=t and t.samples, tokens=t and t.tokens,
-        positions=t and t.max_micro_batch_positions, pad_fraction=t and t.pad_fraction,
-        peak_bytes=mem and mem.peak_bytes, observed_peak_bytes=mem and mem.observed_peak_bytes,
-        probe_peak_bytes=mem and mem.probe_peak_bytes, capacity_fraction=mem and mem.fraction,
-        budget_bytes=mem and mem.budget_bytes, budget_source=mem and mem.budget_source,
+        job=job,
+        overrides=overrides,
+        status=m.status,
+        error=m.error,
+        user_error=m.user_error,
+        model=m.model,
+        data=m.data,
+        batch_size=m.batch_size,
+        gradient_accumulation_steps=m.gradient_accumulation_steps,
+        effective_batch_size=m.effective_batch_size,
+        mixed_precision=m.mixed_precision,
+        gradient_checkpointing=m.gradient_checkpointing,
+        config_hash=m.config_hash,
+        reused_from=m.reused_from,
+        samples_per_s=t and t.samples_per_s,
+        samples_per_s_interval=t and t.samples_per_s_interval,
+        tokens_per_s=t and t.tokens_per_s,
+        seconds_per_sample=t and t.seconds_per_sample,
+        step_time_s_median=t and t.step_time_s_median,
+        step_time_s_p90=t and t.step_time_s_p90,
+        samples=t and t.samples,
+        tokens=t and t.tokens,
+        positions=t and t.max_micro_batch_positions,
+        pad_fraction=t and t.pad_fraction,
+        peak_bytes=mem and mem.peak_bytes,
+        observed_peak_bytes=mem and mem.observed_peak_bytes,
+        probe_peak_bytes=mem and mem.probe_peak_bytes,
+        capacity_fraction=mem and mem.fraction,
+        budget_bytes=mem and mem.budget_bytes,
+        budget_source=mem and mem.budget_source,
         limit_bytes=mem and mem.limit_bytes,
-        alloc_retries=mem and mem.alloc_retries, num_ooms=mem and mem.num_ooms,
-        busy=bool((m.machine or {}).get("busy")), caveats=list(m.caveats or []),
-        epoch_seconds_projected=m.epoch_seconds_projected, mfu=m.mfu, hfu=m.hfu, eval_loss=ev.get("loss"),
-        rouge1=ev.get("rouge1"), rouge2=ev.get("rouge2"), rougeL=ev.get("rougeL"), rouge_mean=ev.get("rouge_mean"))
+        alloc_retries=mem and mem.alloc_retries,
+        num_ooms=mem and mem.num_ooms,
+        busy=bool((m.machine or {}).get("busy")),
+        caveats=list(m.caveats or []),
+        epoch_seconds_projected=m.epoch_seconds_projected,
+        mfu=m.mfu,
+        hfu=m.hfu,
+        eval_loss=ev.get("loss"),
+        rouge1=ev.get("rouge1"),
+        rouge2=ev.get("rouge2"),
+        rougeL=ev.get("rougeL"),
+        rouge_mean=ev.get("rouge_mean"),
+    )

@@ -1,13 +1,14 @@
 """One table of the figures users compare, across finished runs and sweeps.
 
     summ-compare outputs/runs/<run> outputs/multirun/<sweep> [--sort samples_per_s --desc]
-    summ-compare outputs/multirun --format csv --output compare.csv       (or python -m summ.compare)
+    summ-compare outputs/multirun --format csv --output compare.csv       (or python -m summ.reports.compare)
 
 Each folder given is a run (it holds its metrics file), a sweep (its job folders do), or a folder
 above them (searched a few levels down). A K-fold run counts once, by its top-level metrics
 (the ensemble's ROUGE; cost figures are fold 0's). A job without readable metrics becomes
 a row with status missing or corrupt and a warning on stderr.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,14 +17,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from summ.console import OneLineParser
 from summ.files import WriteFailed, atomic_write_text
 from summ.reports.cells import Cell, load_cells, read_job
 from summ.reports.summary import gib
 from summ.run_folder import METRICS_FILE, is_run_folder, job_config
-
 
 MAX_DEPTH = 4  # folder levels searched below a given folder for runs and sweeps
 
@@ -61,7 +61,7 @@ class Row:
         return getattr(self.cell, column)
 
 
-def _read_run(d: Path) -> tuple[Cell, Optional[str]]:
+def _read_run(d: Path) -> tuple[Cell, str | None]:
     """A run folder's metrics as a Cell; a missing or unreadable file gives a row and a warning."""
     return read_job(d, str(d))
 
@@ -85,8 +85,10 @@ def collect(folders: list[Path]) -> tuple[list[Row], list[str]]:
             add(d, cell)
             warnings.extend([warning] if warning else [])
             return True
-        subdirs = sorted((c for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")),
-                         key=lambda c: (0, int(c.name)) if c.name.isdigit() else (1, c.name))
+        subdirs = sorted(
+            (c for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")),
+            key=lambda c: (0, int(c.name)) if c.name.isdigit() else (1, c.name),
+        )
         found = any(is_run_folder(c) for c in subdirs)
         if found:  # a sweep (or outputs/runs): its job folders, read as the knee report reads them
             cells, sweep_warnings = load_cells(d)
@@ -138,8 +140,10 @@ def _cell_text(value: Any, spec: str) -> str:
 
 
 def to_markdown(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join("---:" if numeric else "---" for _, numeric in COLUMNS.values()) + "|"]
+    lines = [
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---:" if numeric else "---" for _, numeric in COLUMNS.values()) + "|",
+    ]
     for r in rows:
         lines.append("| " + " | ".join(_cell_text(r.value(c), spec) for c, (spec, _) in COLUMNS.items()) + " |")
     return "\n".join(lines) + "\n"
@@ -154,11 +158,15 @@ def to_csv(rows: list[Row]) -> str:
     return buf.getvalue()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="summ-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="run folders, sweep folders, or folders above them")
-    parser.add_argument("--sort", choices=list(COLUMNS), default=None,
-                        help="order by this column (numbers by value; rows without a value last); default: as found")
+    parser.add_argument(
+        "--sort",
+        choices=list(COLUMNS),
+        default=None,
+        help="order by this column (numbers by value; rows without a value last); default: as found",
+    )
     parser.add_argument("--desc", action="store_true", help="largest first")
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     parser.add_argument("--output", type=Path, default=None, help="write the table here instead of stdout")
@@ -167,8 +175,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("--desc orders the --sort column: give --sort COLUMN too")
     rows, warnings = collect(args.folders)
     if not rows:  # one line: every folder given and why it held no run
-        print(f"error: no runs found ({'; '.join(warnings)}): give run folders (with {METRICS_FILE}) "
-              f"or sweep folders (outputs/multirun/<time>)", file=sys.stderr)
+        print(
+            f"error: no runs found ({'; '.join(warnings)}): give run folders (with {METRICS_FILE}) "
+            f"or sweep folders (outputs/multirun/<time>)",
+            file=sys.stderr,
+        )
         return 2
     for r in rows:  # two folders of CSVs under one data group are two data sets
         folder = (job_config(r.path).get("data") or {}).get("dir")
@@ -186,8 +197,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stdout.write(text)
         return 0
     if args.output.is_dir():
-        print(f"error: --output {args.output} is a folder: give a file name (like {args.output / 'runs.md'})",
-              file=sys.stderr)
+        print(
+            f"error: --output {args.output} is a folder: give a file name (like {args.output / 'runs.md'})",
+            file=sys.stderr,
+        )
         return 2
     try:
         atomic_write_text(args.output, text)

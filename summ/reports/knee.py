@@ -5,16 +5,20 @@ recorded table replays exactly (tests, benchmarks, the knee sweeper's prediction
 The rule: among ok cells (under budget x headroom), the smallest micro-batch whose samples/s is
 within `knee.tolerance` of the best; ties go to fewer accumulation steps.
 """
+
 from __future__ import annotations
 
 import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Optional
 
+from summ.config import KneeConfig
+from summ.errors import MEMORY_STATUSES, Status
 from summ.reports.cells import Cell
 from summ.run_folder import GIB
+
+TOLERANCE = KneeConfig().tolerance  # the schema's knee.tolerance: a report made outside a sweep
 
 
 @dataclass
@@ -37,15 +41,18 @@ class MemoryModel:
     def predict(self, micro_batch: int) -> float:
         return self.intercept + self.slope * micro_batch * self.positions_per_sample
 
-    def largest_fitting(self, limit_bytes: float) -> Optional[int]:
+    def largest_fitting(self, limit_bytes: float) -> int | None:
         if self.slope <= 0:
             return None
         return max(0, math.floor((limit_bytes - self.intercept) / (self.slope * self.positions_per_sample)))
 
 
-def fit_memory_model(cells: list[Cell]) -> Optional[MemoryModel]:
-    pts = [(c.positions, c.peak_bytes, c.batch_size) for c in cells
-           if c.ok and c.positions and c.peak_bytes is not None and c.batch_size]
+def fit_memory_model(cells: list[Cell]) -> MemoryModel | None:
+    pts = [
+        (c.positions, c.peak_bytes, c.batch_size)
+        for c in cells
+        if c.ok and c.positions and c.peak_bytes is not None and c.batch_size
+    ]
     xs = [p[0] for p in pts]
     if len(set(xs)) < 2:
         return None
@@ -74,21 +81,21 @@ class Group:
 
     label: str  # the other settings, "" when nothing else varies
     cells: list[Cell]
-    recommended: Optional[Cell] = None
-    fastest: Optional[Cell] = None
-    memory_model: Optional[MemoryModel] = None
+    recommended: Cell | None = None
+    fastest: Cell | None = None
+    memory_model: MemoryModel | None = None
 
 
 @dataclass
 class Analysis:
     cells: list[Cell]
     tolerance: float
-    recommended: Optional[Cell]
-    fastest: Optional[Cell]
+    recommended: Cell | None
+    fastest: Cell | None
     reason: str
-    memory_model: Optional[MemoryModel]  # the recommended cell's group's
-    limit_bytes: Optional[int]
-    budget_bytes: Optional[int]
+    memory_model: MemoryModel | None  # the recommended cell's group's
+    limit_bytes: int | None
+    budget_bytes: int | None
     warnings: list[str]
     varied: list[str] = field(default_factory=list)  # settings that differ across cells, shown per cell
     groups: list[Group] = field(default_factory=list)
@@ -98,12 +105,12 @@ class Analysis:
         return " ".join(f"{k}={s.get(k, '-')}" for k in self.varied)
 
     @property
-    def measured_largest_fitting(self) -> Optional[int]:
+    def measured_largest_fitting(self) -> int | None:
         ok = [c.batch_size for c in self.cells if c.ok]
         return max(ok) if ok else None
 
     @property
-    def predicted_largest_fitting(self) -> Optional[int]:
+    def predicted_largest_fitting(self) -> int | None:
         """None unless the memory model predicts (MemoryModel.predicts): a poor fit predicts nothing."""
         mm = self.memory_model
         if mm is None or not self.limit_bytes or not mm.predicts:
@@ -111,7 +118,7 @@ class Analysis:
         return mm.largest_fitting(self.limit_bytes)
 
 
-def _pressure_evidence(c: Cell) -> Optional[str]:
+def _pressure_evidence(c: Cell) -> str | None:
     """Why a cell is under memory pressure, or None: the CUDA allocator retried (freed its cache to
     satisfy a request) or ran out, or the peak came within 10% of the budget."""
     if c.alloc_retries:
@@ -136,8 +143,13 @@ def _flag_memory_pressure(cells: list[Cell], tolerance: float) -> None:
         members.sort(key=lambda c: c.batch_size)
         for prev, cur in zip(members, members[1:]):
             slower = cur.samples_per_s < prev.samples_per_s * (1 - tolerance) and not _overlap(cur, prev)
-            if (cur.batch_size > prev.batch_size and slower and (cur.peak_bytes or 0) > (prev.peak_bytes or 0)
-                    and _pressure_evidence(cur) and "memory pressure" not in cur.flags):
+            if (
+                cur.batch_size > prev.batch_size
+                and slower
+                and (cur.peak_bytes or 0) > (prev.peak_bytes or 0)
+                and _pressure_evidence(cur)
+                and "memory pressure" not in cur.flags
+            ):
                 cur.flags.append("memory pressure")
 
 
@@ -159,7 +171,7 @@ def varied_settings(cells: list[Cell]) -> list[str]:
 
 # Rows that stay in the table but leave the analysis: an earlier reading of a cell measured again,
 # and a job that took the result of another job of the same sweep (an Optuna trial that repeated one)
-SET_ASIDE = ("remeasured", "reused")
+SET_ASIDE = (Status.remeasured, Status.reused)
 
 
 def _merge_repeats(cells: list[Cell]) -> None:
@@ -170,7 +182,7 @@ def _merge_repeats(cells: list[Cell]) -> None:
     by_hash: dict[str, list[Cell]] = defaultdict(list)
     for c in cells:
         if c.copy_of is not None and c.ok:
-            c.status = "reused"
+            c.status = Status.reused
             c.flags.append(f"the result of job {c.copy_of} (same config), not measured again")
         elif c.config_hash and c.ok:
             by_hash[c.config_hash].append(c)
@@ -182,11 +194,11 @@ def _merge_repeats(cells: list[Cell]) -> None:
         last.samples_per_s = statistics.fmean(rates)
         last.samples_per_s_interval, last.interval_of = [min(rates), max(rates)], "runs"
         for c in repeats[:-1]:
-            c.status = "remeasured"
+            c.status = Status.remeasured
             c.flags.append(f"measured again in job {last.job}")
 
 
-def _recommend(members: list[Cell], tolerance: float) -> tuple[Optional[Cell], Optional[Cell]]:
+def _recommend(members: list[Cell], tolerance: float) -> tuple[Cell | None, Cell | None]:
     """(recommended, fastest) among the ok cells under budget: the rule of the module docstring;
     a cell whose rate interval overlaps the fastest's is a tie with it."""
     ok = [c for c in members if c.ok and (c.limit_bytes is None or (c.peak_bytes or 0) <= c.limit_bytes)]
@@ -197,9 +209,9 @@ def _recommend(members: list[Cell], tolerance: float) -> tuple[Optional[Cell], O
     return min(within, key=lambda c: (c.batch_size, c.gradient_accumulation_steps, c.effective_batch_size)), fastest
 
 
-def analyse(cells: list[Cell], tolerance: float = 0.05, warnings: Optional[list[str]] = None) -> Analysis:
-    """The knee of a sweep. Long because the recommendation's reason is assembled from every
-    finding in the order a reader checks them (the cell, its rivals, memory, padding, exclusions)."""
+def analyse(cells: list[Cell], tolerance: float = TOLERANCE, warnings: list[str] | None = None) -> Analysis:
+    """The knee of a sweep; the recommendation's reason is assembled from every finding in the
+    order a reader checks them (the cell, its rivals, memory, padding, exclusions)."""
     cells = sorted(cells, key=_sort_key)
     warnings = list(warnings or [])
     for c in cells:
@@ -215,44 +227,79 @@ def analyse(cells: list[Cell], tolerance: float = 0.05, warnings: Optional[list[
     budgets = [c.budget_bytes for c in cells if c.budget_bytes]
     limit, budget = (min(limits) if limits else None), (min(budgets) if budgets else None)
     groups = _groups(cells, varied, tolerance)
-    warnings += _measurement_warnings(cells)
+    warnings += measurement_warnings(cells)
     best = max((g for g in groups if g.fastest), key=lambda g: g.fastest.samples_per_s, default=None)
     if best is None:
-        return Analysis(cells, tolerance, None, None, "no cell finished ok: nothing to recommend",
-                        fit_memory_model(cells), limit, budget, warnings, varied, groups)
+        return Analysis(
+            cells,
+            tolerance,
+            None,
+            None,
+            "no cell finished ok: nothing to recommend",
+            fit_memory_model(cells),
+            limit,
+            budget,
+            warnings,
+            varied,
+            groups,
+        )
     rec, fastest = best.recommended, best.fastest
     rec.flags.append("recommended")
     if fastest is not rec:
         fastest.flags.append("fastest")
-    parts = [f"micro-batch {rec.batch_size} x accumulation {rec.gradient_accumulation_steps} "
-             f"(effective {rec.effective_batch_size}){' with ' + best.label if best.label else ''} "
-             f"trains at {rec.samples_per_s:.1f} samples/s"]
+    parts = [
+        f"micro-batch {rec.batch_size} x accumulation {rec.gradient_accumulation_steps} "
+        f"(effective {rec.effective_batch_size}){' with ' + best.label if best.label else ''} "
+        f"trains at {rec.samples_per_s:.1f} samples/s"
+    ]
     if rec is fastest:
         parts.append("the fastest cell measured")
     else:
         ratio = rec.samples_per_s / fastest.samples_per_s
-        why = (f"within the {tolerance:.0%} tolerance" if ratio >= 1 - tolerance else
-               f"outside the {tolerance:.0%} tolerance, but their per-step rates overlap: a tie within the noise")
-        parts.append(f"{ratio:.1%} of the fastest cell (micro-batch {fastest.batch_size} x "
-                     f"{fastest.gradient_accumulation_steps}, {fastest.samples_per_s:.1f} samples/s), {why}, with "
-                     f"{gib_text(rec.peak_bytes)} peak memory against {gib_text(fastest.peak_bytes)}")
+        why = (
+            f"within the {tolerance:.0%} tolerance"
+            if ratio >= 1 - tolerance
+            else f"outside the {tolerance:.0%} tolerance, but their per-step rates overlap: a tie within the noise"
+        )
+        parts.append(
+            f"{ratio:.1%} of the fastest cell (micro-batch {fastest.batch_size} x "
+            f"{fastest.gradient_accumulation_steps}, {fastest.samples_per_s:.1f} samples/s), {why}, with "
+            f"{gib_text(rec.peak_bytes)} peak memory against {gib_text(fastest.peak_bytes)}"
+        )
     if rec.budget_fraction is not None:
-        parts.append(f"its peak (the worst batch's) is {percent(rec.budget_fraction)} of the memory budget"
-                     + (" (the device's memory: no budget was set)" if rec.budget_source == "device capacity" else ""))
+        parts.append(
+            f"its peak (the worst batch's) is {percent(rec.budget_fraction)} of the memory budget"
+            + (" (the device's memory: no budget was set)" if rec.budget_source == "device capacity" else "")
+        )
     effective = {c.effective_batch_size for c in cells if c.ok and c.status not in SET_ASIDE}
     if len(effective) > 1:
-        parts.append(f"the cells differ in effective batch ({', '.join(map(str, sorted(effective)))}): a different "
-                     f"effective batch changes the training itself (updates per epoch, the gradient noise, the "
-                     f"learning rate that suits it), not only its speed; check its quality (sweep.evaluate=true) "
-                     f"before adopting it")
+        parts.append(
+            f"the cells differ in effective batch ({', '.join(map(str, sorted(effective)))}): a different "
+            f"effective batch changes the training itself (updates per epoch, the gradient noise, the "
+            f"learning rate that suits it), not only its speed; check its quality (sweep.evaluate=true) "
+            f"before adopting it"
+        )
     parts += _slowdown_notes(cells, rec, tolerance)
-    excluded = [c for c in cells if c.status in ("oom", "over_budget")]
+    excluded = [c for c in cells if c.status in MEMORY_STATUSES]
     if excluded:
-        parts.append(f"{len(excluded)} cell(s) did not fit ("
-                     + ", ".join(f"{c.batch_size} x {c.gradient_accumulation_steps}: {c.status}" for c in excluded)
-                     + ") and were excluded")
-    return Analysis(cells, tolerance, rec, fastest, "; ".join(parts) + ".", best.memory_model, limit, budget, warnings,
-                    varied, groups)
+        parts.append(
+            f"{len(excluded)} cell(s) did not fit ("
+            + ", ".join(f"{c.batch_size} x {c.gradient_accumulation_steps}: {c.status}" for c in excluded)
+            + ") and were excluded"
+        )
+    return Analysis(
+        cells,
+        tolerance,
+        rec,
+        fastest,
+        "; ".join(parts) + ".",
+        best.memory_model,
+        limit,
+        budget,
+        warnings,
+        varied,
+        groups,
+    )
 
 
 def _groups(cells: list[Cell], varied: list[str], tolerance: float) -> list[Group]:
@@ -273,42 +320,69 @@ def _slowdown_notes(cells: list[Cell], rec: Cell, tolerance: float) -> list[str]
     pressure = [c for c in cells if "memory pressure" in c.flags]
     notes = []
     if pressure:
-        notes.append("larger micro-batches were slower per sample under memory pressure ("
-                     + ", ".join(f"{c.batch_size} x {c.gradient_accumulation_steps}: {_pressure_evidence(c)}"
-                                 for c in pressure) + "): past the knee, more samples per pass cost more than they save")
-    padded = [c for c in cells if c.ok and c.pad_fraction is not None and rec.pad_fraction is not None
-              and c.batch_size and rec.batch_size and c.batch_size > rec.batch_size
-              and c.pad_fraction > rec.pad_fraction + 0.05 and c.samples_per_s < rec.samples_per_s * (1 - tolerance)]
+        notes.append(
+            "larger micro-batches were slower per sample under memory pressure ("
+            + ", ".join(f"{c.batch_size} x {c.gradient_accumulation_steps}: {_pressure_evidence(c)}" for c in pressure)
+            + "): past the knee, more samples per pass cost more than they save"
+        )
+    padded = [
+        c
+        for c in cells
+        if c.ok
+        and c.pad_fraction is not None
+        and rec.pad_fraction is not None
+        and c.batch_size
+        and rec.batch_size
+        and c.batch_size > rec.batch_size
+        and c.pad_fraction > rec.pad_fraction + 0.05
+        and c.samples_per_s < rec.samples_per_s * (1 - tolerance)
+    ]
     if padded:
-        notes.append(f"padding grows with the micro-batch ({rec.pad_fraction:.0%} at the recommended cell, up to "
-                     f"{max(c.pad_fraction for c in padded):.0%}) and slows the larger ones: "
-                     f"data.group_by_length=true cuts it")
+        notes.append(
+            f"padding grows with the micro-batch ({rec.pad_fraction:.0%} at the recommended cell, up to "
+            f"{max(c.pad_fraction for c in padded):.0%}) and slows the larger ones: "
+            f"data.group_by_length=true cuts it"
+        )
     return notes
 
 
-def _measurement_warnings(cells: list[Cell]) -> list[str]:
+def measurement_warnings(cells: list[Cell]) -> list[str]:
     """What makes cells unfit to compare: another machine's load, different measured work."""
-    out = [f"job {c.job} ({c.batch_size} x {c.gradient_accumulation_steps}) was timed on a busy machine: other "
-           f"processes competed for it, so its samples/s reads low; measure it again alone" for c in cells if c.busy]
+    out = [
+        f"job {c.job} ({c.batch_size} x {c.gradient_accumulation_steps}) was timed on a busy machine: other "
+        f"processes competed for it, so its samples/s reads low; measure it again alone"
+        for c in cells
+        if c.busy
+    ]
     work: dict = defaultdict(set)  # per model: another tokenizer reads the same samples as other tokens
     for c in cells:
         if c.ok and c.samples is not None:
             work[c.model].add((c.samples, c.tokens))
     for model, seen in sorted(work.items(), key=lambda kv: str(kv[0])):
         if len(seen) > 1:
-            out.append(f"the {model} cells measured different samples (" + ", ".join(
-                f"{s} samples / {t} tokens" for s, t in sorted(seen)) + "): their rates compare less well; set "
-                "measure.samples to a multiple of every cell's effective batch so that all measure the same ones")
+            out.append(
+                f"the {model} cells measured different samples ("
+                + ", ".join(f"{s} samples / {t} tokens" for s, t in sorted(seen))
+                + "): their rates compare less well; set "
+                "measure.samples to a multiple of every cell's effective batch so that all measure the same ones"
+            )
     said: dict[str, list[str]] = {}
     for c in cells:
         for text in c.caveats:
             said.setdefault(text, []).append(c.job)
-    out += [(f"all {len(cells)} cells" if len(jobs) == len(cells) else "job" + ("s " if len(jobs) > 1 else " ")
-             + ", ".join(jobs)) + f": {text}" for text, jobs in said.items()]
+    out += [
+        (
+            f"all {len(cells)} cells"
+            if len(jobs) == len(cells)
+            else "job" + ("s " if len(jobs) > 1 else " ") + ", ".join(jobs)
+        )
+        + f": {text}"
+        for text, jobs in said.items()
+    ]
     return out
 
 
-def percent(fraction: Optional[float]) -> str:
+def percent(fraction: float | None) -> str:
     """A share as people read it: 37%, 0.4% (not 0%), <0.1%."""
     if fraction is None:
         return "-"
@@ -317,7 +391,7 @@ def percent(fraction: Optional[float]) -> str:
     return f"{fraction:.1%}" if fraction < 0.1 else f"{fraction:.0%}"
 
 
-def gib_text(n: Optional[float]) -> str:
+def gib_text(n: float | None) -> str:
     return "-" if n is None else f"{n / GIB:.3f} GiB"
 
 
@@ -325,7 +399,14 @@ def pareto_front(cells: list[Cell]) -> list[Cell]:
     """Ok cells with ROUGE that no other cell beats on both speed (seconds per sample, lower)
     and quality (ROUGE mean, higher); ordered from fastest to best ROUGE."""
     pts = [c for c in cells if c.ok and c.seconds_per_sample and c.rouge_mean is not None]
-    front = [c for c in pts if not any(
-        o.seconds_per_sample <= c.seconds_per_sample and o.rouge_mean >= c.rouge_mean
-        and (o.seconds_per_sample < c.seconds_per_sample or o.rouge_mean > c.rouge_mean) for o in pts)]
+    front = [
+        c
+        for c in pts
+        if not any(
+            o.seconds_per_sample <= c.seconds_per_sample
+            and o.rouge_mean >= c.rouge_mean
+            and (o.seconds_per_sample < c.seconds_per_sample or o.rouge_mean > c.rouge_mean)
+            for o in pts
+        )
+    ]
     return sorted(front, key=lambda c: c.seconds_per_sample)

@@ -1,9 +1,10 @@
 """The knee report of a sweep: which micro-batch x accumulation trains fastest per sample
 within the memory budget, and why. Built from the job folders alone, so it can be rebuilt at any
-time (summ-report <sweep_dir>, or python -m summ.report); a Hydra callback writes it at the end
+time (summ-report <sweep_dir>, or python -m summ.reports.knee_report); a Hydra callback writes it at the end
 of every multirun (summ/sweeps/callbacks.py). Writes sweep.csv, knee_report.md and knee.png
 (and pareto_report.md, pareto.png where cells were evaluated) into the sweep folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,29 +15,80 @@ import math
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 from summ.console import OneLineParser
-from summ.errors import UserError
+from summ.errors import Status, UserError
 from summ.reports.cells import Cell, load_cells
-from summ.reports.knee import MIN_R2, MIN_SIZES, SET_ASIDE, Analysis, analyse, gib_text, pareto_front, percent
+from summ.reports.knee import (
+    MIN_R2,
+    MIN_SIZES,
+    SET_ASIDE,
+    TOLERANCE,
+    Analysis,
+    analyse,
+    gib_text,
+    pareto_front,
+    percent,
+)
 from summ.reports.plots import plot_knee, plot_pareto
-from summ.run_folder import (KNEE_PNG, KNEE_REPORT, METRICS_FILE, MULTIRUN_YAML, PARETO_PNG, PARETO_REPORT,
-                             SWEEP_CSV, GIB, job_dirs, read_yaml, write_report)
+from summ.run_folder import (
+    GIB,
+    KNEE_PNG,
+    KNEE_REPORT,
+    METRICS_FILE,
+    MULTIRUN_YAML,
+    PARETO_PNG,
+    PARETO_REPORT,
+    SWEEP_CSV,
+    job_dirs,
+    read_yaml,
+    write_report,
+)
 
 log = logging.getLogger(__name__)
 
 
-def _f(v: Optional[float], spec: str) -> str:
+def _f(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-CSV_COLUMNS = ["job", "overrides", "status", "error", "model", "batch_size", "gradient_accumulation_steps",
-               "effective_batch_size", "mixed_precision", "gradient_checkpointing", "samples", "tokens",
-               "samples_per_s", "samples_per_s_interval", "tokens_per_s", "pad_fraction", "seconds_per_sample",
-               "step_time_s_median", "step_time_s_p90", "peak_bytes", "observed_peak_bytes", "probe_peak_bytes",
-               "capacity_fraction", "budget_fraction", "alloc_retries", "busy", "epoch_seconds_projected", "mfu",
-               "hfu", "eval_loss", "rouge1", "rouge2", "rougeL", "rouge_mean", "flags"]
+CSV_COLUMNS = [
+    "job",
+    "overrides",
+    "status",
+    "error",
+    "model",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "effective_batch_size",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "samples",
+    "tokens",
+    "samples_per_s",
+    "samples_per_s_interval",
+    "tokens_per_s",
+    "pad_fraction",
+    "seconds_per_sample",
+    "step_time_s_median",
+    "step_time_s_p90",
+    "peak_bytes",
+    "observed_peak_bytes",
+    "probe_peak_bytes",
+    "capacity_fraction",
+    "budget_fraction",
+    "alloc_retries",
+    "busy",
+    "epoch_seconds_projected",
+    "mfu",
+    "hfu",
+    "eval_loss",
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "rouge_mean",
+    "flags",
+]
 
 
 def sweep_csv(a: Analysis) -> str:
@@ -58,8 +110,10 @@ def knee_markdown(a: Analysis, sweep_dir: Path) -> str:
     """knee_report.md: its sections in the order a reader meets them."""
     lines = [f"# Knee report: {sweep_dir}", ""]
     models = sorted({c.model for c in a.cells if c.model})
-    lines.append(f"Model: {', '.join(models) or '-'}. {_budget_text(a)}, stop limit (budget x headroom): "
-                 f"{gib_text(a.limit_bytes)}. {_count_text(a)}.")
+    lines.append(
+        f"Model: {', '.join(models) or '-'}. {_budget_text(a)}, stop limit (budget x headroom): "
+        f"{gib_text(a.limit_bytes)}. {_count_text(a)}."
+    )
     for section in (_recommendation, _cells_table, _same_effective_batch, _memory_model):
         lines += section(a, sweep_dir)
     if a.warnings:
@@ -71,8 +125,10 @@ def knee_markdown(a: Analysis, sweep_dir: Path) -> str:
 def _budget_text(a: Analysis) -> str:
     sources = {c.budget_source for c in a.cells if c.budget_bytes}
     if sources == {"device capacity"}:
-        return (f"Memory budget: none set (measure.memory_budget_gb), so the device's own memory: "
-                f"{gib_text(a.budget_bytes)}")
+        return (
+            f"Memory budget: none set (measure.memory_budget_gb), so the device's own memory: "
+            f"{gib_text(a.budget_bytes)}"
+        )
     return f"Memory budget: {gib_text(a.budget_bytes)}"
 
 
@@ -80,10 +136,12 @@ def _count_text(a: Analysis) -> str:
     """Jobs, and what became of them: ok, set aside (measured again, or a copy), anything else."""
     by_status: dict[str, int] = defaultdict(int)
     for c in a.cells:
-        by_status["ok" if c.ok else c.status] += 1
-    words = {"remeasured": "measured again later (merged into the last reading)",
-             "reused": "took another job's result (same config)"}
-    parts = [f"{n} {words.get(s, s)}" for s, n in sorted(by_status.items(), key=lambda kv: kv[0] != "ok")]
+        by_status[Status.ok if c.ok else c.status] += 1
+    words = {
+        Status.remeasured: "measured again later (merged into the last reading)",
+        Status.reused: "took another job's result (same config)",
+    }
+    parts = [f"{n} {words.get(s, s)}" for s, n in sorted(by_status.items(), key=lambda kv: kv[0] != Status.ok)]
     return f"Jobs: {len(a.cells)} ({', '.join(parts)})"
 
 
@@ -92,22 +150,32 @@ def _recommendation(a: Analysis, sweep_dir: Path) -> list[str]:
     if a.recommended is None:
         return lines + [a.reason]
     r = a.recommended
-    lines.append(f"**micro-batch {r.batch_size} x accumulation {r.gradient_accumulation_steps}** (job {r.job}): {a.reason}")
+    lines.append(
+        f"**micro-batch {r.batch_size} x accumulation {r.gradient_accumulation_steps}** (job {r.job}): {a.reason}"
+    )
     if len([g for g in a.groups if g.recommended]) > 1:
         lines += ["", "Each combination of the other settings has its own knee:", ""]
         for g in sorted((g for g in a.groups if g.recommended), key=lambda g: -g.fastest.samples_per_s):
-            lines.append(f"- {g.label}: micro-batch {g.recommended.batch_size} x {g.recommended.gradient_accumulation_steps} "
-                         f"at {g.recommended.samples_per_s:.1f} samples/s (its fastest: {g.fastest.samples_per_s:.1f})")
-    lines += ["", f"Rule: among ok cells under budget x headroom, the smallest micro-batch whose samples/s is within "
-                  f"{a.tolerance:.0%} (`knee.tolerance`) of the best, or whose per-step rates overlap the best's "
-                  f"(a tie within the noise); ties go to fewer accumulation steps. Peak memory is the worst of the "
-                  f"steps measured and a probe batch at the training set's widest samples."]
+            lines.append(
+                f"- {g.label}: micro-batch {g.recommended.batch_size} x {g.recommended.gradient_accumulation_steps} "
+                f"at {g.recommended.samples_per_s:.1f} samples/s (its fastest: {g.fastest.samples_per_s:.1f})"
+            )
+    lines += [
+        "",
+        f"Rule: among ok cells under budget x headroom, the smallest micro-batch whose samples/s is within "
+        f"{a.tolerance:.0%} (`knee.tolerance`) of the best, or whose per-step rates overlap the best's "
+        f"(a tie within the noise); ties go to fewer accumulation steps. Peak memory is the worst of the "
+        f"steps measured and a probe batch at the training set's widest samples.",
+    ]
     sweeper = ((read_yaml(sweep_dir / MULTIRUN_YAML) or {}).get("hydra") or {}).get("sweeper") or {}
     if "optuna" in str(sweeper.get("_target_", "")).lower():
-        lines += ["", "An Optuna search: its best trial (the lowest objective over the whole study, this folder's "
-                      "cells and earlier ones) is written to `best_overrides.txt` as a command. The rule above "
-                      "instead takes the smallest micro-batch within the tolerance among this folder's cells, so "
-                      "the two can differ; the settings column shows what else each cell changed."]
+        lines += [
+            "",
+            "An Optuna search: its best trial (the lowest objective over the whole study, this folder's "
+            "cells and earlier ones) is written to `best_overrides.txt` as a command. The rule above "
+            "instead takes the smallest micro-batch within the tolerance among this folder's cells, so "
+            "the two can differ; the settings column shows what else each cell changed.",
+        ]
     return lines
 
 
@@ -120,26 +188,34 @@ def _rate(c: Cell) -> str:
 
 
 def _cells_table(a: Analysis, sweep_dir: Path) -> list[str]:
-    lines = ["", "## Cells", "",
-             "Ordered by effective batch, then micro-batch. Per-sample cost is the figure to compare; step time "
-             "grows with the work per step and says little alone. samples/s: the measured samples over the measured "
-             "time, with the interquartile range of the per-step rates (\"runs\": the range of the means of a cell "
-             "measured more than once). **outside its interval**: a few steps were far slower (or faster) than the "
-             "middle half, and they weigh in the total time; compare step s median and p90 in sweep.csv.", "",
-             "| eff. batch | micro-batch | accum. | " + ("settings | " if a.varied else "")
-             + "status | samples/s | tokens/s | pad | ms/sample | step s (median) "
-             "| peak memory | % of budget | epoch s (proj.) | ROUGE mean | notes |",
-             "|---:|---:|---:|" + ("---|" if a.varied else "") + "---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "",
+        "## Cells",
+        "",
+        "Ordered by effective batch, then micro-batch. Per-sample cost is the figure to compare; step time "
+        "grows with the work per step and says little alone. samples/s: the measured samples over the measured "
+        'time, with the interquartile range of the per-step rates ("runs": the range of the means of a cell '
+        "measured more than once). **outside its interval**: a few steps were far slower (or faster) than the "
+        "middle half, and they weigh in the total time; compare step s median and p90 in sweep.csv.",
+        "",
+        "| eff. batch | micro-batch | accum. | "
+        + ("settings | " if a.varied else "")
+        + "status | samples/s | tokens/s | pad | ms/sample | step s (median) "
+        "| peak memory | % of budget | epoch s (proj.) | ROUGE mean | notes |",
+        "|---:|---:|---:|" + ("---|" if a.varied else "") + "---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for c in a.cells:
         notes = ", ".join(f"**{f}**" for f in c.flags + (["busy machine"] if c.busy else []))
         if c.error and not c.ok:
             notes = (notes + "; " if notes else "") + c.error.replace("|", "/")
         settings = f"| {a.setting_text(c)} " if a.varied else ""
-        lines.append(f"| {c.effective_batch_size or '-'} | {c.batch_size or '-'} | {c.gradient_accumulation_steps or '-'} "
-                     f"{settings}| {c.status} | {_rate(c)} | {_f(c.tokens_per_s, '.0f')} | {_f(c.pad_fraction, '.0%')} "
-                     f"| {_f(c.seconds_per_sample and 1000 * c.seconds_per_sample, '.2f')} "
-                     f"| {_f(c.step_time_s_median, '.3f')} | {gib_text(c.peak_bytes)} | {percent(c.budget_fraction)} "
-                     f"| {_f(c.epoch_seconds_projected, '.0f')} | {_f(c.rouge_mean, '.4f')} | {notes} |")
+        lines.append(
+            f"| {c.effective_batch_size or '-'} | {c.batch_size or '-'} | {c.gradient_accumulation_steps or '-'} "
+            f"{settings}| {c.status} | {_rate(c)} | {_f(c.tokens_per_s, '.0f')} | {_f(c.pad_fraction, '.0%')} "
+            f"| {_f(c.seconds_per_sample and 1000 * c.seconds_per_sample, '.2f')} "
+            f"| {_f(c.step_time_s_median, '.3f')} | {gib_text(c.peak_bytes)} | {percent(c.budget_fraction)} "
+            f"| {_f(c.epoch_seconds_projected, '.0f')} | {_f(c.rouge_mean, '.4f')} | {notes} |"
+        )
     return lines
 
 
@@ -151,13 +227,24 @@ def _same_effective_batch(a: Analysis, sweep_dir: Path) -> list[str]:
     same = {k: v for k, v in groups.items() if len(v) > 1}
     if not same:
         return []
-    lines = ["", "## Same effective batch, different split", "",
-             "Same samples per optimizer step (same work per update); only micro-batch x accumulation differs.", ""]
+    lines = [
+        "",
+        "## Same effective batch, different split",
+        "",
+        "Same samples per optimizer step (same work per update); only micro-batch x accumulation differs.",
+        "",
+    ]
     for (eff, settings), members in sorted(same.items()):
         best = max((c.samples_per_s for c in members if c.ok), default=None)
-        parts = [f"{c.batch_size} x {c.gradient_accumulation_steps}: " + (
-                 f"{c.samples_per_s:.1f} samples/s ({c.samples_per_s / best:.0%} of best), {gib_text(c.peak_bytes)}"
-                 if c.ok and best else c.status) for c in sorted(members, key=lambda c: c.batch_size or 0)]
+        parts = [
+            f"{c.batch_size} x {c.gradient_accumulation_steps}: "
+            + (
+                f"{c.samples_per_s:.1f} samples/s ({c.samples_per_s / best:.0%} of best), {gib_text(c.peak_bytes)}"
+                if c.ok and best
+                else c.status
+            )
+            for c in sorted(members, key=lambda c: c.batch_size or 0)
+        ]
         lines.append(f"- effective {eff}{' (' + settings + ')' if settings else ''}: " + "; ".join(parts))
     return lines
 
@@ -166,25 +253,42 @@ def _memory_model(a: Analysis, sweep_dir: Path) -> list[str]:
     lines = ["", "## Memory model", ""]
     mm = a.memory_model
     if mm is None:
-        return lines + ["Not enough ok cells with different micro-batch sizes (and the same other settings) to fit one."]
-    lines.append(f"peak = {mm.intercept / GIB:.3f} GiB + {mm.slope:.0f} bytes x (micro-batch x padded positions); "
-                 f"{mm.positions_per_sample:.0f} padded positions per sample in the largest micro-batch; "
-                 f"R^2 = {mm.r2:.3f} over {mm.n} ok cells of the recommended cell's settings.")
+        return lines + [
+            "Not enough ok cells with different micro-batch sizes (and the same other settings) to fit one."
+        ]
+    lines.append(
+        f"peak = {mm.intercept / GIB:.3f} GiB + {mm.slope:.0f} bytes x (micro-batch x padded positions); "
+        f"{mm.positions_per_sample:.0f} padded positions per sample in the largest micro-batch; "
+        f"R^2 = {mm.r2:.3f} over {mm.n} ok cells of the recommended cell's settings."
+    )
     if mm.sizes < MIN_SIZES:
-        return lines + ["", f"Fitted through {mm.sizes} micro-batch widths: a line through two points fits them "
-                            f"exactly whatever memory does; measure {MIN_SIZES} or more to predict cells not measured."]
+        return lines + [
+            "",
+            f"Fitted through {mm.sizes} micro-batch widths: a line through two points fits them "
+            f"exactly whatever memory does; measure {MIN_SIZES} or more to predict cells not measured.",
+        ]
     if mm.r2 < MIN_R2:
         return lines + ["", f"R^2 is under {MIN_R2}: the fit is too poor to predict cells that were not measured."]
     if a.limit_bytes:
-        lines += ["", f"Largest micro-batch predicted to fit the limit of {gib_text(a.limit_bytes)}: "
-                      f"**{a.predicted_largest_fitting}** (largest measured ok: {a.measured_largest_fitting})."]
+        lines += [
+            "",
+            f"Largest micro-batch predicted to fit the limit of {gib_text(a.limit_bytes)}: "
+            f"**{a.predicted_largest_fitting}** (largest measured ok: {a.measured_largest_fitting}).",
+        ]
     measured = {c.batch_size for c in a.cells if c.ok}
     top = max([c.batch_size for c in a.cells if c.batch_size] or [1])
-    candidates = sorted({c.batch_size for c in a.cells if c.batch_size and not c.ok}
-                        | {2 ** k for k in range(0, int(math.log2(top)) + 2)})
+    candidates = sorted(
+        {c.batch_size for c in a.cells if c.batch_size and not c.ok} | {2**k for k in range(0, int(math.log2(top)) + 2)}
+    )
     rows = [b for b in candidates if b not in measured]
     if rows:
-        lines += ["", "Predicted, not measured:", "", "| micro-batch | predicted peak | fits the limit |", "|---:|---:|---|"]
+        lines += [
+            "",
+            "Predicted, not measured:",
+            "",
+            "| micro-batch | predicted peak | fits the limit |",
+            "|---:|---:|---|",
+        ]
         for b in rows:
             p = mm.predict(b)
             fits = "-" if not a.limit_bytes else ("yes" if p <= a.limit_bytes else "no")
@@ -193,38 +297,48 @@ def _memory_model(a: Analysis, sweep_dir: Path) -> list[str]:
 
 
 def _describe(c: Cell) -> str:
-    rest = [o for o in c.overrides
-            if not o.startswith(("batch.batch_size=", "batch.gradient_accumulation_steps=", "preset="))]
+    rest = [
+        o
+        for o in c.overrides
+        if not o.startswith(("batch.batch_size=", "batch.gradient_accumulation_steps=", "preset="))
+    ]
     return f"{c.batch_size} x {c.gradient_accumulation_steps}" + (f" ({' '.join(rest)})" if rest else "")
 
 
 def pareto_markdown(cells: list[Cell], front: list[Cell], sweep_dir: Path) -> str:
     scored = [c for c in cells if c.ok and c.rouge_mean is not None]
-    lines = [f"# Speed against quality: {sweep_dir}", "",
-             f"{len(scored)} evaluated cells; {len(front)} on the Pareto front (no other cell is both faster per "
-             f"sample and better on ROUGE mean).", "",
-             "| job | micro-batch x accum. (other settings) | ms/sample | samples/s | ROUGE-1 | ROUGE-2 | ROUGE-L "
-             "| ROUGE mean | on the front |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"# Speed against quality: {sweep_dir}",
+        "",
+        f"{len(scored)} evaluated cells; {len(front)} on the Pareto front (no other cell is both faster per "
+        f"sample and better on ROUGE mean).",
+        "",
+        "| job | micro-batch x accum. (other settings) | ms/sample | samples/s | ROUGE-1 | ROUGE-2 | ROUGE-L "
+        "| ROUGE mean | on the front |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for c in sorted(scored, key=lambda c: c.seconds_per_sample):
-        lines.append(f"| {c.job} | {_describe(c)} | {1000 * c.seconds_per_sample:.2f} | {_f(c.samples_per_s, '.1f')} "
-                     f"| {_f(c.rouge1, '.4f')} | {_f(c.rouge2, '.4f')} | {_f(c.rougeL, '.4f')} | {c.rouge_mean:.4f} "
-                     f"| {'**yes**' if c in front else ''} |")
+        lines.append(
+            f"| {c.job} | {_describe(c)} | {1000 * c.seconds_per_sample:.2f} | {_f(c.samples_per_s, '.1f')} "
+            f"| {_f(c.rouge1, '.4f')} | {_f(c.rouge2, '.4f')} | {_f(c.rougeL, '.4f')} | {c.rouge_mean:.4f} "
+            f"| {'**yes**' if c in front else ''} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def _tolerance_from_sweep(sweep_dir: Path) -> Optional[float]:
+def _tolerance_from_sweep(sweep_dir: Path) -> float | None:
     cfg = read_yaml(sweep_dir / MULTIRUN_YAML) or {}
     return (cfg.get("knee") or {}).get("tolerance")
 
 
-def build_report(sweep_dir: str | Path, tolerance: Optional[float] = None) -> Analysis:
+def build_report(sweep_dir: str | Path, tolerance: float | None = None) -> Analysis:
     """Read every job folder under sweep_dir and write sweep.csv, knee_report.md and knee.png."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir}: no such sweep folder")
     if tolerance is None:
         tolerance = _tolerance_from_sweep(sweep_dir)
-        tolerance = 0.05 if tolerance is None else tolerance
+        tolerance = TOLERANCE if tolerance is None else tolerance
     cells, warnings = load_cells(sweep_dir)
     for w in warnings:
         log.warning(w)
@@ -247,21 +361,31 @@ def _fraction(text: str) -> float:
     return value
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="summ-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", help="a multirun folder (holds one numbered folder per job)")
-    parser.add_argument("--tolerance", type=_fraction, default=None,
-                        help="samples/s tolerance of the recommendation rule (default: the sweep's knee.tolerance, or 0.05)")
+    parser.add_argument(
+        "--tolerance",
+        type=_fraction,
+        default=None,
+        help=f"samples/s tolerance of the recommendation rule (default: the sweep's knee.tolerance, or {TOLERANCE})",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     folder = Path(args.sweep_dir)
     if (folder / METRICS_FILE).is_file():  # a single run (a K-fold run's fold_<k>/ are its members, not cells)
-        print(f"error: {folder} is a run's folder, not a sweep's: summ-report reads a sweep's job folders "
-              f"(outputs/multirun/<date_time>); summ-compare {folder} shows one run", file=sys.stderr)
+        print(
+            f"error: {folder} is a run's folder, not a sweep's: summ-report reads a sweep's job folders "
+            f"(outputs/multirun/<date_time>); summ-compare {folder} shows one run",
+            file=sys.stderr,
+        )
         return 2
     if folder.is_dir() and not job_dirs(folder):
-        print(f"error: {folder} holds no job folders (0/, 1/, ... with {METRICS_FILE}): give the folder of a sweep, "
-              f"such as outputs/multirun/<date_time>", file=sys.stderr)
+        print(
+            f"error: {folder} holds no job folders (0/, 1/, ... with {METRICS_FILE}): give the folder of a sweep, "
+            f"such as outputs/multirun/<date_time>",
+            file=sys.stderr,
+        )
         return 2
     try:
         a = build_report(args.sweep_dir, args.tolerance)

@@ -3,6 +3,7 @@ inference sweep's speed against ROUGE. Every axis says its unit.
 
     python -m summ.reports.plots RUN_DIR      # a run's figures again, from train_history.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,9 @@ import math
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
+from summ.errors import MEMORY_STATUSES
 from summ.files import atomic_write_bytes
 from summ.run_folder import GIB, job_config, read_history
 
@@ -51,7 +53,9 @@ def save_run_plots(history: list[dict], run_dir: Path, warmup_steps: int = 0, ti
         ax.grid(True, alpha=0.3)
         ax.set_title(f"{subtitle}{' - ' + title if title else ''}", fontsize=10)
         if warmup_steps:
-            ax.axvspan(0.5, warmup_steps + 0.5, color="gray", alpha=0.12, label=f"warm-up ({warmup_steps} steps, untimed)")
+            ax.axvspan(
+                0.5, warmup_steps + 0.5, color="gray", alpha=0.12, label=f"warm-up ({warmup_steps} steps, untimed)"
+            )
         ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
         save_png(fig, run_dir / name)
@@ -76,64 +80,25 @@ def save_run_plots(history: list[dict], run_dir: Path, warmup_steps: int = 0, ti
     return written
 
 
-def plot_knee(a: "Analysis", path: Path) -> None:
-    """knee.png: samples/s and peak memory against micro-batch, budget and recommendation marked.
-    Long because one figure is drawn in one place, panel by panel."""
+def plot_knee(a: Analysis, path: Path) -> None:
+    """knee.png: samples/s and peak memory against micro-batch, budget and recommendation marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_s, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
-    by_ga: dict[int, list[Cell]] = defaultdict(list)
-    for c in a.cells:
-        if c.batch_size and c.gradient_accumulation_steps:
-            by_ga[c.gradient_accumulation_steps].append(c)
-    for ga, members in sorted(by_ga.items()):
-        members.sort(key=lambda c: c.batch_size)
-        okc = [c for c in members if c.ok]
-        # the interquartile range of the per-step rates (of the runs' means for a cell measured
-        # again): the overlaps the recommendation treats as ties are visible
-        spread = [[max(0.0, c.samples_per_s - c.samples_per_s_interval[0]) if c.samples_per_s_interval else 0.0
-                   for c in okc],
-                  [max(0.0, c.samples_per_s_interval[1] - c.samples_per_s) if c.samples_per_s_interval else 0.0
-                   for c in okc]]
-        line = ax_s.errorbar([c.batch_size for c in okc], [c.samples_per_s for c in okc], yerr=spread, fmt="o-",
-                             capsize=3, label=f"accumulation {ga}").lines[0]
-        ax_m.plot([c.batch_size for c in okc], [c.peak_bytes / GIB for c in okc], "o-", color=line.get_color(),
-                  label=f"accumulation {ga}")
-        bad = [c for c in members if c.status in ("oom", "over_budget")]
-        if bad and a.limit_bytes:
-            ax_m.plot([c.batch_size for c in bad], [a.limit_bytes / GIB] * len(bad), "x", color=line.get_color(),
-                      markersize=10, mew=2, label=f"oom / over budget (accum. {ga})")
-        for c in okc:
-            if "memory pressure" in c.flags:
-                ax_s.annotate("memory pressure", (c.batch_size, c.samples_per_s), textcoords="offset points",
-                              xytext=(4, -12), fontsize=8, color="firebrick")
+    _knee_curves(a, ax_s, ax_m)
     if a.memory_model is not None:
         sizes = sorted({c.batch_size for c in a.cells if c.batch_size})
         xs = [2 ** (k / 4) for k in range(0, int(4 * math.log2(max(sizes) * 2)) + 1)] if sizes else []
-        ax_m.plot(xs, [a.memory_model.predict(x) / GIB for x in xs], ":", color="gray",
-                  label=f"memory model (R²={a.memory_model.r2:.2f})")
-    peaks = [c.peak_bytes / GIB for c in a.cells if c.ok and c.peak_bytes is not None]
-    top = max(peaks, default=0.0)
-    off_scale = bool(a.budget_bytes and top and a.budget_bytes / GIB > 4 * top)
-    if off_scale:  # keep the measured curve readable; say where the budget is
-        ax_m.set_ylim(0, top * 1.35)
-        ax_m.text(0.02, 0.97, f"budget {a.budget_bytes / GIB:.1f} GiB, budget x headroom "
-                  f"{(a.limit_bytes or 0) / GIB:.1f} GiB (above the plot)", transform=ax_m.transAxes,
-                  va="top", fontsize=8)
-    else:
-        if a.budget_bytes:
-            ax_m.axhline(a.budget_bytes / GIB, color="black", linewidth=1.2, label="memory budget")
-        if a.limit_bytes:
-            ax_m.axhline(a.limit_bytes / GIB, color="black", linestyle="--", linewidth=1, label="budget x headroom")
-    r = a.recommended
-    if r is not None:
-        ax_s.plot([r.batch_size], [r.samples_per_s], "*", color="gold", markeredgecolor="black", markersize=18,
-                  label="recommended", zorder=5)
-        ax_m.plot([r.batch_size], [r.peak_bytes / GIB], "*", color="gold", markeredgecolor="black", markersize=18,
-                  label="recommended", zorder=5)
+        label = f"memory model (R²={a.memory_model.r2:.2f})"
+        ax_m.plot(xs, [a.memory_model.predict(x) / GIB for x in xs], ":", color="gray", label=label)
+    off_scale = _budget_lines(a, ax_m)
+    if a.recommended is not None:
+        star = dict(color="gold", markeredgecolor="black", markersize=18, label="recommended", zorder=5)
+        ax_s.plot([a.recommended.batch_size], [a.recommended.samples_per_s], "*", **star)
+        ax_m.plot([a.recommended.batch_size], [a.recommended.peak_bytes / GIB], "*", **star)
     sizes = sorted({c.batch_size for c in a.cells if c.batch_size})
     for ax in (ax_s, ax_m):
         ax.set_xscale("log", base=2)
@@ -154,6 +119,59 @@ def plot_knee(a: "Analysis", path: Path) -> None:
     plt.close(fig)
 
 
+def _knee_curves(a: Analysis, ax_s, ax_m) -> None:
+    """One curve per accumulation on each panel: samples/s with its interquartile bars, peak
+    memory, the cells that did not fit marked at the limit, memory pressure annotated."""
+    by_ga: dict[int, list[Cell]] = defaultdict(list)
+    for c in a.cells:
+        if c.batch_size and c.gradient_accumulation_steps:
+            by_ga[c.gradient_accumulation_steps].append(c)
+    for ga, members in sorted(by_ga.items()):
+        members.sort(key=lambda c: c.batch_size)
+        okc = [c for c in members if c.ok]
+        # the interquartile range of the per-step rates (of the runs' means for a cell measured
+        # again): the overlaps the recommendation treats as ties are visible
+        low = [
+            max(0.0, c.samples_per_s - c.samples_per_s_interval[0]) if c.samples_per_s_interval else 0.0 for c in okc
+        ]
+        high = [
+            max(0.0, c.samples_per_s_interval[1] - c.samples_per_s) if c.samples_per_s_interval else 0.0 for c in okc
+        ]
+        sizes, label = [c.batch_size for c in okc], f"accumulation {ga}"
+        line = ax_s.errorbar(sizes, [c.samples_per_s for c in okc], yerr=[low, high], fmt="o-", capsize=3, label=label)
+        color = line.lines[0].get_color()
+        ax_m.plot(sizes, [c.peak_bytes / GIB for c in okc], "o-", color=color, label=label)
+        bad = [c.batch_size for c in members if c.status in MEMORY_STATUSES]
+        if bad and a.limit_bytes:
+            marks = dict(color=color, markersize=10, mew=2, label=f"oom / over budget (accum. {ga})")
+            ax_m.plot(bad, [a.limit_bytes / GIB] * len(bad), "x", **marks)
+        for c in okc:
+            if "memory pressure" in c.flags:
+                where = dict(textcoords="offset points", xytext=(4, -12), fontsize=8, color="firebrick")
+                ax_s.annotate("memory pressure", (c.batch_size, c.samples_per_s), **where)
+
+
+def _budget_lines(a: Analysis, ax_m) -> bool:
+    """The budget and budget x headroom on the memory panel; True when the budget is so far above
+    the measured peaks that it is said in words instead (the curve stays readable)."""
+    peaks = [c.peak_bytes / GIB for c in a.cells if c.ok and c.peak_bytes is not None]
+    top = max(peaks, default=0.0)
+    off_scale = bool(a.budget_bytes and top and a.budget_bytes / GIB > 4 * top)
+    if off_scale:
+        ax_m.set_ylim(0, top * 1.35)
+        text = (
+            f"budget {a.budget_bytes / GIB:.1f} GiB, budget x headroom {(a.limit_bytes or 0) / GIB:.1f} GiB "
+            f"(above the plot)"
+        )
+        ax_m.text(0.02, 0.97, text, transform=ax_m.transAxes, va="top", fontsize=8)
+        return True
+    if a.budget_bytes:
+        ax_m.axhline(a.budget_bytes / GIB, color="black", linewidth=1.2, label="memory budget")
+    if a.limit_bytes:
+        ax_m.axhline(a.limit_bytes / GIB, color="black", linestyle="--", linewidth=1, label="budget x headroom")
+    return False
+
+
 def plot_pareto(cells: list[Cell], front: list[Cell], path: Path) -> None:
     import matplotlib
 
@@ -162,13 +180,27 @@ def plot_pareto(cells: list[Cell], front: list[Cell], path: Path) -> None:
 
     scored = [c for c in cells if c.ok and c.rouge_mean is not None]
     fig, ax = plt.subplots(figsize=(7, 4.8))
-    ax.scatter([1000 * c.seconds_per_sample for c in scored], [c.rouge_mean for c in scored], color="tab:blue",
-               label="evaluated cell")
-    ax.plot([1000 * c.seconds_per_sample for c in front], [c.rouge_mean for c in front], "o-", color="tab:red",
-            label="Pareto front")
+    ax.scatter(
+        [1000 * c.seconds_per_sample for c in scored],
+        [c.rouge_mean for c in scored],
+        color="tab:blue",
+        label="evaluated cell",
+    )
+    ax.plot(
+        [1000 * c.seconds_per_sample for c in front],
+        [c.rouge_mean for c in front],
+        "o-",
+        color="tab:red",
+        label="Pareto front",
+    )
     for c in front:
-        ax.annotate(f"{c.batch_size}x{c.gradient_accumulation_steps}", (1000 * c.seconds_per_sample, c.rouge_mean),
-                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(
+            f"{c.batch_size}x{c.gradient_accumulation_steps}",
+            (1000 * c.seconds_per_sample, c.rouge_mean),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
     ax.set_xlabel("training cost (ms per sample, lower is better)")
     ax.set_ylabel("ROUGE mean of R1/R2/RL F1 (higher is better)")
     ax.set_title("Speed against quality")
@@ -179,18 +211,31 @@ def plot_pareto(cells: list[Cell], front: list[Cell], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_inference(ok: list[dict], pick: Optional[dict], path: Path) -> None:
+def plot_inference(ok: list[dict], pick: dict | None, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for q in sorted({r["quantization"] for r in ok}):
         pts = [r for r in ok if r["quantization"] == q]
         ax.scatter([r["ms_per_sample"] for r in pts], [r["rouge_mean"] for r in pts], label=q, s=40)
         for r in pts:
-            ax.annotate(f"b{r['batch_size']}{'' if r['sort_by_length'] else ' unsorted'}",
-                        (r["ms_per_sample"], r["rouge_mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(
+                f"b{r['batch_size']}{'' if r['sort_by_length'] else ' unsorted'}",
+                (r["ms_per_sample"], r["rouge_mean"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
     if pick:
-        ax.plot([pick["ms_per_sample"]], [pick["rouge_mean"]], "*", color="gold", markeredgecolor="black",
-                markersize=16, label="pick", zorder=5)
+        ax.plot(
+            [pick["ms_per_sample"]],
+            [pick["rouge_mean"]],
+            "*",
+            color="gold",
+            markeredgecolor="black",
+            markersize=16,
+            label="pick",
+            zorder=5,
+        )
     times = [r["ms_per_sample"] for r in ok]
     log_scale = max(times) / min(times) > 20  # a log axis only where the settings span decades
     if log_scale:
@@ -208,15 +253,20 @@ def plot_inference(ok: list[dict], pick: Optional[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m summ.reports.plots",
-                                     description="a run's figures again, from train_history.jsonl")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m summ.reports.plots", description="a run's figures again, from train_history.jsonl"
+    )
     parser.add_argument("run_dir")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     cfg = job_config(run_dir)
-    written = save_run_plots(read_history(run_dir), run_dir, (cfg.get("measure") or {}).get("warmup_steps", 0),
-                             title=(cfg.get("model") or {}).get("name", ""))
+    written = save_run_plots(
+        read_history(run_dir),
+        run_dir,
+        (cfg.get("measure") or {}).get("warmup_steps", 0),
+        title=(cfg.get("model") or {}).get("name", ""),
+    )
     if not written:
         print(f"error: {run_dir} has no train_history.jsonl: give a training run's folder", file=sys.stderr)
         return 2

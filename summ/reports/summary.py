@@ -1,8 +1,8 @@
 """The short table a run prints at its end: the figures users compare, with their units."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from summ.run_folder import GIB, METRICS_FILE
 
@@ -17,39 +17,68 @@ def _interval(i) -> str:
     return f"  (steps: {i[0]:.1f}-{i[1]:.1f}, interquartile)" if i else ""
 
 
-def gib(n_bytes: Optional[float]) -> Optional[float]:
+def gib(n_bytes: float | None) -> float | None:
     return None if n_bytes is None else n_bytes / GIB
 
 
 def _generation_rows(ev: dict, what: str) -> list[tuple[str, str]]:
-    rows = [(f"{what} generation", f"{_fmt(ev.get('generation_ms_per_sample'), '.1f', ' ms/sample')}, "
-                                   f"{_fmt(ev.get('generation_samples_per_s'), '.2f', ' samples/s')} "
-                                   f"(batch {ev.get('batch_size', '-')}, sorted by length: {ev.get('sort_by_length', '-')})")]
+    rows = [
+        (
+            f"{what} generation",
+            f"{_fmt(ev.get('generation_ms_per_sample'), '.1f', ' ms/sample')}, "
+            f"{_fmt(ev.get('generation_samples_per_s'), '.2f', ' samples/s')} "
+            f"(batch {ev.get('batch_size', '-')}, sorted by length: {ev.get('sort_by_length', '-')})",
+        )
+    ]
     q = ev.get("quantized") or (ev if ev.get("unquantized") else None)
     if q:
-        rows.append(("quantized", f"{q.get('quantization', '')}: ROUGE mean change {_fmt(q.get('rouge_mean_change'), '+.4f')}, "
-                                  f"speed-up {_fmt(q.get('speedup'), '.2f', 'x')} against unquantized"))
+        rows.append(
+            (
+                "quantized",
+                f"{q.get('quantization', '')}: ROUGE mean change {_fmt(q.get('rouge_mean_change'), '+.4f')}, "
+                f"speed-up {_fmt(q.get('speedup'), '.2f', 'x')} against unquantized",
+            )
+        )
     return rows
 
 
-def format_predict_summary(m: dict, output_dir: Optional[Path] = None) -> str:
+def format_predict_summary(m: dict, output_dir: Path | None = None) -> str:
     ev, pr, inf = m.get("eval") or {}, m.get("predict") or {}, m.get("inference") or {}
-    rows = [("status", m["status"] + (f" ({m['error']})" if m.get("error") else "")),
-            ("model / device", f"{m['model']} / {m.get('device')}"),
-            ("weights", f"{m.get('trained_from', '-')}" + (" (LoRA adapter)" if m.get("lora_adapter") else "")),
-            ("inference", f"quantization {inf.get('quantization', '-')}, "
-                          f"{_fmt(gib(inf.get('model_bytes')), '.3f', ' GiB')} of weights")]
+    rows = [
+        ("status", m["status"] + (f" ({m['error']})" if m.get("error") else "")),
+        ("model / device", f"{m['model']} / {m.get('device')}"),
+        ("weights", f"{m.get('trained_from', '-')}" + (" (LoRA adapter)" if m.get("lora_adapter") else "")),
+        (
+            "inference",
+            f"quantization {inf.get('quantization', '-')}, "
+            f"{_fmt(gib(inf.get('model_bytes')), '.3f', ' GiB')} of weights",
+        ),
+    ]
     if ev:
-        rows.append(("dev ROUGE-1/2/L", " / ".join(_fmt(ev.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL"))
-                     + f"  (mean {_fmt(ev.get('rouge_mean'), '.4f')}, n={ev.get('n')})"))
+        rows.append(
+            (
+                "dev ROUGE-1/2/L",
+                " / ".join(_fmt(ev.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL"))
+                + f"  (mean {_fmt(ev.get('rouge_mean'), '.4f')}, n={ev.get('n')})",
+            )
+        )
         rows += _generation_rows(ev, "dev")
     if pr:
-        rows.append(("submission", f"{pr['rows']} rows in {pr['file']} "
-                                   f"({_fmt(pr.get('generation_ms_per_sample'), '.1f', ' ms/sample')})"))
+        rows.append(
+            (
+                "submission",
+                f"{pr['rows']} rows in {pr['file']} ({_fmt(pr.get('generation_ms_per_sample'), '.1f', ' ms/sample')})",
+            )
+        )
     if m.get("solar"):
         s = m["solar"]
-        rows.append(("solar api", f"{s['model']} {s['prompt_strategy']}: {s['requests_sent']} requests, "
-                                  f"{s['cache_hits']} cached, {s['retries']} retries"))
+        rows.append(
+            (
+                "solar api",
+                f"{s['model']} {s['prompt_strategy']}: {s['requests_sent']} requests, "
+                f"{s['cache_hits']} cached, {s['retries']} retries",
+            )
+        )
     if output_dir is not None:
         rows.append(("metrics", str(Path(output_dir) / METRICS_FILE)))
     return _table(rows)
@@ -60,31 +89,53 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
+def format_summary(m: dict, output_dir: Path | None = None) -> str:
     if m.get("mode") == "predict" or m.get("solar"):
         return format_predict_summary(m, output_dir)
     t, mem, ev = m.get("train") or {}, m.get("memory") or {}, m.get("eval") or {}
     rows = [
         ("status", m["status"] + (f" ({m['error']})" if m.get("error") else "")),
         ("model / device", f"{m['model']} / {m.get('device')} x{m.get('num_processes')}"),
-        ("batch", f"micro {m['batch_size']} x accum {m['gradient_accumulation_steps']} "
-                  f"= effective {m.get('effective_batch_size')}"),
-        ("measured steps", f"{t.get('optimizer_steps', 0)} optimizer, {t.get('micro_steps', 0)} micro "
-                           f"(+{t.get('warmup_optimizer_steps', 0)} warmup)"),
-        ("samples/s", _fmt(t.get("samples_per_s"), ".2f") + _interval(t.get("samples_per_s_interval")) + (
-            f"  (all {m['num_processes']} processes; {_fmt(t.get('samples_per_s_per_process'), '.2f')} per process)"
-            if (m.get("num_processes") or 1) > 1 else "")),
+        (
+            "batch",
+            f"micro {m['batch_size']} x accum {m['gradient_accumulation_steps']} "
+            f"= effective {m.get('effective_batch_size')}",
+        ),
+        (
+            "measured steps",
+            f"{t.get('optimizer_steps', 0)} optimizer, {t.get('micro_steps', 0)} micro "
+            f"(+{t.get('warmup_optimizer_steps', 0)} warmup)",
+        ),
+        (
+            "samples/s",
+            _fmt(t.get("samples_per_s"), ".2f")
+            + _interval(t.get("samples_per_s_interval"))
+            + (
+                f"  (all {m['num_processes']} processes; {_fmt(t.get('samples_per_s_per_process'), '.2f')} per process)"
+                if (m.get("num_processes") or 1) > 1
+                else ""
+            ),
+        ),
         ("tokens/s", _fmt(t.get("tokens_per_s"), ".0f") + f"  (pad {_fmt(t.get('pad_fraction'), '.1%')} of positions)"),
         ("ms per sample", _fmt(1000 * t["seconds_per_sample"] if t.get("seconds_per_sample") else None, ".1f")),
-        ("step time", f"median {_fmt(t.get('step_time_s_median'), '.3f', ' s')}, "
-                      f"p90 {_fmt(t.get('step_time_s_p90'), '.3f', ' s')}"),
-        ("peak memory", f"{_fmt(gib(mem.get('peak_bytes')), '.3f', ' GiB')} "
-                        f"({_fmt(mem.get('fraction'), '.1%')} of capacity, {mem.get('source', '-')}; steps "
-                        f"{_fmt(gib(mem.get('observed_peak_bytes')), '.3f', ' GiB')}, worst-batch probe "
-                        f"{_fmt(gib(mem.get('probe_peak_bytes')), '.3f', ' GiB')}, evaluation "
-                        f"{_fmt(gib(mem.get('eval_peak_bytes')), '.3f', ' GiB')})"),
-        ("epoch (projected)", _fmt(m.get("epoch_seconds_projected"), ".1f", " s")
-         + (f"  (this run's loop: {t['loop_seconds']:.1f} s)" if t.get("loop_seconds") else "")),
+        (
+            "step time",
+            f"median {_fmt(t.get('step_time_s_median'), '.3f', ' s')}, "
+            f"p90 {_fmt(t.get('step_time_s_p90'), '.3f', ' s')}",
+        ),
+        (
+            "peak memory",
+            f"{_fmt(gib(mem.get('peak_bytes')), '.3f', ' GiB')} "
+            f"({_fmt(mem.get('fraction'), '.1%')} of capacity, {mem.get('source', '-')}; steps "
+            f"{_fmt(gib(mem.get('observed_peak_bytes')), '.3f', ' GiB')}, worst-batch probe "
+            f"{_fmt(gib(mem.get('probe_peak_bytes')), '.3f', ' GiB')}, evaluation "
+            f"{_fmt(gib(mem.get('eval_peak_bytes')), '.3f', ' GiB')})",
+        ),
+        (
+            "epoch (projected)",
+            _fmt(m.get("epoch_seconds_projected"), ".1f", " s")
+            + (f"  (this run's loop: {t['loop_seconds']:.1f} s)" if t.get("loop_seconds") else ""),
+        ),
         ("MFU / HFU", f"{_fmt(m.get('mfu'), '.1%')} / {_fmt(m.get('hfu'), '.1%')}"),
         ("final train loss", _fmt(t.get("final_loss"), ".4f")),
     ]
@@ -95,13 +146,23 @@ def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
     if outside:
         rows.append(("warning", outside))
     if m.get("eval"):
-        rows += [("eval loss", _fmt(ev.get("loss"), ".4f")),
-                 ("ROUGE-1/2/L", " / ".join(_fmt(ev.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL"))
-                  + f"  (sum {_fmt(ev.get('rouge_sum'), '.4f')}, mean {_fmt(ev.get('rouge_mean'), '.4f')}, "
-                    f"n={ev.get('n')})")]
+        rows += [
+            ("eval loss", _fmt(ev.get("loss"), ".4f")),
+            (
+                "ROUGE-1/2/L",
+                " / ".join(_fmt(ev.get(k), ".4f") for k in ("rouge1", "rouge2", "rougeL"))
+                + f"  (sum {_fmt(ev.get('rouge_sum'), '.4f')}, mean {_fmt(ev.get('rouge_mean'), '.4f')}, "
+                f"n={ev.get('n')})",
+            ),
+        ]
         if m.get("random_init") and ev.get("rouge_mean") is not None:
-            rows.append(("", "a randomly initialised test-size model: ROUGE near zero is expected; real scores "
-                             "need pretrained weights (model=kobart model.path=...)"))
+            rows.append(
+                (
+                    "",
+                    "a randomly initialised test-size model: ROUGE near zero is expected; real scores "
+                    "need pretrained weights (model=kobart model.path=...)",
+                )
+            )
         if ev.get("generation_ms_per_sample") is not None:
             rows += _generation_rows(ev, "dev")
     rows += _pipeline_rows(m, ev)
@@ -110,19 +171,21 @@ def format_summary(m: dict, output_dir: Optional[Path] = None) -> str:
     return _table(rows)
 
 
-def outside_warning(t: dict) -> Optional[str]:
+def outside_warning(t: dict) -> str | None:
     """The headline samples/s (measured samples over measured time) outside the interquartile range
     of its own steps' rates: some steps were far slower (or faster) than the rest."""
     rate, i = t.get("samples_per_s"), t.get("samples_per_s_interval")
     if rate is None or not i or i[0] <= rate <= i[1]:
         return None
     side = "below" if rate < i[0] else "above"
-    return (f"samples/s {rate:.2f} lies {side} the middle half of its own steps' rates ({i[0]:.1f}-{i[1]:.1f}): "
-            f"a few steps were far {'slower' if side == 'below' else 'faster'} than the rest (another job, a "
-            f"pause, the widest batches); see the step times in train_history.jsonl")
+    return (
+        f"samples/s {rate:.2f} lies {side} the middle half of its own steps' rates ({i[0]:.1f}-{i[1]:.1f}): "
+        f"a few steps were far {'slower' if side == 'below' else 'faster'} than the rest (another job, a "
+        f"pause, the widest batches); see the step times in train_history.jsonl"
+    )
 
 
-def busy_warning(machine: Optional[dict]) -> Optional[str]:
+def busy_warning(machine: dict | None) -> str | None:
     """One line for the summary and the reports when the timing was taken on a busy machine."""
     if not machine or not machine.get("busy"):
         return None
@@ -130,12 +193,16 @@ def busy_warning(machine: Optional[dict]) -> Optional[str]:
     worst = machine.get("other_runnable_threads_worst_stretch", machine.get("other_runnable_threads_mean"))
     if worst is not None:
         mean = machine.get("other_runnable_threads_mean") or 0
-        parts.append(f"{worst:.1f} runnable threads of other processes on {machine['cores']} cores over the worst "
-                     f"stretch of the measured steps ({mean:.1f} on average)")
+        parts.append(
+            f"{worst:.1f} runnable threads of other processes on {machine['cores']} cores over the worst "
+            f"stretch of the measured steps ({mean:.1f} on average)"
+        )
     if machine.get("other_gpu_processes"):
         parts.append(f"{machine['other_gpu_processes']} other process(es) on the GPU")
-    return ("timed on a busy machine (" + ", ".join(parts) + "): its samples/s is lower than the "
-            "configuration's own; measure again when nothing else runs")
+    return (
+        "timed on a busy machine (" + ", ".join(parts) + "): its samples/s is lower than the "
+        "configuration's own; measure again when nothing else runs"
+    )
 
 
 def _pipeline_rows(m: dict, ev: dict) -> list[tuple[str, str]]:
@@ -144,25 +211,54 @@ def _pipeline_rows(m: dict, ev: dict) -> list[tuple[str, str]]:
     if m.get("data_quality"):
         dq = m["data_quality"]
         if dq.get("filtered", True):
-            rows.append(("data quality", f"{dq['train_dropped']} training samples under {dq['threshold']} left out "
-                                         f"(data_quality.csv)"))
+            rows.append(
+                (
+                    "data quality",
+                    f"{dq['train_dropped']} training samples under {dq['threshold']} left out (data_quality.csv)",
+                )
+            )
         else:
-            rows.append(("data quality", f"{dq['train_dropped']} training samples under {dq['threshold']} used as "
-                                         f"they are (data.validate=false; data_quality.csv)"))
+            rows.append(
+                (
+                    "data quality",
+                    f"{dq['train_dropped']} training samples under {dq['threshold']} used as "
+                    f"they are (data.validate=false; data_quality.csv)",
+                )
+            )
     if m.get("augmentation"):
         a = m["augmentation"]
-        rows.append(("augmentation", ", ".join(f"{k} +{v}" for k, v in a["added"].items())
-                     + "".join(f", {k} skipped" for k in a["skipped"])))
+        rows.append(
+            (
+                "augmentation",
+                ", ".join(f"{k} +{v}" for k, v in a["added"].items()) + "".join(f", {k} skipped" for k in a["skipped"]),
+            )
+        )
     if ev.get("tta"):
         t = ev["tta"]
-        rows.append(("ROUGE mean with TTA", f"{t['rouge_mean']:.4f} ({'+'.join(t['methods'])} x{t['num_aug']}, "
-                                            f"+{t['extra_ms_per_sample']:.0f} ms/sample)"))
+        rows.append(
+            (
+                "ROUGE mean with TTA",
+                f"{t['rouge_mean']:.4f} ({'+'.join(t['methods'])} x{t['num_aug']}, "
+                f"+{t['extra_ms_per_sample']:.0f} ms/sample)",
+            )
+        )
     if m.get("kfold"):
         kf, ens = m["kfold"], ev.get("ensemble") or {}
-        rows.append(("k-fold", f"{kf['k']} folds: ROUGE mean {_fmt(kf['rouge_mean']['mean'], '.4f')} "
-                               f"+/- {_fmt(kf['rouge_mean']['std'], '.4f')}; samples/s "
-                               f"{_fmt(kf['samples_per_s']['mean'], '.1f')}"))
+        rows.append(
+            (
+                "k-fold",
+                f"{kf['k']} folds: ROUGE mean {_fmt(kf['rouge_mean']['mean'], '.4f')} "
+                f"+/- {_fmt(kf['rouge_mean']['std'], '.4f')}; samples/s "
+                f"{_fmt(kf['samples_per_s']['mean'], '.1f')}",
+            )
+        )
         if ens:
-            rows.append(("ensemble", f"{ens['strategy']}: ROUGE mean {_fmt(ev.get('rouge_mean'), '.4f')} (members "
-                                     + ", ".join(_fmt(r, ".4f") for r in ens["members_rouge_mean"]) + ")"))
+            rows.append(
+                (
+                    "ensemble",
+                    f"{ens['strategy']}: ROUGE mean {_fmt(ev.get('rouge_mean'), '.4f')} (members "
+                    + ", ".join(_fmt(r, ".4f") for r in ens["members_rouge_mean"])
+                    + ")",
+                )
+            )
     return rows

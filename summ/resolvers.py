@@ -1,0 +1,32 @@
+"""The schemas in Hydra's ConfigStore and the configs' resolvers, registered once at start-up
+(summ.app.register). Apart from summ/config.py, which the torch-free reports import: a resolver
+here may ask the device (torch)."""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from summ.config import Config, run_name, threads_per_job
+from summ.distributed import now
+
+
+def register_configs() -> None:
+    """The schemas in Hydra's ConfigStore (conf/config.yaml lists `schema` first), the configs' resolvers."""
+    ConfigStore.instance().store(name="schema", node=Config, replace=True)
+    OmegaConf.register_resolver("summ_precisions", precision_choices, replace=True)
+    # ${summ_now:FORMAT}: like Hydra's ${now:}, but one time for the whole launch: every job of a
+    # sweep (which resolves hydra.sweep.dir once per job) and every process of a distributed launch
+    OmegaConf.register_resolver("summ_now", now, replace=True)
+    OmegaConf.register_resolver("summ_run_name", run_name, replace=True)
+    OmegaConf.register_resolver("summ_threads_per_job", threads_per_job, replace=True)
+
+
+def precision_choices() -> str:
+    """Mixed-precision values this device can train with, as an Optuna sweeper choice."""
+    import torch
+
+    values = ["no", "bf16"]  # bf16 autocast runs on CPUs too
+    if torch.cuda.is_available():
+        values = ["no", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    return f"choice({','.join(values)})"
