@@ -8,30 +8,28 @@ Target: ratio >= 1.0, with the loss after N steps equal within 1e-3.
 
     python benchmarks/bench_hf_trainer.py [--rounds 9] [--steps 30]
 """
+
 from __future__ import annotations
 
 import math
 import tempfile
 
+from common import DUEL_OVERRIDES, duel, same_inputs
 
-from common import duel, same_inputs
-
-OVERRIDES = ["data=synthetic", "data.synthetic_train_size=2000", "batch.batch_size=16", "eval.enabled=false",
-             "measure.warmup_steps=3", "model.tiny.dropout=0"]
+OVERRIDES = [*DUEL_OVERRIDES, "model.tiny.dropout=0"]
 
 
 def hf_trainer(steps: int) -> dict:
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
     from summ.data.sampler import EpochSampler
-    from summ.data.tokenize import Collator
     from summ.measure.timing import now
 
-    cfg, tok, ds, loaded = same_inputs(OVERRIDES, steps)
-    summ_collator = Collator(tok.pad_token_id, cfg.model.kind, loaded.decoder_start_token_id)
+    inputs = same_inputs(OVERRIDES + [f"measure.steps={steps}"])
+    cfg, ds = inputs.cfg, inputs.dataset
 
     def collator(features):  # the Trainer passes every key to the model: leave out summ's host-side counts
-        return {k: v for k, v in summ_collator(features).items() if k != "counts"}
+        return {k: v for k, v in inputs.collator(features).items() if k != "counts"}
 
     sampler = EpochSampler(ds.lengths(), seed=cfg.train.seed)
     warm = cfg.measure.warmup_steps
@@ -51,14 +49,27 @@ def hf_trainer(steps: int) -> dict:
     timer = Timer()
     with tempfile.TemporaryDirectory() as tmp:
         args = Seq2SeqTrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=cfg.batch.batch_size, max_steps=total,
-            learning_rate=cfg.train.learning_rate, lr_scheduler_type="linear",
-            warmup_steps=math.ceil(cfg.train.warmup_ratio * total), weight_decay=cfg.train.weight_decay,
-            adam_epsilon=cfg.train.adam_epsilon, max_grad_norm=cfg.train.max_grad_norm, logging_steps=1,
-            save_strategy="no", report_to=[], use_cpu=True, dataloader_drop_last=True, seed=cfg.train.seed,
-            remove_unused_columns=False, disable_tqdm=True)
-        trainer = SameSampler(model=loaded.model, args=args, train_dataset=ds, data_collator=collator,
-                              callbacks=[timer])
+            output_dir=tmp,
+            per_device_train_batch_size=cfg.batch.batch_size,
+            max_steps=total,
+            learning_rate=cfg.train.learning_rate,
+            lr_scheduler_type="linear",
+            warmup_steps=math.ceil(cfg.train.warmup_ratio * total),
+            weight_decay=cfg.train.weight_decay,
+            adam_epsilon=cfg.train.adam_epsilon,
+            max_grad_norm=cfg.train.max_grad_norm,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            dataloader_drop_last=True,
+            seed=cfg.train.seed,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
+        trainer = SameSampler(
+            model=inputs.model, args=args, train_dataset=ds, data_collator=collator, callbacks=[timer]
+        )
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     seconds = timer.ends[-1] - timer.ends[warm - 1]

@@ -7,13 +7,13 @@ Target: length-grouped >= 1.3x pad-to-max.
 
     python benchmarks/bench_padding.py [--rounds 3] [--steps 20]
 """
+
 from __future__ import annotations
 
 import argparse
 import tempfile
 
 import torch
-
 from common import alternate, compose, machine, median, table
 
 BASE = ["data=synthetic", "batch.batch_size=16", "eval.enabled=false", "measure.warmup_steps=3"]
@@ -30,9 +30,8 @@ def epoch_pad_fraction(overrides: list[str]) -> float:
 
     from summ.data.sampler import EpochSampler
     from summ.data.splits import load_splits
-    from summ.data.tokenize import Collator, Encoder, TokenizedDataset
+    from summ.data.tokenize import Collator, Encoder, TokenizedDataset, batch_token_counts
     from summ.modeling import models
-    from summ.data.tokenize import batch_token_counts
 
     cfg = OmegaConf.to_object(compose(BASE + overrides))
     tok = models.load_tokenizer(cfg.model)
@@ -40,10 +39,14 @@ def epoch_pad_fraction(overrides: list[str]) -> float:
     ds = TokenizedDataset(load_splits(cfg.data).train, enc)
     widths = enc.max_widths() if cfg.data.padding == "max_length" else (None, None)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=cfg.batch.batch_size, drop_last=True,
-        sampler=EpochSampler(ds.lengths(), seed=cfg.train.seed, group_by_length=cfg.data.group_by_length,
-                               batch_size=cfg.batch.batch_size),
-        collate_fn=Collator(tok.pad_token_id, cfg.model.kind, tok.eos_token_id, *widths))
+        ds,
+        batch_size=cfg.batch.batch_size,
+        drop_last=True,
+        sampler=EpochSampler(
+            ds.lengths(), seed=cfg.train.seed, group_by_length=cfg.data.group_by_length, batch_size=cfg.batch.batch_size
+        ),
+        collate_fn=Collator(tok.pad_token_id, cfg.model.kind, tok.eos_token_id, *widths),
+    )
     real = pad = 0
     for batch in loader:
         r, p = batch_token_counts(batch)
@@ -64,13 +67,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    print(f"machine: {machine()}\ntiny_bart, 12,457 synthetic dialogues, micro-batch 16, {args.steps} measured steps, "
-          f"{args.rounds} rounds interleaved after one warm-up round")
+    print(
+        f"machine: {machine()}\ntiny_bart, 12,457 synthetic dialogues, micro-batch 16, {args.steps} measured steps, "
+        f"{args.rounds} rounds interleaved after one warm-up round"
+    )
     epoch_pad = {name: epoch_pad_fraction(o) for name, o in STRATEGIES.items()}
     res = alternate({name: (lambda o=o: run(o, args.steps)) for name, o in STRATEGIES.items()}, args.rounds)
     base = median(res["pad to max length"], "samples_per_s")
-    rows = [[name, f"{epoch_pad[name]:.1%}", f"{median(r, 'samples_per_s'):.1f}",
-             f"{median(r, 'samples_per_s') / base:.2f}x"] for name, r in res.items()]
+    rows = [
+        [
+            name,
+            f"{epoch_pad[name]:.1%}",
+            f"{median(r, 'samples_per_s'):.1f}",
+            f"{median(r, 'samples_per_s') / base:.2f}x",
+        ]
+        for name, r in res.items()
+    ]
     print()
     print(table(rows, ["strategy", "padded positions (1 epoch)", "median samples/s", "vs pad-to-max"]))
     grouped = median(res["length-grouped + dynamic"], "samples_per_s") / base

@@ -18,6 +18,7 @@ The projection's error is the trial's timing noise: on 2 CPU cores a step's rate
 third, so 24 steps (192 samples at micro-batch 8) land within +-12% of the epoch's rate in 90% of
 windows, 96 steps within +-5% (resampling one epoch's own steps). --samples sets the window.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine, table
+from common import ROOT, machine, round_order, table
 
 
 def run(folder: Path, overrides: list[str]) -> dict:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={folder}"], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={folder}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({proc.returncode}): {' '.join(overrides)}\n{proc.stderr[-2000:]}")
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -52,34 +58,72 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="trial and epoch pairs per grouping, in alternating order")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
     args = ap.parse_args()
-    base = ["data=synthetic", f"data.synthetic_train_size={args.train_size}", f"batch.batch_size={args.batch_size}",
-            "eval.enabled=false", "train.save_model=false", *args.set]
+    base = [
+        "data=synthetic",
+        f"data.synthetic_train_size={args.train_size}",
+        f"batch.batch_size={args.batch_size}",
+        "eval.enabled=false",
+        "train.save_model=false",
+        *args.set,
+    ]
     rows, ratios = [], {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for grouped in (False, True):
                 setting = base + [f"data.group_by_length={str(grouped).lower()}"]
-                pair = {"trial": setting + ["measure.warmup_samples=64", f"measure.samples={args.samples}"],
-                        "epoch": setting + ["train.epochs=1", "measure.memory_probe=false"]}
-                order = ("trial", "epoch") if r % 2 == 0 else ("epoch", "trial")  # neither always runs first
+                pair = {
+                    "trial": setting + ["measure.warmup_samples=64", f"measure.samples={args.samples}"],
+                    "epoch": setting + ["train.epochs=1", "measure.memory_probe=false"],
+                }
+                order = round_order(["trial", "epoch"], r)  # neither always runs first
                 got = {name: run(Path(tmp) / f"{name}_{grouped}_{r}", pair[name]) for name in order}
                 trial, epoch = got["trial"], got["epoch"]
                 projected, loop = trial["epoch_seconds_projected"], epoch["train"]["loop_seconds"]
                 rate_only = trial["train"]["epoch_positions"] / trial["train"]["positions_per_s"]
                 peak, epoch_peak = trial["memory"]["peak_bytes"], epoch["memory"]["observed_peak_bytes"]
                 ratios[grouped].append(projected / loop)
-                rows.append([str(r + 1), str(grouped).lower(), f"{trial['train']['samples']}", f"{projected:.1f}",
-                             f"{rate_only:.1f}", f"{loop:.1f}", f"{projected / loop:.3f}",
-                             f"{peak / 2**20:.1f}", f"{trial['memory']['observed_peak_bytes'] / 2**20:.1f}",
-                             f"{epoch_peak / 2**20:.1f}", f"{peak / epoch_peak:.3f}"])
-    print(f"trial vs full epoch: tiny_bart, data=synthetic ({args.train_size} samples), micro-batch "
-          f"{args.batch_size}" + (f", {' '.join(args.set)}" if args.set else "") + f" | {machine()}")
-    print(table(rows, ["round", "grouped", "trial samples", "projected epoch s", "rate-only s", "epoch loop s",
-                       "ratio (target 0.9-1.1)", "trial peak MiB", "trial steps' peak MiB", "epoch peak MiB",
-                       "ratio (target >= 0.95)"]))
+                rows.append(
+                    [
+                        str(r + 1),
+                        str(grouped).lower(),
+                        f"{trial['train']['samples']}",
+                        f"{projected:.1f}",
+                        f"{rate_only:.1f}",
+                        f"{loop:.1f}",
+                        f"{projected / loop:.3f}",
+                        f"{peak / 2**20:.1f}",
+                        f"{trial['memory']['observed_peak_bytes'] / 2**20:.1f}",
+                        f"{epoch_peak / 2**20:.1f}",
+                        f"{peak / epoch_peak:.3f}",
+                    ]
+                )
+    print(
+        f"trial vs full epoch: tiny_bart, data=synthetic ({args.train_size} samples), micro-batch "
+        f"{args.batch_size}" + (f", {' '.join(args.set)}" if args.set else "") + f" | {machine()}"
+    )
+    print(
+        table(
+            rows,
+            [
+                "round",
+                "grouped",
+                "trial samples",
+                "projected epoch s",
+                "rate-only s",
+                "epoch loop s",
+                "ratio (target 0.9-1.1)",
+                "trial peak MiB",
+                "trial steps' peak MiB",
+                "epoch peak MiB",
+                "ratio (target >= 0.95)",
+            ],
+        )
+    )
     for grouped, values in ratios.items():
-        print(f"grouped={str(grouped).lower()}: median of {len(values)} projected / epoch loop ratios "
-              f"{statistics.median(values):.3f} (range {min(values):.3f}-{max(values):.3f})")
+        print(
+            f"grouped={str(grouped).lower()}: median of {len(values)} projected / epoch loop ratios "
+            f"{statistics.median(values):.3f} (range {min(values):.3f}-{max(values):.3f})"
+        )
     return 0
 
 

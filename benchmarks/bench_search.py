@@ -17,6 +17,7 @@ tolerance, so this mode reports what happened once; the replay is the comparison
     python benchmarks/bench_search.py [--table benchmarks/tables/llama_qlora_24gb.json | --sweep DIR]
     python benchmarks/bench_search.py --real [--out outputs/bench_search]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,10 @@ from pathlib import Path
 import yaml
 from common import ROOT, machine, table
 
-from summ.sweeps.knee_search import Trial, knee_search, predicted_over_limit
+from summ.errors import Status
 from summ.reports.cells import Cell, load_cells
 from summ.reports.knee import Analysis, analyse
+from summ.sweeps.knee_search import Trial, knee_search, predicted_over_limit
 
 PENALTY = 1e6
 
@@ -44,8 +46,10 @@ def preset(name: str) -> dict:
 
 def grid_space() -> tuple[list[int], list[int]]:
     params = preset("knee_grid")["hydra"]["sweeper"]["params"]
-    return ([int(x) for x in str(params["batch.batch_size"]).split(",")],
-            [int(x) for x in str(params["batch.gradient_accumulation_steps"]).split(",")])
+    return (
+        [int(x) for x in str(params["batch.batch_size"]).split(",")],
+        [int(x) for x in str(params["batch.gradient_accumulation_steps"]).split(",")],
+    )
 
 
 # --------------------------------------------------------------------------- tables
@@ -57,11 +61,20 @@ def table_from_json(path: Path) -> tuple[dict, dict]:
     cells, seconds = {}, {}
     for row in t["cells"]:
         bs, ga, sps, peak = row["batch_size"], row["gradient_accumulation_steps"], row["samples_per_s"], row["peak_gib"]
-        cells[(bs, ga)] = Cell(job=f"{bs}x{ga}", overrides=[], status="ok" if sps else "oom", model=t["model"],
-                               batch_size=bs, gradient_accumulation_steps=ga, effective_batch_size=bs * ga,
-                               samples_per_s=sps, peak_bytes=int(peak * 2**30) if peak else None,
-                               budget_bytes=int(t["budget_gib"] * 2**30), limit_bytes=int(t["limit_gib"] * 2**30),
-                               positions=bs * t["positions_per_sample"] if sps else None)
+        cells[(bs, ga)] = Cell(
+            job=f"{bs}x{ga}",
+            overrides=[],
+            status=Status.ok if sps else Status.oom,
+            model=t["model"],
+            batch_size=bs,
+            gradient_accumulation_steps=ga,
+            effective_batch_size=bs * ga,
+            samples_per_s=sps,
+            peak_bytes=int(peak * 2**30) if peak else None,
+            budget_bytes=int(t["budget_gib"] * 2**30),
+            limit_bytes=int(t["limit_gib"] * 2**30),
+            positions=bs * t["positions_per_sample"] if sps else None,
+        )
         # a trial: load the model, then the measured steps (an oom cell fails in its first step)
         steps = t["measured_steps"] if sps else 0
         seconds[(bs, ga)] = t["setup_seconds"] + (steps * bs * ga / sps if sps else 0.0)
@@ -98,8 +111,12 @@ def run_grid(cells: dict, seconds: dict, tol: float) -> tuple[dict, Analysis]:
     if missing:
         raise SystemExit(f"the table lacks grid cells {missing}: it must cover the knee_grid preset's space")
     a = analyse([cells[k] for k in keys], tol)
-    return {"method": "grid (knee_grid)", "trials": len(keys), "seconds": sum(seconds[k] for k in keys),
-            "answer": (a.recommended.batch_size, a.recommended.gradient_accumulation_steps)}, a
+    return {
+        "method": "grid (knee_grid)",
+        "trials": len(keys),
+        "seconds": sum(seconds[k] for k in keys),
+        "answer": (a.recommended.batch_size, a.recommended.gradient_accumulation_steps),
+    }, a
 
 
 def run_knee(cells: dict, seconds: dict, tol: float, ga: int, resolution: float) -> dict:
@@ -107,8 +124,10 @@ def run_knee(cells: dict, seconds: dict, tol: float, ga: int, resolution: float)
 
     def replay(bs: int) -> Trial:
         if (bs, ga) not in cells:
-            raise SystemExit(f"the knee sweeper asked for micro-batch {bs} x {ga}, which the table lacks "
-                             f"(use --resolution 1 for a table of powers of two)")
+            raise SystemExit(
+                f"the knee sweeper asked for micro-batch {bs} x {ga}, which the table lacks "
+                f"(use --resolution 1 for a table of powers of two)"
+            )
         c = cells[(bs, ga)]
         return Trial(bs, ga, c.status, c.samples_per_s, c.peak_bytes, job=c.job)
 
@@ -120,13 +139,25 @@ def run_knee(cells: dict, seconds: dict, tol: float, ga: int, resolution: float)
         seen.append(cells[(bs, ga)])
         return trial
 
-    r = knee_search(measure, lambda bs: predicted_over_limit([c for c in seen if c.ok], bs, limit), lambda bs: ga,
-                    min_batch_size=p["min_batch_size"], max_batch_size=p["max_batch_size"], tolerance=tol,
-                    resolution=resolution, max_trials=p["max_trials"], patience=p.get("patience", 1))
+    r = knee_search(
+        measure,
+        lambda bs: predicted_over_limit([c for c in seen if c.ok], bs, limit),
+        lambda bs: ga,
+        min_batch_size=p["min_batch_size"],
+        max_batch_size=p["max_batch_size"],
+        tolerance=tol,
+        resolution=resolution,
+        max_trials=p["max_trials"],
+        patience=p.get("patience", 1),
+    )
     ran = [(bs, ga) for bs, t in r["trials"].items() if t.job is not None]
     rec = analyse([cells[k] for k in ran], tol).recommended
-    return {"method": f"knee sweeper (accumulation {ga})", "trials": r["trials_run"],
-            "seconds": sum(seconds[k] for k in ran), "answer": (rec.batch_size, rec.gradient_accumulation_steps)}
+    return {
+        "method": f"knee sweeper (accumulation {ga})",
+        "trials": r["trials_run"],
+        "seconds": sum(seconds[k] for k in ran),
+        "answer": (rec.batch_size, rec.gradient_accumulation_steps),
+    }
 
 
 def run_tpe(cells: dict, seconds: dict, good: set, seeds: int, max_trials: int) -> dict:
@@ -153,10 +184,13 @@ def run_tpe(cells: dict, seconds: dict, good: set, seeds: int, max_trials: int) 
                 break
     reached = len(trials_needed)
     med = statistics.median(trials_needed) if trials_needed else None
-    return {"method": f"Optuna TPE ({seeds} seeds)", "trials": med,
-            "seconds": statistics.median(seconds_needed) if seconds_needed else None,
-            "answer": f"as fast in {reached}/{seeds} seeds within {max_trials} trials"
-                      + (f"; worst {max(trials_needed)} trials" if trials_needed else "")}
+    return {
+        "method": f"Optuna TPE ({seeds} seeds)",
+        "trials": med,
+        "seconds": statistics.median(seconds_needed) if seconds_needed else None,
+        "answer": f"as fast in {reached}/{seeds} seeds within {max_trials} trials"
+        + (f"; worst {max(trials_needed)} trials" if trials_needed else ""),
+    }
 
 
 def replay(args) -> int:
@@ -164,19 +198,37 @@ def replay(args) -> int:
     grid_row, grid = run_grid(cells, seconds, args.tolerance)
     good = as_fast(cells, grid, args.tolerance)
     target = grid_row["answer"]
-    rows = [grid_row, run_knee(cells, seconds, args.tolerance, target[1], args.resolution),
-            run_tpe(cells, seconds, good, args.seeds, 2 * grid_row["trials"])]
+    rows = [
+        grid_row,
+        run_knee(cells, seconds, args.tolerance, target[1], args.resolution),
+        run_tpe(cells, seconds, good, args.seeds, 2 * grid_row["trials"]),
+    ]
     source = args.sweep or args.table.relative_to(ROOT)
     print(f"trials to answer, replaying {source} | {machine()}")
-    print(f"grid recommendation: micro-batch {target[0]} x accumulation {target[1]}; as fast (within "
-          f"{args.tolerance:.0%} of the fastest): {', '.join(f'{b}x{g}' for b, g in sorted(good))}")
-    print(table([[r["method"], _fmt(r["trials"]), _fmt(r["seconds"], ".0f"),
-                  f"{r['answer'][0]}x{r['answer'][1]}" if isinstance(r["answer"], tuple) else r["answer"],
-                  "yes" if not isinstance(r["answer"], tuple) or r["answer"] in good else "NO"] for r in rows],
-                ["method", "trials", "trial seconds", "answer", "as fast"]))
+    print(
+        f"grid recommendation: micro-batch {target[0]} x accumulation {target[1]}; as fast (within "
+        f"{args.tolerance:.0%} of the fastest): {', '.join(f'{b}x{g}' for b, g in sorted(good))}"
+    )
+    print(
+        table(
+            [
+                [
+                    r["method"],
+                    _fmt(r["trials"]),
+                    _fmt(r["seconds"], ".0f"),
+                    f"{r['answer'][0]}x{r['answer'][1]}" if isinstance(r["answer"], tuple) else r["answer"],
+                    "yes" if not isinstance(r["answer"], tuple) or r["answer"] in good else "NO",
+                ]
+                for r in rows
+            ],
+            ["method", "trials", "trial seconds", "answer", "as fast"],
+        )
+    )
     knee = rows[1]
-    print(f"knee sweeper / grid trials: {knee['trials'] / grid_row['trials']:.2f}; "
-          f"trial seconds: {knee['seconds'] / grid_row['seconds']:.2f}")
+    print(
+        f"knee sweeper / grid trials: {knee['trials'] / grid_row['trials']:.2f}; "
+        f"trial seconds: {knee['seconds'] / grid_row['seconds']:.2f}"
+    )
     return 0 if knee["answer"] in good else 1
 
 
@@ -199,13 +251,24 @@ hydra:
 
 def real(args) -> int:
     out = args.out.resolve()
-    common = [f"data.synthetic_train_size={args.train_size}", "measure.warmup_steps=2", "measure.steps=6",
-              "data.padding=max_length", "data.encoder_max_len=128", "data.decoder_max_len=32"]
+    common = [
+        f"data.synthetic_train_size={args.train_size}",
+        "measure.warmup_steps=2",
+        "measure.steps=6",
+        "data.padding=max_length",
+        "data.encoder_max_len=128",
+        "data.decoder_max_len=32",
+    ]
 
     def sweep(name: str, *extra: str) -> float:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "run.py", "-m", *extra, *common, f"hydra.sweep.dir={out / name}"],
-                       cwd=ROOT, check=True, capture_output=True, text=True)
+        subprocess.run(
+            [sys.executable, "run.py", "-m", *extra, *common, f"hydra.sweep.dir={out / name}"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         return time.perf_counter() - start
 
     wall = {"grid": sweep("grid", "preset=knee_grid")}
@@ -219,17 +282,36 @@ def real(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "preset").mkdir()
         (Path(tmp) / "preset" / "bench_tpe.yaml").write_text(
-            TPE_PRESET.format(sizes=",".join(map(str, sizes)), accs=",".join(map(str, accs))))
-        wall["tpe"] = sweep("tpe", "--config-dir", tmp, "preset=bench_tpe", f"hydra.sweeper.n_trials={grid_row['trials']}",
-                            f"hydra.sweeper.storage=sqlite:///{out}/tpe.db", "hydra.sweeper.study_name=bench_search")
+            TPE_PRESET.format(sizes=",".join(map(str, sizes)), accs=",".join(map(str, accs)))
+        )
+        wall["tpe"] = sweep(
+            "tpe",
+            "--config-dir",
+            tmp,
+            "preset=bench_tpe",
+            f"hydra.sweeper.n_trials={grid_row['trials']}",
+            f"hydra.sweeper.storage=sqlite:///{out}/tpe.db",
+            "hydra.sweeper.study_name=bench_search",
+        )
     best = yaml.safe_load((out / "tpe" / "optimization_results.yaml").read_text())["best_params"]
     tpe_answer = (int(best["batch.batch_size"]), int(best["batch.gradient_accumulation_steps"]))
-    rows = [["grid (knee_grid)", grid_row["trials"], f"{wall['grid']:.0f}", f"{target[0]}x{target[1]}", "yes"],
-            [f"knee sweeper (accumulation {target[1]})", knee_search_json["trials_run"], f"{wall['knee']:.0f}",
-             f"{knee_rec.batch_size}x{knee_rec.gradient_accumulation_steps}",
-             "yes" if (knee_rec.batch_size, knee_rec.gradient_accumulation_steps) in good else "no"],
-            [f"Optuna TPE ({grid_row['trials']} trials)", grid_row["trials"], f"{wall['tpe']:.0f}",
-             f"{tpe_answer[0]}x{tpe_answer[1]}", "yes" if tpe_answer in good else "no"]]
+    rows = [
+        ["grid (knee_grid)", grid_row["trials"], f"{wall['grid']:.0f}", f"{target[0]}x{target[1]}", "yes"],
+        [
+            f"knee sweeper (accumulation {target[1]})",
+            knee_search_json["trials_run"],
+            f"{wall['knee']:.0f}",
+            f"{knee_rec.batch_size}x{knee_rec.gradient_accumulation_steps}",
+            "yes" if (knee_rec.batch_size, knee_rec.gradient_accumulation_steps) in good else "no",
+        ],
+        [
+            f"Optuna TPE ({grid_row['trials']} trials)",
+            grid_row["trials"],
+            f"{wall['tpe']:.0f}",
+            f"{tpe_answer[0]}x{tpe_answer[1]}",
+            "yes" if tpe_answer in good else "no",
+        ],
+    ]
     print(f"trials to answer, measured once on the tiny model in {out} | {machine()}")
     print(f"grid recommendation: {target[0]}x{target[1]}; as fast: {', '.join(f'{b}x{g}' for b, g in sorted(good))}")
     print(table(rows, ["method", "trials", "wall seconds", "answer", "as fast (by the grid's figures)"]))
@@ -245,8 +327,12 @@ def main() -> int:
     p.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "tables" / "llama_qlora_24gb.json")
     p.add_argument("--sweep", type=Path, help="replay a finished knee_grid sweep folder instead of a table")
     p.add_argument("--tolerance", type=float, default=0.05, help="the knee tolerance (knee.tolerance)")
-    p.add_argument("--resolution", type=float, default=None,
-                   help="knee bisection resolution (default: the knee_search preset's; 1 for --sweep: powers of two only)")
+    p.add_argument(
+        "--resolution",
+        type=float,
+        default=None,
+        help="knee bisection resolution (default: the knee_search preset's; 1 for --sweep: powers of two only)",
+    )
     p.add_argument("--seeds", type=int, default=20, help="TPE seeds to replay")
     p.add_argument("--real", action="store_true", help="run the three sweeps once for real on the tiny model")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_search")

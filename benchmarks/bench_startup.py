@@ -3,6 +3,7 @@
 
     python benchmarks/bench_startup.py [--rounds 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,12 @@ def main() -> None:
             times["python run.py"].append(wall([f"hydra.run.dir={tmp}/{r}"]))
             print(f"  round {r + 1}: " + ", ".join(f"{k}: {v[-1]:.1f} s" for k, v in times.items()), flush=True)
     print()
-    print(table([[k, f"{statistics.median(v):.2f}", f"{min(v):.2f}", f"{max(v):.2f}"] for k, v in times.items()],
-                ["command", "median s", "min s", "max s"]))
+    print(
+        table(
+            [[k, f"{statistics.median(v):.2f}", f"{min(v):.2f}", f"{max(v):.2f}"] for k, v in times.items()],
+            ["command", "median s", "min s", "max s"],
+        )
+    )
 
 
 if __name__ == "__main__":

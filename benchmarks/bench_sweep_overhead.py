@@ -13,6 +13,7 @@ reported with the probe counted as overhead and without it (the probe is measure
 setup: one forward and backward at the widest samples). Also checks that both settings recommend
 the same cell. Nothing else may run meanwhile (2 cores: contention swamps the figures).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,16 +26,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, table
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, machine, table
 
 
 def sweep(preset: str, reuse: bool, one_cell: bool, folder: Path) -> dict:
-    args = [sys.executable, str(ROOT / "run.py"), "-m", f"preset={preset}", f"sweep.reuse_loaded={str(reuse).lower()}",
-            f"hydra.sweep.dir={folder}"]
+    args = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "-m",
+        f"preset={preset}",
+        f"sweep.reuse_loaded={str(reuse).lower()}",
+        f"hydra.sweep.dir={folder}",
+    ]
     if one_cell:
-        args += ["batch.batch_size=2", "batch.gradient_accumulation_steps=1"]  # command-line values replace the preset's
+        # command-line values replace the preset's
+        args += ["batch.batch_size=2", "batch.gradient_accumulation_steps=1"]
     start = time.perf_counter()
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - start
@@ -48,8 +54,9 @@ def sweep(preset: str, reuse: bool, one_cell: bool, folder: Path) -> dict:
         probes += json.loads((job / "metrics.json").read_text())["train"].get("probe_seconds") or 0.0
         cells += 1
     rows = list(csv.DictReader((folder / "sweep.csv").open()))
-    recommended = next((f"{r['batch_size']}x{r['gradient_accumulation_steps']}" for r in rows
-                        if "recommended" in r["flags"]), "-")
+    recommended = next(
+        (f"{r['batch_size']}x{r['gradient_accumulation_steps']}" for r in rows if "recommended" in r["flags"]), "-"
+    )
     return {"wall": wall, "steps": steps, "probes": probes, "cells": cells, "recommended": recommended}
 
 
@@ -67,13 +74,39 @@ def main() -> int:
         full, one = results[(reuse, False)], results[(reuse, True)]
         extra = full["cells"] - one["cells"]
         with_probe = ((full["wall"] - full["steps"]) - (one["wall"] - one["steps"])) / extra
-        without = ((full["wall"] - full["steps"] - full["probes"]) - (one["wall"] - one["steps"] - one["probes"])) / extra
-        rows.append([f"reuse_loaded={str(reuse).lower()}", f"{full['wall']:.1f}", f"{full['steps']:.1f}",
-                     f"{full['probes']:.1f}", f"{one['wall']:.1f}", f"{one['steps']:.1f}", f"{with_probe:.2f}",
-                     f"{without:.2f}", full["recommended"]])
+        without = (
+            (full["wall"] - full["steps"] - full["probes"]) - (one["wall"] - one["steps"] - one["probes"])
+        ) / extra
+        rows.append(
+            [
+                f"reuse_loaded={str(reuse).lower()}",
+                f"{full['wall']:.1f}",
+                f"{full['steps']:.1f}",
+                f"{full['probes']:.1f}",
+                f"{one['wall']:.1f}",
+                f"{one['steps']:.1f}",
+                f"{with_probe:.2f}",
+                f"{without:.2f}",
+                full["recommended"],
+            ]
+        )
     print(f"sweep fixed cost per additional cell, preset={args.preset} | {machine()}")
-    print(table(rows, ["setting", "wall s (10 cells)", "steps s", "probes s", "wall s (1 cell)", "steps s (1)",
-                       "fixed s/cell (probe in)", "fixed s/cell (probe out)", "recommended"]))
+    print(
+        table(
+            rows,
+            [
+                "setting",
+                "wall s (10 cells)",
+                "steps s",
+                "probes s",
+                "wall s (1 cell)",
+                "steps s (1)",
+                "fixed s/cell (probe in)",
+                "fixed s/cell (probe out)",
+                "recommended",
+            ],
+        )
+    )
     same = results[(True, False)]["recommended"] == results[(False, False)]["recommended"]
     print(f"same recommendation with and without reuse: {'yes' if same else 'no (timing noise between the runs?)'}")
     return 0

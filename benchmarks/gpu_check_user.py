@@ -11,6 +11,7 @@
    failure under a memory cap), ok again: each cell's allocated and reserved memory at its start,
    which must stay within 2% of the first cell's.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,33 +23,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, fmt, gib, release, table
+from common import ROOT, compose, fmt, gib, release, table
+from gpu_check_runs import kobart, kobart_shape, llama_shape
 
+from summ.errors import MEMORY_STATUSES, Status
 
 
 def build_folders(ctx, where: Path) -> dict[str, Path]:
     """Hub-shaped model folders with random weights, built once on the device (bf16) and written
-    with save_pretrained, the tokenizer beside them (summ's tiny tokenizer: Korean BPE, 4,000 ids)."""
+    with save_pretrained, the tokenizer beside them (summ's tiny tokenizer: Korean BPE, 4,000 ids).
+    Their shapes are the other sections' (gpu_check_runs: common.SHAPES, or its toy under --cpu-smoke)."""
     import torch
-    from transformers import BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM
+    from transformers import BartForConditionalGeneration, LlamaForCausalLM
 
     from summ.modeling import models
 
-    a, smoke = ctx.args, ctx.args.cpu_smoke
     tok = models.tiny_tokenizer()
-    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     shapes = {
-        "kobart": (BartForConditionalGeneration, BartConfig(
-            vocab_size=30000, d_model=64 if smoke else 768, encoder_layers=1 if smoke else 6,
-            decoder_layers=1 if smoke else 6, encoder_attention_heads=4 if smoke else 16,
-            decoder_attention_heads=4 if smoke else 16, encoder_ffn_dim=128 if smoke else 3072,
-            decoder_ffn_dim=128 if smoke else 3072, max_position_embeddings=1026,
-            decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=tok.eos_token_id, **ids)),
-        "llama": (LlamaForCausalLM, LlamaConfig(
-            vocab_size=128256, hidden_size=64 if smoke else 3072, intermediate_size=128 if smoke else 8192,
-            num_hidden_layers=a.qlora_layers, num_attention_heads=4 if smoke else 24,
-            num_key_value_heads=2 if smoke else 8, max_position_embeddings=2048, rope_theta=500000.0,
-            tie_word_embeddings=True, **ids)),
+        "kobart": (BartForConditionalGeneration, kobart_shape(ctx.args).hf_config(tok)),
+        "llama": (LlamaForCausalLM, llama_shape(ctx.args).hf_config(tok)),
     }
     folders = {}
     for name, (cls, config) in shapes.items():
@@ -73,8 +66,14 @@ def build_folders(ctx, where: Path) -> dict[str, Path]:
 def _cli(args: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     return proc, time.perf_counter() - start
 
 
@@ -85,72 +84,147 @@ def _errors(proc: subprocess.CompletedProcess) -> str:
 
 def readme_commands(ctx) -> dict:
     """Section 0: the README's GPU commands on hub-shaped folders, through run.py."""
-    a, smoke = ctx.args, ctx.args.cpu_smoke
-    where = ctx.scratch / "models"
-    folders = ctx.hub_folders = build_folders(ctx, where)
-    cpu = ["train.cpu=true"] if smoke else []
-    data = ["data=synthetic", f"data.synthetic_train_size={a.user_train_size}", "data.synthetic_eval_size=16"]
+    folders = ctx.hub_folders = build_folders(ctx, ctx.scratch / "models")
+    cpu = ["train.cpu=true"] if ctx.args.cpu_smoke else []
     runs = ctx.scratch / "runs"
-    commands = {
-        "kobart": ["model=kobart", f"model.path={folders['kobart']}", "batch=bs16_ga1", "train.mixed_precision=bf16",
-                   "train.learning_rate=1e-5", f"measure.steps={a.user_steps}", "measure.warmup_steps=2",
-                   "data.max_eval_samples=16", "inference.max_new_tokens=16", *data, *cpu,
-                   f"hydra.run.dir={runs / 'kobart'}"],
-        "llama": ["model=llama", f"model.path={folders['llama']}", "batch=bs8_ga1", "train.mixed_precision=bf16",
-                  "train.learning_rate=2e-4", f"measure.steps={a.user_steps}", "measure.warmup_steps=2",
-                  "eval.enabled=false", *data, *cpu, f"hydra.run.dir={runs / 'llama'}"],
-    }
+    commands = _readme_command_args(ctx.args, folders, cpu, runs)
     out: dict[str, Any] = {"folders": {k: str(v) for k, v in folders.items()}}
     ctx.user_llama_run = runs / "llama"  # section 2 reads its FLOPs
     rows = []
     for name, args in commands.items():
-        proc, seconds = _cli(args, timeout=max(60.0, ctx.left()))
-        metrics = json.loads((runs / name / "metrics.json").read_text()) if (runs / name / "metrics.json").is_file() \
-            else {}
-        t, mem, ev = metrics.get("train") or {}, metrics.get("memory") or {}, metrics.get("eval") or {}
-        out[name] = {"returncode": proc.returncode, "seconds": seconds, "status": metrics.get("status"),
-                     "error": metrics.get("error") or (_errors(proc) if proc.returncode else None),
-                     "samples_per_s": t.get("samples_per_s"), "peak_bytes": mem.get("peak_bytes"),
-                     "probe_peak_bytes": mem.get("probe_peak_bytes"), "mfu": metrics.get("mfu"),
-                     "flops_per_token": t.get("flops_per_token"), "rouge_mean": ev.get("rouge_mean"),
-                     "generation_ms_per_sample": ev.get("generation_ms_per_sample"), "run_dir": str(runs / name)}
-        rows.append([f"python run.py model={name} model.path=...", proc.returncode, metrics.get("status", "-"),
-                     fmt(t.get("samples_per_s"), ".1f"), gib(mem.get("peak_bytes")), f"{seconds:.0f}",
-                     (out[name]["error"] or "")[:80]])
-    sweep = ctx.scratch / "knee_grid"
-    grid = ["batch.batch_size=2,4", "batch.gradient_accumulation_steps=1"] if smoke else (
-        ["batch.batch_size=4,16", "batch.gradient_accumulation_steps=1"] if a.quick else [])
-    proc, seconds = _cli(["-m", "preset=knee_grid", "model=llama", f"model.path={folders['llama']}",
-                          "train.mixed_precision=bf16", f"measure.memory_budget_gb={a.budget_gb if not smoke else 24}",
-                          f"sweep.trial_samples={a.user_trial_samples}",
-                          f"sweep.trial_warmup_samples={a.user_trial_warmup_samples}",
-                          f"data.synthetic_train_size={a.user_train_size}", *grid, *cpu, f"hydra.sweep.dir={sweep}"],
-                         timeout=max(60.0, ctx.left()))
-    cells = list(csv.DictReader((sweep / "sweep.csv").open())) if (sweep / "sweep.csv").is_file() else []
-    statuses = [c.get("status") for c in cells]
-    report = (sweep / "knee_report.md").read_text() if (sweep / "knee_report.md").is_file() else ""
-    out["knee_grid"] = {"returncode": proc.returncode, "seconds": seconds, "cells": len(cells), "statuses": statuses,
-                        "cells_failed": sum(s == "failed" for s in statuses),
-                        "recommendation": next((line for line in report.splitlines() if "ecommend" in line), None),
-                        "error": _errors(proc) if proc.returncode else None, "sweep_dir": str(sweep)}
-    rows.append(["python run.py -m preset=knee_grid measure.memory_budget_gb=24", proc.returncode,
-                 ",".join(s or "?" for s in statuses) or "-", "-", "-", f"{seconds:.0f}",
-                 (out["knee_grid"]["error"] or out["knee_grid"]["recommendation"] or "")[:80]])
-    print(table([[str(x) for x in r] for r in rows], ["command", "exit", "status", "samples/s", "peak GiB", "s",
-                                                      "error / recommendation"]))
-    ok = (all(out[n]["status"] == "ok" for n in commands) and proc.returncode == 0 and cells
-          and out["knee_grid"]["cells_failed"] == 0 and set(statuses) <= {"ok", "oom", "over_budget"})
+        out[name], row = _readme_command(ctx, name, args, runs / name)
+        rows.append(row)
+    out["knee_grid"] = grid = knee_grid(ctx, folders["llama"], cpu)
+    said = (grid["error"] or grid["recommendation"] or "")[:80]
+    statuses = ",".join(s or "?" for s in grid["statuses"]) or "-"
+    command = "python run.py -m preset=knee_grid measure.memory_budget_gb=24"
+    rows.append([command, grid["returncode"], statuses, "-", "-", f"{grid['seconds']:.0f}", said])
+    header = ["command", "exit", "status", "samples/s", "peak GiB", "s", "error / recommendation"]
+    print(table([[str(x) for x in r] for r in rows], header))
+    ok = (
+        all(out[n]["status"] == Status.ok for n in commands)
+        and grid["returncode"] == 0
+        and grid["statuses"]
+        and grid["cells_failed"] == 0
+        and set(grid["statuses"]) <= {Status.ok, *MEMORY_STATUSES}
+    )
     out["target_met"] = bool(ok)
     if not ok:
         raise RuntimeError(f"the README's commands did not all end well: {json.dumps(out, default=str)[:800]}")
     return out
 
 
-def failed_cells_leave_nothing(ctx, kobart_overrides: list[str]) -> dict:
+def _readme_command_args(a, folders: dict, cpu: list[str], runs: Path) -> dict[str, list[str]]:
+    """The README's two real-model commands, at a check's size (few steps, synthetic data)."""
+    data = ["data=synthetic", f"data.synthetic_train_size={a.user_train_size}", "data.synthetic_eval_size=16"]
+    steps = [f"measure.steps={a.user_steps}", "measure.warmup_steps=2"]
+    return {
+        "kobart": [
+            "model=kobart",
+            f"model.path={folders['kobart']}",
+            "batch=bs16_ga1",
+            "train.mixed_precision=bf16",
+            "train.learning_rate=1e-5",
+            *steps,
+            "data.max_eval_samples=16",
+            "inference.max_new_tokens=16",
+            *data,
+            *cpu,
+            f"hydra.run.dir={runs / 'kobart'}",
+        ],
+        "llama": [
+            "model=llama",
+            f"model.path={folders['llama']}",
+            "batch=bs8_ga1",
+            "train.mixed_precision=bf16",
+            "train.learning_rate=2e-4",
+            *steps,
+            "eval.enabled=false",
+            *data,
+            *cpu,
+            f"hydra.run.dir={runs / 'llama'}",
+        ],
+    }
+
+
+def _readme_command(ctx, name: str, args: list[str], run_dir: Path) -> tuple[dict, list]:
+    """One command through run.py: its record and its row of the section's table."""
+    proc, seconds = _cli(args, timeout=max(60.0, ctx.left()))
+    file = run_dir / "metrics.json"
+    metrics = json.loads(file.read_text()) if file.is_file() else {}
+    t, mem, ev = metrics.get("train") or {}, metrics.get("memory") or {}, metrics.get("eval") or {}
+    record = {
+        "returncode": proc.returncode,
+        "seconds": seconds,
+        "status": metrics.get("status"),
+        "error": metrics.get("error") or (_errors(proc) if proc.returncode else None),
+        "samples_per_s": t.get("samples_per_s"),
+        "peak_bytes": mem.get("peak_bytes"),
+        "probe_peak_bytes": mem.get("probe_peak_bytes"),
+        "mfu": metrics.get("mfu"),
+        "flops_per_token": t.get("flops_per_token"),
+        "rouge_mean": ev.get("rouge_mean"),
+        "generation_ms_per_sample": ev.get("generation_ms_per_sample"),
+        "run_dir": str(run_dir),
+    }
+    row = [
+        f"python run.py model={name} model.path=...",
+        proc.returncode,
+        metrics.get("status", "-"),
+        fmt(t.get("samples_per_s"), ".1f"),
+        gib(mem.get("peak_bytes")),
+        f"{seconds:.0f}",
+        (record["error"] or "")[:80],
+    ]
+    return record, row
+
+
+def knee_grid(ctx, llama: Path, cpu: list[str]) -> dict:
+    """`python run.py -m preset=knee_grid measure.memory_budget_gb=24` on the Llama-shaped folder,
+    its sweep.csv and knee report read back."""
+    a, smoke = ctx.args, ctx.args.cpu_smoke
+    sweep = ctx.scratch / "knee_grid"
+    grid = (
+        ["batch.batch_size=2,4", "batch.gradient_accumulation_steps=1"]
+        if smoke
+        else (["batch.batch_size=4,16", "batch.gradient_accumulation_steps=1"] if a.quick else [])
+    )
+    proc, seconds = _cli(
+        [
+            "-m",
+            "preset=knee_grid",
+            "model=llama",
+            f"model.path={llama}",
+            "train.mixed_precision=bf16",
+            f"measure.memory_budget_gb={a.budget_gb if not smoke else 24}",
+            f"sweep.trial_samples={a.user_trial_samples}",
+            f"sweep.trial_warmup_samples={a.user_trial_warmup_samples}",
+            f"data.synthetic_train_size={a.user_train_size}",
+            *grid,
+            *cpu,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        timeout=max(60.0, ctx.left()),
+    )
+    cells = list(csv.DictReader((sweep / "sweep.csv").open())) if (sweep / "sweep.csv").is_file() else []
+    statuses = [c.get("status") for c in cells]
+    report = (sweep / "knee_report.md").read_text() if (sweep / "knee_report.md").is_file() else ""
+    return {
+        "returncode": proc.returncode,
+        "seconds": seconds,
+        "cells": len(cells),
+        "statuses": statuses,
+        "cells_failed": sum(s == Status.failed for s in statuses),
+        "recommendation": next((line for line in report.splitlines() if "ecommend" in line), None),
+        "error": _errors(proc) if proc.returncode else None,
+        "sweep_dir": str(sweep),
+    }
+
+
+def failed_cells_leave_nothing(ctx) -> dict:
     """Section 5: cells of one sweep process, ok / out of memory / ok ..., each cell's memory at its start."""
     import torch
 
-    from common import compose
     from summ import failpoints
     from summ.measure.memory import MemoryMonitor
     from summ.pipeline import run_job
@@ -158,21 +232,33 @@ def failed_cells_leave_nothing(ctx, kobart_overrides: list[str]) -> dict:
 
     a = ctx.args
     small, big = a.isolation_small, a.isolation_big
-    window = ["batch.gradient_accumulation_steps=1", "measure.steps=2", "measure.warmup_steps=1",
-              f"data.synthetic_train_size={a.epoch_train_size}"]
-    plan = [("ok", small, None, []), ("oom in a backward", big, "oom@backward:step=3", []),
-            ("ok", small, None, []), ("oom in a forward", big, "oom@forward:step=3", []),
-            ("ok", small, None, []),
-            ("out of memory under a cap", a.budget_batch, None, [f"measure.memory_budget_gb={a.isolation_cap_gb}"]),
-            ("ok", small, None, [])]
+    window = [
+        "batch.gradient_accumulation_steps=1",
+        "measure.steps=2",
+        "measure.warmup_steps=1",
+        f"data.synthetic_train_size={a.epoch_train_size}",
+    ]
+    plan = [
+        ("ok", small, None, []),
+        ("oom in a backward", big, "oom@backward:step=3", []),
+        ("ok", small, None, []),
+        ("oom in a forward", big, "oom@forward:step=3", []),
+        ("ok", small, None, []),
+        ("out of memory under a cap", a.budget_batch, None, [f"measure.memory_budget_gb={a.isolation_cap_gb}"]),
+        ("ok", small, None, []),
+    ]
     starts: list[dict] = []
     start = MemoryMonitor.start
 
     def noted(monitor):
         start(monitor)
         cuda = torch.cuda.is_available() and monitor.cuda
-        starts.append({"allocated": torch.cuda.memory_allocated(monitor.index) if cuda else monitor.baseline,
-                       "reserved": torch.cuda.memory_reserved(monitor.index) if cuda else None})
+        starts.append(
+            {
+                "allocated": torch.cuda.memory_allocated(monitor.index) if cuda else monitor.baseline,
+                "reserved": torch.cuda.memory_reserved(monitor.index) if cuda else None,
+            }
+        )
         return monitor
 
     MemoryMonitor.start = noted
@@ -182,7 +268,7 @@ def failed_cells_leave_nothing(ctx, kobart_overrides: list[str]) -> dict:
         for i, (what, bs, failpoint, extra) in enumerate(plan):
             failpoints.configure(failpoint or "")
             try:
-                cfg = compose(kobart_overrides + window + [f"batch.batch_size={bs}"] + extra)
+                cfg = compose(kobart(a) + window + [f"batch.batch_size={bs}"] + extra)
                 m = run_job(cfg, ctx.scratch / f"isolation_{i}", reuse_loaded=True)
             finally:
                 failpoints.configure(None)
@@ -194,15 +280,31 @@ def failed_cells_leave_nothing(ctx, kobart_overrides: list[str]) -> dict:
     first = cells[0]["allocated"]
     for c in cells:
         c["allocated_over_first"] = c["allocated"] / first if first else None
-        rows.append([c["cell"], c["micro_batch"], c["status"], gib(c["allocated"]), gib(c["reserved"]),
-                     fmt(c["allocated_over_first"], ".3f")])
-    print(table([[str(x) for x in r] for r in rows], ["cell", "micro-batch", "status", "allocated at start GiB",
-                                                      "reserved at start GiB", "/ first cell"]))
+        rows.append(
+            [
+                c["cell"],
+                c["micro_batch"],
+                c["status"],
+                gib(c["allocated"]),
+                gib(c["reserved"]),
+                fmt(c["allocated_over_first"], ".3f"),
+            ]
+        )
+    print(
+        table(
+            [[str(x) for x in r] for r in rows],
+            ["cell", "micro-batch", "status", "allocated at start GiB", "reserved at start GiB", "/ first cell"],
+        )
+    )
     later = [c["allocated_over_first"] for c in cells[1:] if c["allocated_over_first"] is not None]
     worst = max((abs(r - 1) for r in later), default=None)
-    expected = [("ok" if what == "ok" else "oom") for what, *_ in plan]
+    expected = [(Status.ok if what == "ok" else Status.oom) for what, *_ in plan]
     statuses_as_planned = [c["status"] for c in cells][:-2] == expected[:-2]  # the capped cell may end over_budget
     print(f"worst start against the first cell: {fmt(worst, '.1%')} (target <= 2%)")
-    return {"cells": cells, "worst_start_difference": worst, "target": 0.02,
-            "target_met": worst is not None and worst <= 0.02 and statuses_as_planned,
-            "statuses_as_planned": statuses_as_planned}
+    return {
+        "cells": cells,
+        "worst_start_difference": worst,
+        "target": 0.02,
+        "target_met": worst is not None and worst <= 0.02 and statuses_as_planned,
+        "statuses_as_planned": statuses_as_planned,
+    }
