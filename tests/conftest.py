@@ -1,7 +1,10 @@
 """Shared fixtures: compose the real config from conf/ and shrink it for fast CPU tests."""
+
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,10 +24,54 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 # Small and quick, but the real code path: tiny model, bundled data, short schedule. glibc's own
-# heap (measure.cpu_live_memory=false: about 1.6x faster on the CPU) where a test is not about
-# memory figures; those tests, and every command-line test, run the default.
-FAST = ["train.epochs=1", "eval.generate=false", "measure.warmup_steps=1", "measure.rss_interval_ms=5",
-        "measure.cpu_live_memory=false"]
+# heap (measure.cpu_live_memory=false: faster on the CPU, README "What a run measures" says by how
+# much) where a test is not about memory figures; those tests, and every command-line test, run the default.
+FAST = [
+    "train.epochs=1",
+    "eval.generate=false",
+    "measure.warmup_steps=1",
+    "measure.rss_interval_ms=5",
+    "measure.cpu_live_memory=false",
+]
+
+
+def cli(
+    *args,
+    module: str | None = None,
+    script: Path | None = None,
+    env: dict | None = None,
+    cwd: Path = ROOT,
+    timeout: float = 300,
+    code: int | None = None,
+) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` in its own process, as a user types it in `cwd` (run.py is this
+    checkout's wherever cwd is); `module`: `python -m MODULE ARGS` instead, `script`: `python SCRIPT
+    ARGS`. `env` adds to this process's environment (a None value removes the variable), which holds
+    the suite's one OpenMP thread (above); nothing is downloaded. `code`: the exit code it must end with."""
+    program = ["-m", module] if module else [str(script or ROOT / "run.py")]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, *program, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={k: v for k, v in environment.items() if v is not None},
+    )
+    if code is not None:
+        assert proc.returncode == code, f"exit {proc.returncode}, not {code}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, text: str, code: int) -> str:
+    """`proc` ended with exit `code` and no traceback, and its stderr holds exactly one line that
+    starts with "error:", which contains `text` ("" where any will do). Returns that line."""
+    assert proc.returncode == code, f"exit {proc.returncode}, not {code}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert text in errors[0], errors[0]
+    return errors[0]
 
 
 def compose_cfg(overrides=(), **kwargs):
@@ -41,8 +88,10 @@ def cfg_factory():
 
 @pytest.fixture
 def run_job(tmp_path):
-    """Compose with overrides and run one job in a fresh folder; returns (metrics, folder)."""
+    """Compose with overrides, validate (as a run's first reader does) and run one job in a fresh
+    folder; returns (metrics, folder)."""
     from summ.pipeline import run_job
+    from summ.validation import validate
 
     counter = {"n": 0}
 
@@ -51,6 +100,7 @@ def run_job(tmp_path):
         counter["n"] += 1
         out = tmp_path / f"job{counter['n']}"
         cfg = compose_cfg((FAST if fast else []) + list(overrides))
+        validate(cfg)
         failpoints.configure(failpoint or "")
         try:
             return run_job(cfg, out).to_dict(), out
@@ -64,6 +114,7 @@ def pytest_collection_modifyitems(config, items):
     """The longest tests first: the README's commands (2-3 minutes each), then the other end-to-end
     tests (marked slow). On two workers a long test that starts last leaves the other worker idle
     for its whole length."""
+
     def rank(item) -> int:
         if item.get_closest_marker("slow") is None:
             return 2

@@ -10,6 +10,7 @@ Events, in order, go to $SUMM_TEST_EVENTS/rank<N>.json at exit:
   "start"/"lap" the step clock opened a window / closed a step ([name, seconds] for a lap)
   "load"        the machine's load read (/proc), which must fall outside every step's window
 """
+
 import atexit
 import json
 import os
@@ -33,9 +34,11 @@ def install() -> list:
     """Install the recorders in this process (the patched functions stay; the caller restores
     them); returns the handles of the global hooks, to remove."""
     work = lambda *args: events.append("work")  # noqa: E731
-    handles = [torch.nn.modules.module.register_module_forward_hook(work),
-               torch.nn.modules.module.register_module_full_backward_hook(work),
-               register_optimizer_step_post_hook(work)]
+    handles = [
+        torch.nn.modules.module.register_module_forward_hook(work),
+        torch.nn.modules.module.register_module_full_backward_hook(work),
+        register_optimizer_step_post_hook(work),
+    ]
     synchronize, start, lap, probe = timing.synchronize, timing.StepClock.start, timing.StepClock.lap, loop.probe_memory
 
     def recorded_sync(device):

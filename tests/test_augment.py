@@ -1,5 +1,6 @@
 """Augmentation and TTA methods: tags and masked tokens preserved, deterministic under a seed,
 dev and test never augmented; the generation backend's cache; MBR."""
+
 from __future__ import annotations
 
 import random
@@ -10,8 +11,8 @@ import pytest
 
 from summ.data.augment import augment, rewrite_with_backend
 from summ.data.samples import bundled_sample_dir, read_csv
-from summ.inference.ensemble import mbr_select
 from summ.data.textops import mask_words, replace_synonyms, shuffle_turns
+from summ.inference.ensemble import mbr_select
 from summ.inference.tta import perturb
 
 TOKENS = re.compile(r"#[A-Za-z]+\d*#")
@@ -84,10 +85,10 @@ def test_methods_that_need_a_model_say_so():
 def tiny_translators(tmp_path_factory):
     """Two tiny local seq2seq models standing in for a MarianMT ko-en / en-ko pair."""
     import torch
+    from omegaconf import OmegaConf
 
     from summ.modeling import models
     from tests.conftest import compose_cfg
-    from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_object(compose_cfg([]))
     paths = {}
@@ -106,8 +107,15 @@ def tiny_translators(tmp_path_factory):
 def test_back_translation_through_local_models_is_cached_and_keeps_tokens(tiny_translators, tmp_path):
     from summ.inference.backends import build
 
-    gen = SimpleNamespace(kind="local", ko_en_path=tiny_translators["ko_en"], en_ko_path=tiny_translators["en_ko"],
-                          paraphrase_path=None, batch_size=8, max_new_tokens=12, num_beams=1)
+    gen = SimpleNamespace(
+        kind="local",
+        ko_en_path=tiny_translators["ko_en"],
+        en_ko_path=tiny_translators["en_ko"],
+        paraphrase_path=None,
+        batch_size=8,
+        max_new_tokens=12,
+        num_beams=1,
+    )
     backend = build(gen, tmp_path)
     samples = WITH_MASKS[:4]
     out = rewrite_with_backend([s.dialogue for s in samples], backend, ("ko_en", "en_ko"))
@@ -133,8 +141,12 @@ def test_tta_copies_keep_tokens_and_are_seeded():
 
 
 def test_mbr_picks_the_consensus():
-    cands = ["#Person1#은 내일 병원에 갑니다.", "#Person1#은 내일 병원에 가기로 합니다.", "두 사람은 점심을 먹습니다.",
-             "#Person1#은 내일 병원에 갑니다."]
+    cands = [
+        "#Person1#은 내일 병원에 갑니다.",
+        "#Person1#은 내일 병원에 가기로 합니다.",
+        "두 사람은 점심을 먹습니다.",
+        "#Person1#은 내일 병원에 갑니다.",
+    ]
     assert mbr_select(cands) in (0, 3)
     assert mbr_select(["a b c", "x y z", "a b d"], weights=[1.0, 100.0, 1.0]) in (0, 2)
 
@@ -150,11 +162,19 @@ def test_tta_paraphrase_goes_through_the_backend_and_keeps_tokens(tiny_translato
     from summ.inference.backends import build
     from summ.inference.tta import usable_methods
 
-    gen = SimpleNamespace(kind="local", ko_en_path=None, en_ko_path=None, paraphrase_path=tiny_translators["ko_en"],
-                          batch_size=8, max_new_tokens=12, num_beams=1)
+    gen = SimpleNamespace(
+        kind="local",
+        ko_en_path=None,
+        en_ko_path=None,
+        paraphrase_path=tiny_translators["ko_en"],
+        batch_size=8,
+        max_new_tokens=12,
+        num_beams=1,
+    )
     backend = build(gen, tmp_path)
-    cfg = SimpleNamespace(name="paraphrase", methods=["paraphrase"], num_aug=1, seed=0, shuffle_window=3,
-                          synonym_rate=0.5, mask_rate=0.1)
+    cfg = SimpleNamespace(
+        name="paraphrase", methods=["paraphrase"], num_aug=1, seed=0, shuffle_window=3, synonym_rate=0.5, mask_rate=0.1
+    )
     assert usable_methods(cfg, backend) == (["paraphrase"], {})
     copies = perturb(WITH_MASKS[:3], cfg, ["paraphrase"], None, backend)
     for orig, pert in zip(WITH_MASKS[:3], copies[0]):

@@ -1,4 +1,6 @@
-"""python -m summ.compare: one table across runs and sweeps, from hand-written job folders and a real run."""
+"""summ-compare (summ/reports/compare.py): one table across runs and sweeps, from hand-written job
+folders and a real run."""
+
 from __future__ import annotations
 
 import csv
@@ -14,13 +16,25 @@ GiB = 2**30
 
 
 def metrics(bs=8, ga=1, status="ok", sps=None, peak=None, rouge=None, model="tiny_bart"):
-    return {"status": status, "error": None if status == "ok" else f"{status} in train", "model": model,
-            "batch_size": bs, "gradient_accumulation_steps": ga, "effective_batch_size": bs * ga,
-            "train": {"samples_per_s": sps, "tokens_per_s": sps and sps * 150},
-            "memory": {"peak_bytes": peak},
-            "eval": {"rouge1": rouge, "rouge2": rouge and rouge / 2, "rougeL": rouge and rouge * 0.9,
-                     "rouge_mean": rouge and rouge * 0.8} if rouge else None,
-            "epoch_seconds_projected": sps and 12457 / sps}
+    return {
+        "status": status,
+        "error": None if status == "ok" else f"{status} in train",
+        "model": model,
+        "batch_size": bs,
+        "gradient_accumulation_steps": ga,
+        "effective_batch_size": bs * ga,
+        "train": {"samples_per_s": sps, "tokens_per_s": sps and sps * 150},
+        "memory": {"peak_bytes": peak},
+        "eval": {
+            "rouge1": rouge,
+            "rouge2": rouge and rouge / 2,
+            "rougeL": rouge and rouge * 0.9,
+            "rouge_mean": rouge and rouge * 0.8,
+        }
+        if rouge
+        else None,
+        "epoch_seconds_projected": sps and 12457 / sps,
+    }
 
 
 def run_dir(path, m=None, hydra=True, text=None):
@@ -65,7 +79,8 @@ def test_a_sweep_and_a_kfold_run_in_one_table(tmp_path, sweep, capsys):
     assert by["2"]["status"] == "oom" and by["2"]["samples_per_s"] == "" and float(by["2"]["peak_mem_gib"]) == 20.0
     assert by["3"]["status"] == "missing" and by["4"]["status"] == "corrupt"
     assert by["0"]["effective_batch_size"] == "4" and float(by["0"]["epoch_seconds_projected"]) == pytest.approx(
-        12457 / 9.5)
+        12457 / 9.5
+    )
     assert float(by["1"]["peak_mem_gib"]) == 2.5 and float(by["1"]["tokens_per_s"]) == pytest.approx(1537.5)
     assert list(rows[0]) == list(COLUMNS)
     lines = err.splitlines()

@@ -1,5 +1,6 @@
 """Data: the competition CSV format, masked tokens, causal prompt masking, padding, sampling,
 and the synthetic generator's length distribution."""
+
 from __future__ import annotations
 
 import statistics
@@ -9,17 +10,18 @@ import pytest
 from summ.config import ModelKind
 from summ.data.sampler import EpochSampler
 from summ.data.samples import MASKED_TOKENS, Sample, bundled_sample_dir, read_csv
-from summ.data.tokenize import IGNORE_INDEX, Collator, Encoder, TokenizedDataset
+from summ.data.tokenize import IGNORE_INDEX, Collator, Encoder, TokenizedDataset, batch_token_counts
 from summ.errors import DataError
-from summ.data.tokenize import batch_token_counts
 from summ.modeling.models import tiny_tokenizer
 
 
 def test_reads_bom_crlf_and_multiline_quoted_fields(tmp_path):
     path = tmp_path / "train.csv"
-    raw = ('fname,dialogue,summary,topic\r\n'
-           '"train_0","#Person1#: 안녕하세요.\r\n#Person2#: 네, 안녕하세요.","#Person1#과 #Person2#가 인사합니다.","인사"\r\n'
-           'train_1,"#Person1#: 전화번호는 #PhoneNumber#입니다.\n#Person2#: 알겠습니다.",#Person1#이 번호를 알려줍니다.,연락\r\n')
+    raw = (
+        "fname,dialogue,summary,topic\r\n"
+        '"train_0","#Person1#: 안녕하세요.\r\n#Person2#: 네, 안녕하세요.","#Person1#과 #Person2#가 인사합니다.","인사"\r\n'  # noqa: E501
+        'train_1,"#Person1#: 전화번호는 #PhoneNumber#입니다.\n#Person2#: 알겠습니다.",#Person1#이 번호를 알려줍니다.,연락\r\n'  # noqa: E501
+    )
     path.write_bytes("\ufeff".encode() + raw.encode("utf-8"))
     rows = read_csv(path, need_summary=True)
     assert [r.fname for r in rows] == ["train_0", "train_1"]
@@ -44,7 +46,9 @@ def test_missing_column_is_one_clear_line(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["train.csv", "dev.csv", "test.csv"])
-@pytest.mark.parametrize("header", ["fname,dialogue,summary\n", "\ufefffname,dialogue,summary\r\n", "fname,dialogue,summary"])
+@pytest.mark.parametrize(
+    "header", ["fname,dialogue,summary\n", "\ufefffname,dialogue,summary\r\n", "fname,dialogue,summary"]
+)
 def test_a_csv_with_a_header_and_no_rows_is_one_line_naming_it(tmp_path, run_job, name, header):
     """A header alone (with or without BOM and line end) once ended in an IndexError traceback."""
     import shutil
@@ -56,8 +60,10 @@ def test_a_csv_with_a_header_and_no_rows_is_one_line_naming_it(tmp_path, run_job
     (tmp_path / name).write_text(header if name != "test.csv" else header.replace(",summary", ""), encoding="utf-8")
     with pytest.raises(DataError) as err:
         read_csv(tmp_path / name, need_summary=name != "test.csv")
-    assert str(err.value) == f"{tmp_path / name}: no rows under its header; give the file its samples, or point " \
-                             f"data.dir at the folder that has them"
+    assert (
+        str(err.value) == f"{tmp_path / name}: no rows under its header; give the file its samples, or point "
+        f"data.dir at the folder that has them"
+    )
     if name == "dev.csv" and header.endswith("\n") and "\ufeff" not in header:  # the whole run, once
         with pytest.raises(DataError, match="no rows under its header"):
             run_job("data=dialogsum_ko", f"data.dir={tmp_path}", "measure.steps=1")
@@ -94,7 +100,7 @@ def test_causal_prompt_is_masked_and_summary_ends_with_eos():
     f = enc.encode(Sample("a", "#Person1#: 안녕하세요.\n#Person2#: 네.", ["#Person1#이 인사합니다."]))
     assert len(f.input_ids) == len(f.labels)
     assert f.labels[: f.prompt_len] == [IGNORE_INDEX] * f.prompt_len
-    assert f.labels[f.prompt_len:] == f.input_ids[f.prompt_len:] and f.labels[-1] == tok.eos_token_id
+    assert f.labels[f.prompt_len :] == f.input_ids[f.prompt_len :] and f.labels[-1] == tok.eos_token_id
     assert f.input_ids[0] == tok.bos_token_id
 
 
@@ -118,8 +124,10 @@ def test_collator_pads_dynamically_and_shifts_decoder_inputs():
     assert batch["input_ids"].shape == (3, longest)
     assert batch["attention_mask"].sum().item() == sum(len(f.input_ids) for f in feats)
     assert (batch["decoder_input_ids"][:, 0] == tok.eos_token_id).all()
-    assert (batch["decoder_input_ids"][:, 1:][batch["labels"][:, :-1] != IGNORE_INDEX]
-            == batch["labels"][:, :-1][batch["labels"][:, :-1] != IGNORE_INDEX]).all()
+    assert (
+        batch["decoder_input_ids"][:, 1:][batch["labels"][:, :-1] != IGNORE_INDEX]
+        == batch["labels"][:, :-1][batch["labels"][:, :-1] != IGNORE_INDEX]
+    ).all()
     tokens, pads = batch_token_counts(batch)
     assert tokens + pads == batch["input_ids"].numel() + batch["labels"].numel()
     assert pads == (batch["attention_mask"] == 0).sum().item()  # equal-length summaries: no decoder pad
@@ -143,7 +151,7 @@ def test_length_grouping_cuts_padding():
     def padded_fraction(order, bs=16):
         pad = real = 0
         for i in range(0, len(order) - bs + 1, bs):
-            chunk = [lengths[j] for j in order[i: i + bs]]
+            chunk = [lengths[j] for j in order[i : i + bs]]
             pad += max(chunk) * bs - sum(chunk)
             real += sum(chunk)
         return pad / (pad + real)

@@ -1,6 +1,7 @@
 """README's exit-code table, row by row: each code is reached by the cases its row names, single
 runs and sweeps alike (issue 21, item 14), and a sweep stopped with Ctrl-C says how to go on with
 the command that works (item 12)."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, assert_one_error_line, cli
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-QUICK = ["measure.steps=1", "measure.warmup_steps=1", "eval.enabled=false", "train.save_model=false",
-         "data.max_train_samples=40"]
+QUICK = [
+    "measure.steps=1",
+    "measure.warmup_steps=1",
+    "eval.enabled=false",
+    "train.save_model=false",
+    "data.max_train_samples=40",
+]
 
 
 def _closed_port_url() -> str:
@@ -31,26 +38,48 @@ SOLAR = ["model=solar_api", "mode=predict", "solar.cache_dir=null", "data.max_ev
 # (README row, what the case is, arguments, extra environment)
 CASES = [
     ("0", "a run that ends ok", QUICK, {}),
-    ("0", "a sweep with one ok cell and one over budget", ["-m", "batch.batch_size=2,64", *QUICK,
-                                                           "measure.memory_budget_gb=0.3"], {}),
+    (
+        "0",
+        "a sweep with one ok cell and one over budget",
+        ["-m", "batch.batch_size=2,64", *QUICK, "measure.memory_budget_gb=0.3"],
+        {},
+    ),
     ("1", "a crash in the training step", QUICK, {"SUMM_FAILPOINTS": "error@forward"}),
-    ("1", "a sweep whose every cell crashed", ["-m", "batch.batch_size=2,4", *QUICK], {"SUMM_FAILPOINTS": "error@forward"}),
-    ("1", "a service down (nothing answers at solar.base_url)", [*SOLAR, f"solar.base_url={_closed_port_url()}"],
-     {"UPSTAGE_API_KEY": "up_test_key"}),
+    (
+        "1",
+        "a sweep whose every cell crashed",
+        ["-m", "batch.batch_size=2,4", *QUICK],
+        {"SUMM_FAILPOINTS": "error@forward"},
+    ),
+    (
+        "1",
+        "a service down (nothing answers at solar.base_url)",
+        [*SOLAR, f"solar.base_url={_closed_port_url()}"],
+        {"UPSTAGE_API_KEY": "up_test_key"},
+    ),
     ("2", "a bad config value", ["batch.batch_size=0"], {}),
     ("2", "missing weights", ["model=kobart", *QUICK], {}),
     ("2", "a missing API key", SOLAR, {"UPSTAGE_API_KEY": ""}),
-    ("2", "a sweep whose every cell has the same bad input", ["-m", "model=kobart", "batch.batch_size=2,4", *QUICK], {}),
+    (
+        "2",
+        "a sweep whose every cell has the same bad input",
+        ["-m", "model=kobart", "batch.batch_size=2,4", *QUICK],
+        {},
+    ),
     ("2", "a folder that cannot take the files", QUICK, {}),  # hydra.run.dir under a file: set below
     ("3", "a run over its memory budget", [*QUICK, "measure.memory_budget_gb=0.001"], {}),
-    ("3", "a sweep whose every cell is over budget", ["-m", "batch.batch_size=2,4", *QUICK,
-                                                      "measure.memory_budget_gb=0.001"], {}),
+    (
+        "3",
+        "a sweep whose every cell is over budget",
+        ["-m", "batch.batch_size=2,4", *QUICK, "measure.memory_budget_gb=0.001"],
+        {},
+    ),
 ]
 
 
 def readme_rows() -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = text[text.index("| exit code | meaning |"):].split("\n\n")[0]
+    table = text[text.index("| exit code | meaning |") :].split("\n\n")[0]
     return [m.group(1).strip() for m in re.finditer(r"^\|\s*([0-9][0-9 /]*)\|", table, re.M)]
 
 
@@ -58,11 +87,6 @@ def test_every_row_of_the_table_has_its_cases():
     rows = readme_rows()
     assert rows == ["0", "1", "2", "3", "130 / 143"], rows
     assert {c[0] for c in CASES} | {"130 / 143"} == set(rows)  # 130/143: the signal tests below
-
-
-def run(args, env, cwd=ROOT, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**ENV, **env})
 
 
 @pytest.mark.slow
@@ -73,18 +97,17 @@ def test_each_case_exits_with_its_rows_code(tmp_path, row, what, args, env):
         folder = [f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"]
     else:
         folder = [f"hydra.{'sweep' if args[:1] == ['-m'] else 'run'}.dir={tmp_path / 'out'}"]
-    proc = run([*args, *folder], env)
+    proc = cli(*args, *folder, env=env)
     assert proc.returncode == int(row), f"{what}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
     if row != "0":
-        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1, proc.stderr[-3000:]
+        assert_one_error_line(proc, "", int(row))
 
 
 def _start(args, log: Path):
     out = log.open("w")
-    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=ENV, stdout=out,
-                            stderr=subprocess.STDOUT), out
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT
+    ), out
 
 
 def _wait_for(proc, check, what: str, log: Path, limit=240) -> None:
@@ -98,11 +121,23 @@ def _wait_for(proc, check, what: str, log: Path, limit=240) -> None:
 @pytest.mark.slow
 def test_sigterm_in_a_run_exits_143_and_says_how_to_resume(tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "out.log"
-    proc, out = _start(["data=synthetic", "data.synthetic_train_size=2000", "measure.steps=2000", "eval.enabled=false",
-                        f"hydra.run.dir={run_dir}"], log)
+    proc, out = _start(
+        [
+            "data=synthetic",
+            "data.synthetic_train_size=2000",
+            "measure.steps=2000",
+            "eval.enabled=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        log,
+    )
     with out:
-        _wait_for(proc, lambda: (run_dir / "run.log").exists() and "optimizer steps" in (run_dir / "run.log").read_text(),
-                  "training started", log)
+        _wait_for(
+            proc,
+            lambda: (run_dir / "run.log").exists() and "optimizer steps" in (run_dir / "run.log").read_text(),
+            "training started",
+            log,
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 143
     text = log.read_text()
@@ -116,12 +151,27 @@ def test_ctrl_c_in_a_sweep_exits_130_and_its_advice_works(tmp_path):
     train.resume_from, which would start every cell from one cell's checkpoint), and following it
     keeps the finished cells and measures the rest."""
     sweep, log = tmp_path / "sweep", tmp_path / "out.log"
-    grid = ["-m", "batch.batch_size=2,4,8", "data=synthetic", "data.synthetic_train_size=600", "measure.steps=300",
-            "measure.warmup_steps=1", f"hydra.sweep.dir={sweep}"]
+    grid = [
+        "-m",
+        "batch.batch_size=2,4,8",
+        "data=synthetic",
+        "data.synthetic_train_size=600",
+        "measure.steps=300",
+        "measure.warmup_steps=1",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc, out = _start(grid, log)
     with out:
-        _wait_for(proc, lambda: (sweep / "0" / "metrics.json").exists() and (sweep / "1" / "run.log").exists()
-                  and "optimizer steps" in (sweep / "1" / "run.log").read_text(), "job 1 trained", log)
+        _wait_for(
+            proc,
+            lambda: (
+                (sweep / "0" / "metrics.json").exists()
+                and (sweep / "1" / "run.log").exists()
+                and "optimizer steps" in (sweep / "1" / "run.log").read_text()
+            ),
+            "job 1 trained",
+            log,
+        )
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
     text = log.read_text()
@@ -129,13 +179,16 @@ def test_ctrl_c_in_a_sweep_exits_130_and_its_advice_works(tmp_path):
     assert advice and f"hydra.sweep.dir={sweep}" in advice[0] and "train.resume_from" not in text, text[-3000:]
     job0 = (sweep / "0" / "metrics.json").read_bytes()
     # what the advice used to be (the same command and train.resume_from) is refused before any cell starts
-    for extra in ([f"train.resume_from={sweep / '1' / 'checkpoints'}"], ["train.resume_from=latest"],
-                  ["sweep.resume=true", f"train.resume_from={tmp_path / 'elsewhere'}"]):
-        refused = run([*grid, *extra], {})
+    for extra in (
+        [f"train.resume_from={sweep / '1' / 'checkpoints'}"],
+        ["train.resume_from=latest"],
+        ["sweep.resume=true", f"train.resume_from={tmp_path / 'elsewhere'}"],
+    ):
+        refused = cli(*grid, *extra)
         assert refused.returncode == 2 and "in a sweep: it resumes one run" in refused.stderr, refused.stderr[-2000:]
     assert (sweep / "0" / "metrics.json").read_bytes() == job0 and not list(sweep.glob("superseded_*"))
     # the advice, followed: job 0 kept as it was, the others measured
-    resumed = run([*grid, "sweep.resume=true"], {}, timeout=600)
+    resumed = cli(*grid, "sweep.resume=true", timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (sweep / "0" / "metrics.json").read_bytes() == job0
     statuses = [json.loads((sweep / str(j) / "metrics.json").read_text())["status"] for j in range(3)]

@@ -1,10 +1,8 @@
 """SUMM_FAILPOINTS: faults injected by name (summ/failpoints.py)."""
+
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,19 +11,32 @@ from summ import failpoints
 from summ.errors import ConfigError
 from summ.failpoints import Failpoint, Where
 
-from .conftest import ROOT
+from .conftest import assert_one_error_line, cli
 
 
 def test_a_list_of_failpoints_parses_by_point_with_its_filters():
     armed = failpoints.parse("oom@backward:micro_batch=64:step=2, error@save ,oom@probe:rank=1:accumulation=2")
-    assert armed == {"backward": (Failpoint("oom", "backward", micro_batch=64, step=2),),
-                     "save": (Failpoint("error", "save"),),
-                     "probe": (Failpoint("oom", "probe", rank=1, accumulation=2),)}
+    assert armed == {
+        "backward": (Failpoint("oom", "backward", micro_batch=64, step=2),),
+        "save": (Failpoint("error", "save"),),
+        "probe": (Failpoint("oom", "probe", rank=1, accumulation=2),),
+    }
     assert failpoints.parse("") == {} and failpoints.parse(" , ") == {}
 
 
-@pytest.mark.parametrize("spec", ["oom", "oom@", "boom@forward", "oom@sideways", "oom@forward:step",
-                                  "oom@forward:step=two", "oom@forward:epoch=1", "oom@forward:step=1=2"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "oom",
+        "oom@",
+        "boom@forward",
+        "oom@sideways",
+        "oom@forward:step",
+        "oom@forward:step=two",
+        "oom@forward:epoch=1",
+        "oom@forward:step=1=2",
+    ],
+)
 def test_a_failpoint_that_is_not_one_is_a_config_error_naming_it(spec):
     with pytest.raises(ConfigError) as info:
         failpoints.parse(spec)
@@ -73,14 +84,19 @@ def test_the_forward_failpoint_raises_inside_the_module_with_its_output_alive():
 
 @pytest.mark.slow
 def test_the_command_line_reads_them_from_the_environment(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SUMM_FAILPOINTS": "oom@backward:micro_batch=16:step=2"}
-    proc = subprocess.run([sys.executable, "run.py", "-m", "batch.batch_size=2,16,2", f"hydra.sweep.dir={tmp_path}",
-                           "sweep.trial_samples=32", "sweep.trial_warmup_samples=16"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli(
+        "-m",
+        "batch.batch_size=2,16,2",
+        f"hydra.sweep.dir={tmp_path}",
+        "sweep.trial_samples=32",
+        "sweep.trial_warmup_samples=16",
+        env={"SUMM_FAILPOINTS": "oom@backward:micro_batch=16:step=2"},
+        timeout=600,
+        code=0,
+    )
     cells = [json.loads((tmp_path / str(i) / "metrics.json").read_text()) for i in range(3)]
     assert [c["status"] for c in cells] == ["ok", "oom", "ok"]
     assert "failpoint oom@backward (micro batch 16, accumulation 1, step 2, micro step 1)" in cells[1]["error"]
-    bad = subprocess.run([sys.executable, "run.py"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**env, "SUMM_FAILPOINTS": "oom@nowhere"})
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "SUMM_FAILPOINTS" in bad.stderr
+    bad = cli(env={"SUMM_FAILPOINTS": "oom@nowhere"}, timeout=120)
+    assert_one_error_line(bad, "SUMM_FAILPOINTS", 2)
+    assert bad.stderr.strip().count("\n") == 0  # and nothing else

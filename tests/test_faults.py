@@ -1,5 +1,6 @@
 """Fault injection: a sweep killed with SIGKILL in the middle of a job and resumed, corrupt result
 files in a real sweep folder, and a job whose result folder cannot exist."""
+
 from __future__ import annotations
 
 import csv
@@ -16,16 +17,17 @@ import pytest
 
 from summ.files import WriteFailed
 
-from .conftest import ROOT, compose_cfg
+from .conftest import ROOT, cli, compose_cfg
 
 # Three cells; 60 measured steps make job 1 last seconds, long enough to be killed inside it.
-GRID = ["batch.batch_size=2,4,8", "data=synthetic", "data.synthetic_train_size=600", "measure.steps=60",
-        "measure.warmup_steps=1"]
+GRID = [
+    "batch.batch_size=2,4,8",
+    "data=synthetic",
+    "data.synthetic_train_size=600",
+    "measure.steps=60",
+    "measure.warmup_steps=1",
+]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def _python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 def _files(folder: Path) -> dict[str, float]:
@@ -36,12 +38,21 @@ def _kill_inside_job_1(sweep: Path, log: Path) -> None:
     """Start the grid in its own process group and SIGKILL the group once job 0 has finished and
     job 1 has started (its folder exists, its metrics.json does not)."""
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep}", *GRID], cwd=ROOT,
-                                env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep}", *GRID],
+            cwd=ROOT,
+            env=ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 240
         try:
-            while not ((sweep / "0" / "metrics.json").exists() and (sweep / "1").is_dir()
-                       and not (sweep / "1" / "metrics.json").exists()):
+            while not (
+                (sweep / "0" / "metrics.json").exists()
+                and (sweep / "1").is_dir()
+                and not (sweep / "1" / "metrics.json").exists()
+            ):
                 assert proc.poll() is None, f"the sweep ended before job 1 was killed:\n{log.read_text()[-3000:]}"
                 assert time.monotonic() < deadline, f"job 1 never started:\n{log.read_text()[-3000:]}"
                 time.sleep(0.02)
@@ -61,8 +72,7 @@ def killed_and_resumed(tmp_path_factory):
     _kill_inside_job_1(sweep, root / "first.log")
     after_kill = _files(sweep)
     job0 = (sweep / "0" / "metrics.json").read_bytes()
-    resumed = _python("run.py", "-m", f"hydra.sweep.dir={sweep}", *GRID, "sweep.resume=true")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = cli("-m", f"hydra.sweep.dir={sweep}", *GRID, "sweep.resume=true", code=0)
     return sweep, after_kill, job0, resumed
 
 
@@ -83,17 +93,22 @@ def test_sigkill_inside_a_job_then_resume_measures_only_the_rest(killed_and_resu
     assert "resume:" in log and "not measured again" in log
     cells = {j: json.loads((sweep / j / "metrics.json").read_text()) for j in ("0", "1", "2")}
     assert {j: (m["status"], m["batch_size"]) for j, m in cells.items()} == {
-        "0": ("ok", 2), "1": ("ok", 4), "2": ("ok", 8)}
+        "0": ("ok", 2),
+        "1": ("ok", 4),
+        "2": ("ok", 8),
+    }
     assert cells["1"]["config_hash"] != cells["0"]["config_hash"]
     assert not list(sweep.rglob("*.tmp"))
     # sweep.csv: exactly the three cells, as their job folders hold them.
     rows = list(csv.DictReader((sweep / "sweep.csv").open()))
-    assert [(r["job"], r["status"], int(r["batch_size"])) for r in rows] == [("0", "ok", 2), ("1", "ok", 4),
-                                                                            ("2", "ok", 8)]
+    assert [(r["job"], r["status"], int(r["batch_size"])) for r in rows] == [
+        ("0", "ok", 2),
+        ("1", "ok", 4),
+        ("2", "ok", 8),
+    ]
     for r in rows:
         assert float(r["samples_per_s"]) == pytest.approx(cells[r["job"]]["train"]["samples_per_s"])
-    report = _python("-m", "summ.report", str(sweep))
-    assert report.returncode == 0, report.stderr[-2000:]
+    report = cli(sweep, module="summ.reports.knee_report", code=0)
     assert "recommended" in report.stdout.lower() and "warning" not in report.stderr
 
 
@@ -103,14 +118,14 @@ def test_a_truncated_metrics_json_in_a_real_sweep_is_a_warning(killed_and_resume
     shutil.copytree(killed_and_resumed[0], sweep)
     text = (sweep / "2" / "metrics.json").read_text()
     (sweep / "2" / "metrics.json").write_text(text[: len(text) // 2])  # what a torn write would leave
-    report = _python("-m", "summ.report", str(sweep))
-    assert report.returncode == 0 and "Traceback" not in report.stderr, report.stderr[-2000:]
+    report = cli(sweep, module="summ.reports.knee_report", code=0)
+    assert "Traceback" not in report.stderr, report.stderr[-2000:]
     assert "job 2: metrics.json is corrupt" in report.stderr
     rows = {r["job"]: r for r in csv.DictReader((sweep / "sweep.csv").open())}
     assert (rows["0"]["status"], rows["1"]["status"], rows["2"]["status"]) == ("ok", "ok", "corrupt")
     assert rows["2"]["batch_size"] == "8"  # read back from the job's .hydra/config.yaml
-    compare = _python("-m", "summ.compare", str(sweep), "--format", "csv")
-    assert compare.returncode == 0 and "Traceback" not in compare.stderr, compare.stderr[-2000:]
+    compare = cli(sweep, "--format", "csv", module="summ.reports.compare", code=0)
+    assert "Traceback" not in compare.stderr, compare.stderr[-2000:]
     warnings = compare.stderr.strip().splitlines()
     assert len(warnings) == 1 and warnings[0].startswith("warning: ")
     assert "job 2: metrics.json is corrupt" in warnings[0]
@@ -123,8 +138,15 @@ def test_a_job_whose_folder_cannot_exist_fails_with_one_line(tmp_path):
 
     blocker = tmp_path / "outputs"
     blocker.write_text("a file where the run folder's parent should be\n")
-    cfg = compose_cfg(["data.max_train_samples=16", "measure.steps=1", "measure.warmup_steps=0", "eval.enabled=false",
-                       "train.save_model=false"])
+    cfg = compose_cfg(
+        [
+            "data.max_train_samples=16",
+            "measure.steps=1",
+            "measure.warmup_steps=0",
+            "eval.enabled=false",
+            "train.save_model=false",
+        ]
+    )
     with pytest.raises(WriteFailed) as info:
         train(cfg, blocker / "run")
     message = str(info.value)

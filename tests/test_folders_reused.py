@@ -1,12 +1,10 @@
 """A run folder or a sweep folder belongs to one run or one launch (issue 21, items 4 and 11):
 what an earlier one left is moved aside before Hydra writes into it, unless this one resumes it,
 and a resume with nothing to resume is refused."""
+
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,15 +17,23 @@ from summ.errors import ConfigError
 from summ.run_folder import job_dirs
 from summ.sweeps.callbacks import one_launch_per_folder, one_run_per_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import assert_one_error_line, cli
+
 QUICK = ["measure.steps=1", "measure.warmup_steps=1", "eval.enabled=false", "train.save_model=false"]
 
 
 def config(tmp_path, run_dir=None, sweep_dir=None, resume=False, resume_from=None, model_path=None, reuse_from=None):
-    return OmegaConf.create({"hydra": {"run": {"dir": str(run_dir or tmp_path / "run")},
-                                       "sweep": {"dir": str(sweep_dir or tmp_path / "sweep")}},
-                             "sweep": {"resume": resume, "reuse_from": reuse_from},
-                             "train": {"resume_from": resume_from}, "model": {"path": model_path}})
+    return OmegaConf.create(
+        {
+            "hydra": {
+                "run": {"dir": str(run_dir or tmp_path / "run")},
+                "sweep": {"dir": str(sweep_dir or tmp_path / "sweep")},
+            },
+            "sweep": {"resume": resume, "reuse_from": reuse_from},
+            "train": {"resume_from": resume_from},
+            "model": {"path": model_path},
+        }
+    )
 
 
 def earlier_sweep(folder: Path, jobs=(0, 1)) -> None:
@@ -50,7 +56,8 @@ def test_an_earlier_launch_is_moved_aside_whole(tmp_path, launched_now):
     one_launch_per_folder(config(tmp_path))
     aside = sweep / "superseded_launch"
     assert sorted(p.name for p in aside.iterdir()) == sorted(
-        ["0", "1", "knee_report.md", "sweep.csv", "multirun.yaml", "knee.png", "best_overrides.txt"])
+        ["0", "1", "knee_report.md", "sweep.csv", "multirun.yaml", "knee.png", "best_overrides.txt"]
+    )
     assert job_dirs(sweep) == [] and (sweep / "notes.md").read_text() == "the user's own"
     earlier_sweep(sweep, jobs=(0,))  # and a third launch: beside the second's, nothing overwritten
     one_launch_per_folder(config(tmp_path))
@@ -89,6 +96,7 @@ def test_other_processes_wait_for_process_0s_move(tmp_path, launched_now, monkey
     earlier_sweep(sweep)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+
     def process_0_moves():
         (sweep / "0").rename(tmp_path / "gone0")
         (sweep / "1").rename(tmp_path / "gone1")
@@ -121,8 +129,18 @@ def test_a_run_folder_used_again_moves_everything_the_earlier_run_wrote(tmp_path
     assert (aside / "model" / "model.safetensors").read_text() == "weights"
     assert (aside / ".hydra" / "config.yaml").read_text() == "earlier"
     assert {p.name for p in run.iterdir()} == {"superseded_run", "my_notes.txt"}
-    assert {p.name for p in aside.iterdir()} == {".hydra", "model", "checkpoints", "fold_0", "tracking", "metrics.json",
-                                                 "run.log", "dev_predictions.csv", "loss.png", "data_quality.csv"}
+    assert {p.name for p in aside.iterdir()} == {
+        ".hydra",
+        "model",
+        "checkpoints",
+        "fold_0",
+        "tracking",
+        "metrics.json",
+        "run.log",
+        "dev_predictions.csv",
+        "loss.png",
+        "data_quality.csv",
+    }
 
 
 @pytest.mark.parametrize("how", ["resume_from", "resume"])
@@ -147,41 +165,39 @@ def test_a_run_folder_that_holds_what_the_run_reads_is_refused(tmp_path, key):
     assert (run / "model" / "model.safetensors").is_file()
 
 
-def cli(*args, code=0):
-    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == code, proc.stderr[-3000:]
-    return proc
-
-
 @pytest.mark.slow
 def test_a_sweep_folder_used_twice_reports_the_second_launch_only(tmp_path):
     sweep = tmp_path / "sweep"
-    cli("-m", "batch.batch_size=2,4", *QUICK, f"hydra.sweep.dir={sweep}")
+    cli("-m", "batch.batch_size=2,4", *QUICK, f"hydra.sweep.dir={sweep}", timeout=600, code=0)
     first = (sweep / "knee_report.md").read_text()
-    proc = cli("-m", "batch.batch_size=8", *QUICK, f"hydra.sweep.dir={sweep}")
+    proc = cli("-m", "batch.batch_size=8", *QUICK, f"hydra.sweep.dir={sweep}", timeout=600, code=0)
     assert "held an earlier launch (2 job folders" in proc.stderr
     report = (sweep / "knee_report.md").read_text()
     assert "Jobs: 1 (1 ok)" in report and "| 8 | 8 | 1 |" in report and "| 2 | 2 |" not in report
     assert (sweep / "superseded_launch" / "knee_report.md").read_text() == first
     assert json.loads((sweep / "superseded_launch" / "1" / "metrics.json").read_text())["batch_size"] == 4
-    proc = cli("-m", "batch.batch_size=2", *QUICK, "sweep.resume=true", f"hydra.sweep.dir={tmp_path / 'never'}", code=2)
-    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+    proc = cli(
+        "-m", "batch.batch_size=2", *QUICK, "sweep.resume=true", f"hydra.sweep.dir={tmp_path / 'never'}", timeout=600
+    )
+    assert assert_one_error_line(proc, "", 2) == (
         f"error: sweep.resume=true: {tmp_path / 'never'} holds no job folders of an earlier sweep to resume; set "
-        f"hydra.sweep.dir to that sweep's folder (outputs/multirun/<date_time>), or leave sweep.resume out"]
+        f"hydra.sweep.dir to that sweep's folder (outputs/multirun/<date_time>), or leave sweep.resume out"
+    )
     assert not (tmp_path / "never").exists() or not job_dirs(tmp_path / "never")
 
 
 @pytest.mark.slow
 def test_a_run_folder_used_twice_keeps_the_first_runs_weights_and_config(tmp_path):
     run = tmp_path / "run"
-    cli(*QUICK[:3], "train.save_model=true", f"hydra.run.dir={run}")
+    cli(*QUICK[:3], "train.save_model=true", f"hydra.run.dir={run}", timeout=600, code=0)
     weights = {p.name: p.read_bytes() for p in (run / "model").iterdir() if p.is_file()}
     first_config = (run / ".hydra" / "config.yaml").read_text()
-    proc = cli(*QUICK[:3], "train.save_model=true", "batch.batch_size=4", f"hydra.run.dir={run}")
+    proc = cli(*QUICK[:3], "train.save_model=true", "batch.batch_size=4", f"hydra.run.dir={run}", timeout=600, code=0)
     assert "held an earlier run" in proc.stderr
     aside = run / "superseded_run"
     assert {p.name: p.read_bytes() for p in (aside / "model").iterdir() if p.is_file()} == weights
-    assert (aside / ".hydra" / "config.yaml").read_text() == first_config != (run / ".hydra" / "config.yaml").read_text()
+    assert (
+        (aside / ".hydra" / "config.yaml").read_text() == first_config != (run / ".hydra" / "config.yaml").read_text()
+    )
     assert json.loads((run / "metrics.json").read_text())["batch_size"] == 4
     assert "batch_size=4" in (run / ".hydra" / "overrides.yaml").read_text()

@@ -1,6 +1,7 @@
 """Issue 21's own hostile pass (132 cases): what it found accepted silently, ending in a traceback
 or an unclear line, or losing work, each with its fix: refused where the input is first read, with
 one line that names the setting, or said in a warning where the setting is legitimately accepted."""
+
 from __future__ import annotations
 
 import csv
@@ -8,8 +9,6 @@ import json
 import logging
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,31 +18,36 @@ from summ.data.samples import bundled_sample_dir, read_csv
 from summ.errors import ConfigError, DataError
 from summ.validation import unused_settings, validate
 
-from .conftest import compose_cfg
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from .conftest import assert_one_error_line, cli, compose_cfg
 
 # --------------------------------------------------------------------------- settings refused where composed
 
 
-@pytest.mark.parametrize("overrides,says", [
-    (["model.tiny.heads=3"], "model.tiny.d_model=64 is not a multiple of model.tiny.heads=3"),
-    (["model=tiny_llama", "model.tiny.kv_heads=3"], "model.tiny.heads=4 is not a multiple of model.tiny.kv_heads=3"),
-    (["model.tiny.heads=0"], "model.tiny.heads=0 is invalid"),
-    (["model.tiny.dropout=1.5"], "model.tiny.dropout=1.5 is a probability"),
-    (["model.lora.dropout=-0.1"], "model.lora.dropout=-0.1 is a probability"),
-    (["model.tiny.dropout=1.0"], "model.tiny.dropout=1.0 is a probability: it must be in [0, 1)"),
-    (["inference=sampling", "inference.temperature=0"], "sampling needs a temperature > 0"),
-    (["inference.top_p=1.5"], "inference.top_p=1.5 is the nucleus' share"),
-    (["inference.top_p=0"], "inference.top_p=0.0 is the nucleus' share"),
-    (["data=synthetic", "data.synthetic_train_size=0"], "data.synthetic_train_size=0 is invalid"),
-    (["data=synthetic", "data.synthetic_eval_size=-1"], "data.synthetic_eval_size=-1 is invalid"),
-    (["measure.steps=2", "measure.samples=32"], "both set the measured window"),
-    (["mode=predict", "model.path=/x", "train.k_folds=3"], "predict uses one trained model"),
-    (["batch.batch_size=2", "batch.gradient_accumulation_steps=4", "batch.effective_batch_size=16"],
-     "batch.gradient_accumulation_steps=4 contradicts batch.effective_batch_size=16"),
-])
+@pytest.mark.parametrize(
+    "overrides,says",
+    [
+        (["model.tiny.heads=3"], "model.tiny.d_model=64 is not a multiple of model.tiny.heads=3"),
+        (
+            ["model=tiny_llama", "model.tiny.kv_heads=3"],
+            "model.tiny.heads=4 is not a multiple of model.tiny.kv_heads=3",
+        ),
+        (["model.tiny.heads=0"], "model.tiny.heads=0 is invalid"),
+        (["model.tiny.dropout=1.5"], "model.tiny.dropout=1.5 is a probability"),
+        (["model.lora.dropout=-0.1"], "model.lora.dropout=-0.1 is a probability"),
+        (["model.tiny.dropout=1.0"], "model.tiny.dropout=1.0 is a probability: it must be in [0, 1)"),
+        (["inference=sampling", "inference.temperature=0"], "sampling needs a temperature > 0"),
+        (["inference.top_p=1.5"], "inference.top_p=1.5 is the nucleus' share"),
+        (["inference.top_p=0"], "inference.top_p=0.0 is the nucleus' share"),
+        (["data=synthetic", "data.synthetic_train_size=0"], "data.synthetic_train_size=0 is invalid"),
+        (["data=synthetic", "data.synthetic_eval_size=-1"], "data.synthetic_eval_size=-1 is invalid"),
+        (["measure.steps=2", "measure.samples=32"], "both set the measured window"),
+        (["mode=predict", "model.path=/x", "train.k_folds=3"], "predict uses one trained model"),
+        (
+            ["batch.batch_size=2", "batch.gradient_accumulation_steps=4", "batch.effective_batch_size=16"],
+            "batch.gradient_accumulation_steps=4 contradicts batch.effective_batch_size=16",
+        ),
+    ],
+)
 def test_contradictions_and_impossible_values_are_refused(overrides, says):
     with pytest.raises(ConfigError) as err:
         validate(compose_cfg(overrides))
@@ -54,12 +58,15 @@ def test_an_accumulation_that_agrees_with_the_effective_batch_is_fine():
     assert resolve_batch(2, 8, 16, 1) == (2, 8, 16) and resolve_batch(2, 1, 16, 1) == (2, 8, 16)
 
 
-@pytest.mark.parametrize("overrides,says", [
-    (["augmentation=synonym", "augmentation.ratio=0"], "adds nothing: augmentation.ratio=0"),
-    (["tta=reorder", "eval.enabled=false"], "tta reorder runs at evaluation"),
-    (["tta=reorder", "eval.generate=false"], "tta reorder runs at evaluation"),
-    (["data.group_by_length=true", "batch.batch_size=1"], "a micro-batch of 1 has no padding to save"),
-])
+@pytest.mark.parametrize(
+    "overrides,says",
+    [
+        (["augmentation=synonym", "augmentation.ratio=0"], "adds nothing: augmentation.ratio=0"),
+        (["tta=reorder", "eval.enabled=false"], "tta reorder runs at evaluation"),
+        (["tta=reorder", "eval.generate=false"], "tta reorder runs at evaluation"),
+        (["data.group_by_length=true", "batch.batch_size=1"], "a micro-batch of 1 has no padding to save"),
+    ],
+)
 def test_settings_accepted_but_not_acted_on_are_said(overrides, says):
     [text] = unused_settings(compose_cfg(overrides))
     assert says in text
@@ -85,7 +92,7 @@ def test_a_repeated_column_is_refused(tmp_path):
 def test_a_quote_left_open_is_refused_not_merged(tmp_path):
     text = (bundled_sample_dir() / "train.csv").read_text(encoding="utf-8-sig")
     at = text.index('",')
-    (tmp_path / "t.csv").write_text(text[:at] + text[at + 1:], encoding="utf-8")
+    (tmp_path / "t.csv").write_text(text[:at] + text[at + 1 :], encoding="utf-8")
     with pytest.raises(DataError, match=r"t.csv: not a readable CSV \(line \d+: .*check its quoting"):
         read_csv(tmp_path / "t.csv", need_summary=True)
 
@@ -99,8 +106,9 @@ def test_training_on_the_dev_file_is_refused_and_an_overlap_said(tmp_path, caplo
     with pytest.raises(DataError, match="data.train_file and data.dev_file are the same file"):
         load_splits(DataConfig(name="x", source=DataSource.csv, dir=str(tmp_path), train_file="dev.csv"))
     dev = (tmp_path / "dev.csv").read_text(encoding="utf-8").splitlines()
-    (tmp_path / "train.csv").write_text("\n".join((tmp_path / "train.csv").read_text(encoding="utf-8").splitlines()
-                                                  + dev[1:]) + "\n", encoding="utf-8")
+    (tmp_path / "train.csv").write_text(
+        "\n".join((tmp_path / "train.csv").read_text(encoding="utf-8").splitlines() + dev[1:]) + "\n", encoding="utf-8"
+    )
     with caplog.at_level(logging.WARNING, logger="summ.data.splits"):
         load_splits(DataConfig(name="x", source=DataSource.csv, dir=str(tmp_path)))
     assert "30 of 30 dev dialogues are also in the training set" in caplog.text
@@ -115,9 +123,19 @@ def test_damaged_weights_are_one_line(tmp_path):
     from summ.errors import WeightsNotFound
     from summ.modeling.checks import from_pretrained_checked
 
-    BartForConditionalGeneration(BartConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                                            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-                                            vocab_size=64, max_position_embeddings=64)).save_pretrained(tmp_path)
+    BartForConditionalGeneration(
+        BartConfig(
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            vocab_size=64,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:300])
     with pytest.raises(WeightsNotFound, match=r"its weights cannot be read \(SafetensorError.*truncated or damaged"):
@@ -148,10 +166,19 @@ def test_a_memory_model_through_two_widths_predicts_nothing(tmp_path):
         d = tmp_path / str(i)
         (d / ".hydra").mkdir(parents=True)
         (d / ".hydra" / "overrides.yaml").write_text(f"- batch.batch_size={bs}\n")
-        (d / "metrics.json").write_text(json.dumps({
-            "status": "ok", "model": "m", "batch_size": bs, "gradient_accumulation_steps": 1, "effective_batch_size": bs,
-            "train": {"samples_per_s": 10.0 * bs, "samples": 64, "max_micro_batch_positions": bs * 100},
-            "memory": {"peak_bytes": bs * 2**28, "budget_bytes": 24 * 2**30, "limit_bytes": 20 * 2**30}}))
+        (d / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "status": "ok",
+                    "model": "m",
+                    "batch_size": bs,
+                    "gradient_accumulation_steps": 1,
+                    "effective_batch_size": bs,
+                    "train": {"samples_per_s": 10.0 * bs, "samples": 64, "max_micro_batch_positions": bs * 100},
+                    "memory": {"peak_bytes": bs * 2**28, "budget_bytes": 24 * 2**30, "limit_bytes": 20 * 2**30},
+                }
+            )
+        )
     a = build_report(tmp_path)
     assert a.memory_model.r2 == pytest.approx(1.0) and not a.memory_model.predicts
     assert a.predicted_largest_fitting is None
@@ -159,49 +186,44 @@ def test_a_memory_model_through_two_widths_predicts_nothing(tmp_path):
     assert "Fitted through 2 micro-batch widths" in md and "Predicted, not measured" not in md
 
 
-def tool(module, *args):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
-def one_line(proc, code=2):
-    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    return errors[0]
-
-
 def a_run(folder: Path, name: str, predictions: list[str], data="sample") -> Path:
     run = folder / name
     run.mkdir(parents=True)
-    (run / "metrics.json").write_text(json.dumps({"status": "ok", "model": "tiny_bart", "data": data,
-                                                  "train": {"samples_per_s": 10.0}}))
-    write(run / "dev_predictions.csv", ["fname", "prediction", "reference", "all_references"],
-          [[f"d{i}", p, "요약 하나", json.dumps(["요약 하나"], ensure_ascii=False)] for i, p in enumerate(predictions)])
+    (run / "metrics.json").write_text(
+        json.dumps({"status": "ok", "model": "tiny_bart", "data": data, "train": {"samples_per_s": 10.0}})
+    )
+    write(
+        run / "dev_predictions.csv",
+        ["fname", "prediction", "reference", "all_references"],
+        [[f"d{i}", p, "요약 하나", json.dumps(["요약 하나"], ensure_ascii=False)] for i, p in enumerate(predictions)],
+    )
     return run
 
 
 def test_ensemble_keeps_an_earlier_ensemble_and_refuses_bad_input_in_one_line(tmp_path):
     a, b = a_run(tmp_path, "a", ["요약 하나", "둘"]), a_run(tmp_path, "b", ["요약", "둘 셋"])
-    assert tool("summ.ensemble", str(a), str(b)).returncode == 0
+    cli(a, b, module="summ.inference.ensemble", timeout=120, code=0)
     first = (a / "ensemble_report.md").read_text()
-    assert tool("summ.ensemble", "--strategy", "weighted", str(a), str(b)).returncode == 0
+    cli("--strategy", "weighted", a, b, module="summ.inference.ensemble", timeout=120, code=0)
     assert (a / "ensemble_report.earlier.md").read_text() == first  # kept, not overwritten
     assert (a / "ensemble_predictions.earlier.csv").is_file() and "(weighted)" in (a / "ensemble_report.md").read_text()
     (tmp_path / "afile").write_text("")
-    assert "is a file, not a folder" in one_line(tool("summ.ensemble", "--out", str(tmp_path / "afile"), str(a), str(b)))
+    proc = cli("--out", tmp_path / "afile", a, b, module="summ.inference.ensemble", timeout=120)
+    assert_one_error_line(proc, "is a file, not a folder", 2)
     bad = tmp_path / "bad"
     bad.mkdir()
     write(bad / "dev_predictions.csv", ["fname", "summary"], [["d0", "x"], ["d1", "y"]])
-    assert "has no prediction column" in one_line(tool("summ.ensemble", str(a), str(bad)))
+    assert_one_error_line(cli(a, bad, module="summ.inference.ensemble", timeout=120), "has no prediction column", 2)
 
 
 def test_compare_says_when_runs_trained_on_other_data_and_refuses_a_folder_as_output(tmp_path):
     a_run(tmp_path, "a", ["x"])
     a_run(tmp_path, "b", ["x"], data="synthetic")
-    proc = tool("summ.compare", str(tmp_path))
+    proc = cli(tmp_path, module="summ.reports.compare", timeout=120)
     assert proc.returncode == 0 and "trained on different data (sample, synthetic)" in proc.stderr
     assert "| data |" in proc.stdout
-    assert "is a folder: give a file name" in one_line(tool("summ.compare", str(tmp_path), "--output", str(tmp_path)))
+    proc = cli(tmp_path, "--output", tmp_path, module="summ.reports.compare", timeout=120)
+    assert_one_error_line(proc, "is a folder: give a file name", 2)
 
 
 # --------------------------------------------------------------------------- folders, files, sweeps
@@ -225,9 +247,14 @@ def test_a_run_into_a_sweep_folder_and_a_sweep_into_a_run_folder_move_the_other_
     from summ.sweeps.callbacks import one_launch_per_folder, one_run_per_folder
 
     def cfg(folder):
-        return OmegaConf.create({"hydra": {"run": {"dir": str(folder)}, "sweep": {"dir": str(folder)}},
-                                 "sweep": {"resume": False, "reuse_from": None}, "train": {"resume_from": None},
-                                 "model": {"path": None}})
+        return OmegaConf.create(
+            {
+                "hydra": {"run": {"dir": str(folder)}, "sweep": {"dir": str(folder)}},
+                "sweep": {"resume": False, "reuse_from": None},
+                "train": {"resume_from": None},
+                "model": {"path": None},
+            }
+        )
 
     sweep = tmp_path / "sweep"
     for j in (0, 1):
@@ -269,9 +296,19 @@ def test_the_final_line_of_a_sweep_refused_as_a_whole_is_the_refusal():
     from summ.reports.cells import Cell
     from summ.sweeps.callbacks import why_none_ok
 
-    same = [Cell(job=str(i), overrides=[], status="failed", error="train.learning_rate=-1.0 is invalid: it must be > 0",
-                 user_error=True) for i in range(2)]
-    assert why_none_ok(same) == "every job of the sweep was refused: train.learning_rate=-1.0 is invalid: it must be > 0"
+    same = [
+        Cell(
+            job=str(i),
+            overrides=[],
+            status="failed",
+            error="train.learning_rate=-1.0 is invalid: it must be > 0",
+            user_error=True,
+        )
+        for i in range(2)
+    ]
+    assert (
+        why_none_ok(same) == "every job of the sweep was refused: train.learning_rate=-1.0 is invalid: it must be > 0"
+    )
     mixed = same[:1] + [Cell(job="1", overrides=[], status="oom")]
     assert why_none_ok(mixed) == "no job of the sweep ended ok (failed, oom)"
 
@@ -280,20 +317,16 @@ def test_the_final_line_of_a_sweep_refused_as_a_whole_is_the_refusal():
 def test_cli_cases_end_in_one_line(tmp_path):
     """A sweep preset run without -m; predict labelled with another model than the run's; tta that
     cannot run, refused before training."""
-    def run(*args, code=2):
-        proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        return one_line(proc, code)
-
-    assert "preset=knee_grid is a sweep: run it with -m" in run("preset=knee_grid", f"hydra.run.dir={tmp_path / 'p'}")
+    proc = cli("preset=knee_grid", f"hydra.run.dir={tmp_path / 'p'}")
+    assert_one_error_line(proc, "preset=knee_grid is a sweep: run it with -m", 2)
     assert "is a sweep" in json.loads((tmp_path / "p" / "metrics.json").read_text())["error"]  # the folder says why
     trained = tmp_path / "trained"
-    subprocess.run([sys.executable, "run.py", "measure.steps=1", "eval.enabled=false", f"hydra.run.dir={trained}"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
-    said = run("mode=predict", "model=tiny_llama", f"model.path={trained}", f"hydra.run.dir={tmp_path / 'q'}")
-    assert "model=tiny_llama, but model.path=" in said and "was trained as model=tiny_bart" in said
-    said = run("tta=paraphrase", "measure.steps=1", f"hydra.run.dir={tmp_path / 'r'}")
-    assert "tta=paraphrase: no generation backend for paraphrase" in said
+    cli("measure.steps=1", "eval.enabled=false", f"hydra.run.dir={trained}", code=0)
+    proc = cli("mode=predict", "model=tiny_llama", f"model.path={trained}", f"hydra.run.dir={tmp_path / 'q'}")
+    said = assert_one_error_line(proc, "model=tiny_llama, but model.path=", 2)
+    assert "was trained as model=tiny_bart" in said
+    proc = cli("tta=paraphrase", "measure.steps=1", f"hydra.run.dir={tmp_path / 'r'}")
+    assert_one_error_line(proc, "tta=paraphrase: no generation backend for paraphrase", 2)
     assert not (tmp_path / "r" / "train_history.jsonl").exists()  # before any training
 
 
@@ -301,9 +334,9 @@ def test_cli_cases_end_in_one_line(tmp_path):
 
 
 def test_tools_say_a_bad_option_in_one_line(tmp_path):
-    for module in ("summ.report", "summ.compare", "summ.ensemble"):
-        line = one_line(tool(module, "--no-such-option", str(tmp_path)))
-        assert "--help lists the options" in line, line
+    for module in ("summ.reports.knee_report", "summ.reports.compare", "summ.inference.ensemble"):
+        proc = cli("--no-such-option", tmp_path, module=module, timeout=120)
+        assert_one_error_line(proc, "--help lists the options", 2)
 
 
 def test_summ_report_refuses_a_runs_folder_a_k_fold_one_included(tmp_path):
@@ -311,7 +344,9 @@ def test_summ_report_refuses_a_runs_folder_a_k_fold_one_included(tmp_path):
     for k in (0, 1):
         (tmp_path / f"fold_{k}").mkdir()
         (tmp_path / f"fold_{k}" / "metrics.json").write_text('{"status": "ok"}')
-    assert "is a run's folder, not a sweep's" in one_line(tool("summ.report", str(tmp_path)))
+    assert_one_error_line(
+        cli(tmp_path, module="summ.reports.knee_report", timeout=120), "is a run's folder, not a sweep's", 2
+    )
     assert not (tmp_path / "knee_report.md").exists()
 
 
@@ -329,13 +364,15 @@ def test_a_job_whose_overrides_are_gone_is_warned_about(tmp_path):
 
 def test_different_tokenizers_are_not_different_samples():
     from summ.reports.cells import Cell
-    from summ.reports.knee import _measurement_warnings
+    from summ.reports.knee import measurement_warnings
 
-    cells = [Cell(job=str(i), overrides=[], status="ok", model=m, samples=64, tokens=t, samples_per_s=1.0)
-             for i, (m, t) in enumerate([("bart", 900), ("bart", 900), ("llama", 1200), ("llama", 1200)])]
-    assert not [w for w in _measurement_warnings(cells) if "different samples" in w]
+    cells = [
+        Cell(job=str(i), overrides=[], status="ok", model=m, samples=64, tokens=t, samples_per_s=1.0)
+        for i, (m, t) in enumerate([("bart", 900), ("bart", 900), ("llama", 1200), ("llama", 1200)])
+    ]
+    assert not [w for w in measurement_warnings(cells) if "different samples" in w]
     cells[1].tokens = 950
-    [said] = [w for w in _measurement_warnings(cells) if "different samples" in w]
+    [said] = [w for w in measurement_warnings(cells) if "different samples" in w]
     assert said.startswith("the bart cells measured different samples")
 
 
@@ -344,20 +381,20 @@ def test_compare_tells_two_csv_folders_apart(tmp_path):
         run = a_run(tmp_path, name, ["x"], data="dialogsum_ko")
         (run / ".hydra").mkdir()
         (run / ".hydra" / "config.yaml").write_text(f"data:\n  dir: {folder}\n")
-    proc = tool("summ.compare", str(tmp_path))
+    proc = cli(tmp_path, module="summ.reports.compare", timeout=120)
     assert "trained on different data (dialogsum_ko:/data/one, dialogsum_ko:/data/two)" in proc.stderr
 
 
 def test_a_submission_of_empty_summaries_is_warned_about(tmp_path, caplog):
     from summ.data.samples import Sample
-    from summ.inference.predict import _write_submission
+    from summ.inference.predict import write_submission
     from summ.run_folder import RunMetrics
 
     with caplog.at_level(logging.WARNING, logger="summ.inference.predict"):
-        _write_submission(True, tmp_path, [Sample("a", "d"), Sample("b", "d")], ["", "요약"], {}, RunMetrics())
+        write_submission(True, tmp_path, [Sample("a", "d"), Sample("b", "d")], ["", "요약"], {}, RunMetrics())
     assert "1 of 2 summaries are empty: raise inference.max_new_tokens" in caplog.text
 
 
 def test_a_flag_hydra_does_not_know_is_one_line():
-    proc = subprocess.run([sys.executable, "run.py", "--badflag"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert one_line(proc).startswith("error: unrecognized arguments: --badflag: python run.py --help")
+    line = assert_one_error_line(cli("--badflag", timeout=120), "unrecognized arguments: --badflag", 2)
+    assert line.startswith("error: unrecognized arguments: --badflag: python run.py --help")

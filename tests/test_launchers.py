@@ -1,12 +1,10 @@
 """Hydra launchers for parallel sweeps: local worker processes (hydra-joblib-launcher, the
 parallel_joblib preset) and SLURM job arrays (hydra-submitit-launcher, the slurm preset)."""
+
 from __future__ import annotations
 
 import csv
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -14,7 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 
 from summ.app import register as register_configs
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, cli
+
 SMALL = ["data.synthetic_train_size=600", "measure.steps=2", "measure.warmup_steps=1"]
 
 
@@ -34,8 +33,14 @@ def test_launcher_presets_say_how_to_use_them(preset):
 
 
 def test_slurm_preset_composes_with_a_search_and_keeps_it():
-    cfg = compose_with_hydra(["preset=[optuna_step_time,slurm]", "hydra.launcher.partition=gpu",
-                              "hydra.sweep.dir=/scratch/sweep", "+hydra.launcher.additional_parameters.reservation=r1"])
+    cfg = compose_with_hydra(
+        [
+            "preset=[optuna_step_time,slurm]",
+            "hydra.launcher.partition=gpu",
+            "hydra.sweep.dir=/scratch/sweep",
+            "+hydra.launcher.additional_parameters.reservation=r1",
+        ]
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
@@ -56,19 +61,28 @@ def test_parallel_joblib_preset_composes_with_a_grid_and_keeps_it():
 @pytest.mark.slow
 def test_joblib_launcher_runs_a_knee_grid_two_jobs_at_a_time(tmp_path):
     sweep = tmp_path / "jl"
-    proc = subprocess.run(
-        [sys.executable, "run.py", "-m", "preset=[knee_grid,parallel_joblib]", "batch.batch_size=1,2",
-         "batch.gradient_accumulation_steps=1,2", f"hydra.sweep.dir={sweep}", *SMALL],
-        check=False, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli(
+        "-m",
+        "preset=[knee_grid,parallel_joblib]",
+        "batch.batch_size=1,2",
+        "batch.gradient_accumulation_steps=1,2",
+        f"hydra.sweep.dir={sweep}",
+        *SMALL,
+        code=0,
+    )
     # two jobs at a time, the 2 cores divided between them (OpenMP threads would otherwise spin against each other)
     from summ.config import threads_per_job
 
     assert threads_per_job(2) == max(1, len(os.sched_getaffinity(0)) // 2)
-    assert f"joblib.parallel_backend(loky,inner_max_num_threads={threads_per_job(2)},n_jobs=2)" in proc.stdout + proc.stderr
+    assert (
+        f"joblib.parallel_backend(loky,inner_max_num_threads={threads_per_job(2)},n_jobs=2)"
+        in proc.stdout + proc.stderr
+    )
     with open(sweep / "sweep.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), [(r["job"], r["status"], r["error"]) for r in rows]
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), [
+        (r["job"], r["status"], r["error"]) for r in rows
+    ]
     assert "recommended" in [r["flags"] for r in rows]
     assert (sweep / "knee_report.md").is_file() and (sweep / "knee.png").is_file()
     # jobs 0 and 1 ran side by side: each started before the other had written its metrics

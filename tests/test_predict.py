@@ -1,31 +1,21 @@
 """Inference through the real CLI: a training run saves what mode=predict needs, predict writes the
 submission in the test file's order, quantized generation on the CPU, the inference-speed sweep,
 the run's plots, and model=solar_api against a local OpenAI-compatible server."""
+
 from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from summ.data.samples import bundled_sample_dir
 
+from .conftest import assert_one_error_line, cli
 from .test_solar import KEY, FakeSolar
 
-ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["train.epochs=2", "inference=greedy", "inference.max_new_tokens=12"]
-
-
-def cli(*args, env=None, ok=True, timeout=600):
-    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-    if ok:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def rows(path: Path) -> list[dict]:
@@ -36,14 +26,14 @@ def rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def bart_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("bart") / "run"
-    cli(f"hydra.run.dir={run}", "save_visualizations=true", *SHORT)
+    cli(f"hydra.run.dir={run}", "save_visualizations=true", *SHORT, timeout=600, code=0)
     return run
 
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("llama") / "run"
-    cli("model=tiny_llama", f"hydra.run.dir={run}", *SHORT)
+    cli("model=tiny_llama", f"hydra.run.dir={run}", *SHORT, timeout=600, code=0)
     return run
 
 
@@ -60,11 +50,12 @@ def _check_submission(pred: Path) -> None:
 def test_predict_from_a_trained_bart_run_reproduces_its_summaries_and_writes_the_submission(bart_run, tmp_path):
     saved = bart_run / "model"
     assert (saved / "model.safetensors").is_file() and (saved / "summ_config.yaml").is_file()
-    cli("mode=predict", f"model.path={bart_run}", f"hydra.run.dir={tmp_path}", *SHORT)
+    cli("mode=predict", f"model.path={bart_run}", f"hydra.run.dir={tmp_path}", *SHORT, timeout=600, code=0)
     _check_submission(tmp_path)
     # the reloaded weights and tokenizer give the training run's own dev summaries
-    assert [r["prediction"] for r in rows(tmp_path / "dev_predictions.csv")] == \
-           [r["prediction"] for r in rows(bart_run / "dev_predictions.csv")]
+    assert [r["prediction"] for r in rows(tmp_path / "dev_predictions.csv")] == [
+        r["prediction"] for r in rows(bart_run / "dev_predictions.csv")
+    ]
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["status"] == "ok" and m["mode"] == "predict" and m["predict"]["rows"] == 30
     assert m["eval"]["generation_ms_per_sample"] > 0 and m["eval"]["generation_samples_per_s"] > 0
@@ -75,17 +66,27 @@ def test_predict_from_a_lora_run_loads_the_adapter_over_its_base(llama_run, tmp_
     saved = llama_run / "model"
     assert (saved / "adapter_config.json").is_file() and not (saved / "model.safetensors").exists()
     # no model=tiny_llama here: the run's saved config brings back the architecture and prompt
-    cli("mode=predict", f"model.path={llama_run}", f"hydra.run.dir={tmp_path}", *SHORT)
+    cli("mode=predict", f"model.path={llama_run}", f"hydra.run.dir={tmp_path}", *SHORT, timeout=600, code=0)
     _check_submission(tmp_path)
-    assert [r["prediction"] for r in rows(tmp_path / "dev_predictions.csv")] == \
-           [r["prediction"] for r in rows(llama_run / "dev_predictions.csv")]
+    assert [r["prediction"] for r in rows(tmp_path / "dev_predictions.csv")] == [
+        r["prediction"] for r in rows(llama_run / "dev_predictions.csv")
+    ]
     assert json.loads((tmp_path / "metrics.json").read_text())["lora_adapter"] is True
 
 
 @pytest.mark.slow
 def test_quantized_generation_sweep_reports_speed_against_rouge(bart_run, tmp_path):
-    cli("-m", "preset=inference_speed", f"model.path={bart_run}", f"hydra.sweep.dir={tmp_path}",
-        "inference.batch_size=16", "inference.sort_by_length=true", *SHORT[1:])
+    cli(
+        "-m",
+        "preset=inference_speed",
+        f"model.path={bart_run}",
+        f"hydra.sweep.dir={tmp_path}",
+        "inference.batch_size=16",
+        "inference.sort_by_length=true",
+        *SHORT[1:],
+        timeout=600,
+        code=0,
+    )
     report = (tmp_path / "inference_report.md").read_text()
     table = [line for line in report.splitlines() if line.startswith("| ") and "| ok" in line]
     assert {line.split("|")[2].strip() for line in table} == {"none", "dynamic_int8", "bnb_8bit", "bnb_4bit"}
@@ -99,12 +100,23 @@ def test_quantized_generation_sweep_reports_speed_against_rouge(bart_run, tmp_pa
 
 @pytest.mark.slow
 def test_a_quantized_predict_run_compares_itself_with_unquantized(bart_run, tmp_path):
-    cli("mode=predict", f"model.path={bart_run}", f"hydra.run.dir={tmp_path}", "inference.quantization=dynamic_int8",
-        "predict.submission=false", *SHORT[1:])
+    cli(
+        "mode=predict",
+        f"model.path={bart_run}",
+        f"hydra.run.dir={tmp_path}",
+        "inference.quantization=dynamic_int8",
+        "predict.submission=false",
+        *SHORT[1:],
+        timeout=600,
+        code=0,
+    )
     ev = json.loads((tmp_path / "metrics.json").read_text())["eval"]
     assert ev["quantization"] == "dynamic_int8" and ev["unquantized"]["n"] == ev["n"] == 30
     assert ev["speedup"] > 0 and abs(ev["rouge_mean_change"]) <= 1
-    assert ev["unquantized"]["model_bytes"] > json.loads((tmp_path / "metrics.json").read_text())["inference"]["model_bytes"]
+    assert (
+        ev["unquantized"]["model_bytes"]
+        > json.loads((tmp_path / "metrics.json").read_text())["inference"]["model_bytes"]
+    )
 
 
 @pytest.mark.slow
@@ -114,25 +126,37 @@ def test_run_plots_have_their_pictures(bart_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,expect", [
-    (["mode=predict"], "set model.path="),
-    (["mode=predict", "model.path=/nonexistent/run"], "holds no trained model"),
-    (["mode=predict", "model.path=/tmp", "inference.quantization=int3"], "inference.quantization=int3: Invalid value"),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["mode=predict"], "set model.path="),
+        (["mode=predict", "model.path=/nonexistent/run"], "holds no trained model"),
+        (
+            ["mode=predict", "model.path=/tmp", "inference.quantization=int3"],
+            "inference.quantization=int3: Invalid value",
+        ),
+    ],
+)
 def test_predict_input_errors_are_one_line(tmp_path, args, expect):
-    proc = cli(*args, f"hydra.run.dir={tmp_path}", ok=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and expect in errors[0]
+    assert_one_error_line(cli(*args, f"hydra.run.dir={tmp_path}", timeout=600), expect, 2)
 
 
 @pytest.mark.slow
 def test_solar_api_model_scores_dev_and_writes_the_submission_without_leaking_the_key(tmp_path):
     fake = FakeSolar()
     try:
-        cli("model=solar_api", "mode=predict", f"solar.base_url={fake.base_url}", f"hydra.run.dir={tmp_path}",
-            "solar.cache_dir=null", "solar.prompt_strategy=few_shot_chat", "solar.requests_per_minute=6000",
-            env={"UPSTAGE_API_KEY": KEY})
+        cli(
+            "model=solar_api",
+            "mode=predict",
+            f"solar.base_url={fake.base_url}",
+            f"hydra.run.dir={tmp_path}",
+            "solar.cache_dir=null",
+            "solar.prompt_strategy=few_shot_chat",
+            "solar.requests_per_minute=6000",
+            env={"UPSTAGE_API_KEY": KEY},
+            timeout=600,
+            code=0,
+        )
     finally:
         fake.close()
     m = json.loads((tmp_path / "metrics.json").read_text())
@@ -147,13 +171,14 @@ def test_solar_api_model_scores_dev_and_writes_the_submission_without_leaking_th
 
 @pytest.mark.slow
 def test_solar_api_without_a_key_is_one_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "UPSTAGE_API_KEY"}
-    proc = subprocess.run([sys.executable, "run.py", "model=solar_api", "solar.base_url=http://127.0.0.1:9/v1",
-                           "solar.cache_dir=null", f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "UPSTAGE_API_KEY" in errors[0]
+    proc = cli(
+        "model=solar_api",
+        "solar.base_url=http://127.0.0.1:9/v1",
+        "solar.cache_dir=null",
+        f"hydra.run.dir={tmp_path}",
+        env={"UPSTAGE_API_KEY": None},
+    )
+    assert_one_error_line(proc, "UPSTAGE_API_KEY", 2)
 
 
 @pytest.mark.slow
@@ -161,12 +186,19 @@ def test_a_solar_run_is_an_ensemble_member_and_solar_is_an_augmentation_backend(
     fake = FakeSolar()
     try:
         solar = tmp_path / "solar"
-        cli("model=solar_api", f"solar.base_url={fake.base_url}", f"hydra.run.dir={solar}", "solar.cache_dir=null",
-            "solar.requests_per_minute=6000", env={"UPSTAGE_API_KEY": KEY})
-        proc = subprocess.run([sys.executable, "-m", "summ.ensemble", str(bart_run), str(solar), "--out",
-                               str(tmp_path / "ens")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        cli(
+            "model=solar_api",
+            f"solar.base_url={fake.base_url}",
+            f"hydra.run.dir={solar}",
+            "solar.cache_dir=null",
+            "solar.requests_per_minute=6000",
+            env={"UPSTAGE_API_KEY": KEY},
+            timeout=600,
+            code=0,
+        )
+        cli(bart_run, solar, "--out", tmp_path / "ens", module="summ.inference.ensemble", code=0)
         assert len(rows(tmp_path / "ens" / "ensemble_predictions.csv")) == 30
+
         # back-translation through the API: ko->en then en->ko for every utterance of the chosen dialogues
         def translate(body):
             text = body["messages"][-1]["content"]
@@ -174,10 +206,21 @@ def test_a_solar_run_is_an_ensemble_member_and_solar_is_an_augmentation_backend(
 
         fake.answer = translate
         aug = tmp_path / "aug"
-        cli("augmentation=back_translation", "augmentation.ratio=0.05", "generation.kind=solar",
-            f"solar.base_url={fake.base_url}", "solar.cache_dir=null", "generation.cache_dir=" + str(tmp_path / "gc"),
-            "solar.requests_per_minute=6000", f"hydra.run.dir={aug}", "train.epochs=1", "eval.enabled=false",
-            env={"UPSTAGE_API_KEY": KEY})
+        cli(
+            "augmentation=back_translation",
+            "augmentation.ratio=0.05",
+            "generation.kind=solar",
+            f"solar.base_url={fake.base_url}",
+            "solar.cache_dir=null",
+            "generation.cache_dir=" + str(tmp_path / "gc"),
+            "solar.requests_per_minute=6000",
+            f"hydra.run.dir={aug}",
+            "train.epochs=1",
+            "eval.enabled=false",
+            env={"UPSTAGE_API_KEY": KEY},
+            timeout=600,
+            code=0,
+        )
     finally:
         fake.close()
     report = json.loads((aug / "metrics.json").read_text())["augmentation"]

@@ -1,23 +1,23 @@
 """Data-quality validation: planted bad rows are listed with their reasons and left out of
 training; the run goes on with the good rows; a file without a summary column stops cleanly."""
+
 from __future__ import annotations
 
 import csv
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from summ.data.samples import Sample, bundled_sample_dir, read_csv
 from summ.data.quality import assess
+from summ.data.samples import Sample, bundled_sample_dir, read_csv
 from summ.errors import DataError
 from summ.inference.scoring import rouge_scores
 
-ROOT = Path(__file__).resolve().parents[1]
-GOOD = "#Person1#: 안녕하세요, 예약을 바꾸고 싶어요.\n#Person2#: 네, 언제로 바꿔 드릴까요?\n#Person1#: 금요일 저녁으로 부탁드려요."
+from .conftest import assert_one_error_line, cli
+
+GOOD = "#Person1#: 안녕하세요, 예약을 바꾸고 싶어요.\n#Person2#: 네, 언제로 바꿔 드릴까요?\n#Person1#: 금요일 저녁으로 부탁드려요."  # noqa: E501
 
 
 def write_csv(path: Path, rows: list[list[str]], header=("fname", "dialogue", "summary", "topic")) -> None:
@@ -34,8 +34,12 @@ def planted(folder: Path) -> None:
         ["bad_empty", "", "#Person1#은 아무 말도 하지 않습니다.", "빈 대화"],
         ["bad_speaker", GOOD, "#Person3#은 #Person1#에게 예약 변경을 부탁합니다.", "예약"],
         [train[0].fname, train[1].dialogue + "\n#Person1#: 감사합니다.", train[1].summary, "중복"],
-        ["bad_mask", GOOD.replace("금요일 저녁으로", "#PhoneNumber 로 연락 주시고 금요일로"),
-         "#Person1#은 #Person2#에게 예약을 금요일로 바꿔 달라고 합니다.", "예약"],
+        [
+            "bad_mask",
+            GOOD.replace("금요일 저녁으로", "#PhoneNumber 로 연락 주시고 금요일로"),
+            "#Person1#은 #Person2#에게 예약을 금요일로 바꿔 달라고 합니다.",
+            "예약",
+        ],
     ]
     write_csv(folder / "train.csv", rows)
     dev = read_csv(bundled_sample_dir() / "dev.csv", need_summary=True)[:6]
@@ -43,11 +47,17 @@ def planted(folder: Path) -> None:
 
 
 def test_each_check_on_hand_made_samples():
-    rows = assess([Sample("a", GOOD, ["#Person1#은 예약을 금요일로 바꿉니다."]),
-                   Sample("b", GOOD.replace("#Person2#:", "Person2:"), ["#Person1#은 예약을 바꿉니다."]),
-                   Sample("c", "Hello there, how are you?\nFine thanks.", ["They greet."]),
-                   Sample("d", GOOD + " \ufffd", ["#Person1#은 예약을 바꿉니다."]),
-                   Sample("e", GOOD, [""])], "train", threshold=0.7)
+    rows = assess(
+        [
+            Sample("a", GOOD, ["#Person1#은 예약을 금요일로 바꿉니다."]),
+            Sample("b", GOOD.replace("#Person2#:", "Person2:"), ["#Person1#은 예약을 바꿉니다."]),
+            Sample("c", "Hello there, how are you?\nFine thanks.", ["They greet."]),
+            Sample("d", GOOD + " \ufffd", ["#Person1#은 예약을 바꿉니다."]),
+            Sample("e", GOOD, [""]),
+        ],
+        "train",
+        threshold=0.7,
+    )
     by = {r.fname: r for r in rows}
     assert by["a"].failed == [] and by["a"].score == 1.0 and by["a"].kept
     assert "malformed_speaker_tags" in by["b"].failed and not by["b"].kept
@@ -60,8 +70,9 @@ def test_planted_rows_are_listed_dropped_and_the_run_goes_on(run_job, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     planted(data)
-    m, out = run_job("data=dialogsum_ko", f"data.dir={data}", "data.validate=true", "measure.steps=2",
-                     "batch.batch_size=4")
+    m, out = run_job(
+        "data=dialogsum_ko", f"data.dir={data}", "data.validate=true", "measure.steps=2", "batch.batch_size=4"
+    )
     assert m["status"] == "ok", m["error"]
     rows = list(csv.DictReader((out / "data_quality.csv").open(encoding="utf-8")))
     assert len(rows) == 44 + 6
@@ -82,25 +93,28 @@ def test_csv_without_summary_column_stops_with_one_line(tmp_path):
     data.mkdir()
     write_csv(data / "train.csv", [["t0", GOOD]], header=("fname", "dialogue"))
     write_csv(data / "dev.csv", [["d0", GOOD, "요약"]], header=("fname", "dialogue", "summary"))
-    proc = subprocess.run([sys.executable, "run.py", "data=dialogsum_ko", f"data.dir={data}", "data.validate=true",
-                           f"hydra.run.dir={tmp_path}/run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "train.csv: missing column(s) summary" in errors[0]
-    assert "Traceback" not in proc.stderr
+    proc = cli(
+        "data=dialogsum_ko", f"data.dir={data}", "data.validate=true", f"hydra.run.dir={tmp_path}/run", timeout=120
+    )
+    assert_one_error_line(proc, "train.csv: missing column(s) summary", 2)
 
 
 def test_a_missing_value_is_never_a_summary(tmp_path):
     """What pandas or a spreadsheet writes for a missing cell (NaN, None, null, N/A, blanks) is no
     reference: not in read_csv, not in ROUGE; a file with no summary at all stops with one line."""
     markers = ["NaN", "nan", "None", "null", "NULL", "", "   ", "N/A", "<NA>", "-nan"]
-    rows = [[f"t{i}", GOOD, m, "x"] for i, m in enumerate(markers)] + [["ok", GOOD, "#Person1#은 예약을 바꿉니다.", "x"]]
+    rows = [[f"t{i}", GOOD, m, "x"] for i, m in enumerate(markers)] + [
+        ["ok", GOOD, "#Person1#은 예약을 바꿉니다.", "x"]
+    ]
     write_csv(tmp_path / "train.csv", rows)
     samples = read_csv(tmp_path / "train.csv", need_summary=True)
     assert [s.summaries for s in samples[:-1]] == [[]] * len(markers) and samples[-1].summaries
     # a second reference column holding a marker adds nothing
-    write_csv(tmp_path / "two.csv", [["a", GOOD, "#Person1#은 예약을 바꿉니다.", "nan"]],
-              header=("fname", "dialogue", "summary", "summary2"))
+    write_csv(
+        tmp_path / "two.csv",
+        [["a", GOOD, "#Person1#은 예약을 바꿉니다.", "nan"]],
+        header=("fname", "dialogue", "summary", "summary2"),
+    )
     assert read_csv(tmp_path / "two.csv", need_summary=True)[0].summaries == ["#Person1#은 예약을 바꿉니다."]
     write_csv(tmp_path / "none.csv", [[f"t{i}", GOOD, m, "x"] for i, m in enumerate(markers)])
     with pytest.raises(DataError, match=r"none.csv: no row has a summary"):

@@ -1,4 +1,5 @@
 """The knee report from hand-made job folders: flags, recommendation, memory model, bad files."""
+
 from __future__ import annotations
 
 import json
@@ -13,22 +14,58 @@ from summ.reports.knee_report import build_report, main
 GB = 10**9
 
 
-def job(root, num, bs, ga, status="ok", sps=None, peak=None, positions=None, budget=24 * GB, headroom=0.9,
-        rouge=None, extra_overrides=(), alloc_retries=None, interval=None, busy=False, samples=None):
+def job(
+    root,
+    num,
+    bs,
+    ga,
+    status="ok",
+    sps=None,
+    peak=None,
+    positions=None,
+    budget=24 * GB,
+    headroom=0.9,
+    rouge=None,
+    extra_overrides=(),
+    alloc_retries=None,
+    interval=None,
+    busy=False,
+    samples=None,
+):
     d = root / str(num)
     (d / ".hydra").mkdir(parents=True)
     overrides = [f"batch.batch_size={bs}", f"batch.gradient_accumulation_steps={ga}", *extra_overrides]
     (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    m = {"status": status, "error": None if status == "ok" else f"{status} in train", "model": "llama",
-         "batch_size": bs, "gradient_accumulation_steps": ga, "effective_batch_size": bs * ga,
-         "mixed_precision": "no", "gradient_checkpointing": True,
-         "train": {"samples_per_s": sps, "tokens_per_s": sps and sps * 300, "seconds_per_sample": sps and 1 / sps,
-                   "step_time_s_median": sps and bs * ga / sps, "max_micro_batch_positions": positions,
-                   "pad_fraction": 0.2, "samples_per_s_interval": interval, "samples": samples},
-         "memory": {"peak_bytes": peak, "budget_bytes": budget, "limit_bytes": int(budget * headroom),
-                    "fraction": peak and peak / budget, "alloc_retries": alloc_retries},
-         "machine": {"busy": busy},
-         "eval": {"rouge_mean": rouge, "loss": 1.0} if rouge else None, "epoch_seconds_projected": sps and 12457 / sps}
+    m = {
+        "status": status,
+        "error": None if status == "ok" else f"{status} in train",
+        "model": "llama",
+        "batch_size": bs,
+        "gradient_accumulation_steps": ga,
+        "effective_batch_size": bs * ga,
+        "mixed_precision": "no",
+        "gradient_checkpointing": True,
+        "train": {
+            "samples_per_s": sps,
+            "tokens_per_s": sps and sps * 300,
+            "seconds_per_sample": sps and 1 / sps,
+            "step_time_s_median": sps and bs * ga / sps,
+            "max_micro_batch_positions": positions,
+            "pad_fraction": 0.2,
+            "samples_per_s_interval": interval,
+            "samples": samples,
+        },
+        "memory": {
+            "peak_bytes": peak,
+            "budget_bytes": budget,
+            "limit_bytes": int(budget * headroom),
+            "fraction": peak and peak / budget,
+            "alloc_retries": alloc_retries,
+        },
+        "machine": {"busy": busy},
+        "eval": {"rouge_mean": rouge, "loss": 1.0} if rouge else None,
+        "epoch_seconds_projected": sps and 12457 / sps,
+    }
     (d / "metrics.json").write_text(json.dumps(m))
     return d
 
@@ -79,8 +116,16 @@ def test_overlapping_rates_are_ties_and_busy_or_uneven_cells_are_warned_about(tm
 
 def test_each_combination_of_other_settings_gets_its_own_knee(tmp_path):
     for i, (bs, sps, ckpt) in enumerate([(4, 50.0, "true"), (8, 70.0, "true"), (4, 80.0, "false"), (8, 60.0, "false")]):
-        job(tmp_path, i, bs, 1, sps=sps, peak=(i + 1) * GB, positions=bs * 400,
-            extra_overrides=[f"model.gradient_checkpointing={ckpt}"])
+        job(
+            tmp_path,
+            i,
+            bs,
+            1,
+            sps=sps,
+            peak=(i + 1) * GB,
+            positions=bs * 400,
+            extra_overrides=[f"model.gradient_checkpointing={ckpt}"],
+        )
     a = build_report(tmp_path)
     assert a.recommended.batch_size == 4 and "model.gradient_checkpointing=false" in a.reason
     labels = {g.label: g.recommended.batch_size for g in a.groups}
@@ -123,8 +168,17 @@ def test_cells_that_did_not_fit_are_shown_and_excluded(tmp_path):
 def test_memory_model_fits_and_predicts_the_largest_fitting_batch(tmp_path):
     # exact line: 2 GB + 1 MB per position, 500 positions per sample
     for i, bs in enumerate((2, 4, 8)):
-        job(tmp_path, i, bs, 1, sps=10.0 * bs, peak=int(2 * GB + 1e6 * bs * 500), positions=bs * 500,
-            budget=20 * GB, headroom=1.0)
+        job(
+            tmp_path,
+            i,
+            bs,
+            1,
+            sps=10.0 * bs,
+            peak=int(2 * GB + 1e6 * bs * 500),
+            positions=bs * 500,
+            budget=20 * GB,
+            headroom=1.0,
+        )
     cells, _ = load_cells(tmp_path)
     mm = fit_memory_model(cells)
     assert mm.r2 == pytest.approx(1.0) and mm.slope == pytest.approx(1e6)
@@ -184,8 +238,10 @@ def patch(d, **fields):
 
 def test_the_report_says_where_the_budget_comes_from_and_small_shares_as_they_are(tmp_path):
     for i, bs in enumerate((2, 4)):
-        patch(job(tmp_path, i, bs, 1, sps=10.0 * bs, peak=int(0.004 * 24 * GB) * bs // 2, positions=bs * 100),
-              memory__budget_source="device capacity")
+        patch(
+            job(tmp_path, i, bs, 1, sps=10.0 * bs, peak=int(0.004 * 24 * GB) * bs // 2, positions=bs * 100),
+            memory__budget_source="device capacity",
+        )
     a = build_report(tmp_path)
     md = (tmp_path / "knee_report.md").read_text()
     assert "Memory budget: none set (measure.memory_budget_gb), so the device's own memory: 22.352 GiB" in md
@@ -193,8 +249,9 @@ def test_the_report_says_where_the_budget_comes_from_and_small_shares_as_they_ar
     assert "0.8% of the memory budget (the device's memory: no budget was set)" in a.reason
 
 
-@pytest.mark.parametrize("fraction,text", [(0.37, "37%"), (0.004, "0.4%"), (0.0004, "<0.1%"), (0.0, "0.0%"),
-                                           (None, "-"), (1.5, "150%")])
+@pytest.mark.parametrize(
+    "fraction,text", [(0.37, "37%"), (0.004, "0.4%"), (0.0004, "<0.1%"), (0.0, "0.0%"), (None, "-"), (1.5, "150%")]
+)
 def test_percent_reads_as_people_read_it(fraction, text):
     from summ.reports.knee import percent
 
@@ -213,8 +270,10 @@ def test_a_rate_outside_its_own_interval_is_flagged_and_explained(tmp_path):
 
 def test_a_cell_measured_again_shows_the_runs_range_and_the_header_counts_what_became_of_each_job(tmp_path):
     for i, (bs, sps) in enumerate([(2, 20.0), (4, 30.0), (4, 34.0)]):
-        patch(job(tmp_path, i, bs, 1, sps=sps, interval=[sps - 1, sps + 1], peak=bs * GB, positions=bs * 100),
-              config_hash=f"h{bs}")
+        patch(
+            job(tmp_path, i, bs, 1, sps=sps, interval=[sps - 1, sps + 1], peak=bs * GB, positions=bs * 100),
+            config_hash=f"h{bs}",
+        )
     build_report(tmp_path)
     md = (tmp_path / "knee_report.md").read_text()
     assert "Jobs: 3 (2 ok, 1 measured again later (merged into the last reading))" in md
@@ -223,8 +282,12 @@ def test_a_cell_measured_again_shows_the_runs_range_and_the_header_counts_what_b
 
 def test_an_optuna_trial_that_took_an_earlier_trials_result_is_the_copy_not_the_measurement(tmp_path):
     patch(job(tmp_path, 0, 4, 1, sps=30.0, interval=[29.0, 31.0], peak=GB, positions=400), config_hash="same")
-    patch(job(tmp_path, 1, 4, 1, sps=30.0, interval=[29.0, 31.0], peak=GB, positions=400), config_hash="same",
-          reused_from=str(tmp_path / "0"), reused_trial=0)
+    patch(
+        job(tmp_path, 1, 4, 1, sps=30.0, interval=[29.0, 31.0], peak=GB, positions=400),
+        config_hash="same",
+        reused_from=str(tmp_path / "0"),
+        reused_trial=0,
+    )
     patch(job(tmp_path, 2, 8, 1, sps=31.0, interval=[30.0, 32.0], peak=2 * GB, positions=800), config_hash="other")
     a = build_report(tmp_path)
     by = {c.job: c for c in a.cells}
@@ -244,8 +307,15 @@ def test_a_recommendation_among_different_effective_batches_says_it_changes_the_
     assert "changes the training itself" not in build_report(same).reason
 
 
-@pytest.mark.parametrize("lo,hi,says", [(2, 2, "the edge is micro-batch 2 itself"), (8, 16, "between micro-batch 8 and 16"),
-                                        (4, None, "the edge is micro-batch 4 itself"), (None, None, "no cell fitted")])
+@pytest.mark.parametrize(
+    "lo,hi,says",
+    [
+        (2, 2, "the edge is micro-batch 2 itself"),
+        (8, 16, "between micro-batch 8 and 16"),
+        (4, None, "the edge is micro-batch 4 itself"),
+        (None, None, "no cell fitted"),
+    ],
+)
 def test_the_knee_searchs_log_says_where_the_edge_is(lo, hi, says):
     from hydra_plugins.summ_knee_sweeper.knee_sweeper import bracket
 

@@ -1,5 +1,6 @@
 """Result files get the mode an ordinary write gives (item 15), and a report a person annotated or
 protected is never replaced in place nor has its permissions changed (item 13)."""
+
 from __future__ import annotations
 
 import json
@@ -52,10 +53,19 @@ def sweep(root, n=3):
         d = root / str(i)
         (d / ".hydra").mkdir(parents=True)
         (d / ".hydra" / "overrides.yaml").write_text(f"- batch.batch_size={2 ** (i + 1)}\n")
-        (d / "metrics.json").write_text(json.dumps({
-            "status": "ok", "model": "kobart", "batch_size": 2 ** (i + 1), "gradient_accumulation_steps": 1,
-            "effective_batch_size": 2 ** (i + 1), "train": {"samples_per_s": 10.0 + i, "samples": 64},
-            "memory": {"peak_bytes": (i + 1) * 2**20}}))
+        (d / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "status": "ok",
+                    "model": "kobart",
+                    "batch_size": 2 ** (i + 1),
+                    "gradient_accumulation_steps": 1,
+                    "effective_batch_size": 2 ** (i + 1),
+                    "train": {"samples_per_s": 10.0 + i, "samples": 64},
+                    "memory": {"peak_bytes": (i + 1) * 2**20},
+                }
+            )
+        )
 
 
 def test_a_report_as_summ_wrote_it_is_rewritten_in_place(tmp_path):

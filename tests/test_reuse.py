@@ -1,16 +1,15 @@
 """sweep.reuse_loaded: the cells of one sweep process share the prepared data and the loaded model,
 and each cell still measures what it would in a fresh process (issue 16's acceptance)."""
+
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from .conftest import ROOT
+from .conftest import cli
 
 # Five optimizer steps, the probe after the third, no evaluation: "loss after 5 steps".
 SHORT = ["sweep.trial_samples=null", "train.max_steps=5", "measure.warmup_steps=3"]
@@ -18,18 +17,21 @@ SHORT = ["sweep.trial_samples=null", "train.max_steps=5", "measure.warmup_steps=
 
 def multirun(folder: Path, *overrides: str) -> list[dict]:
     """`python run.py -m OVERRIDES` in its own process; the cells' metrics in launch order."""
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", *SHORT, *overrides,
-                           f"hydra.sweep.dir={folder}"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli("-m", *SHORT, *overrides, f"hydra.sweep.dir={folder}", timeout=600, code=0)
     cells = sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    return [json.loads((c / "metrics.json").read_text()) | {"log": (c / "run.log").read_text(),
-                                                            "cfg": OmegaConf.load(c / ".hydra" / "config.yaml")}
-            for c in cells]
+    return [
+        json.loads((c / "metrics.json").read_text())
+        | {"log": (c / "run.log").read_text(), "cfg": OmegaConf.load(c / ".hydra" / "config.yaml")}
+        for c in cells
+    ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", [["model=tiny_bart"], ["model=tiny_llama", "model.quantization=4bit"]],
-                         ids=["tiny_bart", "tiny_llama_qlora"])
+@pytest.mark.parametrize(
+    "model",
+    [["model=tiny_bart"], ["model=tiny_llama", "model.quantization=4bit"]],
+    ids=["tiny_bart", "tiny_llama_qlora"],
+)
 def test_a_reused_third_cell_measures_what_a_fresh_process_does(tmp_path, model):
     sweep = multirun(tmp_path / "sweep", *model, "batch.batch_size=2,4,8")
     (fresh,) = multirun(tmp_path / "fresh", *model, "batch.batch_size=8")
@@ -48,8 +50,15 @@ def test_a_reused_third_cell_measures_what_a_fresh_process_does(tmp_path, model)
 @pytest.mark.slow
 def test_a_cell_that_changes_the_model_loads_it_afresh(tmp_path):
     # per quantization: LoRA rank 8 (loaded), 8 again (kept), 4 (another shape: loaded)
-    cells = multirun(tmp_path / "s", "model=tiny_llama", "batch.batch_size=2", "train.max_steps=4",
-                     "measure.memory_probe=false", "model.quantization=4bit,none", "model.lora.r=8,8,4")
+    cells = multirun(
+        tmp_path / "s",
+        "model=tiny_llama",
+        "batch.batch_size=2",
+        "train.max_steps=4",
+        "measure.memory_probe=false",
+        "model.quantization=4bit,none",
+        "model.lora.r=8,8,4",
+    )
     shapes = [(c["cfg"].model.quantization, c["cfg"].model.lora.r) for c in cells]
     assert len(cells) == 6 and len(set(shapes)) == 4
     expected = [i > 0 and shapes[i - 1] == shape for i, shape in enumerate(shapes)]
@@ -61,7 +70,13 @@ def test_a_cell_that_changes_the_model_loads_it_afresh(tmp_path):
 
 
 def test_reuse_off_loads_every_cell(tmp_path):
-    cells = multirun(tmp_path / "s", "model=tiny_bart", "batch.batch_size=2,2", "sweep.reuse_loaded=false",
-                     "train.max_steps=4", "measure.memory_probe=false")
+    cells = multirun(
+        tmp_path / "s",
+        "model=tiny_bart",
+        "batch.batch_size=2,2",
+        "sweep.reuse_loaded=false",
+        "train.max_steps=4",
+        "measure.memory_probe=false",
+    )
     assert [c["reused"] for c in cells] == [None, None]
     assert "sweep.reuse_loaded" not in cells[1]["log"]

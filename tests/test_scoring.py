@@ -1,4 +1,5 @@
 """ROUGE on known Korean strings, baseline-compatible, with the edge cases that crash naive code."""
+
 from __future__ import annotations
 
 import pytest

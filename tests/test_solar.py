@@ -2,6 +2,7 @@
 patched): request bodies per prompt strategy, the openai SDK's retries on 429 / 500 / timeouts with
 our waits, no retries for a refused connection, one-line errors, the throttle on every attempt,
 the cache, and the key kept off disk."""
+
 from __future__ import annotations
 
 import itertools
@@ -24,8 +25,10 @@ from .conftest import compose_cfg
 KEY = "sk-test-0123456789abcdef-secret"
 ENV = "UPSTAGE_API_KEY"
 DIALOGUES = [f"#Person1#: 안녕하세요, 질문 {i}번이 있어요.\n#Person2#: 네, 말씀하세요." for i in range(4)]
-EXAMPLES = [("#Person1#: 점심 먹었어?\n#Person2#: 아직이야.", "#Person2#는 아직 점심을 먹지 않았습니다."),
-            ("#Person1#: 내일 비 온대.\n#Person2#: 우산 챙길게.", "#Person2#는 우산을 챙기기로 합니다.")]
+EXAMPLES = [
+    ("#Person1#: 점심 먹었어?\n#Person2#: 아직이야.", "#Person2#는 아직 점심을 먹지 않았습니다."),
+    ("#Person1#: 내일 비 온대.\n#Person2#: 우산 챙길게.", "#Person2#는 우산을 챙기기로 합니다."),
+]
 
 
 class FakeSolar:
@@ -45,16 +48,23 @@ class FakeSolar:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake.lock:
-                    fake.requests.append({"path": self.path, "headers": httpx.Headers(self.headers.items()),
-                                          "body": body, "t": time.monotonic()})
+                    fake.requests.append(
+                        {
+                            "path": self.path,
+                            "headers": httpx.Headers(self.headers.items()),
+                            "body": body,
+                            "t": time.monotonic(),
+                        }
+                    )
                     step = fake.script.pop(0) if fake.script else None
                 status, headers, reply, delay = step or (200, {}, None, 0.0)
                 if reply is None:
                     last = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
                     content = fake.answer(body) if fake.answer else f"  요약:  {last}\n\n  "
-                    reply = {"choices": [{"message": {"role": "assistant", "content": content},
-                                          "finish_reason": "stop"}],
-                             "usage": {"prompt_tokens": 10, "completion_tokens": 5}}
+                    reply = {
+                        "choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+                    }
                 time.sleep(delay)
                 data = json.dumps(reply, ensure_ascii=False).encode()
                 try:
@@ -99,9 +109,17 @@ def make_client(server, solar_base, tmp_path, monkeypatch):
     clients = []
 
     def _make(**overrides):
-        settings = {"base_url": server.base_url, "model": "solar-mini", "requests_per_minute": 6000,
-                    "concurrency": 4, "max_retries": 2, "backoff_s": 0.01, "timeout_s": 5.0,
-                    "cache_dir": str(tmp_path / "cache"), **overrides}
+        settings = {
+            "base_url": server.base_url,
+            "model": "solar-mini",
+            "requests_per_minute": 6000,
+            "concurrency": 4,
+            "max_retries": 2,
+            "backoff_s": 0.01,
+            "timeout_s": 5.0,
+            "cache_dir": str(tmp_path / "cache"),
+            **overrides,
+        }
         client = SolarClient(OmegaConf.merge(solar_base, settings))
         clients.append(client)
         return client
@@ -123,8 +141,9 @@ def test_zero_shot_request_body_and_answers_in_order(server, make_client):
     body = req["body"]
     assert (body["model"], body["temperature"], body["top_p"], body["max_tokens"]) == ("solar-mini", 0.2, 0.3, 77)
     assert [m["role"] for m in body["messages"]] == ["system", "user"]
-    assert {r["body"]["messages"][1]["content"].split("\n")[1] for r in server.requests} == \
-        {d.split("\n")[0] for d in DIALOGUES}
+    assert {r["body"]["messages"][1]["content"].split("\n")[1] for r in server.requests} == {
+        d.split("\n")[0] for d in DIALOGUES
+    }
     assert client.stats["requests_sent"] == 4 and client.stats["completion_tokens"] == 20
     assert KEY not in repr(client) and KEY not in json.dumps(client.stats)
 
@@ -233,8 +252,7 @@ def test_throttle_spaces_retries_too(server, make_client):
 def test_a_failure_cuts_short_the_other_requests_retry_waits(server, make_client):
     # one request gets a 503 and would wait 30 s to retry; the other's refused key (0.3 s later)
     # ends the batch, and the waiting request gives up at once
-    server.script = [(503, {}, {"error": {"message": "later"}}, 0.0),
-                     (401, {}, {"error": {"message": "bad key"}}, 0.3)]
+    server.script = [(503, {}, {"error": {"message": "later"}}, 0.0), (401, {}, {"error": {"message": "bad key"}}, 0.3)]
     client = make_client(concurrency=2, backoff_s=30, max_backoff_s=60, cache_dir=None)
     start = time.monotonic()
     with pytest.raises(ConfigError, match=ENV):
@@ -279,8 +297,7 @@ def test_missing_key_is_one_line_naming_the_variable(server, make_client, monkey
     assert not server.requests
 
 
-def test_cache_answers_without_requests_or_key_and_keeps_the_key_off_disk(server, make_client, monkeypatch,
-                                                                          tmp_path):
+def test_cache_answers_without_requests_or_key_and_keeps_the_key_off_disk(server, make_client, monkeypatch, tmp_path):
     first = make_client().summarize(DIALOGUES, EXAMPLES)
     assert len(server.requests) == 4
     monkeypatch.delenv(ENV)  # every answer is cached: no request, so no key is needed

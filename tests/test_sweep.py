@@ -1,26 +1,21 @@
 """Multirun sweeps through the real CLI: cells over budget, the knee report, and resume."""
+
 from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from .conftest import CONF, compose_cfg
+from .conftest import CONF, cli, compose_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL_GRID = ["preset=knee_grid", "batch.gradient_accumulation_steps=1", "measure.steps=3", "measure.warmup_steps=1",
-              "data.synthetic_train_size=1000"]
-
-
-def multirun(sweep_dir, *overrides, timeout=600):
-    proc = subprocess.run([sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep_dir}", *overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+SMALL_GRID = [
+    "preset=knee_grid",
+    "batch.gradient_accumulation_steps=1",
+    "measure.steps=3",
+    "measure.warmup_steps=1",
+    "data.synthetic_train_size=1000",
+]
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "preset").glob("*.yaml")))
@@ -36,7 +31,11 @@ def test_original_report_scenarios():
     fast = compose_cfg(["preset=fast_functional"])
     assert (fast.batch.batch_size, fast.batch.gradient_accumulation_steps, fast.data.max_train_samples) == (8, 1, 6000)
     medium = compose_cfg(["preset=medium"])
-    assert (medium.batch.batch_size, medium.batch.gradient_accumulation_steps, medium.data.max_train_samples) == (8, 1, None)
+    assert (medium.batch.batch_size, medium.batch.gradient_accumulation_steps, medium.data.max_train_samples) == (
+        8,
+        1,
+        None,
+    )
     exact = compose_cfg(["preset=exact_eval"])
     assert (exact.batch.batch_size, exact.batch.gradient_accumulation_steps) == (8, 2) and exact.sweep.evaluate
 
@@ -44,7 +43,7 @@ def test_original_report_scenarios():
 @pytest.mark.slow
 def test_grid_with_a_small_budget_marks_over_budget_and_recommends_within_it(tmp_path):
     sweep = tmp_path / "sweep"
-    multirun(sweep, *SMALL_GRID, "measure.memory_budget_gb=0.5")
+    cli("-m", f"hydra.sweep.dir={sweep}", *SMALL_GRID, "measure.memory_budget_gb=0.5", timeout=600, code=0)
     rows = list(csv.DictReader((sweep / "sweep.csv").open()))
     assert len(rows) == 5
     by_bs = {int(r["batch_size"]): r for r in rows}
@@ -70,10 +69,10 @@ def test_grid_with_a_small_budget_marks_over_budget_and_recommends_within_it(tmp
 def test_resume_reuses_complete_cells(tmp_path):
     sweep = tmp_path / "sweep"
     overrides = ["batch.batch_size=2,4", "measure.steps=2", "measure.warmup_steps=1", "data.max_train_samples=40"]
-    multirun(sweep, *overrides)
+    cli("-m", f"hydra.sweep.dir={sweep}", *overrides, timeout=600, code=0)
     first = {d.name: (d / "metrics.json").read_text() for d in sweep.iterdir() if d.name.isdigit()}
     (sweep / "1" / "metrics.json").write_text("{ broken")  # an interrupted write would look like this
-    proc = multirun(sweep, *overrides, "sweep.resume=true")
+    proc = cli("-m", f"hydra.sweep.dir={sweep}", *overrides, "sweep.resume=true", timeout=600, code=0)
     assert (sweep / "0" / "metrics.json").read_text() == first["0"]  # reused as it was
     again = json.loads((sweep / "1" / "metrics.json").read_text())
     assert again["status"] == "ok"  # measured again

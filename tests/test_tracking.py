@@ -1,5 +1,6 @@
 """Experiment tracking through Accelerate's trackers: what a run logs is read back from the
 trackers' own stores (TensorBoard event files, an MLflow SQLite store, a wandb offline run)."""
+
 from __future__ import annotations
 
 import logging
@@ -11,33 +12,57 @@ import pytest
 import yaml
 from accelerate import Accelerator
 
-from summ.training import tracking
 from summ.config import TrackingConfig
-from summ.training.cleanup import reset_accelerate as _reset_accelerate
+from summ.training import tracking
+from summ.training.cleanup import reset_accelerate
 
-CONFIG = {"batch": {"batch_size": 8, "effective_batch_size": None},
-          "model": {"name": "tiny_bart", "lora": {"target_modules": ["q_proj", "v_proj"]},
-                    "prompt_template": "요약: {dialogue}" + "x" * 7000},
-          "train": {"learning_rate": 2e-3, "cpu": True}}
-METRICS = {"status": "ok", "error": None, "model": "tiny_bart", "batch_size": 8, "lora": False,
-           "train": {"samples_per_s": 4.75, "tokens_per_s": 798.8, "final_loss": 7.8},
-           "memory": {"peak_bytes": 275099648, "fraction": 0.011, "source": "cpu_peak_rss_above_baseline"},
-           "eval": {"loss": 7.74, "rouge1": 0.25, "rouge2": 0.1, "rougeL": 0.2, "rouge_mean": 0.18,
-                    "tta": None},
-           "epoch_seconds_projected": 25.3, "mfu": None, "folds": [{"fold": 0}]}
+from .conftest import cli
+
+CONFIG = {
+    "batch": {"batch_size": 8, "effective_batch_size": None},
+    "model": {
+        "name": "tiny_bart",
+        "lora": {"target_modules": ["q_proj", "v_proj"]},
+        "prompt_template": "요약: {dialogue}" + "x" * 7000,
+    },
+    "train": {"learning_rate": 2e-3, "cpu": True},
+}
+METRICS = {
+    "status": "ok",
+    "error": None,
+    "model": "tiny_bart",
+    "batch_size": 8,
+    "lora": False,
+    "train": {"samples_per_s": 4.75, "tokens_per_s": 798.8, "final_loss": 7.8},
+    "memory": {"peak_bytes": 275099648, "fraction": 0.011, "source": "cpu_peak_rss_above_baseline"},
+    "eval": {"loss": 7.74, "rouge1": 0.25, "rouge2": 0.1, "rougeL": 0.2, "rouge_mean": 0.18, "tta": None},
+    "epoch_seconds_projected": 25.3,
+    "mfu": None,
+    "folds": [{"fold": 0}],
+}
 
 
 def steps(n: int) -> list[dict]:
-    return [{"step": s, "loss": 10.0 / s, "lr": 1e-3 * s, "samples_per_s": 100.0 + s, "tokens_per_s": 1000.0 * s,
-             "step_time_s": 0.5, "peak_mem_bytes": 2**20 * s} for s in range(1, n + 1)]
+    return [
+        {
+            "step": s,
+            "loss": 10.0 / s,
+            "lr": 1e-3 * s,
+            "samples_per_s": 100.0 + s,
+            "tokens_per_s": 1000.0 * s,
+            "step_time_s": 0.5,
+            "peak_mem_bytes": 2**20 * s,
+        }
+        for s in range(1, n + 1)
+    ]
 
 
 @pytest.fixture(autouse=True)
 def clean_accelerate():
-    _reset_accelerate()
+    reset_accelerate()
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
-    _reset_accelerate()
+    reset_accelerate()
     # mlflow.set_tracking_uri also sets this variable for the process: later runs would inherit it
     if before is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -48,13 +73,13 @@ def clean_accelerate():
 def run(tcfg: TrackingConfig, run_dir: Path, run_name="job", group=None, n_steps=5, metrics=METRICS):
     """One tracked run as summ/training/loop.py wires it: accelerator, start, a step per record, then finish
     after the job has closed (its status is known only then)."""
-    _reset_accelerate()
+    reset_accelerate()
     acc = Accelerator(cpu=True, **tracking.accelerator_kwargs(tcfg, run_dir))
     t = tracking.start(acc, tcfg, CONFIG, run_name, group)
     for record in steps(n_steps):
         t.log_step(record, record["step"])
     acc.free_memory()  # Job.close()
-    _reset_accelerate()
+    reset_accelerate()
     t.finish(metrics)
     return t
 
@@ -98,7 +123,9 @@ def test_defaults_for_local_stores(monkeypatch):
     assert tracking.wandb_mode(TrackingConfig(wandb_mode="disabled")) == "disabled"
     assert tracking.accelerator_kwargs(TrackingConfig(name="none"), Path("r")) == {}
     assert tracking.accelerator_kwargs(TrackingConfig(name="tensorboard"), Path("r")) == {
-        "log_with": "tensorboard", "project_dir": str(Path("r") / "tracking")}
+        "log_with": "tensorboard",
+        "project_dir": str(Path("r") / "tracking"),
+    }
     from hydra.errors import ConfigCompositionException
 
     from .conftest import compose_cfg
@@ -178,8 +205,12 @@ def _client(uri: str):
 def test_mlflow_params_metrics_and_status(tmp_path, mlflow_uri):
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-    run(TrackingConfig(name="mlflow", project="single", mlflow_tracking_uri=mlflow_uri), tmp_path / "run",
-        run_name="solo", group=None)
+    run(
+        TrackingConfig(name="mlflow", project="single", mlflow_tracking_uri=mlflow_uri),
+        tmp_path / "run",
+        run_name="solo",
+        group=None,
+    )
     c = _client(mlflow_uri)
     (r,) = c.search_runs([c.get_experiment_by_name("single").experiment_id])
     assert r.info.run_name == "solo" and r.info.status == "FINISHED"
@@ -197,8 +228,7 @@ def test_mlflow_params_metrics_and_status(tmp_path, mlflow_uri):
 def test_mlflow_runs_of_a_sweep_share_one_experiment(tmp_path, mlflow_uri):
     tcfg = TrackingConfig(name="mlflow", mlflow_tracking_uri=mlflow_uri)
     for job in ("0", "1"):
-        run(tcfg, tmp_path / "sweep" / job, run_name=f"batch.batch_size={job}", group="2026-01-01_00-00-00",
-            n_steps=2)
+        run(tcfg, tmp_path / "sweep" / job, run_name=f"batch.batch_size={job}", group="2026-01-01_00-00-00", n_steps=2)
     c = _client(mlflow_uri)
     runs = c.search_runs([c.get_experiment_by_name("2026-01-01_00-00-00").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["batch.batch_size=0", "batch.batch_size=1"]
@@ -208,8 +238,12 @@ def test_mlflow_runs_of_a_sweep_share_one_experiment(tmp_path, mlflow_uri):
 def test_an_mlflow_failure_mid_run_warns_once_and_ends_the_run(tmp_path, mlflow_uri, caplog):
     bad = {**METRICS, "eval": {"rouge1": 0.3, "bad key!": 1.0}}  # MLflow refuses the key
     with caplog.at_level(logging.WARNING, logger="summ.training.tracking"):
-        t = run(TrackingConfig(name="mlflow", project="failing", mlflow_tracking_uri=mlflow_uri), tmp_path / "run",
-                run_name="broken", metrics=bad)
+        t = run(
+            TrackingConfig(name="mlflow", project="failing", mlflow_tracking_uri=mlflow_uri),
+            tmp_path / "run",
+            run_name="broken",
+            metrics=bad,
+        )
         t.log_step(steps(1)[0], 9)  # inactive now: a no-op
         t.finish(METRICS)
     lines = [r.getMessage() for r in caplog.records if r.name == "summ.training.tracking"]
@@ -218,8 +252,12 @@ def test_an_mlflow_failure_mid_run_warns_once_and_ends_the_run(tmp_path, mlflow_
     (r,) = c.search_runs([c.get_experiment_by_name("failing").experiment_id])
     assert r.info.status == "FINISHED" and len(c.get_metric_history(r.info.run_id, "step/loss")) == 5
     # the next run in this process starts clean
-    run(TrackingConfig(name="mlflow", project="failing", mlflow_tracking_uri=mlflow_uri), tmp_path / "next",
-        run_name="next", n_steps=1)
+    run(
+        TrackingConfig(name="mlflow", project="failing", mlflow_tracking_uri=mlflow_uri),
+        tmp_path / "next",
+        run_name="next",
+        n_steps=1,
+    )
     assert len(c.search_runs([c.get_experiment_by_name("failing").experiment_id])) == 2
 
 
@@ -232,8 +270,9 @@ def test_an_mlflow_store_that_cannot_be_used_warns_and_the_calls_do_not_raise(tm
     assert len(lines) == 1 and "tracking (mlflow) failed while starting" in lines[0]
 
 
-def test_an_mlflow_server_that_does_not_answer_is_said_at_once_and_leaves_no_store_behind(tmp_path, monkeypatch,
-                                                                                         caplog):
+def test_an_mlflow_server_that_does_not_answer_is_said_at_once_and_leaves_no_store_behind(
+    tmp_path, monkeypatch, caplog
+):
     """Port 9 refuses: one warning within seconds (the client's own retries took minutes), and no
     ./mlflow.db made by ending a run that never started."""
     import time
@@ -266,7 +305,7 @@ def test_wandb_offline_run_named_and_grouped(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     tcfg = TrackingConfig(name="wandb", project="summ-test", dir=str(tmp_path / "wb"))
-    _reset_accelerate()
+    reset_accelerate()
     acc = Accelerator(cpu=True, **tracking.accelerator_kwargs(tcfg, tmp_path / "run"))
     t = tracking.start(acc, tcfg, CONFIG, "job3", "sweep-x")
     r = acc.get_tracker("wandb", unwrap=True)
@@ -280,24 +319,26 @@ def test_wandb_offline_run_named_and_grouped(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- through the CLI
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def cli(cwd: Path, *args):
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the default store, as a user has
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**env, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def no_mlflow_variables() -> dict:
+    """What `cli(env=...)` takes for a run with the default tracker store, as a user has it."""
+    return {k: None for k in os.environ if k.startswith("MLFLOW_")}
 
 
 @pytest.mark.slow
 def test_cli_tensorboard_run_logs_loss_and_samples_per_s_per_step(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cli(tmp_path, "tracking=tensorboard", "hydra.run.dir=run", "train.max_steps=6", "eval.generate=false")
+    cli(
+        "tracking=tensorboard",
+        "hydra.run.dir=run",
+        "train.max_steps=6",
+        "eval.generate=false",
+        cwd=tmp_path,
+        env=no_mlflow_variables(),
+        timeout=600,
+        code=0,
+    )
     (events,) = (tmp_path / "run" / "tracking").glob("*/events.out.tfevents.*")  # hparams sit in subfolders
     acc = EventAccumulator(str(events.parent))
     acc.Reload()
@@ -311,8 +352,27 @@ def test_cli_tensorboard_run_logs_loss_and_samples_per_s_per_step(tmp_path):
 def test_cli_mlflow_default_store_single_run_and_a_grouped_sweep_then_compare(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    cli(tmp_path, "tracking=mlflow", "hydra.run.dir=single", "train.max_steps=4", "eval.generate=false")
-    cli(tmp_path, "-m", "batch.batch_size=2,4", "tracking=mlflow", "hydra.sweep.dir=sweeps/s1", "measure.steps=2")
+    cli(
+        "tracking=mlflow",
+        "hydra.run.dir=single",
+        "train.max_steps=4",
+        "eval.generate=false",
+        cwd=tmp_path,
+        env=no_mlflow_variables(),
+        timeout=600,
+        code=0,
+    )
+    cli(
+        "-m",
+        "batch.batch_size=2,4",
+        "tracking=mlflow",
+        "hydra.sweep.dir=sweeps/s1",
+        "measure.steps=2",
+        cwd=tmp_path,
+        env=no_mlflow_variables(),
+        timeout=600,
+        code=0,
+    )
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/outputs/mlflow.db")  # the default local store
     (single,) = client.search_runs([client.get_experiment_by_name("summ").experiment_id])
     assert single.data.params["train.max_steps"] == "4" and single.data.tags["status"] == "ok"
@@ -320,16 +380,9 @@ def test_cli_mlflow_default_store_single_run_and_a_grouped_sweep_then_compare(tm
     grouped = client.search_runs([client.get_experiment_by_name("s1").experiment_id])  # the sweep folder's name
     assert sorted(r.data.params["batch.batch_size"] for r in grouped) == ["2", "4"]
     assert all(r.info.status == "FINISHED" and "train/samples_per_s" in r.data.metrics for r in grouped)
-    out = subprocess_compare(tmp_path / "sweeps" / "s1", "--sort", "batch_size")
+    out = cli(
+        tmp_path / "sweeps" / "s1", "--sort", "batch_size", module="summ.reports.compare", timeout=120, code=0
+    ).stdout
     lines = [line for line in out.splitlines() if line.startswith("|")]
     assert "samples_per_s" in lines[0] and len(lines) == 4  # header, rule, two jobs
     assert [line.split("|")[5].strip() for line in lines[2:]] == ["2", "4"]
-
-
-def subprocess_compare(*args) -> str:
-    import subprocess
-
-    proc = subprocess.run([sys.executable, "-m", "summ.compare", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout

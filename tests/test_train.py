@@ -1,5 +1,6 @@
 """The training loop on tiny real models: metrics contract, accumulation equivalence, real
 learning, exact step counts, and failures that leave the process able to run the next job."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,39 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-TRAIN_KEYS = {"optimizer_steps", "micro_steps", "samples", "tokens", "pad_tokens", "seconds", "samples_per_s",
-              "tokens_per_s", "step_time_s_median", "step_time_s_p90", "micro_step_time_s_median", "final_loss"}
-TOP_KEYS = {"status", "error", "model", "device", "num_processes", "batch_size", "gradient_accumulation_steps",
-            "effective_batch_size", "mixed_precision", "gradient_checkpointing", "train", "memory", "eval",
-            "epoch_seconds_projected", "mfu"}
+from .conftest import compose_cfg
+
+TRAIN_KEYS = {
+    "optimizer_steps",
+    "micro_steps",
+    "samples",
+    "tokens",
+    "pad_tokens",
+    "seconds",
+    "samples_per_s",
+    "tokens_per_s",
+    "step_time_s_median",
+    "step_time_s_p90",
+    "micro_step_time_s_median",
+    "final_loss",
+}
+TOP_KEYS = {
+    "status",
+    "error",
+    "model",
+    "device",
+    "num_processes",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "effective_batch_size",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "train",
+    "memory",
+    "eval",
+    "epoch_seconds_projected",
+    "mfu",
+}
 
 
 def test_metrics_contract(run_job):
@@ -21,7 +50,9 @@ def test_metrics_contract(run_job):
     assert on_disk["status"] == "ok" and on_disk["error"] is None
     assert TOP_KEYS <= set(on_disk)
     assert TRAIN_KEYS <= set(on_disk["train"])
-    assert {"peak_bytes", "observed_peak_bytes", "reserved_peak_bytes", "capacity_bytes", "fraction", "source"} <= set(on_disk["memory"])
+    assert {"peak_bytes", "observed_peak_bytes", "reserved_peak_bytes", "capacity_bytes", "fraction", "source"} <= set(
+        on_disk["memory"]
+    )
     assert {"loss", "rouge1", "rouge2", "rougeL", "rouge_sum", "rouge_mean", "n"} <= set(on_disk["eval"])
     t = on_disk["train"]
     assert t["samples_per_s"] == pytest.approx(t["samples"] / t["seconds"])
@@ -59,10 +90,21 @@ def test_accumulation_splits_give_the_same_update(run_job, model):
     parameters check the gradient's scale (the window normalisation), not just its sign."""
     results = []
     for bs, ga in ((8, 1), (4, 2), (2, 4)):
-        m, out = run_job(f"model={model}", f"batch.batch_size={bs}", f"batch.gradient_accumulation_steps={ga}",
-                         "train.max_steps=1", "train.warmup_ratio=0", "model.tiny.dropout=0", "model.lora.dropout=0",
-                         "train.save_model=true", "eval.enabled=false", "train.learning_rate=1.0",
-                         "train.adam_epsilon=1.0", "train.weight_decay=0", "train.max_grad_norm=0")
+        m, out = run_job(
+            f"model={model}",
+            f"batch.batch_size={bs}",
+            f"batch.gradient_accumulation_steps={ga}",
+            "train.max_steps=1",
+            "train.warmup_ratio=0",
+            "model.tiny.dropout=0",
+            "model.lora.dropout=0",
+            "train.save_model=true",
+            "eval.enabled=false",
+            "train.learning_rate=1.0",
+            "train.adam_epsilon=1.0",
+            "train.weight_decay=0",
+            "train.max_grad_norm=0",
+        )
         assert m["status"] == "ok", m["error"]
         weights = {}
         for f in (out / "model").glob("*.safetensors"):
@@ -102,13 +144,37 @@ def test_nan_loss_is_diverged(run_job):
 
 
 def test_tiny_llama_lora(run_job):
-    m, _ = run_job("model=tiny_llama", "measure.steps=3", "eval.generate=true", "inference=greedy",
-                   "data.max_eval_samples=4", "inference.max_new_tokens=8")
+    m, _ = run_job(
+        "model=tiny_llama",
+        "measure.steps=3",
+        "eval.generate=true",
+        "inference=greedy",
+        "data.max_eval_samples=4",
+        "inference.max_new_tokens=8",
+    )
     assert m["status"] == "ok", m["error"]
     assert m["lora"] and m["trainable_params"] < m["total_params"]
 
 
-def test_tiny_llama_qlora_4bit(run_job):
+def test_tiny_llama_qlora_4bit(run_job, monkeypatch):
+    """The model the run trained holds its linear layers in 4 bits: bitsandbytes' Linear4bit, each
+    weight a Params4bit packed with its quantization state, under the LoRA adapters that train."""
+    import bitsandbytes as bnb
+
+    from summ.modeling import models
+
+    trained, with_adapters = [], models.with_adapters
+    monkeypatch.setattr(models, "with_adapters", lambda *args: trained.append(with_adapters(*args)) or trained[-1])
     m, _ = run_job("model=tiny_llama", "model.quantization=4bit", "measure.steps=2", "eval.enabled=false")
     assert m["status"] == "ok", m["error"]
     assert m["quantization"] == "4bit"
+    (loaded,) = trained
+    four_bit = {name: module for name, module in loaded.model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    targets = set(compose_cfg(["model=tiny_llama"]).model.lora.target_modules)  # every projection of each layer
+    assert {name.rsplit(".", 2)[-2] for name in four_bit} >= targets, sorted(four_bit)
+    for name, module in four_bit.items():
+        weight = module.weight
+        assert isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None, name
+        assert weight.dtype == torch.uint8 and weight.quant_state.quant_type == "nf4", name
+        assert not weight.requires_grad, name  # frozen: the adapters train
+    assert any(p.requires_grad for n, p in loaded.model.named_parameters() if "lora_" in n)

@@ -1,28 +1,20 @@
 """The README's commands exactly as a user types them: from an empty working folder, with the
 default output folders and the default Optuna storage, nothing passed that the README does not
 pass (no hydra.sweep.dir, no hydra.run.dir)."""
+
 from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from .conftest import ROOT, compose_cfg
+from .conftest import cli, compose_cfg
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def user(cwd: Path, *args: str, module: str | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """`python run.py ARGS` (or `python -m MODULE ARGS`) typed in `cwd`, which holds no project files:
-    run.py is this checkout's, every output lands under cwd/outputs as the defaults say."""
-    command = [sys.executable, "-m", module] if module else [sys.executable, str(ROOT / "run.py")]
-    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
+# Each command is typed in tmp_path, which holds no project files: run.py is this checkout's, every
+# output lands under tmp_path/outputs as the defaults say.
 
 
 def only_child(folder: Path) -> Path:
@@ -33,7 +25,7 @@ def only_child(folder: Path) -> Path:
 
 @pytest.mark.slow
 def test_readme_knee_grid_and_report_from_an_empty_folder(tmp_path):
-    proc = user(tmp_path, "-m", "preset=knee_grid")
+    proc = cli("-m", "preset=knee_grid", cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = only_child(tmp_path / "outputs" / "multirun")  # one folder for the whole multirun
     for name in ("sweep.csv", "knee_report.md", "knee.png"):
@@ -45,10 +37,12 @@ def test_readme_knee_grid_and_report_from_an_empty_folder(tmp_path):
     assert len({(r["samples"], r["tokens"]) for r in rows}) == 1
     assert not any("memory pressure" in r["flags"] for r in rows)
 
-    again = user(tmp_path, str(sweep), module="summ.report")  # python -m summ.report outputs/multirun/<time>
+    again = cli(
+        sweep, module="summ.reports.knee_report", cwd=tmp_path, timeout=900
+    )  # summ-report outputs/multirun/<time>
     assert again.returncode == 0, again.stderr[-2000:]
     assert "## Recommendation" in again.stdout
-    bad = user(tmp_path, str(sweep), "--tolerance", "-1", module="summ.report")
+    bad = cli(sweep, "--tolerance", "-1", module="summ.reports.knee_report", cwd=tmp_path, timeout=900)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "not a fraction" in bad.stderr
 
 
@@ -62,7 +56,7 @@ def _trials(db: Path):
 @pytest.mark.slow
 def test_readme_optuna_search_twice_continues_the_study_and_measures_nothing_twice(tmp_path):
     for n_trials in (3, 2):  # the same command again, asking for fewer trials
-        proc = user(tmp_path, "-m", "preset=optuna_step_time", f"hydra.sweeper.n_trials={n_trials}")
+        proc = cli("-m", "preset=optuna_step_time", f"hydra.sweeper.n_trials={n_trials}", cwd=tmp_path, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
     sweeps = sorted((tmp_path / "outputs" / "multirun").iterdir())
     assert len(sweeps) == 2
@@ -78,10 +72,14 @@ def test_readme_optuna_search_twice_continues_the_study_and_measures_nothing_twi
             assert t.value == source.value and t.user_attrs["config_hash"] == source.user_attrs["config_hash"]
     for sweep in sweeps:
         assert (sweep / "best_overrides.txt").is_file() and (sweep / "knee_report.md").is_file()
-        jobs = [dict(o.split("=", 1) for o in OmegaConf.load(d / ".hydra" / "overrides.yaml") if "=" in o)
-                for d in sweep.iterdir() if d.name.isdigit()]
-        varied = {k for k in ("model.gradient_checkpointing", "train.mixed_precision")
-                  if len({j.get(k) for j in jobs}) > 1}
+        jobs = [
+            dict(o.split("=", 1) for o in OmegaConf.load(d / ".hydra" / "overrides.yaml") if "=" in o)
+            for d in sweep.iterdir()
+            if d.name.isdigit()
+        ]
+        varied = {
+            k for k in ("model.gradient_checkpointing", "train.mixed_precision") if len({j.get(k) for j in jobs}) > 1
+        }
         report = (sweep / "knee_report.md").read_text()
         assert all(f"{k}=" in report for k in varied)  # every setting that varies is shown with each cell
         assert "| failed |" not in report
@@ -92,8 +90,9 @@ def test_readme_optuna_search_twice_continues_the_study_and_measures_nothing_twi
     assert command.startswith("python run.py ") and "data=synthetic" in command
     overrides = command.split()[2:]
     composed = OmegaConf.to_container(compose_cfg(overrides), resolve=True, enum_to_str=True)
-    measured_cfg = OmegaConf.to_container(OmegaConf.load(Path(best.user_attrs["job_dir"]) / ".hydra" / "config.yaml"),
-                                          resolve=True, enum_to_str=True)
+    measured_cfg = OmegaConf.to_container(
+        OmegaConf.load(Path(best.user_attrs["job_dir"]) / ".hydra" / "config.yaml"), resolve=True, enum_to_str=True
+    )
     for section in ("data", "model", "batch", "train", "inference", "eval"):
         assert composed[section] == measured_cfg[section], section
     for key, value in best.params.items():
@@ -102,7 +101,7 @@ def test_readme_optuna_search_twice_continues_the_study_and_measures_nothing_twi
 
 @pytest.mark.slow
 def test_readme_default_run_then_predict_from_an_empty_folder(tmp_path):
-    proc = user(tmp_path)  # python run.py
+    proc = cli(cwd=tmp_path, timeout=900)  # python run.py
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_child(tmp_path / "outputs" / "runs")
     assert run.name.endswith("_train_tiny_bart_bs8x1")  # named after what ran
@@ -113,11 +112,17 @@ def test_readme_default_run_then_predict_from_an_empty_folder(tmp_path):
     # output to a pipe, not a terminal: progress lines instead of a bar; no third-party noise
     log = (run / "run.log").read_text()
     assert "step 10/225 | loss" in log and "ETA" in log
-    for noise in ("Writing model shards", "Loading weights", "is_gradient_checkpointing", "Removed shared tensor",
-                  "it/s]", "publisher trust check"):  # the last: bitsandbytes' `kernels`, on every run (issue 21)
+    for noise in (
+        "Writing model shards",
+        "Loading weights",
+        "is_gradient_checkpointing",
+        "Removed shared tensor",
+        "it/s]",
+        "publisher trust check",
+    ):  # the last: bitsandbytes' `kernels`, on every run (issue 21)
         assert noise not in proc.stderr + proc.stdout, noise
 
-    pred = user(tmp_path, "mode=predict", f"model.path=outputs/runs/{run.name}")
+    pred = cli("mode=predict", f"model.path=outputs/runs/{run.name}", cwd=tmp_path, timeout=900)
     assert pred.returncode == 0, pred.stderr[-3000:]
     (predicted,) = [d for d in (tmp_path / "outputs" / "runs").iterdir() if d != run]
     assert predicted.name.endswith("_predict_tiny_bart")
