@@ -1,4 +1,5 @@
 """What summ prints for people: a line on stdout or stderr that never fails the run."""
+
 from __future__ import annotations
 
 import argparse

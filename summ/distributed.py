@@ -8,23 +8,28 @@
   process 0's timestamp is broadcast to the others before composition (SUMM_RUN_STAMP).
 - Only process 0 keeps Hydra's files (.hydra/, run.log); the others log to the console.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 import time
-from typing import Optional
 
 STAMP_ENV = "SUMM_RUN_STAMP"
 # What a collective raises when another process never reached it (gloo's timeout, the pair it then
 # closes, a peer gone; NCCL's watchdog under TORCH_NCCL_BLOCKING_WAIT, an aborted communicator)
-OUT_OF_STEP = ("Timed out waiting", "Application timeout caused pair closure", "Connection closed by peer",
-               "Watchdog caught collective operation timeout", "NCCL communicator was aborted")
+OUT_OF_STEP = (
+    "Timed out waiting",
+    "Application timeout caused pair closure",
+    "Connection closed by peer",
+    "Watchdog caught collective operation timeout",
+    "NCCL communicator was aborted",
+)
 STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
 
 
-def sharded_by(accelerator) -> Optional[str]:
-    """"deepspeed", "fsdp", or None (one process, DDP): how the launch spreads the model's state."""
+def sharded_by(accelerator) -> str | None:
+    """ "deepspeed", "fsdp", or None (one process, DDP): how the launch spreads the model's state."""
     kind = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
     return {"DEEPSPEED": "deepspeed", "FSDP": "fsdp"}.get(kind)
 
@@ -43,7 +48,7 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def requested_cpu_processes() -> Optional[tuple[int, Optional[int]]]:
+def requested_cpu_processes() -> tuple[int, int | None] | None:
     """(processes, port) when `accelerate launch --cpu --num_processes N` (N > 1, no MPI) started
     this single process; None otherwise."""
     if world_size() > 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1"):
@@ -56,7 +61,7 @@ def requested_cpu_processes() -> Optional[tuple[int, Optional[int]]]:
 
         argv = psutil.Process(os.getppid()).cmdline()
         at = next(i for i, a in enumerate(argv) if a == "launch")
-        args, _ = launch_command_parser().parse_known_args(argv[at + 1:])
+        args, _ = launch_command_parser().parse_known_args(argv[at + 1 :])
     except Exception:  # not accelerate's launcher, or its arguments are not readable
         return None
     if args.mpirun_hostfile or not args.num_processes or args.num_processes < 2:
@@ -64,15 +69,27 @@ def requested_cpu_processes() -> Optional[tuple[int, Optional[int]]]:
     return args.num_processes, args.main_process_port
 
 
-def relaunch(processes: int, port: Optional[int]) -> int:
+def relaunch(processes: int, port: int | None) -> int:
     """Run this same command as `processes` processes through torch.distributed.run."""
     from torch.distributed.run import get_args_parser, run
 
-    print(f"summ: accelerate launch --cpu starts {processes} processes only through MPI; starting them "
-          f"with torch.distributed.run (DDP over gloo)", file=sys.stderr)
+    print(
+        f"summ: accelerate launch --cpu starts {processes} processes only through MPI; starting them "
+        f"with torch.distributed.run (DDP over gloo)",
+        file=sys.stderr,
+    )
     args = get_args_parser().parse_args(
-        ["--nproc_per_node", str(processes), "--master_port", str(port or 29500), "--master_addr", "127.0.0.1",
-         sys.argv[0], *sys.argv[1:]])
+        [
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(port or 29500),
+            "--master_addr",
+            "127.0.0.1",
+            sys.argv[0],
+            *sys.argv[1:],
+        ]
+    )
     os.environ["ACCELERATE_USE_CPU"] = "true"
     run(args)
     return 0
@@ -90,8 +107,9 @@ def share_run_stamp() -> None:
     import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
-                         or not torch.cuda.is_available())
+    state = PartialState(
+        cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") or not torch.cuda.is_available()
+    )
     stamp = [time.time() if state.is_main_process else None]
     torch.distributed.broadcast_object_list(stamp, src=0)
     os.environ[STAMP_ENV] = repr(stamp[0])

@@ -22,12 +22,13 @@
 `SUMM_FAILPOINTS=oom@backward:micro_batch=64:step=2 python run.py -m batch.batch_size=2,64,2` ends the
 64 cell `oom` and the 2 cells `ok`. Unset, every look is one dictionary lookup on an empty dict.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -42,10 +43,11 @@ FILTERS = ("micro_batch", "accumulation", "step", "micro_step", "rank")
 @dataclass(frozen=True)
 class Where:
     """Where a run is when it looks at a failpoint (None: not known there)."""
-    micro_batch: Optional[int] = None
-    accumulation: Optional[int] = None
-    step: Optional[int] = None
-    micro_step: Optional[int] = None
+
+    micro_batch: int | None = None
+    accumulation: int | None = None
+    step: int | None = None
+    micro_step: int | None = None
 
     def __str__(self) -> str:
         return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in vars(self).items() if v is not None)
@@ -55,11 +57,11 @@ class Where:
 class Failpoint:
     kind: str
     point: str
-    micro_batch: Optional[int] = None
-    accumulation: Optional[int] = None
-    step: Optional[int] = None
-    micro_step: Optional[int] = None
-    rank: Optional[int] = None
+    micro_batch: int | None = None
+    accumulation: int | None = None
+    step: int | None = None
+    micro_step: int | None = None
+    rank: int | None = None
 
     def matches(self, where: Where, rank: int) -> bool:
         return all(getattr(self, key) in (None, got) for key, got in (*vars(where).items(), ("rank", rank)))
@@ -80,20 +82,23 @@ def parse(spec: str) -> dict[str, tuple[Failpoint, ...]]:
         head, *filters = item.split(":")
         kind, at, point = head.partition("@")
         if not at or kind not in KINDS or point not in POINTS:
-            raise ConfigError(f"{ENV}: {item!r} is not KIND@POINT[:key=value]: KIND is one of {', '.join(KINDS)}, "
-                              f"POINT one of {', '.join(POINTS)}")
+            raise ConfigError(
+                f"{ENV}: {item!r} is not KIND@POINT[:key=value]: KIND is one of {', '.join(KINDS)}, "
+                f"POINT one of {', '.join(POINTS)}"
+            )
         values: dict[str, int] = {}
         for f in filters:
             key, eq, value = f.partition("=")
             if not eq or key not in FILTERS or not value.strip().lstrip("-").isdigit():
-                raise ConfigError(f"{ENV}: {f!r} in {item!r} is not a filter: use "
-                                  f"{', '.join(k + '=N' for k in FILTERS)}")
+                raise ConfigError(
+                    f"{ENV}: {f!r} in {item!r} is not a filter: use {', '.join(k + '=N' for k in FILTERS)}"
+                )
             values[key] = int(value)
         armed.setdefault(point, []).append(Failpoint(kind, point, **values))
     return {point: tuple(fps) for point, fps in armed.items()}
 
 
-_ARMED: Optional[dict[str, tuple[Failpoint, ...]]] = None
+_ARMED: dict[str, tuple[Failpoint, ...]] | None = None
 
 
 def load() -> dict[str, tuple[Failpoint, ...]]:
@@ -104,7 +109,7 @@ def load() -> dict[str, tuple[Failpoint, ...]]:
     return _ARMED
 
 
-def configure(spec: Optional[str]) -> None:
+def configure(spec: str | None) -> None:
     """Arm `spec` in this process (tests); None reads the environment again at the next look."""
     global _ARMED
     _ARMED = None if spec is None else parse(spec)
@@ -114,7 +119,7 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def armed(point: str, where: Where) -> Optional[Failpoint]:
+def armed(point: str, where: Where) -> Failpoint | None:
     """The first failpoint armed at `point` for `where` and this process, or None."""
     candidates = load().get(point)
     if not candidates:
@@ -156,6 +161,7 @@ def inside_backward(tensor: torch.Tensor, where: Where) -> None:
     largest allocation, before any parameter has its gradient), when `backward` is armed."""
     fp = armed("backward", where)
     if fp is not None and tensor.requires_grad:
+
         def fail(grad):
             raise fp.error(where)
 

@@ -6,6 +6,7 @@ on a shared cluster reads results as they read run.log), never the temporary fil
 A write that fails (its folder cannot be created, the disk is full, the rename is refused)
 raises WriteFailed with one line naming the file and the reason; the old file, if any, is left
 as it was and the temporary file is removed."""
+
 from __future__ import annotations
 
 import json

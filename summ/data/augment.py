@@ -11,12 +11,13 @@ summary stays consistent with its dialogue:
 - paraphrase: each utterance through the backend's Korean paraphraser.
 Backend outputs are cached on disk (generation.cache_dir), so a sweep does not regenerate them.
 """
+
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 from summ.data.samples import Sample
 from summ.data.textops import map_text, replace_synonyms, shuffle_turns
@@ -46,7 +47,7 @@ def rewrite_with_backend(dialogues: Sequence[str], backend, tasks: Sequence[str]
     def keep_spacing(seg: str) -> str:
         new = mapping.get(seg, seg)
         lead = seg[: len(seg) - len(seg.lstrip())]
-        trail = seg[len(seg.rstrip()):]
+        trail = seg[len(seg.rstrip()) :]
         return lead + new.strip() + trail
 
     return [map_text(d, keep_spacing) for d in dialogues]
@@ -57,10 +58,13 @@ def augment(train: Sequence[Sample], cfg, backend=None) -> tuple[list[Sample], d
     report: dict = {"methods": [str(m) for m in cfg.methods], "ratio": cfg.ratio, "added": {}, "skipped": {}}
     new: list[Sample] = []
     for k, method in enumerate(cfg.methods):
-        if method in NEEDS_BACKEND and (backend is None or not all(backend.backend.supports(t)
-                                                                    for t in NEEDS_BACKEND[method])):
-            reason = (f"no generation backend for {'/'.join(NEEDS_BACKEND[method])}: set generation.kind=local (or solar) "
-                      f"and generation.{NEEDS_BACKEND[method][0]}_path")
+        if method in NEEDS_BACKEND and (
+            backend is None or not all(backend.backend.supports(t) for t in NEEDS_BACKEND[method])
+        ):
+            reason = (
+                f"no generation backend for {'/'.join(NEEDS_BACKEND[method])}: set generation.kind=local (or solar) "
+                f"and generation.{NEEDS_BACKEND[method][0]}_path"
+            )
             if len(cfg.methods) == 1:
                 raise ConfigError(f"augmentation={method} needs a model: {reason}")
             log.warning("augmentation %s skipped: %s", method, reason)
@@ -76,8 +80,9 @@ def augment(train: Sequence[Sample], cfg, backend=None) -> tuple[list[Sample], d
             dialogues = [replace_synonyms(s.dialogue, rng, cfg.synonym_rate) for s in originals]
         else:
             dialogues = rewrite_with_backend([s.dialogue for s in originals], backend, NEEDS_BACKEND[method])
-        made = [replace(s, fname=f"{s.fname}_{method}", dialogue=d) for s, d in zip(originals, dialogues)
-                if d != s.dialogue]
+        made = [
+            replace(s, fname=f"{s.fname}_{method}", dialogue=d) for s, d in zip(originals, dialogues) if d != s.dialogue
+        ]
         report["added"][method] = len(made)
         new += made
     report["total_added"] = len(new)

@@ -21,6 +21,7 @@ do too, and one minor problem alone does not.
 | broken_masked_token | 0.4 | a masked token without its closing `#` (`#PhoneNumber`) or an unknown `#...#` token |
 | encoding_damage | 0.4 | U+FFFD replacement characters or mojibake (Ã, â€) |
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,16 +30,25 @@ import math
 import re
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from summ.data.samples import MASKED_TOKENS, TURN, Sample
 
 WEIGHTS = {
-    "empty_dialogue": 1.0, "too_few_turns": 0.4, "missing_speaker_tags": 0.6, "malformed_speaker_tags": 0.4,
-    "empty_summary": 1.0, "summary_longer_than_dialogue": 0.5, "length_ratio_outlier": 0.2,
-    "unknown_speaker_in_summary": 0.4, "duplicate_fname": 0.5, "duplicate_dialogue": 0.2,
-    "low_hangul_share": 0.4, "broken_masked_token": 0.4, "encoding_damage": 0.4,
+    "empty_dialogue": 1.0,
+    "too_few_turns": 0.4,
+    "missing_speaker_tags": 0.6,
+    "malformed_speaker_tags": 0.4,
+    "empty_summary": 1.0,
+    "summary_longer_than_dialogue": 0.5,
+    "length_ratio_outlier": 0.2,
+    "unknown_speaker_in_summary": 0.4,
+    "duplicate_fname": 0.5,
+    "duplicate_dialogue": 0.2,
+    "low_hangul_share": 0.4,
+    "broken_masked_token": 0.4,
+    "encoding_damage": 0.4,
 }
 _PERSON = re.compile(r"#Person\d#")
 _HASH_TOKEN = re.compile(r"#([A-Za-z]+\d*)(#?)")
@@ -68,8 +78,14 @@ def _log_ratio(s: Sample) -> float | None:
     return math.log(len(s.summary) / len(s.dialogue))
 
 
-def _checks(s: Sample, need_summary: bool, seen_fnames: set, seen_dialogues: set,
-            ratio_center: float | None, ratio_spread: float | None) -> list[str]:
+def _checks(
+    s: Sample,
+    need_summary: bool,
+    seen_fnames: set,
+    seen_dialogues: set,
+    ratio_center: float | None,
+    ratio_spread: float | None,
+) -> list[str]:
     failed = []
     dialogue = s.dialogue.strip()
     lines = [line for line in dialogue.split("\n") if line.strip()]

@@ -11,11 +11,12 @@ accumulation or the grouping: its warm-up from the end of epoch 0's permutation 
 window from the start, each grouped on its own when grouping is on. Every cell of a sweep then
 measures exactly the same samples and tokens.
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -32,8 +33,14 @@ class Window:
 
 
 class EpochSampler(Sampler[int]):
-    def __init__(self, lengths: Sequence[int], seed: int, group_by_length: bool = False, batch_size: int = 1,
-                 window: Optional[Window] = None):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        seed: int,
+        group_by_length: bool = False,
+        batch_size: int = 1,
+        window: Window | None = None,
+    ):
         self.lengths = list(lengths)
         self.seed = seed
         self.group_by_length = group_by_length
@@ -62,7 +69,7 @@ class EpochSampler(Sampler[int]):
             if not self.group_by_length:
                 return perm
             size = self.batch_size * MEGABATCH_BATCHES
-            return self._grouped([perm[i: i + size] for i in range(0, len(perm), size)], rng)
+            return self._grouped([perm[i : i + size] for i in range(0, len(perm), size)], rng)
         n = len(perm)
         measured = [perm[i % n] for i in range(self.window.measured)]
         warmup = [perm[(n - 1 - i) % n] for i in range(self.window.warmup)][::-1]
@@ -78,7 +85,7 @@ class EpochSampler(Sampler[int]):
         for chunk in chunks:
             ordered = sorted(chunk, key=lambda j: -self.lengths[j])
             for i in range(0, len(ordered), bs):
-                batch = ordered[i: i + bs]
+                batch = ordered[i : i + bs]
                 (full if len(batch) == bs else partial).append(batch)
         rng.shuffle(full)
         return [j for batch in full + partial for j in batch]

@@ -1,5 +1,6 @@
 """The competition's data format: one dialogue sample, the masked tokens it uses, and reading
 the competition CSVs (UTF-8 with or without BOM, CRLF or LF, quoted multi-line fields)."""
+
 from __future__ import annotations
 
 import csv
@@ -13,8 +14,14 @@ from summ.errors import DataError
 # Tokens the competition uses to mask speakers and personal data; never split by a tokenizer.
 SPEAKER_TAGS = [f"#Person{i}#" for i in range(1, 8)]
 MASKED_TOKENS = SPEAKER_TAGS + [
-    "#PhoneNumber#", "#Address#", "#PassportNumber#", "#DateOfBirth#",
-    "#SSN#", "#CardNumber#", "#CarNumber#", "#Email#",
+    "#PhoneNumber#",
+    "#Address#",
+    "#PassportNumber#",
+    "#DateOfBirth#",
+    "#SSN#",
+    "#CardNumber#",
+    "#CarNumber#",
+    "#Email#",
 ]
 TURN = re.compile(r"^(#Person[1-9]#:\s*)(.*)$")  # one dialogue line: (speaker prefix, utterance)
 _REFERENCE_COLUMN = re.compile(r"^summary\d*$")
@@ -49,31 +56,44 @@ def read_csv(path: Path, need_summary: bool) -> list[Sample]:
             columns = [c.strip() for c in (reader.fieldnames or [])]
             repeated = sorted({c for c in columns if columns.count(c) > 1})
             if repeated:  # DictReader would keep the last of them without a word
-                raise DataError(f"{path}: the column(s) {', '.join(repeated)} appear more than once in the header; "
-                                f"keep one of each")
+                raise DataError(
+                    f"{path}: the column(s) {', '.join(repeated)} appear more than once in the header; keep one of each"
+                )
             reader.fieldnames = columns
             rows = list(reader)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8 CSV") from None
     except csv.Error as exc:
-        raise DataError(f"{path}: not a readable CSV (line {reader.line_num}: {exc}); check its quoting (every quoted "
-                        f"field closed, a quote inside a field doubled)") from None
+        raise DataError(
+            f"{path}: not a readable CSV (line {reader.line_num}: {exc}); check its quoting (every quoted "
+            f"field closed, a quote inside a field doubled)"
+        ) from None
     required = ["fname", "dialogue"] + (["summary"] if need_summary else [])
     missing = [c for c in required if c not in columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
     if not rows:  # a header alone: every later step (splits, folds, evaluation) would fail on nothing
-        raise DataError(f"{path}: no rows under its header; give the file its samples, or point data.dir at the "
-                        f"folder that has them")
+        raise DataError(
+            f"{path}: no rows under its header; give the file its samples, or point data.dir at the "
+            f"folder that has them"
+        )
     ref_cols = sorted((c for c in columns if _REFERENCE_COLUMN.match(c)), key=lambda c: (len(c), c))
     samples = []
     for row in rows:
         refs = [_clean(row[c]) for c in ref_cols if not is_missing(row.get(c))]
-        samples.append(Sample(fname=_clean(row["fname"]), dialogue=_clean(row["dialogue"]),
-                              summaries=refs, topic=_clean(row.get("topic") or "")))
+        samples.append(
+            Sample(
+                fname=_clean(row["fname"]),
+                dialogue=_clean(row["dialogue"]),
+                summaries=refs,
+                topic=_clean(row.get("topic") or ""),
+            )
+        )
     if need_summary and not any(s.summaries for s in samples):
-        raise DataError(f"{path}: no row has a summary (every one is empty, NaN or null); fill the summary "
-                        f"column, or point data.dir at the folder with the labelled files")
+        raise DataError(
+            f"{path}: no row has a summary (every one is empty, NaN or null); fill the summary "
+            f"column, or point data.dir at the folder with the labelled files"
+        )
     return samples
 
 

@@ -1,5 +1,6 @@
 """Train, dev and test for the configured source (bundled sample, competition CSVs, synthetic),
 and the folds of K-fold training."""
+
 from __future__ import annotations
 
 import logging
@@ -29,18 +30,24 @@ def load_splits(cfg: DataConfig, need_train: bool = True) -> Splits:
     if cfg.source == DataSource.synthetic:
         train = generate(cfg.synthetic_train_size, seed=cfg.synthetic_seed, prefix="train")
         dev = generate(cfg.synthetic_eval_size, seed=cfg.synthetic_seed + 1, prefix="dev")
-        test = [Sample(s.fname, s.dialogue) for s in
-                generate(cfg.synthetic_eval_size, seed=cfg.synthetic_seed + 2, prefix="test")]
+        test = [
+            Sample(s.fname, s.dialogue)
+            for s in generate(cfg.synthetic_eval_size, seed=cfg.synthetic_seed + 2, prefix="test")
+        ]
     else:
         folder = bundled_sample_dir() if cfg.source == DataSource.bundled else Path(cfg.dir).expanduser()
         if not folder.is_dir():
             what = "is a file, not a folder" if folder.exists() else "does not exist"
-            raise DataError(f"data.dir={cfg.dir} {what}: set data.dir to the folder that holds "
-                            f"{cfg.train_file}, {cfg.dev_file} and {cfg.test_file}")
+            raise DataError(
+                f"data.dir={cfg.dir} {what}: set data.dir to the folder that holds "
+                f"{cfg.train_file}, {cfg.dev_file} and {cfg.test_file}"
+            )
         train_path = folder / cfg.train_file
         if train_path.resolve() == (folder / cfg.dev_file).resolve():
-            raise DataError(f"data.train_file and data.dev_file are the same file ({train_path}): the dev ROUGE would "
-                            f"score the samples the model trained on; give the dev set its own file")
+            raise DataError(
+                f"data.train_file and data.dev_file are the same file ({train_path}): the dev ROUGE would "
+                f"score the samples the model trained on; give the dev set its own file"
+            )
         train = read_csv(train_path, need_summary=True) if need_train or train_path.is_file() else []
         dev = read_csv(folder / cfg.dev_file, need_summary=True)
         test_path = folder / cfg.test_file
@@ -54,8 +61,12 @@ def load_splits(cfg: DataConfig, need_train: bool = True) -> Splits:
     seen = {s.dialogue for s in train}
     shared = sum(s.dialogue in seen for s in dev)
     if shared:
-        log.warning("data: %d of %d dev dialogues are also in the training set: their ROUGE measures recall of "
-                    "training samples, not summarising", shared, len(dev))
+        log.warning(
+            "data: %d of %d dev dialogues are also in the training set: their ROUGE measures recall of "
+            "training samples, not summarising",
+            shared,
+            len(dev),
+        )
     return Splits(train=train, dev=dev, test=test)
 
 

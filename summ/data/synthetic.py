@@ -7,6 +7,7 @@ utterances and summary sentences, so the tiny models' tokenizer sees realistic K
 token counts per character match the sample's. The content is not meaningful: use it to
 measure speed and memory, never quality.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,7 +56,7 @@ def generate(n: int, seed: int = 0, prefix: str = "train") -> list[Sample]:
         summary_target = max(20, int(len(dialogue) * SUMMARY_RATIO))
         words: list[str] = []
         while len(" ".join(words)) < summary_target:  # words of sample summaries, cut to length
-            sentence = _TAG.sub(lambda m: SPEAKER_TAGS[(int(m.group(1)) - 1) % speakers], rng.choice(sentences))
+            sentence = _TAG.sub(lambda m, n=speakers: SPEAKER_TAGS[(int(m.group(1)) - 1) % n], rng.choice(sentences))
             for word in sentence.split():
                 words.append(word)
                 if len(" ".join(words)) >= summary_target:

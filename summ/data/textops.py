@@ -2,14 +2,15 @@
 and test-time augmentation (tta.py). Speaker tags and masked tokens (`#...#`) are never touched:
 text is edited only between them.
 """
+
 from __future__ import annotations
 
 import functools
 import random
 import re
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from summ.data.samples import TURN
 
@@ -26,8 +27,20 @@ def kiwi():
 _TOKEN = re.compile(r"(#[A-Za-z]+\d*#)")  # speaker tags and masked tokens
 
 # Particles whose form follows the final consonant (batchim) of the noun before them.
-_PAIRS = {"을": "를", "를": "을", "이": "가", "가": "이", "은": "는", "는": "은", "과": "와", "와": "과",
-          "이나": "나", "나": "이나", "이랑": "랑", "랑": "이랑"}
+_PAIRS = {
+    "을": "를",
+    "를": "을",
+    "이": "가",
+    "가": "이",
+    "은": "는",
+    "는": "은",
+    "과": "와",
+    "와": "과",
+    "이나": "나",
+    "나": "이나",
+    "이랑": "랑",
+    "랑": "이랑",
+}
 _AFTER_BATCHIM = {"을", "이", "은", "과", "이나", "이랑"}
 
 
@@ -57,9 +70,9 @@ def shuffle_turns(dialogue: str, rng: random.Random, window: int = 3) -> str:
         return dialogue
     middle = turns[1:-1]
     for i in range(0, len(middle), window):
-        chunk = middle[i: i + window]
+        chunk = middle[i : i + window]
         rng.shuffle(chunk)
-        middle[i: i + window] = chunk
+        middle[i : i + window] = chunk
     return join_turns([turns[0], *middle, turns[-1]])
 
 
@@ -91,8 +104,9 @@ def _fix_particle(noun: str, particle: str) -> str:
     return particle
 
 
-def replace_synonyms(text: str, rng: random.Random, rate: float = 0.3,
-                     lex: Optional[dict[str, tuple[str, ...]]] = None) -> str:
+def replace_synonyms(
+    text: str, rng: random.Random, rate: float = 0.3, lex: dict[str, tuple[str, ...]] | None = None
+) -> str:
     """Replace general nouns found in the lexicon with a synonym (each with probability `rate`),
     fixing the particle right after a replaced noun (을/를, 이/가, 은/는, 과/와, 으로/로, ...)."""
     lex = lexicon() if lex is None else lex
@@ -102,13 +116,22 @@ def replace_synonyms(text: str, rng: random.Random, rate: float = 0.3,
         pieces, pos, i = [], 0, 0
         while i < len(tokens):
             t = tokens[i]
-            if t.tag == "NNG" and t.form in lex and segment[t.start: t.start + t.len] == t.form and rng.random() < rate:
+            if (
+                t.tag == "NNG"
+                and t.form in lex
+                and segment[t.start : t.start + t.len] == t.form
+                and rng.random() < rate
+            ):
                 new = rng.choice(lex[t.form])
-                pieces.append(segment[pos: t.start] + new)
+                pieces.append(segment[pos : t.start] + new)
                 pos = t.start + t.len
                 nxt = tokens[i + 1] if i + 1 < len(tokens) else None
-                if nxt is not None and nxt.tag.startswith("J") and nxt.start == pos \
-                        and segment[nxt.start: nxt.start + nxt.len] == nxt.form:
+                if (
+                    nxt is not None
+                    and nxt.tag.startswith("J")
+                    and nxt.start == pos
+                    and segment[nxt.start : nxt.start + nxt.len] == nxt.form
+                ):
                     pieces.append(_fix_particle(new, nxt.form))
                     pos = nxt.start + nxt.len
                     i += 1
@@ -121,8 +144,10 @@ def replace_synonyms(text: str, rng: random.Random, rate: float = 0.3,
 
 def mask_words(text: str, rng: random.Random, rate: float, mask: str) -> str:
     """Replace a share of the words (outside `#...#` tokens) with `mask` ('' drops them)."""
+
     def edit(segment: str) -> str:
         words = segment.split(" ")
         out = [w if not w or rng.random() >= rate else mask for w in words]
         return " ".join(w for w in out if w != "" or mask != "")
+
     return map_text(text, edit)

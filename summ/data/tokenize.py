@@ -1,8 +1,10 @@
 """Tokenization for one model kind and prompt template, and collation with dynamic padding."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -26,8 +28,7 @@ class Features:
 class Encoder:
     """Turns samples into token ids for one model kind and prompt template."""
 
-    def __init__(self, tokenizer, kind: ModelKind, prompt_template: str,
-                 encoder_max_len: int, decoder_max_len: int):
+    def __init__(self, tokenizer, kind: ModelKind, prompt_template: str, encoder_max_len: int, decoder_max_len: int):
         self.tok = tokenizer
         self.kind = kind
         self.encoder_max_len = encoder_max_len
@@ -47,16 +48,18 @@ class Encoder:
 
     def _prompts(self, dialogues: list[str]) -> list[list[int]]:
         if self.kind == ModelKind.seq2seq:
-            return self._fit(self.tok(dialogues, truncation=True, max_length=self.encoder_max_len)["input_ids"],
-                             self.encoder_max_len)
+            return self._fit(
+                self.tok(dialogues, truncation=True, max_length=self.encoder_max_len)["input_ids"], self.encoder_max_len
+            )
         bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
         body = self.tok(dialogues, add_special_tokens=False)["input_ids"] if dialogues else []
         return [bos + self._prefix + ids[: self.encoder_max_len] + self._suffix for ids in body]
 
     def _targets(self, summaries: list[str]) -> list[list[int]]:
         if self.kind == ModelKind.seq2seq:
-            return self._fit(self.tok(summaries, truncation=True, max_length=self.decoder_max_len)["input_ids"],
-                             self.decoder_max_len)
+            return self._fit(
+                self.tok(summaries, truncation=True, max_length=self.decoder_max_len)["input_ids"], self.decoder_max_len
+            )
         body = self.tok(summaries, add_special_tokens=False)["input_ids"] if summaries else []
         return [ids[: self.decoder_max_len - 1] + [self.tok.eos_token_id] for ids in body]
 
@@ -77,8 +80,10 @@ class Encoder:
         targets = self._targets([s.summary for s in samples])
         if self.kind == ModelKind.seq2seq:
             return [Features(input_ids=p, labels=t, prompt_len=len(p)) for p, t in zip(prompts, targets)]
-        return [Features(input_ids=p + t, labels=[IGNORE_INDEX] * len(p) + t, prompt_len=len(p))
-                for p, t in zip(prompts, targets)]
+        return [
+            Features(input_ids=p + t, labels=[IGNORE_INDEX] * len(p) + t, prompt_len=len(p))
+            for p, t in zip(prompts, targets)
+        ]
 
     def encode(self, sample: Sample) -> Features:
         return self.encode_all([sample])[0]
@@ -116,8 +121,14 @@ class Collator:
     """Dynamic padding to the longest sequence in each batch (right padding, for training and
     eval loss). Seq2seq batches also get decoder_input_ids: the labels shifted right."""
 
-    def __init__(self, pad_token_id: int, kind: ModelKind, decoder_start_token_id: Optional[int] = None,
-                 input_width: Optional[int] = None, label_width: Optional[int] = None):
+    def __init__(
+        self,
+        pad_token_id: int,
+        kind: ModelKind,
+        decoder_start_token_id: int | None = None,
+        input_width: int | None = None,
+        label_width: int | None = None,
+    ):
         self.pad = pad_token_id
         self.kind = kind
         self.decoder_start = decoder_start_token_id
@@ -138,8 +149,9 @@ class Collator:
         batch = {}
         width, lwidth = self.widths([len(f.input_ids) for f in features], [len(f.labels) for f in features])
         batch["input_ids"] = torch.tensor([f.input_ids + [self.pad] * (width - len(f.input_ids)) for f in features])
-        batch["attention_mask"] = torch.tensor([[1] * len(f.input_ids) + [0] * (width - len(f.input_ids))
-                                                for f in features])
+        batch["attention_mask"] = torch.tensor(
+            [[1] * len(f.input_ids) + [0] * (width - len(f.input_ids)) for f in features]
+        )
         labels = torch.tensor([f.labels + [IGNORE_INDEX] * (lwidth - len(f.labels)) for f in features])
         batch["labels"] = labels
         if self.kind == ModelKind.seq2seq:
@@ -149,12 +161,17 @@ class Collator:
             batch["decoder_input_ids"] = dec
         real = sum(len(f.input_ids) for f in features)
         # causal: the prompt's labels are ignored, and the first position has nothing before it
-        label_tokens = sum(len(f.labels) - (max(f.prompt_len, 1) if self.kind == ModelKind.causal else 0)
-                           for f in features)
+        label_tokens = sum(
+            len(f.labels) - (max(f.prompt_len, 1) if self.kind == ModelKind.causal else 0) for f in features
+        )
         if self.kind == ModelKind.seq2seq:
             real += label_tokens
-        batch["counts"] = BatchCounts(len(features), real, self.positions(
-            [len(f.input_ids) for f in features], [len(f.labels) for f in features]) - real, label_tokens)
+        batch["counts"] = BatchCounts(
+            len(features),
+            real,
+            self.positions([len(f.input_ids) for f in features], [len(f.labels) for f in features]) - real,
+            label_tokens,
+        )
         return batch
 
 

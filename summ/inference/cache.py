@@ -1,12 +1,14 @@
 """Generated text kept on disk, so that a sweep never generates (or pays for) the same text
 twice: (backend, task, text) -> text in SQLite, shared by runs, sweeps and processes."""
+
 from __future__ import annotations
 
 import hashlib
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from summ.files import WriteFailed, make_folder
 
@@ -28,8 +30,9 @@ class DiskCache:
             make_folder(path.parent, for_file=path)
             self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
         except (WriteFailed, sqlite3.Error) as exc:
-            raise WriteFailed(f"{setting}={path.parent}: {exc}; set {setting} to a folder that can be written, "
-                              f"or null") from None
+            raise WriteFailed(
+                f"{setting}={path.parent}: {exc}; set {setting} to a folder that can be written, or null"
+            ) from None
         self._db.execute("CREATE TABLE IF NOT EXISTS gen (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self._lock = threading.Lock()
 
@@ -41,7 +44,7 @@ class DiskCache:
         with self._lock:
             out = {}
             for i in range(0, len(keys), 500):
-                chunk = list(keys[i: i + 500])
+                chunk = list(keys[i : i + 500])
                 marks = ",".join("?" * len(chunk))
                 out.update(self._db.execute(f"SELECT key, value FROM gen WHERE key IN ({marks})", chunk).fetchall())
             return out

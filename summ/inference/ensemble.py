@@ -9,24 +9,31 @@
 - logit_avg: no selection at all; one beam search over the members' averaged next-token
   log-probabilities (LogitAverage below), for members that share a tokenizer.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from summ.config import RougeTokenizer
 from summ.console import OneLineParser
 from summ.files import WriteFailed
 from summ.inference.scoring import pair_rouge_mean, rouge_scores
-from summ.run_folder import (DEV_PREDICTIONS_FILE, ENSEMBLE_PREDICTIONS_FILE, ENSEMBLE_REPORT, job_config,
-                             read_predictions, write_report)
+from summ.run_folder import (
+    DEV_PREDICTIONS_FILE,
+    ENSEMBLE_PREDICTIONS_FILE,
+    ENSEMBLE_REPORT,
+    job_config,
+    read_predictions,
+    write_report,
+)
 
 
-def mbr_select(candidates: Sequence[str], weights: Optional[Sequence[float]] = None) -> int:
+def mbr_select(candidates: Sequence[str], weights: Sequence[float] | None = None) -> int:
     """Index of the MBR choice among candidates (ties: the earliest)."""
     n = len(candidates)
     if n == 1:
@@ -59,9 +66,16 @@ def candidate_features(candidates: Sequence[str]) -> list[list[float]]:
     rows = []
     for i, c in enumerate(candidates):
         others = [pair_rouge_mean(c, o) for j, o in enumerate(candidates) if j != i]
-        rows.append([1.0, sum(others) / len(others) if others else 1.0, lengths[i] / median,
-                     abs(lengths[i] - median) / median, min(len(set(re.findall(r"#Person\d#", c))), 4) / 4,
-                     1.0 if c.rstrip().endswith(("다.", ".")) else 0.0])
+        rows.append(
+            [
+                1.0,
+                sum(others) / len(others) if others else 1.0,
+                lengths[i] / median,
+                abs(lengths[i] - median) / median,
+                min(len(set(re.findall(r"#Person\d#", c))), 4) / 4,
+                1.0 if c.rstrip().endswith(("다.", ".")) else 0.0,
+            ]
+        )
     return rows
 
 
@@ -117,8 +131,12 @@ class LogitAverage:
         with torch.no_grad():
             for i, m in enumerate(self.members):
                 if self.kind == "seq2seq":
-                    out = m(encoder_outputs=self.encoder_outputs[i], attention_mask=self.mask,
-                            decoder_input_ids=input_ids, use_cache=False)
+                    out = m(
+                        encoder_outputs=self.encoder_outputs[i],
+                        attention_mask=self.mask,
+                        decoder_input_ids=input_ids,
+                        use_cache=False,
+                    )
                 else:
                     new = input_ids.size(1) - self.prompt_len
                     mask = torch.cat([self.mask, self.mask.new_ones(self.mask.size(0), new)], dim=1)
@@ -137,8 +155,8 @@ def _run_rouge_tokenizer(run: Path) -> RougeTokenizer:
     return RougeTokenizer[name] if name in RougeTokenizer.__members__ else RougeTokenizer.whitespace
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """summ-ensemble [--strategy mbr|weighted] RUN_DIR RUN_DIR ...   (python -m summ.ensemble)
+def main(argv: Sequence[str] | None = None) -> int:
+    """summ-ensemble [--strategy mbr|weighted] RUN_DIR RUN_DIR ...   (python -m summ.inference.ensemble)
 
     Ensembles the dev predictions (dev_predictions.csv) of finished runs over the same dev set;
     weighted uses each run's dev ROUGE (every reference, the runs' own eval.rouge_tokenizer). Prints
@@ -151,20 +169,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     runs = list({Path(r).resolve(): Path(r) for r in args.runs}.values())  # one folder named twice is one member
     if len(runs) < 2:
-        print(f"error: an ensemble needs at least two runs and {'this is one' if runs else 'none was given'} "
-              f"({', '.join(map(str, runs))}): name two or more run folders", file=sys.stderr)
+        print(
+            f"error: an ensemble needs at least two runs and {'this is one' if runs else 'none was given'} "
+            f"({', '.join(map(str, runs))}): name two or more run folders",
+            file=sys.stderr,
+        )
         return 2
     members = []
     for run in runs:
         rows = read_predictions(run)
         if rows is None:
-            print(f"error: {run / DEV_PREDICTIONS_FILE} not found: ensemble runs that evaluated with generation on",
-                  file=sys.stderr)
+            print(
+                f"error: {run / DEV_PREDICTIONS_FILE} not found: ensemble runs that evaluated with generation on",
+                file=sys.stderr,
+            )
             return 2
         lacking = [c for c in ("fname", "prediction") if rows and c not in rows[0]]
         if lacking:
-            print(f"error: {run / DEV_PREDICTIONS_FILE} has no {' or '.join(lacking)} column: ensemble the "
-                  f"dev_predictions.csv that training runs write", file=sys.stderr)
+            print(
+                f"error: {run / DEV_PREDICTIONS_FILE} has no {' or '.join(lacking)} column: ensemble the "
+                f"dev_predictions.csv that training runs write",
+                file=sys.stderr,
+            )
             return 2
         members.append((run, rows))
     fnames = [r["fname"] for r in members[0][1]]
@@ -185,12 +211,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         chosen.append(cands[mbr_select(cands, weights)])
     ens = rouge_scores(chosen, refs, tokenizer)
     out = Path(args.out) if args.out else members[0][0]
-    lines = [f"# Ensemble ({args.strategy}) of {len(members)} runs over {len(fnames)} dev dialogues", "",
-             "| member | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE mean |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"# Ensemble ({args.strategy}) of {len(members)} runs over {len(fnames)} dev dialogues",
+        "",
+        "| member | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE mean |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for (run, _), s in zip(members, member_scores):
         lines.append(f"| {run} | {s['rouge1']:.4f} | {s['rouge2']:.4f} | {s['rougeL']:.4f} | {s['rouge_mean']:.4f} |")
-    lines.append(f"| **ensemble** | {ens['rouge1']:.4f} | {ens['rouge2']:.4f} | {ens['rougeL']:.4f} | "
-                 f"**{ens['rouge_mean']:.4f}** |")
+    lines.append(
+        f"| **ensemble** | {ens['rouge1']:.4f} | {ens['rouge2']:.4f} | {ens['rougeL']:.4f} | "
+        f"**{ens['rouge_mean']:.4f}** |"
+    )
     report = "\n".join(lines) + "\n"
     rows = [[f, p, r[0], json.dumps(r, ensure_ascii=False)] for f, p, r in zip(fnames, chosen, refs)]
     if not _write(out, report, rows):

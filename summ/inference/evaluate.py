@@ -1,11 +1,12 @@
 """Evaluation: eval loss over the dev set, summaries generated with the `inference` settings,
 ROUGE against the references, dev predictions saved as CSV."""
+
 from __future__ import annotations
 
 import csv
 import io
 import json
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from accelerate.utils import gather_object
@@ -23,7 +24,7 @@ from summ.modeling.loss import model_inputs, token_losses
 from summ.modeling.models import rows_past_tokenizer, vocabulary_rows
 
 
-def eval_loss(accelerator, model, loader: DataLoader, kind: ModelKind) -> Optional[float]:
+def eval_loss(accelerator, model, loader: DataLoader, kind: ModelKind) -> float | None:
     """Mean token cross-entropy over the dev set (no label smoothing), gathered over processes."""
     model.eval()
     sums, counts = [], []
@@ -40,15 +41,22 @@ def eval_loss(accelerator, model, loader: DataLoader, kind: ModelKind) -> Option
     return float(torch.cat(sums).sum()) / total if total else None
 
 
-def generation_config(cfg: InferenceConfig, tokenizer, kind: ModelKind, vocabulary: Optional[int] = None):
+def generation_config(cfg: InferenceConfig, tokenizer, kind: ModelKind, vocabulary: int | None = None):
     """`vocabulary`: the model's output rows; those past the tokenizer's (padding to a multiple of
     64, or a model's own spare rows) are suppressed, so no id the tokenizer lacks is ever emitted."""
     from transformers import GenerationConfig
 
-    kwargs = dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                  repetition_penalty=cfg.repetition_penalty, length_penalty=cfg.length_penalty,
-                  no_repeat_ngram_size=cfg.no_repeat_ngram_size, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    kwargs = dict(
+        num_beams=cfg.num_beams,
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=cfg.do_sample,
+        repetition_penalty=cfg.repetition_penalty,
+        length_penalty=cfg.length_penalty,
+        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
     if kind == ModelKind.seq2seq:
         kwargs["forced_eos_token_id"] = tokenizer.eos_token_id
     if cfg.do_sample:
@@ -64,9 +72,19 @@ def housekeeping_tokens(tokenizer) -> list[str]:
     return sorted((t for t in tokenizer.all_special_tokens if t not in keep), key=len, reverse=True)
 
 
-def generate(accelerator, model, samples: Sequence[Sample], encoder: Encoder, tokenizer,
-             cfg: InferenceConfig, kind: ModelKind, batch_size: int, num_candidates: int = 1,
-             co_members: Sequence = (), sort_by_length: bool = True) -> tuple[list, float]:
+def generate(
+    accelerator,
+    model,
+    samples: Sequence[Sample],
+    encoder: Encoder,
+    tokenizer,
+    cfg: InferenceConfig,
+    kind: ModelKind,
+    batch_size: int,
+    num_candidates: int = 1,
+    co_members: Sequence = (),
+    sort_by_length: bool = True,
+) -> tuple[list, float]:
     """Summaries for `samples` in their order, and the generation wall seconds. With
     num_candidates > 1 each item is the list of the top beams (at most num_beams). With
     co_members, decoding averages their next-token log-probabilities with the model's (logit_avg).
@@ -91,30 +109,35 @@ def generate(accelerator, model, samples: Sequence[Sample], encoder: Encoder, to
     sharded = sharded_by(accelerator) == "fsdp" and accelerator.num_processes > 1
     with accelerator.split_between_processes(order, apply_padding=sharded) as mine:
         for b in range(0, len(mine), batch_size):
-            idx = mine[b: b + batch_size]
+            idx = mine[b : b + batch_size]
             if kind == ModelKind.causal:
                 inputs = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id)
             else:
                 width = max(len(prompts[i]) for i in idx)
-                inputs = {"input_ids": torch.tensor([prompts[i] + [tokenizer.pad_token_id] * (width - len(prompts[i]))
-                                                     for i in idx]),
-                          "attention_mask": torch.tensor([[1] * len(prompts[i]) + [0] * (width - len(prompts[i]))
-                                                          for i in idx])}
+                inputs = {
+                    "input_ids": torch.tensor(
+                        [prompts[i] + [tokenizer.pad_token_id] * (width - len(prompts[i])) for i in idx]
+                    ),
+                    "attention_mask": torch.tensor(
+                        [[1] * len(prompts[i]) + [0] * (width - len(prompts[i])) for i in idx]
+                    ),
+                }
             inputs = {k: v.to(accelerator.device) for k, v in inputs.items()}
             extra = {"synced_gpus": True} if sharded else {}
             if co_members:
                 from transformers import LogitsProcessorList
 
                 extra["logits_processor"] = LogitsProcessorList(
-                    [LogitAverage(co_members, inputs, kind.value, 1 if gen_cfg.do_sample else gen_cfg.num_beams)])
+                    [LogitAverage(co_members, inputs, kind.value, 1 if gen_cfg.do_sample else gen_cfg.num_beams)]
+                )
             with torch.no_grad(), accelerator.autocast():
                 out = unwrapped.generate(**inputs, generation_config=gen_cfg, **extra)
             if kind == ModelKind.causal:
-                out = out[:, inputs["input_ids"].size(1):]
+                out = out[:, inputs["input_ids"].size(1) :]
             texts = tokenizer.batch_decode(out, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             cleaned = [clean_prediction(t, strip) for t in texts]
             for j, i in enumerate(idx):
-                group = cleaned[j * n_ret: (j + 1) * n_ret]
+                group = cleaned[j * n_ret : (j + 1) * n_ret]
                 outputs[i] = group if num_candidates > 1 else group[0]
     gathered = gather_object([outputs])
     synchronize(accelerator.device)

@@ -6,11 +6,12 @@ dialogue, F1 is averaged over its references (one without any is left out and co
 `unscored`); an empty prediction scores 0. `rouge_sum` is
 R1+R2+RL and `rouge_mean` their mean (the leaderboard shows rouge_mean x 100).
 """
+
 from __future__ import annotations
 
 import re
 import statistics
-from typing import Sequence
+from collections.abc import Sequence
 
 from rouge import Rouge
 
@@ -42,8 +43,11 @@ def pair_rouge_mean(hyp: str, ref: str, tokenizer: RougeTokenizer = RougeTokeniz
     return sum(_pair_f1(_tokenize(hyp, tokenizer), _tokenize(ref, tokenizer))) / 3
 
 
-def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]],
-                 tokenizer: RougeTokenizer = RougeTokenizer.whitespace) -> dict:
+def rouge_scores(
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    tokenizer: RougeTokenizer = RougeTokenizer.whitespace,
+) -> dict:
     """Mean ROUGE-1/2/L F1 over dialogues; each dialogue averages over its references."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} reference sets")
@@ -56,8 +60,15 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
         per_sample.append(tuple(statistics.fmean(s[k] for s in scores) for k in range(3)))
     n = len(per_sample)
     r1, r2, rl = (statistics.fmean(s[k] for s in per_sample) if n else 0.0 for k in range(3))
-    return {"rouge1": r1, "rouge2": r2, "rougeL": rl, "rouge_sum": r1 + r2 + rl,
-            "rouge_mean": (r1 + r2 + rl) / 3, "n": n, "unscored": len(predictions) - n}
+    return {
+        "rouge1": r1,
+        "rouge2": r2,
+        "rougeL": rl,
+        "rouge_sum": r1 + r2 + rl,
+        "rouge_mean": (r1 + r2 + rl) / 3,
+        "n": n,
+        "unscored": len(predictions) - n,
+    }
 
 
 def clean_prediction(text: str, strip_tokens: Sequence[str]) -> str:

@@ -22,6 +22,7 @@ The key comes only from the environment variable named by solar.api_key_env, rea
 must actually be sent: a run whose answers are all cached needs no key. The key is never logged,
 cached, written to disk or put in an error message.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,8 @@ Messages = list[dict]
 SUMMARY_SYSTEM = (
     "당신은 대화 요약 전문가입니다. 주어진 대화를 한두 문장의 간결한 한국어로 요약하세요. "
     "화자는 대화에 나온 태그(#Person1#, #Person2# 등) 그대로 3인칭으로 부르고, "
-    "#PhoneNumber# 같은 마스킹 토큰은 바꾸지 마세요. 요약문만 답하세요.")
+    "#PhoneNumber# 같은 마스킹 토큰은 바꾸지 마세요. 요약문만 답하세요."
+)
 FEW_SHOT_INSTRUCTION = "아래 예시 대화와 요약을 읽고, 예시 요약의 문체를 따라 마지막 대화를 요약하세요."
 
 # generation.py's tasks, as prompts: one text per request, the answer is the rewritten text alone.
@@ -88,8 +90,11 @@ def build_messages(strategy: str, dialogue: str, examples: Sequence[tuple[str, s
         shown = "".join(f"예시 대화:\n{d}\n\n예시 요약:\n{s}\n\n" for d, s in examples)
         return [system, {"role": "user", "content": f"{FEW_SHOT_INSTRUCTION}\n\n{shown}{_dialogue_turn(dialogue)}"}]
     if strategy == "few_shot_chat":
-        turns = [m for d, s in examples for m in ({"role": "user", "content": _dialogue_turn(d)},
-                                                  {"role": "assistant", "content": s})]
+        turns = [
+            m
+            for d, s in examples
+            for m in ({"role": "user", "content": _dialogue_turn(d)}, {"role": "assistant", "content": s})
+        ]
         return [system, *turns, {"role": "user", "content": _dialogue_turn(dialogue)}]
     raise ConfigError(f"solar.prompt_strategy={strategy} is unknown: choose one of {', '.join(PromptStrategy)}")
 
@@ -165,7 +170,9 @@ class SolarClient:
         self.url = str(cfg.base_url).rstrip("/") + "/chat/completions"
         self.path = httpx.URL(self.url).path
         self._limiter = RateLimiter(cfg.requests_per_minute)
-        self._cache = DiskCache(Path(cfg.cache_dir).expanduser() / "solar.sqlite", "solar.cache_dir") if cfg.cache_dir else None
+        self._cache = (
+            DiskCache(Path(cfg.cache_dir).expanduser() / "solar.sqlite", "solar.cache_dir") if cfg.cache_dir else None
+        )
         # connecting takes seconds at most (the SDK's own default is 5 s): an endpoint that drops
         # packets costs each attempt that, not solar.timeout_s
         timeout = httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 5.0))
@@ -173,8 +180,16 @@ class SolarClient:
         self._sdk: _OpenAI | None = None  # made when a request must be sent: only then is the key read
         self._local = threading.local()  # the batch's stop event, for the transport and the retry wait
         self._lock = threading.Lock()
-        self.stats: dict = {"requests_sent": 0, "cache_hits": 0, "retries": 0, "prompt_tokens": 0,
-                            "completion_tokens": 0, "truncated": 0, "wait_s": 0.0, "wall_s": 0.0}
+        self.stats: dict = {
+            "requests_sent": 0,
+            "cache_hits": 0,
+            "retries": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "truncated": 0,
+            "wait_s": 0.0,
+            "wall_s": 0.0,
+        }
 
     def __repr__(self) -> str:
         return f"SolarClient(base_url={self.cfg.base_url!r}, model={self.cfg.model!r})"
@@ -187,8 +202,10 @@ class SolarClient:
         which the first solar.num_examples are shown by the few-shot strategies."""
         shown = list(examples)[: self.cfg.num_examples]
         if self.cfg.prompt_strategy != "zero_shot" and self.cfg.num_examples and not shown:
-            raise ConfigError(f"solar.prompt_strategy={self.cfg.prompt_strategy} shows training examples but none "
-                              f"were given: pass training pairs or set solar.prompt_strategy=zero_shot")
+            raise ConfigError(
+                f"solar.prompt_strategy={self.cfg.prompt_strategy} shows training examples but none "
+                f"were given: pass training pairs or set solar.prompt_strategy=zero_shot"
+            )
         return self.complete_many([build_messages(self.cfg.prompt_strategy, d, shown) for d in dialogues])
 
     def complete(self, messages: Messages) -> str:
@@ -215,14 +232,22 @@ class SolarClient:
                 stop.set()
                 pool.shutdown(wait=True, cancel_futures=True)
         self._count(wall_s=time.perf_counter() - start)
-        log.info("Solar API: %d answers, %d from the cache, %d requests sent so far", len(keys),
-                 len(keys) - len(todo), self.stats["requests_sent"])
+        log.info(
+            "Solar API: %d answers, %d from the cache, %d requests sent so far",
+            len(keys),
+            len(keys) - len(todo),
+            self.stats["requests_sent"],
+        )
         return [found[k] for k in keys]
 
     def cache_key(self, messages: Messages) -> str:
         """What identifies an answer: endpoint, model, messages and sampling settings (never the key)."""
-        request = {"base_url": str(self.cfg.base_url).rstrip("/"), "model": self.cfg.model, "messages": messages,
-                   **self._sampling()}
+        request = {
+            "base_url": str(self.cfg.base_url).rstrip("/"),
+            "model": self.cfg.model,
+            "messages": messages,
+            **self._sampling(),
+        }
         return DiskCache.key("solar", "chat", json.dumps(request, ensure_ascii=False, sort_keys=True))
 
     def _sampling(self) -> dict:
@@ -232,20 +257,30 @@ class SolarClient:
         name = self.cfg.api_key_env
         key = os.environ.get(name, "").strip()
         if not key:
-            raise ConfigError(f"the Solar API key is not set: export {name}=<your Upstage API key> "
-                              f"(solar.api_key_env names the variable)")
+            raise ConfigError(
+                f"the Solar API key is not set: export {name}=<your Upstage API key> "
+                f"(solar.api_key_env names the variable)"
+            )
         return key
 
     def _client(self, key: str) -> _OpenAI:
         with self._lock:
             if self._sdk is None or self._sdk.api_key != key:
                 self._sdk = _OpenAI(
-                    before_retry=self._before_retry, base_url=str(self.cfg.base_url), api_key=key,
-                    max_retries=int(self.cfg.max_retries), timeout=self._http.timeout, http_client=self._http,
+                    before_retry=self._before_retry,
+                    base_url=str(self.cfg.base_url),
+                    api_key=key,
+                    max_retries=int(self.cfg.max_retries),
+                    timeout=self._http.timeout,
+                    http_client=self._http,
                     # the SDK also reads OPENAI_* variables meant for OpenAI: an Authorization from
                     # OPENAI_CUSTOM_HEADERS must not replace the Solar key, nor OpenAI ids reach Upstage
-                    default_headers={"Authorization": f"Bearer {key}", "OpenAI-Organization": openai.Omit(),
-                                     "OpenAI-Project": openai.Omit()})
+                    default_headers={
+                        "Authorization": f"Bearer {key}",
+                        "OpenAI-Organization": openai.Omit(),
+                        "OpenAI-Project": openai.Omit(),
+                    },
+                )
             return self._sdk
 
     def _count(self, **amounts) -> None:
@@ -270,8 +305,9 @@ class SolarClient:
         self._count(requests_sent=1)
         return transport.handle_request(request)
 
-    def _before_retry(self, retry: int, max_retries: int, response: httpx.Response | None,
-                      retry_after: float | None) -> None:
+    def _before_retry(
+        self, retry: int, max_retries: int, response: httpx.Response | None, retry_after: float | None
+    ) -> None:
         """The wait before the SDK's retry number `retry`, or an error where asking again is no use."""
         if response is not None:
             why = f"HTTP {response.status_code}: {self._error_text(response)}"
@@ -297,9 +333,11 @@ class SolarClient:
         if isinstance(exc, httpx.ConnectError):
             # nothing answers at that address (refused, unknown host): asking again for half a
             # minute only delays saying so
-            raise ServiceDown(f"cannot connect to the Solar API at solar.base_url={self.cfg.base_url} "
-                              f"({self._one_line(str(exc)) or type(exc).__name__}): check solar.base_url, "
-                              f"or the server is unreachable") from None
+            raise ServiceDown(
+                f"cannot connect to the Solar API at solar.base_url={self.cfg.base_url} "
+                f"({self._one_line(str(exc)) or type(exc).__name__}): check solar.base_url, "
+                f"or the server is unreachable"
+            ) from None
 
     def _failure(self, exc: BaseException | None) -> str:
         """A request that got no response, in words."""
@@ -320,27 +358,34 @@ class SolarClient:
     def _request(self, sdk: _OpenAI, messages: Messages, stop: threading.Event) -> str:
         self._local.stop = stop
         try:
-            completion = sdk.chat.completions.create(model=self.cfg.model, messages=messages, stream=False,
-                                                     **self._sampling())
+            completion = sdk.chat.completions.create(
+                model=self.cfg.model, messages=messages, stream=False, **self._sampling()
+            )
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-            raise ConfigError(f"the Solar API refused the key (HTTP {exc.status_code} from POST {self.path}): "
-                              f"check that ${self.cfg.api_key_env} holds a valid Upstage API key") from None
+            raise ConfigError(
+                f"the Solar API refused the key (HTTP {exc.status_code} from POST {self.path}): "
+                f"check that ${self.cfg.api_key_env} holds a valid Upstage API key"
+            ) from None
         except openai.NotFoundError:
-            raise ConfigError(f"HTTP 404 from POST {self.path}: check solar.base_url={self.cfg.base_url} and "
-                              f"solar.model={self.cfg.model}") from None
+            raise ConfigError(
+                f"HTTP 404 from POST {self.path}: check solar.base_url={self.cfg.base_url} and "
+                f"solar.model={self.cfg.model}"
+            ) from None
         except (openai.APIStatusError, openai.APIConnectionError) as exc:  # after the SDK's retries
             if isinstance(exc, openai.APIConnectionError):  # with no retries left, or none configured
                 self._raise_unless_retryable(exc.__cause__)
             n = self._attempts(exc.request)
             tries = f" after {n} attempts (solar.max_retries={self.cfg.max_retries}); the last" if n > 1 else ""
             if isinstance(exc, openai.APIStatusError):
-                raise SolarError(f"POST {self.path} failed{tries}: HTTP {exc.status_code}: "
-                                 f"{self._error_text(exc.response)}") from None
+                raise SolarError(
+                    f"POST {self.path} failed{tries}: HTTP {exc.status_code}: {self._error_text(exc.response)}"
+                ) from None
             hint = ": raise solar.timeout_s or try again later" if isinstance(exc, openai.APITimeoutError) else ""
             raise SolarError(f"POST {self.path} failed{tries}: {self._failure(exc.__cause__ or exc)}{hint}") from None
         except (openai.APIError, ValueError) as exc:  # a 200 whose body is not what the API sends
-            raise SolarError(f"the answer to POST {self.path} cannot be read: "
-                             f"{type(exc).__name__}: {self._one_line(str(exc))}") from None
+            raise SolarError(
+                f"the answer to POST {self.path} cannot be read: {type(exc).__name__}: {self._one_line(str(exc))}"
+            ) from None
         return self._answer(completion, messages)
 
     def _error_text(self, resp: httpx.Response) -> str:
@@ -358,12 +403,15 @@ class SolarClient:
             choice = completion.choices[0]
             content = choice.message.content or ""
         except (AttributeError, IndexError, KeyError, TypeError):
-            raise SolarError(f"the answer to POST {self.path} has no choices[0].message.content: "
-                             f"{self._one_line(str(completion))}") from None
+            raise SolarError(
+                f"the answer to POST {self.path} has no choices[0].message.content: {self._one_line(str(completion))}"
+            ) from None
         usage = getattr(completion, "usage", None)
-        self._count(prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-                    completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-                    truncated=int(getattr(choice, "finish_reason", None) == "length"))
+        self._count(
+            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            truncated=int(getattr(choice, "finish_reason", None) == "length"),
+        )
         answer = postprocess(content)
         if answer and self._cache:  # an empty answer is asked again next time
             self._cache.put_many({self.cache_key(messages): answer})

@@ -4,12 +4,13 @@ Each evaluation dialogue gets `num_aug` perturbed copies (methods taken in turn)
 generated for the original and every copy, and MBR picks one. Speaker tags and masked tokens
 are never altered, so every copy still names the same people.
 """
+
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Optional, Sequence
 
 from summ.data.augment import rewrite_with_backend
 from summ.data.samples import Sample
@@ -18,6 +19,7 @@ from summ.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+
 def usable_methods(cfg, backend, say: bool = True) -> tuple[list[str], dict]:
     """The configured methods that can run, and why the others cannot (said in the log unless
     `say` is false: a check before training, repeated at evaluation)."""
@@ -25,7 +27,10 @@ def usable_methods(cfg, backend, say: bool = True) -> tuple[list[str], dict]:
     methods = []
     for m in cfg.methods:
         if m == "paraphrase" and (backend is None or not backend.backend.supports("paraphrase")):
-            skipped[m] = "no generation backend for paraphrase: set generation.kind=solar, or local and generation.paraphrase_path"
+            skipped[m] = (
+                "no generation backend for paraphrase: set generation.kind=solar, "
+                "or local and generation.paraphrase_path"
+            )
             continue
         methods.append(m)
     if not methods and cfg.methods:
@@ -35,8 +40,9 @@ def usable_methods(cfg, backend, say: bool = True) -> tuple[list[str], dict]:
     return methods, skipped
 
 
-def perturb(samples: Sequence[Sample], cfg, methods: Sequence[str], mask_token: Optional[str],
-            backend=None) -> list[list[Sample]]:
+def perturb(
+    samples: Sequence[Sample], cfg, methods: Sequence[str], mask_token: str | None, backend=None
+) -> list[list[Sample]]:
     """copies[k][i]: the k-th perturbed copy of samples[i] (seeded)."""
     copies = []
     for k in range(cfg.num_aug):

@@ -10,6 +10,7 @@
   another architecture), none of another shape (another vocabulary or width). transformers prints
   a table of 60 lines and goes on, or raises after it; here it is one line naming the folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,7 +47,8 @@ def check_tokenizer(tok, where: str) -> None:
         raise WeightsNotFound(
             f"{where}: its tokenizer ({type(tok).__name__}, {len(tok):,} ids) keeps {kept / sent:.0%} of the Korean "
             f"in the bundled sample: it is not this model's (no tokenizer files of its own?); put the model's "
-            f"tokenizer files (tokenizer.json, or its vocabulary files) beside config.json")
+            f"tokenizer files (tokenizer.json, or its vocabulary files) beside config.json"
+        )
 
 
 @contextlib.contextmanager
@@ -67,14 +69,15 @@ def from_pretrained_checked(auto, source: str, where: str, **kwargs):
     the folder's config.json (check_loaded)."""
     try:
         with _no_load_report():
-            model, info = auto.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True,
-                                               **kwargs)
+            model, info = auto.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except Exception as exc:
         if not _unreadable_weights(exc):
             raise
-        raise WeightsNotFound(f"{where}: its weights cannot be read ({type(exc).__name__}: "
-                              f"{(str(exc).splitlines() or [''])[0][:160]}): the file is truncated or damaged; copy "
-                              f"it again, or point at another folder") from None
+        raise WeightsNotFound(
+            f"{where}: its weights cannot be read ({type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:160]}): the file is truncated or damaged; copy "
+            f"it again, or point at another folder"
+        ) from None
     check_loaded(info, where, type(model).__name__)
     return model
 
@@ -84,8 +87,12 @@ def _unreadable_weights(exc: BaseException) -> bool:
     pickle (a truncated copy, an interrupted download, another file renamed)."""
     name = type(exc).__name__
     text = str(exc)
-    return (name in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "UnpicklingError", "EOFError")
-            or "deserializing header" in text or "invalid load key" in text or "PytorchStreamReader" in text)
+    return (
+        name in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "UnpicklingError", "EOFError")
+        or "deserializing header" in text
+        or "invalid load key" in text
+        or "PytorchStreamReader" in text
+    )
 
 
 def check_loaded(info: dict, where: str, architecture: str) -> None:
@@ -96,17 +103,21 @@ def check_loaded(info: dict, where: str, architecture: str) -> None:
         return
     parts = []
     if mismatched:  # the largest one names it best (the embedding, not a bias beside it); the same every time
-        key, ckpt, model = max(((tuple(m) + (None, None))[:3] for m in mismatched),
-                               key=lambda m: (math.prod(m[2] or ()), m[0]))
-        parts.append(f"{len(mismatched)} of another shape ({key}: {_shape(ckpt)} in the file, {_shape(model)} in the "
-                     f"config)")
+        key, ckpt, model = max(
+            ((tuple(m) + (None, None))[:3] for m in mismatched), key=lambda m: (math.prod(m[2] or ()), m[0])
+        )
+        parts.append(
+            f"{len(mismatched)} of another shape ({key}: {_shape(ckpt)} in the file, {_shape(model)} in the config)"
+        )
     if missing:
         parts.append(f"{len(missing)} missing, which would train from random values ({sorted(missing)[0]}, ...)")
     if leftover:
         parts.append(f"{len(leftover)} left over ({sorted(leftover)[0]}, ...)")
-    raise WeightsNotFound(f"{where}: its weights do not fit its config.json ({architecture}): "
-                          f"{'; '.join(parts)}; the weights belong to another model: use the folder they were saved "
-                          f"with, config.json included")
+    raise WeightsNotFound(
+        f"{where}: its weights do not fit its config.json ({architecture}): "
+        f"{'; '.join(parts)}; the weights belong to another model: use the folder they were saved "
+        f"with, config.json included"
+    )
 
 
 def _shape(shape) -> str:

@@ -1,6 +1,7 @@
 """Models and tokenizers for training: tiny random-init models of the real architectures (tests,
 CPU runs), real models from a local path or the local HF cache, LoRA and QLoRA through peft and
 bitsandbytes. A trained model saved for mode=predict: summ/modeling/saved.py."""
+
 from __future__ import annotations
 
 import functools
@@ -8,7 +9,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -27,6 +28,8 @@ VOCAB_MULTIPLE = 64
 
 def padded_vocabulary(n: int) -> int:
     return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 TINY_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 MASKED_SPLIT = re.compile(r"#[A-Za-z]+\d*#:?")
 
@@ -36,7 +39,7 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     kind: ModelKind
-    decoder_start_token_id: Optional[int]
+    decoder_start_token_id: int | None
     trainable_params: int
     total_params: int
 
@@ -49,19 +52,28 @@ def _tiny_tokenizer_json() -> str:
     folder = bundled_sample_dir()
     # Merges are learned from the text between the masked tokens only: the tokens themselves are
     # special (never split), so merges across them would waste the vocabulary.
-    texts = [piece for f in ("train.csv", "dev.csv") for s in read_csv(folder / f, need_summary=True)
-             for t in (s.dialogue, s.summary) for piece in MASKED_SPLIT.split(t) if piece.strip()]
+    texts = [
+        piece
+        for f in ("train.csv", "dev.csv")
+        for s in read_csv(folder / f, need_summary=True)
+        for t in (s.dialogue, s.summary)
+        for piece in MASKED_SPLIT.split(t)
+        if piece.strip()
+    ]
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.normalizer = normalizers.NFC()
     # "first": only the start of the text gets the word marker, so "#Person1#은" decodes unsplit
     tk.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
     tk.decoder = decoders.Metaspace(prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, special_tokens=TINY_SPECIAL + MASKED_TOKENS,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE, special_tokens=TINY_SPECIAL + MASKED_TOKENS, show_progress=False
+    )
     tk.train_from_iterator(texts, trainer=trainer)
     tk.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> $B </s>",
-        special_tokens=[("<s>", tk.token_to_id("<s>")), ("</s>", tk.token_to_id("</s>"))])
+        single="<s> $A </s>",
+        pair="<s> $A </s> $B </s>",
+        special_tokens=[("<s>", tk.token_to_id("<s>")), ("</s>", tk.token_to_id("</s>"))],
+    )
     return tk.to_str()
 
 
@@ -69,9 +81,15 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
-                                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                  mask_token="<mask>", clean_up_tokenization_spaces=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        clean_up_tokenization_spaces=False,
+    )
     tok.add_special_tokens({"additional_special_tokens": MASKED_TOKENS})
     return tok
 
@@ -88,29 +106,52 @@ def tiny_model(cfg: ModelConfig, tok, seed: int):
         torch.set_default_dtype(previous)
 
 
-def _build_tiny(t, tok, vocab: int, attention: Optional[str] = None):
+def _build_tiny(t, tok, vocab: int, attention: str | None = None):
     """The tiny architecture from its config; `attention`: model.attn_implementation (None: transformers')."""
+
     def build(cls, conf):
         return cls._from_config(conf, attn_implementation=attention) if attention else cls(conf)
 
     if t.arch == "bart":
         from transformers import BartConfig, BartForConditionalGeneration
 
-        conf = BartConfig(vocab_size=vocab, d_model=t.d_model, encoder_layers=t.layers, decoder_layers=t.layers,
-                          encoder_attention_heads=t.heads, decoder_attention_heads=t.heads,
-                          encoder_ffn_dim=t.ffn_dim, decoder_ffn_dim=t.ffn_dim, max_position_embeddings=t.max_positions,
-                          dropout=t.dropout, attention_dropout=t.dropout, activation_dropout=t.dropout,
-                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=tok.eos_token_id)
+        conf = BartConfig(
+            vocab_size=vocab,
+            d_model=t.d_model,
+            encoder_layers=t.layers,
+            decoder_layers=t.layers,
+            encoder_attention_heads=t.heads,
+            decoder_attention_heads=t.heads,
+            encoder_ffn_dim=t.ffn_dim,
+            decoder_ffn_dim=t.ffn_dim,
+            max_position_embeddings=t.max_positions,
+            dropout=t.dropout,
+            attention_dropout=t.dropout,
+            activation_dropout=t.dropout,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            decoder_start_token_id=tok.eos_token_id,
+            forced_eos_token_id=tok.eos_token_id,
+        )
         return build(BartForConditionalGeneration, conf)
     if t.arch == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        conf = LlamaConfig(vocab_size=vocab, hidden_size=t.d_model, intermediate_size=t.ffn_dim,
-                           num_hidden_layers=t.layers, num_attention_heads=t.heads, num_key_value_heads=t.kv_heads,
-                           max_position_embeddings=t.max_positions, attention_dropout=t.dropout,
-                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                           tie_word_embeddings=True)
+        conf = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=t.d_model,
+            intermediate_size=t.ffn_dim,
+            num_hidden_layers=t.layers,
+            num_attention_heads=t.heads,
+            num_key_value_heads=t.kv_heads,
+            max_position_embeddings=t.max_positions,
+            attention_dropout=t.dropout,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=True,
+        )
         return build(LlamaForCausalLM, conf)
     raise ConfigError(f"model.tiny.arch={t.arch} is unknown: choose bart or llama")
 
@@ -140,8 +181,10 @@ def auto_class(kind: ModelKind):
 # Weights load only from safetensors: a pickled checkpoint (pytorch_model.bin, *.pt) can run code.
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-RESAVE_HINT = ("re-save them as safetensors (load once in a trusted session, then "
-               "save_pretrained(DIR, safe_serialization=True)) and run with model.path=DIR")
+RESAVE_HINT = (
+    "re-save them as safetensors (load once in a trusted session, then "
+    "save_pretrained(DIR, safe_serialization=True)) and run with model.path=DIR"
+)
 
 
 def weights_source(cfg: ModelConfig) -> str:
@@ -153,23 +196,30 @@ def weights_source(cfg: ModelConfig) -> str:
         if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
             path = path / "model"  # a training run's folder: the weights it saved
         if not (path / "config.json").is_file():
-            raise WeightsNotFound(f"model.path={cfg.path} has no config.json: point model.path at a folder "
-                                  f"with config.json, the tokenizer and *.safetensors weights")
+            raise WeightsNotFound(
+                f"model.path={cfg.path} has no config.json: point model.path at a folder "
+                f"with config.json, the tokenizer and *.safetensors weights"
+            )
         check_json(path / "config.json", "model.path")
         if not any(path.glob("*.safetensors")):
             pickled = sorted(f.name for pattern in PICKLED_WEIGHTS for f in path.glob(pattern))
             found = f"only {', '.join(pickled)}" if pickled else "no weights"
-            raise WeightsNotFound(f"model.path={cfg.path} has {found}, and weights load only from safetensors: "
-                                  f"{RESAVE_HINT}")
+            raise WeightsNotFound(
+                f"model.path={cfg.path} has {found}, and weights load only from safetensors: {RESAVE_HINT}"
+            )
         return str(path)
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(cfg.hub_id, "config.json"), str):
-        raise WeightsNotFound(f"model={cfg.name}: weights for {cfg.hub_id} are not available offline; download "
-                              f"them (hf download {cfg.hub_id} --local-dir DIR) and run with model.path=DIR")
+        raise WeightsNotFound(
+            f"model={cfg.name}: weights for {cfg.hub_id} are not available offline; download "
+            f"them (hf download {cfg.hub_id} --local-dir DIR) and run with model.path=DIR"
+        )
     if not any(isinstance(try_to_load_from_cache(cfg.hub_id, f), str) for f in SAFETENSORS_FILES):
-        raise WeightsNotFound(f"model={cfg.name}: the cached weights of {cfg.hub_id} are not safetensors, and "
-                              f"weights load only from safetensors: {RESAVE_HINT}")
+        raise WeightsNotFound(
+            f"model={cfg.name}: the cached weights of {cfg.hub_id} are not safetensors, and "
+            f"weights load only from safetensors: {RESAVE_HINT}"
+        )
     return cfg.hub_id
 
 
@@ -180,8 +230,9 @@ def check_json(path: Path, key: str) -> None:
     try:
         ok = isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise WeightsNotFound(f"{key}: {path} is unreadable ({str(exc).splitlines()[0]}): restore it from the "
-                              f"model's original files") from None
+        raise WeightsNotFound(
+            f"{key}: {path} is unreadable ({str(exc).splitlines()[0]}): restore it from the model's original files"
+        ) from None
     if not ok:
         raise WeightsNotFound(f"{key}: {path} is not a JSON object: restore it from the model's original files")
 
@@ -201,8 +252,12 @@ def bitsandbytes_config(bits: str, key: str):
 
     if bits == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -221,9 +276,11 @@ def load_tokenizer(cfg: ModelConfig):
         try:
             tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise WeightsNotFound(f"model={cfg.name}: no loadable tokenizer in {source} "
-                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): the folder "
-                                  f"needs the tokenizer files beside config.json") from None
+            raise WeightsNotFound(
+                f"model={cfg.name}: no loadable tokenizer in {source} "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): the folder "
+                f"needs the tokenizer files beside config.json"
+            ) from None
         tok.add_special_tokens({"additional_special_tokens": MASKED_TOKENS}, replace_extra_special_tokens=False)
         check_tokenizer(tok, f"model.path={cfg.path}" if cfg.path else f"model={cfg.name} ({source})")
     if tok.pad_token_id is None:
@@ -265,23 +322,31 @@ def load_base(cfg: ModelConfig, tok, seed: int, device: torch.device):
     else:
         if source is None:  # bitsandbytes quantizes while loading: go through safetensors on disk
             source = tiny_weights_dir(cfg, tok, seed)
-        kwargs.update(local_files_only=True, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
-                      dtype=torch_dtype(cfg.dtype))
+        kwargs.update(
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=torch_dtype(cfg.dtype),
+        )
         if quant is not None:
             kwargs.update(quantization_config=quant, device_map={"": device})
         where = f"model.path={cfg.path}" if cfg.path else f"model={cfg.name} ({source})"
         try:
             model = from_pretrained_checked(auto_class(cfg.kind), source, where, **kwargs)
         except (OSError, ValueError, KeyError) as exc:  # weights or a config.json transformers cannot read
-            raise WeightsNotFound(f"{where}: no loadable safetensors weights ({str(exc).splitlines()[0]}): "
-                                  f"{RESAVE_HINT}") from None
+            raise WeightsNotFound(
+                f"{where}: no loadable safetensors weights ({str(exc).splitlines()[0]}): {RESAVE_HINT}"
+            ) from None
     fit_vocabulary(model, tok)
     model.config.use_cache = False  # no KV cache while training; generation turns it back on
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif cfg.gradient_checkpointing:  # transformers 5 renamed it; the old name warns on every run
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -298,16 +363,30 @@ def with_adapters(cfg: ModelConfig, model, tok, seed: int) -> LoadedModel:
 
         task = TaskType.SEQ_2_SEQ_LM if cfg.kind == ModelKind.seq2seq else TaskType.CAUSAL_LM
         torch.manual_seed(seed)
-        model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                                 target_modules=list(cfg.lora.target_modules) or None, task_type=task))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=list(cfg.lora.target_modules) or None,
+                task_type=task,
+            ),
+        )
     torch.manual_seed(seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     decoder_start = getattr(model.config, "decoder_start_token_id", None) if cfg.kind == ModelKind.seq2seq else None
     if cfg.kind == ModelKind.seq2seq and decoder_start is None:
         decoder_start = tok.eos_token_id
-    return LoadedModel(model=model, tokenizer=tok, kind=cfg.kind, decoder_start_token_id=decoder_start,
-                       trainable_params=trainable, total_params=total)
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        kind=cfg.kind,
+        decoder_start_token_id=decoder_start,
+        trainable_params=trainable,
+        total_params=total,
+    )
 
 
 def fit_vocabulary(model, tok) -> None:
