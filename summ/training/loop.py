@@ -220,16 +220,8 @@ class Job:
                     instruments.micro_step_done()
                 run.scheduler.step()
                 loss = float(acc.reduce(loss_sum, reduction="sum")) / max(counts.label_tokens, 1)  # the one sync
-                row, signum = instruments.step_ends(
-                    step,
-                    epoch,
-                    loss,
-                    run.scheduler.get_last_lr()[0],
-                    counts,
-                    micro_batches,
-                    self.stop.signum or 0,
-                    failed,
-                )
+                lr, signal = run.scheduler.get_last_lr()[0], self.stop.signum or 0
+                row, signum = instruments.step_ends(step, epoch, loss, lr, counts, micro_batches, signal, failed)
                 self.steps.add(row)
                 if self._maybe_checkpoint(step + 1, signum, plan.total_steps):
                     instruments.between_steps()
