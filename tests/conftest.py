@@ -74,6 +74,19 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, text: str, code: in
     return errors[0]
 
 
+def job_folder(root: Path, num: int, overrides: list[str], metrics: dict) -> Path:
+    """A sweep's job folder written by hand, as a job leaves it: .hydra/overrides.yaml and metrics.json."""
+    import json
+
+    import yaml
+
+    folder = Path(root) / str(num)
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
 def compose_cfg(overrides=(), **kwargs):
     register_configs()
     GlobalHydra.instance().clear()

@@ -18,7 +18,7 @@ from summ.data.samples import bundled_sample_dir, read_csv
 from summ.errors import ConfigError, DataError
 from summ.validation import unused_settings, validate
 
-from .conftest import assert_one_error_line, cli, compose_cfg
+from .conftest import assert_one_error_line, cli, compose_cfg, job_folder
 
 # --------------------------------------------------------------------------- settings refused where composed
 
@@ -163,22 +163,16 @@ def test_a_memory_model_through_two_widths_predicts_nothing(tmp_path):
     from summ.reports.knee_report import build_report
 
     for i, bs in enumerate((2, 4)):
-        d = tmp_path / str(i)
-        (d / ".hydra").mkdir(parents=True)
-        (d / ".hydra" / "overrides.yaml").write_text(f"- batch.batch_size={bs}\n")
-        (d / "metrics.json").write_text(
-            json.dumps(
-                {
-                    "status": "ok",
-                    "model": "m",
-                    "batch_size": bs,
-                    "gradient_accumulation_steps": 1,
-                    "effective_batch_size": bs,
-                    "train": {"samples_per_s": 10.0 * bs, "samples": 64, "max_micro_batch_positions": bs * 100},
-                    "memory": {"peak_bytes": bs * 2**28, "budget_bytes": 24 * 2**30, "limit_bytes": 20 * 2**30},
-                }
-            )
-        )
+        metrics = {
+            "status": "ok",
+            "model": "m",
+            "batch_size": bs,
+            "gradient_accumulation_steps": 1,
+            "effective_batch_size": bs,
+            "train": {"samples_per_s": 10.0 * bs, "samples": 64, "max_micro_batch_positions": bs * 100},
+            "memory": {"peak_bytes": bs * 2**28, "budget_bytes": 24 * 2**30, "limit_bytes": 20 * 2**30},
+        }
+        job_folder(tmp_path, i, [f"batch.batch_size={bs}"], metrics)
     a = build_report(tmp_path)
     assert a.memory_model.r2 == pytest.approx(1.0) and not a.memory_model.predicts
     assert a.predicted_largest_fitting is None
@@ -354,9 +348,7 @@ def test_a_job_whose_overrides_are_gone_is_warned_about(tmp_path):
     from summ.reports.cells import load_cells
 
     for j in (0, 1):
-        (tmp_path / str(j) / ".hydra").mkdir(parents=True)
-        (tmp_path / str(j) / "metrics.json").write_text(json.dumps({"status": "ok", "batch_size": 2 + j}))
-        (tmp_path / str(j) / ".hydra" / "overrides.yaml").write_text(f"- batch.batch_size={2 + j}\n")
+        job_folder(tmp_path, j, [f"batch.batch_size={2 + j}"], {"status": "ok", "batch_size": 2 + j})
     (tmp_path / "1" / ".hydra" / "overrides.yaml").unlink()
     _, warnings = load_cells(tmp_path)
     assert len(warnings) == 1 and warnings[0].startswith("job 1: no .hydra/overrides.yaml")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from summ.reports.cells import load_cells
 from summ.reports.knee import analyse, fit_memory_model
 from summ.reports.knee_report import build_report, main
+
+from .conftest import job_folder
 
 GB = 10**9
 
@@ -32,10 +33,7 @@ def job(
     busy=False,
     samples=None,
 ):
-    d = root / str(num)
-    (d / ".hydra").mkdir(parents=True)
     overrides = [f"batch.batch_size={bs}", f"batch.gradient_accumulation_steps={ga}", *extra_overrides]
-    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     m = {
         "status": status,
         "error": None if status == "ok" else f"{status} in train",
@@ -66,8 +64,7 @@ def job(
         "eval": {"rouge_mean": rouge, "loss": 1.0} if rouge else None,
         "epoch_seconds_projected": sps and 12457 / sps,
     }
-    (d / "metrics.json").write_text(json.dumps(m))
-    return d
+    return job_folder(root, num, overrides, m)
 
 
 def test_memory_pressure_case_from_the_original_report(tmp_path):

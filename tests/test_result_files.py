@@ -12,6 +12,8 @@ import pytest
 from summ.files import atomic_write_json, atomic_write_text
 from summ.reports.knee_report import build_report, main
 
+from .conftest import job_folder
+
 
 @pytest.fixture
 def umask():
@@ -50,22 +52,17 @@ def test_a_runs_results_are_readable_by_the_group_and_others(run_job, umask):
 
 def sweep(root, n=3):
     for i in range(n):
-        d = root / str(i)
-        (d / ".hydra").mkdir(parents=True)
-        (d / ".hydra" / "overrides.yaml").write_text(f"- batch.batch_size={2 ** (i + 1)}\n")
-        (d / "metrics.json").write_text(
-            json.dumps(
-                {
-                    "status": "ok",
-                    "model": "kobart",
-                    "batch_size": 2 ** (i + 1),
-                    "gradient_accumulation_steps": 1,
-                    "effective_batch_size": 2 ** (i + 1),
-                    "train": {"samples_per_s": 10.0 + i, "samples": 64},
-                    "memory": {"peak_bytes": (i + 1) * 2**20},
-                }
-            )
-        )
+        bs = 2 ** (i + 1)
+        metrics = {
+            "status": "ok",
+            "model": "kobart",
+            "batch_size": bs,
+            "gradient_accumulation_steps": 1,
+            "effective_batch_size": bs,
+            "train": {"samples_per_s": 10.0 + i, "samples": 64},
+            "memory": {"peak_bytes": (i + 1) * 2**20},
+        }
+        job_folder(root, i, [f"batch.batch_size={bs}"], metrics)
 
 
 def test_a_report_as_summ_wrote_it_is_rewritten_in_place(tmp_path):

@@ -3,13 +3,14 @@ that make a result meaningless are refused (issue 21, item 3)."""
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 
 from summ.errors import DataError
 from summ.reports.knee_report import build_report
+
+from .conftest import job_folder
 
 
 def test_probe_off_with_a_budget_is_a_caveat_in_the_run(run_job, caplog):
@@ -55,23 +56,17 @@ def test_more_folds_than_samples_is_refused(run_job, k, n):
 
 def test_caveats_reach_the_knee_report(tmp_path):
     for i, (bs, caveats) in enumerate([(2, ["A"]), (4, ["A", "B"]), (8, ["A"])]):
-        d = tmp_path / str(i)
-        (d / ".hydra").mkdir(parents=True)
-        (d / ".hydra" / "overrides.yaml").write_text(f"- batch.batch_size={bs}\n")
-        (d / "metrics.json").write_text(
-            json.dumps(
-                {
-                    "status": "ok",
-                    "model": "kobart",
-                    "batch_size": bs,
-                    "gradient_accumulation_steps": 1,
-                    "effective_batch_size": bs,
-                    "train": {"samples_per_s": 10.0 * bs, "samples": 64},
-                    "memory": {"peak_bytes": bs * 2**20},
-                    "caveats": caveats,
-                }
-            )
-        )
+        metrics = {
+            "status": "ok",
+            "model": "kobart",
+            "batch_size": bs,
+            "gradient_accumulation_steps": 1,
+            "effective_batch_size": bs,
+            "train": {"samples_per_s": 10.0 * bs, "samples": 64},
+            "memory": {"peak_bytes": bs * 2**20},
+            "caveats": caveats,
+        }
+        job_folder(tmp_path, i, [f"batch.batch_size={bs}"], metrics)
     a = build_report(tmp_path)
     assert "all 3 cells: A" in a.warnings and "job 1: B" in a.warnings
     md = (tmp_path / "knee_report.md").read_text()
