@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from summ.errors import RUN_STATUSES, Status
+from summ.figures import MemoryComponents, MemoryFigures, TrainFigures
 from summ.files import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -91,63 +92,6 @@ SWEEP_FILES = (
     OPTUNA_RESULTS,
 )
 SUPERSEDED = "superseded_"  # the prefix of a folder that holds what an earlier run or launch left
-
-
-@dataclass
-class TrainFigures:
-    """What the measured optimizer steps cost (summ/measure/timing.py defines each figure)."""
-
-    optimizer_steps: int = 0  # measured steps (warm-up excluded)
-    micro_steps: int = 0
-    warmup_optimizer_steps: int = 0
-    total_optimizer_steps: int = 0  # every step the run took (a resumed run counts from its checkpoint)
-    samples: int = 0  # in the measured steps, all processes
-    tokens: int = 0  # non-pad tokens the model read in the measured steps
-    pad_tokens: int = 0
-    pad_fraction: float | None = None
-    seconds: float = 0.0  # wall time of the measured steps, bookkeeping included
-    loop_seconds: float | None = None  # wall time of the whole training loop, warm-up and bookkeeping included
-    probe_seconds: float | None = None  # the memory probe's wall time (between steps: in loop_seconds only)
-    samples_per_s: float | None = None
-    tokens_per_s: float | None = None
-    seconds_per_sample: float | None = None
-    seconds_per_token: float | None = None
-    samples_per_s_interval: list | None = None  # [q1, q3] of the per-step rates: the noise next to a 5% rule
-    samples_per_s_per_process: float | None = None
-    tokens_per_s_per_process: float | None = None
-    step_time_s_median: float | None = None
-    step_time_s_p90: float | None = None
-    micro_step_time_s_median: float | None = None
-    max_micro_batch_positions: int = 0  # padded positions of the largest micro-batch measured
-    positions_per_s: float | None = None  # padded positions (real + pad) per second
-    epoch_positions: int | None = None  # padded positions of one epoch in the sampler's exact order
-    flops_per_token: float | None = None  # model FLOPs per non-pad token, forward and backward, no recompute
-    hardware_flops_per_position: float | None = None  # as executed: recompute included, per padded position
-    activation_bytes_first_micro_batch: int | None = None  # tensors saved for backward, parameters excluded
-    final_loss: float | None = None
-
-
-@dataclass
-class MemoryFigures:
-    """Peak memory of the run: bytes above the run's own baseline unless named otherwise."""
-
-    peak_bytes: int = 0  # the worst of observed and probe: what the budget, the report and the sweeper use
-    observed_peak_bytes: int = 0  # during the steps that ran
-    probe_peak_bytes: int | None = None  # one micro-batch at the maximum widths (measure.memory_probe)
-    probe_skipped: str | None = None  # why the probe did not run under this launcher (DeepSpeed, FSDP)
-    eval_peak_bytes: int | None = None  # evaluation and generation; never judged against the budget
-    reserved_peak_bytes: int | None = None  # the allocator's reserved peak (CUDA) or resident set (CPU)
-    peak_bytes_per_process: list | None = None
-    weights_bytes: int | None = None  # the model as loaded; a model kept loaded across a sweep counts it here
-    context_bytes: int | None = None  # CUDA context and other processes' memory on the device at start
-    alloc_retries: int | None = None  # the CUDA allocator freed its cache to satisfy a request: memory pressure
-    num_ooms: int | None = None
-    capacity_bytes: int | None = None
-    fraction: float | None = None  # peak_bytes of capacity_bytes
-    budget_bytes: int | None = None
-    budget_source: str | None = None  # "measure.memory_budget_gb", or "device capacity" when none was set
-    limit_bytes: int | None = None  # budget x headroom
-    source: str = ""  # how it was measured (cuda_max_memory_allocated, cpu_peak_rss_above_baseline, ...)
 
 
 @dataclass
@@ -249,10 +193,15 @@ def _record(raw: Any) -> RunMetrics:
         raise ValueError(f"no valid status (one of {', '.join(RUN_STATUSES)})")
     top = {**_typed(RunMetrics, raw, ""), "status": Status(raw["status"])}
     top["train"] = None if raw.get("train") is None else TrainFigures(**_typed(TrainFigures, raw["train"], "train."))
-    top["memory"] = (
-        None if raw.get("memory") is None else MemoryFigures(**_typed(MemoryFigures, raw["memory"], "memory."))
-    )
+    top["memory"] = None if raw.get("memory") is None else _memory(raw["memory"])
     return RunMetrics(**top)
+
+
+def _memory(raw: Any) -> MemoryFigures:
+    memory = _typed(MemoryFigures, raw, "memory.")
+    if memory.get("components") is not None:
+        memory["components"] = MemoryComponents(**_typed(MemoryComponents, memory["components"], "memory.components."))
+    return MemoryFigures(**memory)
 
 
 _NUMBER_TYPES = ("int", "float", "Optional[int]", "Optional[float]", "int | None", "float | None")  # either spelling

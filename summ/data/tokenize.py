@@ -70,6 +70,10 @@ class Encoder:
         width = 1 + len(self._prefix) + self.encoder_max_len + len(self._suffix) + self.decoder_max_len
         return width, width
 
+    def longest_prompt(self, samples: Sequence[Sample]) -> int:
+        """Tokens of the longest prompt among `samples`: generation's widest input."""
+        return max((len(p) for p in self._prompts([s.dialogue for s in samples])), default=0)
+
     def prompt_ids(self, dialogue: str) -> list[int]:
         """The model input before the summary, truncated so the dialogue fits encoder_max_len."""
         return self._prompts([dialogue])[0]

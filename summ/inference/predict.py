@@ -25,13 +25,15 @@ from summ.config import Config, ModelKind
 from summ.data.splits import load_splits
 from summ.data.tokenize import Encoder
 from summ.errors import ConfigError, DataError
+from summ.figures import MemoryFigures
 from summ.inference import evaluate
 from summ.inference.solar import SolarClient
+from summ.measure.components import kv_cache_bytes
 from summ.measure.machine import device_name
 from summ.measure.memory import MemoryMonitor
 from summ.measure.timing import now
 from summ.modeling.saved import load_for_inference, load_saved_tokenizer, locate, locate_folder, model_bytes
-from summ.run_folder import DEV_PREDICTIONS_FILE, SAVED_CONFIG, SUBMISSION_FILE, MemoryFigures, RunMetrics, write_text
+from summ.run_folder import DEV_PREDICTIONS_FILE, SAVED_CONFIG, SUBMISSION_FILE, RunMetrics, write_text
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,23 @@ def generate_measured(
         **_speed(len(samples), seconds),
         "batch_size": batch_size,
         "sort_by_length": cfg.inference.sort_by_length,
+        "kv_cache_bytes": _kv_cache(accelerator, model, samples, encoder, cfg, kind, batch_size),
     }
+
+
+def _kv_cache(accelerator, model, samples: Sequence, encoder, cfg: Config, kind: ModelKind, batch_size: int):
+    """Generation's key/value cache at its longest batch (summ/measure/components.py: kv_cache_bytes):
+    batch x beams sequences at the longest prompt and every new token, in the dtype the forward
+    computes in (autocast's under mixed precision)."""
+    if not samples:
+        return None
+    unwrapped = accelerator.unwrap_model(model)
+    longest = encoder.longest_prompt(samples)
+    mixed = str(accelerator.mixed_precision) in ("bf16", "fp16")
+    element = 2 if mixed else unwrapped.dtype.itemsize
+    sequences = min(batch_size, len(samples)) * max(1, cfg.inference.num_beams)
+    seq2seq = kind == ModelKind.seq2seq
+    return kv_cache_bytes(unwrapped.config, seq2seq, sequences, longest, cfg.inference.max_new_tokens, element)
 
 
 def submission_csv(samples: Sequence, summaries: Sequence[str]) -> str:

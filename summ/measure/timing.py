@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from summ.figures import PHASES
 from summ.measure.devices import cuda_index
 
 
@@ -46,6 +47,7 @@ class StepTimer:
     micro_steps: int = 0
     steps_seen: int = 0  # optimizer steps including warmup
     max_micro_batch_positions: int = 0  # padded token positions of the largest micro-batch
+    phase_seconds: dict[str, float] | None = None  # the measured steps' seconds by phase (StepClock)
 
     def note_positions(self, positions: int) -> None:
         self.max_micro_batch_positions = max(self.max_micro_batch_positions, positions)
@@ -59,9 +61,14 @@ class StepTimer:
             self.micro_times.append(seconds)
             self.micro_steps += 1
 
-    def add_step(self, seconds: float, samples: int, tokens: int, pad_tokens: int) -> None:
-        """One optimizer step and what it processed (all processes together)."""
+    def add_step(
+        self, seconds: float, samples: int, tokens: int, pad_tokens: int, phases: dict[str, float] | None = None
+    ) -> None:
+        """One optimizer step, what it processed (all processes together) and its phases."""
         if self.measuring:
+            if phases is not None:
+                totals = self.phase_seconds or dict.fromkeys(phases, 0.0)
+                self.phase_seconds = {k: totals[k] + v for k, v in phases.items()}
             self.step_times.append(seconds)
             self.step_samples.append(samples)
             self.samples += samples
@@ -95,6 +102,7 @@ class StepTimer:
             "max_micro_batch_positions": self.max_micro_batch_positions,
             "positions_per_s": (self.tokens + self.pad_tokens) / seconds if seconds else None,
             "samples_per_s_interval": _quartiles(rates),
+            "phase_seconds": self.phase_seconds,
         }
 
 
@@ -124,23 +132,67 @@ class StepClock:
     without it would bill the step to work of the stretch before (the memory probe's worst-batch
     forward and backward, a warm-up step, a checkpoint's copies), and a step closed without it
     would miss its own. The step's loss is read back before `lap()`, so there the wait finds an
-    idle device and costs microseconds."""
+    idle device and costs microseconds.
 
-    def __init__(self, device: torch.device):
+    Phases (`phases=True`): `mark(phase)` charges the time since the last mark (or the span's
+    opening) to `phase`; `lap()` charges the rest to bookkeeping, so a step's phases add up to it.
+    On a GPU a mark is a CUDA event, read after `lap()`'s synchronize (no added wait): the phases
+    split the device's timeline, the time it waited for the host (data) included."""
+
+    def __init__(self, device: torch.device, phases: bool = False):
         self.device = device
+        self.cuda = device.type == "cuda"
+        self.phases = phases
         self._opened: float | None = None
+        self._marks: list = []  # (phase, time or event) since the span opened
+        self.last_phases: dict[str, float] | None = None  # the step that lap() closed
+
+    def _mark_now(self, phase: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append((phase, event))
+        else:
+            self._marks.append((phase, now()))
+
+    def mark(self, phase: str) -> None:
+        if self.phases:
+            self._mark_now(phase)
 
     def start(self) -> float:
         synchronize(self.device)
         self._opened = now()
+        self._open_phases()
         return self._opened
+
+    def _open_phases(self) -> None:
+        self._marks = []
+        if self.phases:
+            if self.cuda:
+                self._mark_now("")
+            else:
+                self._marks.append(("", self._opened))
 
     def lap(self) -> float:
         """Seconds since the span opened (the last start or lap); the next one opens now."""
+        if self.phases and self.cuda:
+            self._mark_now("bookkeeping")
         synchronize(self.device)
         t = now()
+        if self.phases and not self.cuda:
+            self._marks.append(("bookkeeping", t))
+        self.last_phases = self._phase_split()
         seconds, self._opened = t - self._opened, t
+        self._open_phases()
         return seconds
+
+    def _phase_split(self) -> dict[str, float] | None:
+        if not self.phases or len(self._marks) < 2:
+            return None
+        out = dict.fromkeys(PHASES, 0.0)
+        for (_, a), (phase, b) in zip(self._marks, self._marks[1:]):
+            out[phase] += a.elapsed_time(b) / 1000.0 if self.cuda else b - a
+        return out
 
 
 class MicroTimer:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class Cell:
     budget_source: str | None = None  # measure.memory_budget_gb, or the device's capacity
     limit_bytes: int | None = None
     positions: int | None = None  # padded positions of the largest micro-batch
+    probe_positions: int | None = None  # padded positions of the probe's worst-case micro-batch
     pad_fraction: float | None = None  # share of the positions that were padding
     epoch_seconds_projected: float | None = None
     mfu: float | None = None
@@ -56,6 +58,8 @@ class Cell:
     rouge2: float | None = None
     rougeL: float | None = None
     rouge_mean: float | None = None
+    components: dict | None = None  # metrics.memory.components: the training peak by part, bytes
+    phase_seconds: dict | None = None  # metrics.train.phase_seconds: the measured steps' seconds by phase
     flags: list[str] = field(default_factory=list)
     caveats: list[str] = field(default_factory=list)  # settings that change what its figures mean
 
@@ -68,6 +72,16 @@ class Cell:
         if self.peak_bytes is None or not self.budget_bytes:
             return None
         return self.peak_bytes / self.budget_bytes
+
+    def part_bytes(self, key: str) -> int | None:
+        """A memory component (`weights_bytes`, `activations_bytes`, ...), None where not counted."""
+        return (self.components or {}).get(key)
+
+    def phase_per_sample(self, phase: str) -> float | None:
+        """Seconds of `phase` per sample over the measured steps."""
+        if not self.phase_seconds or not self.samples or phase not in self.phase_seconds:
+            return None
+        return self.phase_seconds[phase] / self.samples
 
     def settings(self) -> dict[str, str]:
         """The cell's own overrides other than the batch split (preset and Hydra's keys aside)."""
@@ -171,12 +185,15 @@ def cell_from_metrics(job: str, overrides: list[str], m: RunMetrics) -> Cell:
         peak_bytes=mem and mem.peak_bytes,
         observed_peak_bytes=mem and mem.observed_peak_bytes,
         probe_peak_bytes=mem and mem.probe_peak_bytes,
+        probe_positions=mem and mem.probe_positions,
         capacity_fraction=mem and mem.fraction,
         budget_bytes=mem and mem.budget_bytes,
         budget_source=mem and mem.budget_source,
         limit_bytes=mem and mem.limit_bytes,
         alloc_retries=mem and mem.alloc_retries,
         num_ooms=mem and mem.num_ooms,
+        components=mem and mem.components and dataclasses.asdict(mem.components),
+        phase_seconds=t and t.phase_seconds,
         busy=bool((m.machine or {}).get("busy")),
         caveats=list(m.caveats or []),
         epoch_seconds_projected=m.epoch_seconds_projected,

@@ -131,6 +131,7 @@ def format_summary(m: dict, output_dir: Path | None = None) -> str:
             f"{_fmt(gib(mem.get('probe_peak_bytes')), '.3f', ' GiB')}, evaluation "
             f"{_fmt(gib(mem.get('eval_peak_bytes')), '.3f', ' GiB')})",
         ),
+        *_why_rows(t, mem),
         (
             "epoch (projected)",
             _fmt(m.get("epoch_seconds_projected"), ".1f", " s")
@@ -169,6 +170,58 @@ def format_summary(m: dict, output_dir: Path | None = None) -> str:
     if output_dir is not None:
         rows.append(("metrics", str(Path(output_dir) / METRICS_FILE)))
     return _table(rows)
+
+
+def size_text(n: float | None) -> str:
+    """Bytes in the unit that reads best: GiB from 1 GiB up, else MiB, else KiB."""
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n / 1024:.3g} KiB"
+
+
+def parts_text(c: dict) -> str:
+    """metrics.memory.components in a line: the counted parts, then the measured rest."""
+    storage = c.get("weights_bytes_by_storage") or {}
+    weights = size_text(c.get("weights_bytes"))
+    if len(storage) > 1:
+        weights += " (" + ", ".join(f"{k} {size_text(v)}" for k, v in storage.items()) + ")"
+    elif storage:
+        weights += f" ({next(iter(storage))})"
+    named = ", ".join(
+        f"{what} {size_text(c[key])}"
+        for what, key in (("logits", "logits_bytes"), ("loss rows", "loss_float32_rows_bytes"))
+        if c.get(key)
+    )
+    parts = [
+        f"weights {weights}",
+        f"gradients {size_text(c.get('gradients_bytes'))}",
+        f"optimizer state {size_text(c.get('optimizer_state_bytes'))}",
+        f"activations {size_text(c.get('activations_bytes'))}" + (f" (of which {named})" if named else ""),
+    ]
+    if c.get("allocator_reserve_bytes") is not None:
+        parts.append(f"allocator reserve {size_text(c['allocator_reserve_bytes'])}")
+    return "; ".join(parts)
+
+
+def phases_text(phases: dict) -> str:
+    """train.phase_seconds as shares of the measured steps' time, largest first."""
+    total = sum(phases.values())
+    if not total:
+        return "-"
+    ranked = sorted(phases.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{k} {v / total:.1%}" for k, v in ranked if v > 0)
+
+
+def _why_rows(t: dict, mem: dict) -> list[tuple[str, str]]:
+    rows = []
+    if mem.get("components"):
+        rows.append(("memory by part", parts_text(mem["components"])))
+    if t.get("phase_seconds"):
+        rows.append(("time by phase", phases_text(t["phase_seconds"])))
+    return rows
 
 
 def outside_warning(t: dict) -> str | None:

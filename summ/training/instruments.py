@@ -25,9 +25,10 @@ import torch
 from summ.config import Config
 from summ.data.tokenize import BatchCounts
 from summ.errors import Diverged
+from summ.figures import MemoryFigures, TrainFigures
 from summ.measure import flops, machine, timing
+from summ.measure.components import ComponentCount
 from summ.measure.memory import BudgetGuard, MemoryMonitor
-from summ.run_folder import MemoryFigures, TrainFigures
 from summ.training import processes
 from summ.training.schedule import EpochPlan
 
@@ -47,8 +48,19 @@ class MemoryStretches:
         self.budget_source = "measure.memory_budget_gb" if cfg.measure.memory_budget_gb else "device capacity"
         self.observed_peak = 0  # the largest of the stretches run so far, the probe aside
         self.probe_peak: int | None = None
+        self.probe_positions: int | None = None  # the probe micro-batch's padded positions
         self.eval_peak: int | None = None
         self.probe_skipped = probe_skipped  # why the probe cannot run under this launcher (launchers.py)
+        self.count: ComponentCount | None = None  # the training peak by part, once training starts
+
+    def count_components(self, model: torch.nn.Module, optimizer) -> None:
+        """From the loop's start: the parts of the peak counted from the tensors (hooks, removed at stop())."""
+        self.count = ComponentCount(model, optimizer, self.monitor.device)
+
+    def stop(self) -> None:
+        self.monitor.stop()
+        if self.count is not None:
+            self.count.remove()
 
     def worst_peak(self, current: int) -> int:
         """What the budget is checked against: the worst of the probe and every stretch so far."""
@@ -72,12 +84,17 @@ class MemoryStretches:
         peak = max(process_peaks) if process_peaks else mine  # the largest process's: what must fit on each device
         capacity = self.monitor.capacity_bytes()
         retries, ooms = self.monitor.pressure()
+        reserved = self.monitor.reserved_peak_bytes()
+        components = None
+        if self.count is not None:  # this process's peak by part
+            components = self.count.figures(mine, reserved, self.monitor.context_bytes)
+            components.eval_peak_bytes = self.eval_peak
         return MemoryFigures(
             peak_bytes=peak,
             observed_peak_bytes=observed,
             probe_peak_bytes=self.probe_peak,
             eval_peak_bytes=self.eval_peak,
-            reserved_peak_bytes=self.monitor.reserved_peak_bytes(),
+            reserved_peak_bytes=reserved,
             peak_bytes_per_process=process_peaks,
             weights_bytes=self.monitor.weights_bytes or None,
             context_bytes=self.monitor.context_bytes,
@@ -87,9 +104,11 @@ class MemoryStretches:
             fraction=peak / capacity if capacity else None,
             source=self.monitor.source,
             probe_skipped=self.probe_skipped,
+            probe_positions=self.probe_positions,
             budget_bytes=self.guard.budget_bytes,
             limit_bytes=self.guard.limit_bytes,
             budget_source=self.budget_source,
+            components=components,
         )
 
 
@@ -106,10 +125,10 @@ class TrainResult:
 class Timing:
     """The loop's clocks and counters, built with the run's final warm-up."""
 
-    def __init__(self, warmup_steps: int, device: torch.device):
+    def __init__(self, warmup_steps: int, device: torch.device, phases: bool = True):
         self.device = device
         self.timer = timing.StepTimer(warmup_steps=warmup_steps)
-        self.clock = timing.StepClock(device)
+        self.clock = timing.StepClock(device, phases=phases)  # the loop marks each phase's end
         self.micro = timing.MicroTimer(device)
         self.profile: flops.MicroStepProfile | None = None
         self.load = machine.LoadWatch(device)
@@ -243,7 +262,12 @@ class StepInstruments:
         self.timing.clock.start()
 
     def step_starts(self) -> None:
+        """Before the step's data: what ran since the last step closed was its bookkeeping."""
         self.measuring = self.timing.timer.measuring
+        self.timing.clock.mark("bookkeeping")
+
+    def data_ready(self) -> None:
+        self.timing.clock.mark("data")
         self.timing.micro.mark()
 
     def micro_step_done(self) -> None:
@@ -271,6 +295,7 @@ class StepInstruments:
         peak_all, signum = processes.agree(
             acc, self.memory.worst_peak(peak), signum, failed, f"optimizer step {step + 1}"
         )
+        t.clock.mark("collectives")
         self.memory.guard.check(peak_all)
         if self.measuring:
             t.step_positions.append(counts.tokens + counts.pad_tokens)
@@ -278,8 +303,11 @@ class StepInstruments:
         if self.measuring:  # what else runs on the machine, read between steps: not in a step's time
             t.load.sample()
             t.clock.start()
-        t.timer.add_step(step_seconds, samples=counts.samples, tokens=counts.tokens, pad_tokens=counts.pad_tokens)
+        phases = t.clock.last_phases
+        t.timer.add_step(step_seconds, counts.samples, counts.tokens, counts.pad_tokens, phases)
         t.timer.note_positions(max(b["counts"].tokens + b["counts"].pad_tokens for b in micro_batches))
+        if self.memory.count is not None:
+            self.memory.count.saw_label_rows(max(b["counts"].label_tokens for b in micro_batches))
         row = {
             "step": step + 1,
             "epoch": epoch,
@@ -298,6 +326,8 @@ class StepInstruments:
         self.timing.clock.start()
 
     def loop_ends(self) -> None:
+        if self.memory.count is not None:  # training's counts: evaluation's forwards are not its logits
+            self.memory.count.remove()
         self.progress.bar.close()
         self.timing.loop_seconds = timing.now() - self.started
 

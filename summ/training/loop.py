@@ -31,7 +31,7 @@ from summ.training.outcome import StepLog, recorded
 from summ.training.prepare import PreparedData, data_for
 from summ.training.probe import probe_memory, probe_samples, probe_widths, warm_training_paths
 from summ.training.schedule import caveats
-from summ.training.setup import Setup, lr_scheduler, prepared_parts, schedule, start_accelerator
+from summ.training.setup import Setup, copy_in_the_step, lr_scheduler, prepared_parts, schedule, start_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,10 @@ class Job:
         parts = prepared_parts(cfg, acc, self.loaded, data, tokenizer, encoder, shape)
         plan = schedule(cfg, data, parts.collator, shape)
         m.caveats = self._caveats(shape.effective, len(data.train_ds))
-        self.timing = Timing(plan.warmup_steps, acc.device)
+        self.timing = Timing(plan.warmup_steps, acc.device, phases=cfg.measure.phase_timing)
         scheduler = lr_scheduler(cfg, acc, parts.optimizer, plan.total_steps)
-        self.run = Setup(acc, *parts, scheduler, data, tokenizer, encoder, cfg.model.kind, shape, plan)
+        copy_to = copy_in_the_step(parts.train_loader)
+        self.run = Setup(acc, *parts, scheduler, data, tokenizer, encoder, cfg.model.kind, shape, plan, copy_to)
         self.loaded = None
         self._resume(plan.total_steps)
         self._say_plan(self.run)
@@ -188,8 +189,9 @@ class Job:
     # ------------------------------------------------------------------ training
     def train(self, run: Setup) -> None:
         """Each optimizer step: forward and backward per micro-batch, clip and step at the last, zero,
-        then the step's checks and figures (StepInstruments) and, between steps, a checkpoint."""
-        acc, plan = run.accelerator, run.schedule
+        then the step's checks and figures (StepInstruments) and, between steps, a checkpoint. The
+        clock marks the end of each phase (summ/measure/timing.py: PHASES)."""
+        acc, plan, clock = run.accelerator, run.schedule, self.timing.clock
         self.metrics.phase = "train"
         run.model.train()
         groups = batches.accumulation_groups(
@@ -202,6 +204,7 @@ class Job:
         instruments = StepInstruments(
             acc, self.timing, self.memory, plan.total_steps, self.start_step, self.cfg.train.log_every_steps
         )
+        self.memory.count_components(acc.unwrap_model(run.model), run.optimizer)
         loss = None
         try:
             for step in range(self.start_step, plan.total_steps):
@@ -209,9 +212,10 @@ class Job:
                     if self.cfg.measure.memory_probe and not self.memory.probe_skipped:
                         self._probe(run)
                     instruments.measured_steps_start()
+                instruments.step_starts()
                 epoch, micro_batches, self.position = next(groups)
                 counts = processes.step_counts(acc, micro_batches)
-                instruments.step_starts()
+                instruments.data_ready()
                 loss_sum, failed = torch.zeros((), device=acc.device), None
                 for micro, batch in enumerate(micro_batches):
                     with acc.accumulate(run.model):
@@ -219,7 +223,9 @@ class Job:
                     loss_sum += part
                     instruments.micro_step_done()
                 run.scheduler.step()
+                clock.mark("optimizer")
                 loss = float(acc.reduce(loss_sum, reduction="sum")) / max(counts.label_tokens, 1)  # the one sync
+                clock.mark("collectives")
                 lr, signal = run.scheduler.get_last_lr()[0], self.stop.signum or 0
                 row, signum = instruments.step_ends(step, epoch, loss, lr, counts, micro_batches, signal, failed)
                 self.steps.add(row)
@@ -244,6 +250,8 @@ class Job:
         stand-in for the gradient all-reduce, the clip; then it drops its gradients. Returns (this
         micro-step's summed loss, this process's failure in the step so far)."""
         acc, part = run.accelerator, None
+        batch = run.on_device(batch)
+        self.timing.clock.mark("copy")
         if failed is None:
             try:
                 with self.timing.profiled(run.model, batch):
@@ -269,9 +277,11 @@ class Job:
         loss_sum = summed_token_loss(
             logits, batch["labels"], run.kind, self.cfg.train.label_smoothing, batch["counts"].label_tokens
         )
+        self.timing.clock.mark("forward")
         # Normalise by the label tokens of the whole step on all processes. Accelerate divides
         # by the accumulation steps and DDP averages over processes: undo both.
         acc.backward(loss_sum * (run.shape.accumulation * acc.num_processes / max(step_label_tokens, 1)))
+        self.timing.clock.mark("backward")
         return loss_sum.detach()
 
     def _update(self, run: Setup, step: int, failed: bool) -> None:
@@ -287,6 +297,7 @@ class Job:
         if not failed:
             run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
+        self.timing.clock.mark("optimizer")
 
     def _probe(self, run: Setup) -> None:
         """The worst batch's memory, between warm-up and the measured steps (summ/training/probe.py)."""
@@ -305,6 +316,9 @@ class Job:
             if (failed := processes.shared_failure(acc, exc)) is None:
                 raise
         timing.probe_seconds = timing.clock.lap()  # its work done on the device
+        self.memory.probe_positions = batch["counts"].tokens + batch["counts"].pad_tokens
+        if self.memory.count is not None:
+            self.memory.count.saw_label_rows(batch["counts"].label_tokens)
         if failed is None:
             size = run.shape.micro_batch
             log.info("memory probe: a micro-batch of %d at widths %s peaked at %.3f GiB", size, widths, peak / 2**30)
@@ -371,7 +385,9 @@ class Job:
 
     def record_memory(self) -> None:
         if self.memory is not None:
-            self.metrics.memory = self.memory.figures(self.process_peaks)
+            self.metrics.memory = memory = self.memory.figures(self.process_peaks)
+            if memory.components is not None and self.metrics.eval:  # generation's, computed where it ran
+                memory.components.kv_cache_bytes = self.metrics.eval.get("kv_cache_bytes")
 
     def trained(self) -> tuple:
         """(model, tokenizer, encoder) of the trained run, for a K-fold logit ensemble."""
@@ -385,7 +401,7 @@ class Job:
         they reach) are cleared first, or nothing below could free them."""
         cleanup.clear_frames(sys.exc_info()[1])
         if self.memory is not None:
-            self.memory.monitor.stop()
+            self.memory.stop()
         if self.kept is not None:  # back to its kept form for the next cell
             model = self.run.model if self.run is not None else (self.loaded.model if self.loaded else None)
             if model is not None:

@@ -65,6 +65,29 @@ class Setup:
     kind: ModelKind
     shape: BatchShape
     schedule: Schedule
+    copy_to: torch.device | None = None  # where the loop copies each micro-batch (copy_in_the_step)
+
+    def on_device(self, batch: dict) -> dict:
+        """The micro-batch on the training device, copied in the step where the loader left it on the host."""
+        if self.copy_to is None:
+            return batch
+        from accelerate.utils import send_to_device
+
+        return send_to_device(batch, self.copy_to)
+
+
+def copy_in_the_step(loader) -> torch.device | None:
+    """Take the host-to-device copy out of Accelerate's loader and into the step, where it is timed
+    as a phase of its own (summ/measure/timing.py: PHASES). Accelerate's DataLoaderShard copies each
+    batch to `loader.device` in its `__iter__` unless that is None; the copy the step makes instead
+    is the same call (send_to_device, blocking as the loader's default). Other loaders (a dispatching
+    one, DeepSpeed's) keep their copy: it is then timed as data. Returns where to copy, or None."""
+    from accelerate.data_loader import DataLoaderShard
+
+    if not isinstance(loader, DataLoaderShard) or loader.device is None:
+        return None
+    device, loader.device = loader.device, None
+    return device
 
 
 def start_accelerator(cfg: Config, output_dir: Path, metrics: RunMetrics):
