@@ -7,8 +7,9 @@ import json
 import pytest
 
 from summ.reports.cells import load_cells
-from summ.reports.knee import analyse, fit_memory_model
+from summ.reports.knee import analyse
 from summ.reports.knee_report import build_report, main
+from summ.reports.memory_model import fit_memory_model
 
 from .conftest import job_folder
 

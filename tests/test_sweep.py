@@ -55,11 +55,25 @@ def test_grid_with_a_small_budget_marks_over_budget_and_recommends_within_it(tmp
     assert (sweep / "knee.png").stat().st_size > 10_000
     # the memory model's largest fitting micro-batch is within one grid step of the measured one
     from summ.reports.knee_report import build_report
+    from summ.reports.memory_model import fit_memory_model
 
     a = build_report(sweep)
     measured = a.measured_largest_fitting
     assert measured / 2 <= a.predicted_largest_fitting < measured * 4
     assert "over_budget" in md
+    # two held-out cells predicted by the memory model of two others within 10% of their measured
+    # peaks: 4 between them, 16 beyond them (stopped over budget, after its probe measured its peak)
+    cells = {c.batch_size: c for c in a.cells}
+    model = fit_memory_model([cells[2], cells[8]])
+    errors = {b: model.predict(b) / cells[b].peak_bytes - 1 for b in (4, 16)}
+    assert all(abs(e) < 0.10 for e in errors.values()), errors
+    # the why: one sentence per doubling between ok cells, each with its cause; a column per part and phase
+    why = md.split("## Why")[1].split("## Cells")[0]
+    assert [line.split(":")[0] for line in why.splitlines() if line.startswith("- ")] == [
+        f"- micro-batch {b} -> {2 * b} at accumulation 1" for b in (2, 4)
+    ]
+    assert {"memory_activations_bytes", "memory_optimizer_state_bytes", "backward_s_per_sample"} <= set(rows[0])
+    assert int(by_bs[8]["memory_optimizer_state_bytes"]) > 0
     # each job measured only 3 steps, without evaluation (multirun jobs are measurement trials)
     m = json.loads((sweep / "0" / "metrics.json").read_text())
     assert m["train"]["optimizer_steps"] == 3 and m["eval"] is None

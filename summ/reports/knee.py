@@ -8,7 +8,6 @@ within `knee.tolerance` of the best; ties go to fewer accumulation steps.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -16,62 +15,12 @@ from dataclasses import dataclass, field
 from summ.config import KneeConfig
 from summ.errors import MEMORY_STATUSES, Status
 from summ.reports.cells import Cell
+from summ.reports.memory_model import MemoryModel, fit_memory_model
 from summ.run_folder import GIB
 
 TOLERANCE = KneeConfig().tolerance  # the schema's knee.tolerance: a report made outside a sweep
 
 
-@dataclass
-class MemoryModel:
-    """peak_bytes = intercept + slope x (micro-batch x padded positions per sample)."""
-
-    intercept: float
-    slope: float  # bytes per padded token position in a micro-batch
-    r2: float
-    positions_per_sample: float  # padded positions per sample, in the largest micro-batch measured
-    n: int
-    sizes: int = 0  # distinct micro-batch widths (padded positions) among the points
-
-    @property
-    def predicts(self) -> bool:
-        """A fit that may predict cells not measured: R^2 >= MIN_R2 over at least MIN_SIZES widths
-        (a line through two points fits them exactly, R^2 = 1, and says nothing)."""
-        return self.r2 >= MIN_R2 and self.sizes >= MIN_SIZES
-
-    def predict(self, micro_batch: int) -> float:
-        return self.intercept + self.slope * micro_batch * self.positions_per_sample
-
-    def largest_fitting(self, limit_bytes: float) -> int | None:
-        if self.slope <= 0:
-            return None
-        return max(0, math.floor((limit_bytes - self.intercept) / (self.slope * self.positions_per_sample)))
-
-
-def fit_memory_model(cells: list[Cell]) -> MemoryModel | None:
-    pts = [
-        (c.positions, c.peak_bytes, c.batch_size)
-        for c in cells
-        if c.ok and c.positions and c.peak_bytes is not None and c.batch_size
-    ]
-    xs = [p[0] for p in pts]
-    if len(set(xs)) < 2:
-        return None
-    ys = [p[1] for p in pts]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    intercept = my - slope * mx
-    ss_tot = sum((y - my) ** 2 for y in ys)
-    ss_res = sum((y - (intercept + slope * x)) ** 2 for x, y in zip(xs, ys))
-    r2 = 1 - ss_res / ss_tot if ss_tot else 1.0
-    # Positions per sample from the largest micro-batch measured: the longest sample in a batch
-    # sets its padded width, and larger batches are likelier to hold a long one.
-    largest = max(pts, key=lambda p: (p[2], p[0]))
-    return MemoryModel(intercept, slope, r2, largest[0] / largest[2], len(pts), len(set(xs)))
-
-
-MIN_R2 = 0.9  # below it the memory model is shown, but predicts nothing
-MIN_SIZES = 3  # nor with fewer distinct micro-batch widths than this
 PRESSURE_FRACTION = 0.9  # a peak above this share of the budget is memory pressure by itself
 
 
@@ -118,7 +67,7 @@ class Analysis:
         return mm.largest_fitting(self.limit_bytes)
 
 
-def _pressure_evidence(c: Cell) -> str | None:
+def pressure_evidence(c: Cell) -> str | None:
     """Why a cell is under memory pressure, or None: the CUDA allocator retried (freed its cache to
     satisfy a request) or ran out, or the peak came within 10% of the budget."""
     if c.alloc_retries:
@@ -133,7 +82,7 @@ def _pressure_evidence(c: Cell) -> str | None:
 def _flag_memory_pressure(cells: list[Cell], tolerance: float) -> None:
     """A cell slower per sample than the next smaller micro-batch of its series (same
     accumulation, or same effective batch, and same other settings) while its memory rose, with
-    evidence of pressure (_pressure_evidence). A slowdown without that evidence is not memory's."""
+    evidence of pressure (pressure_evidence). A slowdown without that evidence is not memory's."""
     series: dict[tuple, list[Cell]] = defaultdict(list)
     for c in cells:
         if c.ok and c.batch_size:
@@ -147,7 +96,7 @@ def _flag_memory_pressure(cells: list[Cell], tolerance: float) -> None:
                 cur.batch_size > prev.batch_size
                 and slower
                 and (cur.peak_bytes or 0) > (prev.peak_bytes or 0)
-                and _pressure_evidence(cur)
+                and pressure_evidence(cur)
                 and "memory pressure" not in cur.flags
             ):
                 cur.flags.append("memory pressure")
@@ -322,7 +271,7 @@ def _slowdown_notes(cells: list[Cell], rec: Cell, tolerance: float) -> list[str]
     if pressure:
         notes.append(
             "larger micro-batches were slower per sample under memory pressure ("
-            + ", ".join(f"{c.batch_size} x {c.gradient_accumulation_steps}: {_pressure_evidence(c)}" for c in pressure)
+            + ", ".join(f"{c.batch_size} x {c.gradient_accumulation_steps}: {pressure_evidence(c)}" for c in pressure)
             + "): past the knee, more samples per pass cost more than they save"
         )
     padded = [

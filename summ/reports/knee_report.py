@@ -11,17 +11,15 @@ import argparse
 import csv
 import io
 import logging
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from summ.console import OneLineParser
 from summ.errors import Status, UserError
+from summ.figures import PHASES
 from summ.reports.cells import Cell, load_cells
 from summ.reports.knee import (
-    MIN_R2,
-    MIN_SIZES,
     SET_ASIDE,
     TOLERANCE,
     Analysis,
@@ -30,9 +28,10 @@ from summ.reports.knee import (
     pareto_front,
     percent,
 )
+from summ.reports.memory_report import memory_model_section
 from summ.reports.plots import plot_knee, plot_pareto
+from summ.reports.why import why_lines
 from summ.run_folder import (
-    GIB,
     KNEE_PNG,
     KNEE_REPORT,
     METRICS_FILE,
@@ -91,10 +90,26 @@ CSV_COLUMNS = [
 ]
 
 
+# A column per memory component (memory_<part>, bytes) and per phase (<phase>_s_per_sample)
+PART_COLUMNS = [
+    "weights_bytes",
+    "trainable_bytes",
+    "gradients_bytes",
+    "optimizer_state_bytes",
+    "activations_bytes",
+    "logits_bytes",
+    "loss_float32_rows_bytes",
+    "allocator_reserve_bytes",
+    "eval_peak_bytes",
+]
+
+
 def sweep_csv(a: Analysis) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(CSV_COLUMNS[:3] + ["settings"] + CSV_COLUMNS[3:])
+    parts = [f"memory_{k}" for k in PART_COLUMNS]
+    phases = [f"{p}_s_per_sample" for p in PHASES]
+    w.writerow(CSV_COLUMNS[:3] + ["settings"] + CSV_COLUMNS[3:] + parts + phases)
     for c in a.cells:
         row = [a.setting_text(c)]
         for col in CSV_COLUMNS:
@@ -102,6 +117,8 @@ def sweep_csv(a: Analysis) -> str:
             if col == "samples_per_s_interval" and v:
                 v = f"{v[0]:.3f}-{v[1]:.3f}"
             row.append(" ".join(v) if col == "overrides" else ";".join(v) if col == "flags" else "" if v is None else v)
+        row += ["" if c.part_bytes(k) is None else c.part_bytes(k) for k in PART_COLUMNS]
+        row += ["" if c.phase_per_sample(p) is None else f"{c.phase_per_sample(p):.6g}" for p in PHASES]
         w.writerow(row[1:4] + row[:1] + row[4:])
     return buf.getvalue()
 
@@ -114,12 +131,29 @@ def knee_markdown(a: Analysis, sweep_dir: Path) -> str:
         f"Model: {', '.join(models) or '-'}. {_budget_text(a)}, stop limit (budget x headroom): "
         f"{gib_text(a.limit_bytes)}. {_count_text(a)}."
     )
-    for section in (_recommendation, _cells_table, _same_effective_batch, _memory_model):
+    for section in (_recommendation, _why, _cells_table, _same_effective_batch, memory_model_section):
         lines += section(a, sweep_dir)
     if a.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in a.warnings]
     lines += ["", "Files: `sweep.csv` (one row per job), `knee.png` (samples/s and peak memory against micro-batch)."]
     return "\n".join(lines) + "\n"
+
+
+def _why(a: Analysis, sweep_dir: Path) -> list[str]:
+    """One sentence per step of the grid: how the per-sample cost moved, and why (summ/reports/why.py)."""
+    lines = why_lines(a.cells, a.tolerance, a.setting_text if a.varied else None)
+    if not lines:
+        return []
+    head = [
+        "",
+        "## Why",
+        "",
+        "Each step of the grid (a doubling of the micro-batch at fixed accumulation, or a split of a "
+        "fixed effective batch) with the cause its figures show, memory by part (`memory.components`) "
+        "and time by phase (`train.phase_seconds`) in each cell's metrics record:",
+        "",
+    ]
+    return head + [f"- {line}" for line in lines]
 
 
 def _budget_text(a: Analysis) -> str:
@@ -246,53 +280,6 @@ def _same_effective_batch(a: Analysis, sweep_dir: Path) -> list[str]:
             for c in sorted(members, key=lambda c: c.batch_size or 0)
         ]
         lines.append(f"- effective {eff}{' (' + settings + ')' if settings else ''}: " + "; ".join(parts))
-    return lines
-
-
-def _memory_model(a: Analysis, sweep_dir: Path) -> list[str]:
-    lines = ["", "## Memory model", ""]
-    mm = a.memory_model
-    if mm is None:
-        return lines + [
-            "Not enough ok cells with different micro-batch sizes (and the same other settings) to fit one."
-        ]
-    lines.append(
-        f"peak = {mm.intercept / GIB:.3f} GiB + {mm.slope:.0f} bytes x (micro-batch x padded positions); "
-        f"{mm.positions_per_sample:.0f} padded positions per sample in the largest micro-batch; "
-        f"R^2 = {mm.r2:.3f} over {mm.n} ok cells of the recommended cell's settings."
-    )
-    if mm.sizes < MIN_SIZES:
-        return lines + [
-            "",
-            f"Fitted through {mm.sizes} micro-batch widths: a line through two points fits them "
-            f"exactly whatever memory does; measure {MIN_SIZES} or more to predict cells not measured.",
-        ]
-    if mm.r2 < MIN_R2:
-        return lines + ["", f"R^2 is under {MIN_R2}: the fit is too poor to predict cells that were not measured."]
-    if a.limit_bytes:
-        lines += [
-            "",
-            f"Largest micro-batch predicted to fit the limit of {gib_text(a.limit_bytes)}: "
-            f"**{a.predicted_largest_fitting}** (largest measured ok: {a.measured_largest_fitting}).",
-        ]
-    measured = {c.batch_size for c in a.cells if c.ok}
-    top = max([c.batch_size for c in a.cells if c.batch_size] or [1])
-    candidates = sorted(
-        {c.batch_size for c in a.cells if c.batch_size and not c.ok} | {2**k for k in range(0, int(math.log2(top)) + 2)}
-    )
-    rows = [b for b in candidates if b not in measured]
-    if rows:
-        lines += [
-            "",
-            "Predicted, not measured:",
-            "",
-            "| micro-batch | predicted peak | fits the limit |",
-            "|---:|---:|---|",
-        ]
-        for b in rows:
-            p = mm.predict(b)
-            fits = "-" if not a.limit_bytes else ("yes" if p <= a.limit_bytes else "no")
-            lines.append(f"| {b} | {gib_text(p)} (predicted) | {fits} |")
     return lines
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from summ.errors import MEMORY_STATUSES, Status
-from summ.reports.knee import MIN_R2, fit_memory_model
+from summ.reports.memory_model import MIN_R2, fit_memory_model
 
 
 @dataclass
