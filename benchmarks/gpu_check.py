@@ -38,13 +38,17 @@ keeps what it measured.
    `cuda` device (no index: the cap once failed at setup there): the allocator cap makes an
    over-large micro-batch fail as oom or over_budget, as a 24 GB card would. A control run at a
    micro-batch that fits still passes under the same cap.
+6. Memory by part and time by phase. The KoBART-shaped and the QLoRA runs with the allocator's
+   counter read at every phase mark: weights + optimizer state against what stays allocated after
+   the optimizer's zeroing (target 3%), gradients + logits against what backward adds (10%), the
+   CUDA-event phases against the host's step time (5%), and samples/s without the marks beside.
 
-The runs go in the order 0, 5, 1, 3, 4 (capped run), 2, then the table of section 4. Where CUDA is
+The runs go in the order 0, 5, 1, 3, 4 (capped run), 2, 6, then the table of section 4. Where CUDA is
 absent the script says so and exits 0. --cpu-smoke runs every section at toy size on the CPU
 instead. Its figures mean nothing; it only checks the script's plumbing.
 
 This file is the command line and the plan; the sections live in gpu_check_user.py (0, 5),
-gpu_check_overhead.py (1), gpu_check_qlora.py (2), gpu_check_memory.py (3, 4), and what they
+gpu_check_overhead.py (1), gpu_check_qlora.py (2), gpu_check_memory.py (3, 4), gpu_check_parts.py (6), and what they
 share in gpu_check_runs.py.
 """
 
@@ -61,12 +65,13 @@ import gpu_check_user as user
 from common import SHAPES
 from gpu_check_memory import budget_cap, context_and_fragmentation, probe_vs_epoch
 from gpu_check_overhead import overhead
+from gpu_check_parts import parts_and_phases
 from gpu_check_qlora import qlora_mfu
 from gpu_check_runs import Context, section
 
 # Sizes: full run, then what --quick and --cpu-smoke change (a flag given on the command line wins).
 DEFAULTS: dict[str, Any] = {
-    "sections": "0,1,2,3,4,5",
+    "sections": "0,1,2,3,4,5,6",
     "budget_s": 480.0,
     "user_train_size": 512,
     "user_steps": 5,
@@ -176,6 +181,7 @@ PLAN = [
     ("3", "3. memory: trial (probe) peak vs a full epoch's observed peak", probe_vs_epoch),
     ("4b", "4. memory budget: allocator cap at measure.memory_budget_gb", budget_cap),
     ("2", "2. QLoRA MFU: summ's counted FLOPs vs analytic 6N", qlora_mfu),
+    ("6", "6. memory by part and time by phase vs the allocator and CUDA events", parts_and_phases),
     ("4", "4. context and fragmentation, every run above", context_and_fragmentation),
 ]
 

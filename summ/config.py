@@ -183,6 +183,8 @@ class MeasureConfig:
     headroom: float = 0.9  # over budget x headroom the trial stops with status over_budget
     memory_probe: bool = True  # one micro-batch at the maximum widths before the measured steps: the worst case
     phase_timing: bool = True  # each measured step's time by phase (train.phase_seconds): no added device waits
+    # the last warm-up step recorded with torch.profiler (and on CUDA a memory snapshot) into <run>/profile
+    profile: bool = False
     peak_tflops: float | None = positive(None)  # device peak for MFU; null: the built-in table (CUDA), no MFU (CPU)
     rss_interval_ms: float = positive(2.0)  # RSS sampling period: CPU peak memory where VmHWM cannot be reset
     # CPU: tensors from 64 KiB up served by mmap, so the resident peak tracks live tensors (slower

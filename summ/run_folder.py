@@ -43,6 +43,7 @@ ERROR_LOG = "error.log"  # the traceback of an unforeseen failure
 MODEL_DIR = "model"  # weights (or LoRA adapter), tokenizer and SAVED_CONFIG, for mode=predict
 SAVED_CONFIG = "summ_config.yaml"
 CHECKPOINTS_DIR = "checkpoints"
+PROFILE_DIR = "profile"  # measure.profile: the recorded step's trace (and CUDA memory snapshot)
 HYDRA_DIR = ".hydra"
 # What a run leaves besides Hydra's files: moved aside together when a result is superseded.
 RESULT_FILES = (
@@ -63,6 +64,7 @@ RUN_ENTRIES = (
     *RUN_PLOTS,
     MODEL_DIR,
     CHECKPOINTS_DIR,
+    PROFILE_DIR,
     HYDRA_DIR,
     RUN_LOG,
     TRACKING_DIR,
@@ -132,6 +134,7 @@ class RunMetrics:
     caveats: list | None = None  # settings that change what a figure means (measurement.Measurement.plan)
     reused: dict | None = None  # what this cell took from earlier cells of its sweep (data, model)
     resumed_from: dict | None = None
+    profile: dict | None = None  # measure.profile: the recorded step and its files (trace, CUDA memory snapshot)
     checkpoint: str | None = None
     augmentation: dict | None = None
     data_quality: dict | None = None

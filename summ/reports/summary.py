@@ -167,6 +167,8 @@ def format_summary(m: dict, output_dir: Path | None = None) -> str:
         if ev.get("generation_ms_per_sample") is not None:
             rows += _generation_rows(ev, "dev")
     rows += _pipeline_rows(m, ev)
+    if m.get("profile"):
+        rows.append(("profile", profile_text(m["profile"])))
     if output_dir is not None:
         rows.append(("metrics", str(Path(output_dir) / METRICS_FILE)))
     return _table(rows)
@@ -204,6 +206,14 @@ def parts_text(c: dict) -> str:
     if c.get("allocator_reserve_bytes") is not None:
         parts.append(f"allocator reserve {size_text(c['allocator_reserve_bytes'])}")
     return "; ".join(parts)
+
+
+def profile_text(p: dict) -> str:
+    """metrics.profile: the recorded step's files and what opens them."""
+    text = f"step {p['step']}: {p['trace']} (Perfetto, chrome://tracing, TensorBoard's profiler)"
+    if p.get("memory_snapshot"):
+        text += f"; {p['memory_snapshot']} (pytorch.org/memory_viz)"
+    return text
 
 
 def phases_text(phases: dict) -> str:

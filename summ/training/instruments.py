@@ -31,6 +31,7 @@ from summ.measure.components import ComponentCount
 from summ.measure.memory import BudgetGuard, MemoryMonitor
 from summ.training import processes
 from summ.training.schedule import EpochPlan
+from summ.training.trace import StepTrace
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class MemoryStretches:
         self.eval_peak: int | None = None
         self.probe_skipped = probe_skipped  # why the probe cannot run under this launcher (launchers.py)
         self.count: ComponentCount | None = None  # the training peak by part, once training starts
+        self.heap_steps = False  # CPU: the measured steps run on glibc's heap, not judged (steps_on_the_heap)
+        self.on_heap_since_probe = False  # they did, in this run
 
     def count_components(self, model: torch.nn.Module, optimizer) -> None:
         """From the loop's start: the parts of the peak counted from the tensors (hooks, removed at stop())."""
@@ -66,7 +69,29 @@ class MemoryStretches:
         """What the budget is checked against: the worst of the probe and every stretch so far."""
         return max(current, self.observed_peak, self.probe_peak or 0)
 
+    def current_peak(self) -> int:
+        """This stretch's peak so far; on the heap (steps_on_the_heap), the judged one instead."""
+        return self.worst_peak(0) if self.heap_steps else self.monitor.peak_bytes()
+
+    def steps_on_the_heap(self, warmed: bool) -> None:
+        """CPU with measure.cpu_live_memory, once the probe has judged the worst batch: the measured
+        steps run on glibc's own heap, at the allocator's normal speed (handing every freed tensor
+        back to the kernel slows CPU training about 1.6x). The heap keeps what it frees, so their
+        resident peak is no tensor figure: it is not judged, the warm-up's and the probe's are
+        (`warmed`: a warm-up step ran before the probe, so the optimizer's state is in its peak).
+        Evaluation hands memory back again (end_observed_stretch)."""
+        if self.monitor.cuda or not self.monitor.cpu_live_memory or self.probe_peak is None or not warmed:
+            return
+        self.monitor.segment()
+        self.monitor.hand_back_freed(False)
+        self.heap_steps = self.on_heap_since_probe = True
+
     def end_observed_stretch(self) -> None:
+        if self.heap_steps:  # back to live accounting; the heap's stretch is not a figure
+            self.monitor.hand_back_freed(True)
+            self.monitor.segment()
+            self.heap_steps = False
+            return
         self.observed_peak = max(self.observed_peak, self.monitor.segment())
 
     def end_probe(self) -> int:
@@ -79,7 +104,8 @@ class MemoryStretches:
     def figures(self, process_peaks: list[int] | None) -> MemoryFigures:
         """metrics.memory. `process_peaks`: every process's worst peak (several processes)."""
         self.monitor.settle()
-        observed = max(self.observed_peak, self.monitor.peak_bytes() if self.eval_peak is None else 0)
+        current = self.monitor.peak_bytes() if self.eval_peak is None and not self.heap_steps else 0
+        observed = max(self.observed_peak, current)
         mine = max(observed, self.probe_peak or 0)
         peak = max(process_peaks) if process_peaks else mine  # the largest process's: what must fit on each device
         capacity = self.monitor.capacity_bytes()
@@ -102,7 +128,7 @@ class MemoryStretches:
             num_ooms=ooms,
             capacity_bytes=capacity,
             fraction=peak / capacity if capacity else None,
-            source=self.monitor.source,
+            source=self.monitor.source + ("_warmup_and_probe" if self.on_heap_since_probe else ""),
             probe_skipped=self.probe_skipped,
             probe_positions=self.probe_positions,
             budget_bytes=self.guard.budget_bytes,
@@ -249,22 +275,33 @@ class StepInstruments:
     """One optimizer step's instruments, from `step_starts` to the history row `step_ends` returns."""
 
     def __init__(
-        self, accelerator, timing_: Timing, memory: MemoryStretches, total_steps: int, start_step: int, log_every: int
+        self,
+        accelerator,
+        timing_: Timing,
+        memory: MemoryStretches,
+        total_steps: int,
+        start_step: int,
+        log_every: int,
+        trace: StepTrace | None = None,
     ):
         self.accelerator, self.timing, self.memory = accelerator, timing_, memory
+        self.trace = trace  # measure.profile: one warm-up step recorded (summ/training/trace.py)
         self.measuring = False
         self.started = timing_.clock.start()  # the loop's time, and the first step's
         self.progress = Progress(accelerator, total_steps, start_step, log_every, self.started)
 
     def measured_steps_start(self) -> None:
         """Between warm-up and the measured steps, after the probe's work is done on the device."""
+        self.memory.steps_on_the_heap(warmed=self.timing.timer.steps_seen > 0)
         self.timing.load.start()
         self.timing.clock.start()
 
-    def step_starts(self) -> None:
+    def step_starts(self, step: int) -> None:
         """Before the step's data: what ran since the last step closed was its bookkeeping."""
         self.measuring = self.timing.timer.measuring
         self.timing.clock.mark("bookkeeping")
+        if self.trace is not None:
+            self.trace.step_starts(step)
 
     def data_ready(self) -> None:
         self.timing.clock.mark("data")
@@ -289,7 +326,7 @@ class StepInstruments:
         t, acc = self.timing, self.accelerator
         for seconds in t.micro.times():
             t.timer.add_micro(seconds)
-        peak = self.memory.monitor.peak_bytes()
+        peak = self.memory.current_peak()
         if not math.isfinite(loss):
             raise Diverged(f"loss became {loss} at optimizer step {step + 1}")
         peak_all, signum = processes.agree(
@@ -300,6 +337,8 @@ class StepInstruments:
         if self.measuring:
             t.step_positions.append(counts.tokens + counts.pad_tokens)
         step_seconds = t.clock.lap()
+        if self.trace is not None:  # its files written after the step's clock closed
+            self.trace.step_ends(step)
         if self.measuring:  # what else runs on the machine, read between steps: not in a step's time
             t.load.sample()
             t.clock.start()
@@ -326,6 +365,8 @@ class StepInstruments:
         self.timing.clock.start()
 
     def loop_ends(self) -> None:
+        if self.trace is not None:
+            self.trace.close()
         if self.memory.count is not None:  # training's counts: evaluation's forwards are not its logits
             self.memory.count.remove()
         self.progress.bar.close()

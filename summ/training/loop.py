@@ -32,6 +32,7 @@ from summ.training.prepare import PreparedData, data_for
 from summ.training.probe import probe_memory, probe_samples, probe_widths, warm_training_paths
 from summ.training.schedule import caveats
 from summ.training.setup import Setup, copy_in_the_step, lr_scheduler, prepared_parts, schedule, start_accelerator
+from summ.training.trace import StepTrace, check_warmup
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class Job:
         self.loaded = self._load_model(base, tokenizer, data)
         parts = prepared_parts(cfg, acc, self.loaded, data, tokenizer, encoder, shape)
         plan = schedule(cfg, data, parts.collator, shape)
+        if cfg.measure.profile:
+            check_warmup(plan.warmup_steps)
         m.caveats = self._caveats(shape.effective, len(data.train_ds))
         self.timing = Timing(plan.warmup_steps, acc.device, phases=cfg.measure.phase_timing)
         scheduler = lr_scheduler(cfg, acc, parts.optimizer, plan.total_steps)
@@ -201,8 +204,15 @@ class Job:
             self.position["batches"],
             resumed=self.start_step > 0,
         )
+        trace = StepTrace(self.output_dir, plan.warmup_steps - 1, acc.device, acc.process_index)
         instruments = StepInstruments(
-            acc, self.timing, self.memory, plan.total_steps, self.start_step, self.cfg.train.log_every_steps
+            acc,
+            self.timing,
+            self.memory,
+            plan.total_steps,
+            self.start_step,
+            self.cfg.train.log_every_steps,
+            trace if self.cfg.measure.profile else None,
         )
         self.memory.count_components(acc.unwrap_model(run.model), run.optimizer)
         loss = None
@@ -212,7 +222,7 @@ class Job:
                     if self.cfg.measure.memory_probe and not self.memory.probe_skipped:
                         self._probe(run)
                     instruments.measured_steps_start()
-                instruments.step_starts()
+                instruments.step_starts(step)
                 epoch, micro_batches, self.position = next(groups)
                 counts = processes.step_counts(acc, micro_batches)
                 instruments.data_ready()
@@ -233,6 +243,7 @@ class Job:
                     instruments.between_steps()
         finally:
             instruments.loop_ends()
+            self.metrics.profile = trace.files
             self._record_train(run, loss)
 
     def where(self, step: int, micro_step: int | None = None) -> failpoints.Where:
