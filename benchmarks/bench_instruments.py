@@ -4,10 +4,9 @@ Two duels, each on the duels' setting (tiny BART, synthetic data, micro-batch 16
 alternating A B / B A after a warm-up round, samples/s over the same measured steps:
   - phases: the step's phase marks (measure.phase_timing=true, the default) against none. Target:
     ratio >= 0.99 (timing the phases costs at most 1% of throughput);
-  - cpu memory: the default CPU memory accounting (freed tensors handed back to the kernel through
-    warm-up and the probe, the measured steps on glibc's heap) against glibc's heap throughout
-    (measure.cpu_live_memory=false). Target: ratio >= 0.95. With --set measure.memory_probe=false
-    the whole run is handed back (nothing else judges memory): the old cost, for comparison.
+  - cpu memory: the default CPU memory accounting (measure.cpu_live_memory=true: every freed tensor
+    handed back to the kernel, so the resident peak tracks live tensors) against glibc's heap
+    (measure.cpu_live_memory=false). Target (issue 23, item 6): ratio >= 0.95.
 Each duel also prints the first contender's memory verdict (memory.peak_bytes) against the second's.
 
     python benchmarks/bench_instruments.py [--duel phases|cpu_memory|both] [--rounds 9] [--steps 30]

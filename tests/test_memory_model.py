@@ -4,12 +4,14 @@ tables and on tiny_llama trained both ways."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from summ.reports.knee_report import build_report
 from summ.reports.memory_model import checkpointing_factor, fit_memory_model, held_out_checks
 
-from .conftest import job_folder
+from .conftest import cli, job_folder
 
 MIB = 2**20
 STATIC = {"weights_bytes": 300 * MIB, "gradients_bytes": 20 * MIB, "optimizer_state_bytes": 40 * MIB}
@@ -86,22 +88,18 @@ def test_checkpointing_factor_and_the_switch_predicted(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_llamas_activations_fall_under_checkpointing(run_job):
+def test_tiny_llamas_activations_fall_under_checkpointing(tmp_path):
     """Trained both ways at micro-batch 8: checkpointing keeps the layer inputs and recomputes the
     rest in backward, so the activations fall, though not below what it cannot drop (the logits
-    of the micro-batch), and the backward pass, now with its recompute, takes longer per sample."""
+    of the micro-batch), and the backward pass, now with its recompute, takes longer per sample.
+    Each in a fresh process, as a user runs it: a test worker's heap, fragmented by earlier tests,
+    would be reused and read as resident memory."""
     runs = {}
     for on in (False, True):
-        m, _ = run_job(
-            "model=tiny_llama",
-            "batch.batch_size=8",
-            f"model.gradient_checkpointing={on}",
-            "measure.steps=3",
-            "eval.enabled=false",
-            "measure.cpu_live_memory=true",  # the peak tracks live tensors (tests default to glibc's heap)
-        )
-        assert m["status"] == "ok", m["error"]
-        runs[on] = m
+        folder = tmp_path / f"checkpointing_{on}"
+        overrides = ["model=tiny_llama", "batch.batch_size=8", f"model.gradient_checkpointing={on}"]
+        cli(f"hydra.run.dir={folder}", *overrides, "measure.steps=3", "eval.enabled=false", code=0)
+        runs[on] = json.loads((folder / "metrics.json").read_text())
     off, on = (runs[k]["memory"]["components"] for k in (False, True))
     assert off["weights_bytes"] == on["weights_bytes"] and off["optimizer_state_bytes"] == on["optimizer_state_bytes"]
     assert on["logits_bytes"] == off["logits_bytes"] <= on["activations_bytes"] < 0.85 * off["activations_bytes"]

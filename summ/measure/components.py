@@ -182,13 +182,15 @@ def kv_cache_bytes(
     # get_text_config(decoder=True) gives BART a default-sized config instead)
     text = config if seq2seq else config.get_text_config(decoder=True)
     if seq2seq:
-        layers, heads, kv_heads = text.decoder_layers, text.decoder_attention_heads, text.decoder_attention_heads
+        layers, heads = getattr(text, "decoder_layers", None), getattr(text, "decoder_attention_heads", None)
+        kv_heads = heads
         positions = new_tokens + input_positions  # its own (start token in, last one out) and the input
     else:
-        layers, heads = text.num_hidden_layers, text.num_attention_heads
+        layers, heads = getattr(text, "num_hidden_layers", None), getattr(text, "num_attention_heads", None)
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         positions = input_positions + new_tokens - 1
-    width = getattr(text, "head_dim", None) or text.hidden_size // heads
+    hidden = getattr(text, "hidden_size", None)
+    width = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
     if not (layers and kv_heads and width):
         return None
     return 2 * layers * sequences * kv_heads * positions * width * element_size

@@ -7,9 +7,7 @@ heap, where it fragments: over an epoch the resident set crept 20-40% above what
 showed. So by default (measure.cpu_live_memory) allocations from 64 KiB up are served by mmap
 (mallopt): a freed tensor goes back to the kernel and the resident peak tracks live tensors, as
 CUDA's statistics do. The price is a page fault per fresh page (README, "What a run measures",
-gives the measured cost), so a run pays it only where memory is judged: the measured steps switch
-to the heap once the probe has run (`hand_back_freed`, summ/training/instruments.py:
-MemoryStretches.steps_on_the_heap). `measure.cpu_live_memory=false` keeps glibc's own thresholds (fast;
+gives the measured cost). `measure.cpu_live_memory=false` keeps glibc's own thresholds (fast;
 the peak then includes heap glibc kept, and creeps over an epoch). GPU runs are unaffected: their
 tensors are not on this heap. Where the kernel refuses the reset, a thread samples RSS instead
 (costs a few % on 2 cores).
@@ -195,11 +193,6 @@ class MemoryMonitor:
             self._thread = threading.Thread(target=self._sample, name="summ-rss", daemon=True)
             self._thread.start()
         return self
-
-    def hand_back_freed(self, live: bool) -> None:
-        """CPU: from now on, freed tensors go back to the kernel (`live`) or stay in glibc's heap."""
-        if not self.cuda:
-            _tensors_off_the_heap(live)
 
     def cap(self, budget_bytes: int) -> None:
         """On CUDA, let the allocator take at most `budget_bytes` (context included), so a big card

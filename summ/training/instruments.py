@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,7 +31,7 @@ from summ.measure import flops, machine, timing
 from summ.measure.components import ComponentCount
 from summ.measure.memory import BudgetGuard, MemoryMonitor
 from summ.training import processes
-from summ.training.schedule import EpochPlan
+from summ.training.schedule import EpochPlan, Schedule
 from summ.training.trace import StepTrace
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,6 @@ class MemoryStretches:
         self.eval_peak: int | None = None
         self.probe_skipped = probe_skipped  # why the probe cannot run under this launcher (launchers.py)
         self.count: ComponentCount | None = None  # the training peak by part, once training starts
-        self.heap_steps = False  # CPU: the measured steps run on glibc's heap, not judged (steps_on_the_heap)
-        self.on_heap_since_probe = False  # they did, in this run
 
     def count_components(self, model: torch.nn.Module, optimizer) -> None:
         """From the loop's start: the parts of the peak counted from the tensors (hooks, removed at stop())."""
@@ -69,29 +68,7 @@ class MemoryStretches:
         """What the budget is checked against: the worst of the probe and every stretch so far."""
         return max(current, self.observed_peak, self.probe_peak or 0)
 
-    def current_peak(self) -> int:
-        """This stretch's peak so far; on the heap (steps_on_the_heap), the judged one instead."""
-        return self.worst_peak(0) if self.heap_steps else self.monitor.peak_bytes()
-
-    def steps_on_the_heap(self, warmed: bool) -> None:
-        """CPU with measure.cpu_live_memory, once the probe has judged the worst batch: the measured
-        steps run on glibc's own heap, at the allocator's normal speed (handing every freed tensor
-        back to the kernel slows CPU training about 1.6x). The heap keeps what it frees, so their
-        resident peak is no tensor figure: it is not judged, the warm-up's and the probe's are
-        (`warmed`: a warm-up step ran before the probe, so the optimizer's state is in its peak).
-        Evaluation hands memory back again (end_observed_stretch)."""
-        if self.monitor.cuda or not self.monitor.cpu_live_memory or self.probe_peak is None or not warmed:
-            return
-        self.monitor.segment()
-        self.monitor.hand_back_freed(False)
-        self.heap_steps = self.on_heap_since_probe = True
-
     def end_observed_stretch(self) -> None:
-        if self.heap_steps:  # back to live accounting; the heap's stretch is not a figure
-            self.monitor.hand_back_freed(True)
-            self.monitor.segment()
-            self.heap_steps = False
-            return
         self.observed_peak = max(self.observed_peak, self.monitor.segment())
 
     def end_probe(self) -> int:
@@ -104,8 +81,7 @@ class MemoryStretches:
     def figures(self, process_peaks: list[int] | None) -> MemoryFigures:
         """metrics.memory. `process_peaks`: every process's worst peak (several processes)."""
         self.monitor.settle()
-        current = self.monitor.peak_bytes() if self.eval_peak is None and not self.heap_steps else 0
-        observed = max(self.observed_peak, current)
+        observed = max(self.observed_peak, self.monitor.peak_bytes() if self.eval_peak is None else 0)
         mine = max(observed, self.probe_peak or 0)
         peak = max(process_peaks) if process_peaks else mine  # the largest process's: what must fit on each device
         capacity = self.monitor.capacity_bytes()
@@ -128,7 +104,7 @@ class MemoryStretches:
             num_ooms=ooms,
             capacity_bytes=capacity,
             fraction=peak / capacity if capacity else None,
-            source=self.monitor.source + ("_warmup_and_probe" if self.on_heap_since_probe else ""),
+            source=self.monitor.source,
             probe_skipped=self.probe_skipped,
             probe_positions=self.probe_positions,
             budget_bytes=self.guard.budget_bytes,
@@ -279,20 +255,23 @@ class StepInstruments:
         accelerator,
         timing_: Timing,
         memory: MemoryStretches,
-        total_steps: int,
+        plan: Schedule,
         start_step: int,
-        log_every: int,
-        trace: StepTrace | None = None,
+        cfg: Config,
+        folder: Path,
     ):
+        """`folder`: the run folder (measure.profile's trace goes there)."""
         self.accelerator, self.timing, self.memory = accelerator, timing_, memory
-        self.trace = trace  # measure.profile: one warm-up step recorded (summ/training/trace.py)
+        total_steps, log_every = plan.total_steps, cfg.train.log_every_steps
+        self.trace = None  # measure.profile: one warm-up step recorded (summ/training/trace.py)
+        if cfg.measure.profile:
+            self.trace = StepTrace(folder, plan.warmup_steps - 1, accelerator.device, accelerator.process_index)
         self.measuring = False
         self.started = timing_.clock.start()  # the loop's time, and the first step's
         self.progress = Progress(accelerator, total_steps, start_step, log_every, self.started)
 
     def measured_steps_start(self) -> None:
         """Between warm-up and the measured steps, after the probe's work is done on the device."""
-        self.memory.steps_on_the_heap(warmed=self.timing.timer.steps_seen > 0)
         self.timing.load.start()
         self.timing.clock.start()
 
@@ -326,7 +305,7 @@ class StepInstruments:
         t, acc = self.timing, self.accelerator
         for seconds in t.micro.times():
             t.timer.add_micro(seconds)
-        peak = self.memory.current_peak()
+        peak = self.memory.monitor.peak_bytes()
         if not math.isfinite(loss):
             raise Diverged(f"loss became {loss} at optimizer step {step + 1}")
         peak_all, signum = processes.agree(

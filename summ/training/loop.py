@@ -32,7 +32,7 @@ from summ.training.prepare import PreparedData, data_for
 from summ.training.probe import probe_memory, probe_samples, probe_widths, warm_training_paths
 from summ.training.schedule import caveats
 from summ.training.setup import Setup, copy_in_the_step, lr_scheduler, prepared_parts, schedule, start_accelerator
-from summ.training.trace import StepTrace, check_warmup
+from summ.training.trace import check_warmup
 
 log = logging.getLogger(__name__)
 
@@ -204,16 +204,7 @@ class Job:
             self.position["batches"],
             resumed=self.start_step > 0,
         )
-        trace = StepTrace(self.output_dir, plan.warmup_steps - 1, acc.device, acc.process_index)
-        instruments = StepInstruments(
-            acc,
-            self.timing,
-            self.memory,
-            plan.total_steps,
-            self.start_step,
-            self.cfg.train.log_every_steps,
-            trace if self.cfg.measure.profile else None,
-        )
+        instruments = StepInstruments(acc, self.timing, self.memory, plan, self.start_step, self.cfg, self.output_dir)
         self.memory.count_components(acc.unwrap_model(run.model), run.optimizer)
         loss = None
         try:
@@ -243,7 +234,7 @@ class Job:
                     instruments.between_steps()
         finally:
             instruments.loop_ends()
-            self.metrics.profile = trace.files
+            self.metrics.profile = instruments.trace and instruments.trace.files
             self._record_train(run, loss)
 
     def where(self, step: int, micro_step: int | None = None) -> failpoints.Where:
@@ -353,15 +344,9 @@ class Job:
     def _record_train(self, run: Setup, final_loss: float | None) -> None:
         m, timing = self.metrics, self.timing
         m.machine = timing.load.finish() if timing.timer.measured_steps else None
-        result = timing.train_figures(
-            self.cfg, final_loss, self.start_step + timing.timer.steps_seen, run.shape.processes, run.schedule.epoch
-        )
-        m.train, m.epoch_seconds_projected, m.mfu, m.hfu = (
-            result.train,
-            result.epoch_seconds_projected,
-            result.mfu,
-            result.hfu,
-        )
+        steps = self.start_step + timing.timer.steps_seen
+        r = timing.train_figures(self.cfg, final_loss, steps, run.shape.processes, run.schedule.epoch)
+        m.train, m.epoch_seconds_projected, m.mfu, m.hfu = r.train, r.epoch_seconds_projected, r.mfu, r.hfu
 
     # ------------------------------------------------------------------ after training
     def save(self, run: Setup) -> None:

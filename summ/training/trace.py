@@ -20,6 +20,7 @@ from summ.run_folder import PROFILE_DIR
 
 log = logging.getLogger(__name__)
 
+
 def check_warmup(warmup_steps: int) -> None:
     if warmup_steps < 2:
         raise ConfigError(
