@@ -128,3 +128,18 @@ def test_kv_cache_bytes_are_generations_own_cache(seq2seq):
     layers = [cache.self_attention_cache, cache.cross_attention_cache] if seq2seq else [cache]
     tensors = [t for c in layers for layer in c.layers for t in (layer.keys, layer.values)]
     assert components.kv_cache_bytes(model.config, seq2seq, batch * beams, prompt, new, 4) == _own_bytes(tensors)
+
+
+def test_the_optimizer_state_on_an_index_less_cuda_device_is_counted():
+    """Accelerate gives a one-GPU run torch.device("cuda"); its tensors are on cuda:0. Comparing
+    the two with == would count no optimizer state on every single-GPU run."""
+    cuda, cuda0, cuda1 = torch.device("cuda"), torch.device("cuda:0"), torch.device("cuda:1")
+    assert components.on_device(cuda, cuda0) and components.on_device(cuda0, cuda0)
+    assert not components.on_device(cuda0, cuda1) and not components.on_device(cuda, torch.device("cpu"))
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    moments = sum(v.numel() * v.element_size() for s in optimizer.state.values() for k, v in s.items() if k != "step")
+    steps = sum(s["step"].numel() * s["step"].element_size() for s in optimizer.state.values())
+    assert components.optimizer_state_bytes(optimizer, torch.device("cpu")) == moments + steps

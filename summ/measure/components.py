@@ -85,11 +85,22 @@ def gradient_bytes(model: torch.nn.Module) -> int:
     return _Unique().bytes(p.grad for p in model.parameters() if p.grad is not None)
 
 
+def on_device(run_device: torch.device, tensor_device: torch.device) -> bool:
+    """A tensor on the run's device. Accelerate hands a one-process GPU run `torch.device("cuda")`,
+    with no index, while its tensors say `cuda:0`: an index-less device matches any of its type."""
+    if run_device.type != tensor_device.type:
+        return False
+    return run_device.index is None or tensor_device.index is None or run_device.index == tensor_device.index
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer, device: torch.device) -> int:
     """The optimizer's state tensors on the training device (torch's AdamW keeps its step counts
     on the host unless fused or capturable: host memory, not the device's)."""
     tensors = (
-        v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.device == device
+        v
+        for state in optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v) and on_device(device, v.device)
     )
     return _Unique().bytes(tensors)
 
