@@ -6,6 +6,9 @@ element size at the widths the data set implies, the phases against the measured
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -143,3 +146,29 @@ def test_the_optimizer_state_on_an_index_less_cuda_device_is_counted():
     moments = sum(v.numel() * v.element_size() for s in optimizer.state.values() for k, v in s.items() if k != "step")
     steps = sum(s["step"].numel() * s["step"].element_size() for s in optimizer.state.values())
     assert components.optimizer_state_bytes(optimizer, torch.device("cpu")) == moments + steps
+
+
+def test_sharded_parameters_count_the_shard_this_process_holds():
+    """FSDP 2 shards parameters as DTensors, whose storage is their local shard (asking a DTensor
+    for its own storage raises). In a fresh process: a process group here would leak into the
+    tests after it."""
+    script = """
+import os, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from summ.measure import components
+mesh = init_device_mesh("cpu", (1,))
+model = torch.nn.Linear(8, 4)
+model.weight = torch.nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
+assert components.weights_by_storage(model) == {"32bit": (8 * 4 + 4) * 4}
+assert components.trainable_bytes(model) == (8 * 4 + 4) * 4
+dist.destroy_process_group()
+print("ok")
+"""
+    port = str(29500 + os.getpid() % 1000)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "PORT": port}
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

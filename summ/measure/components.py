@@ -36,8 +36,17 @@ def _quant_state_tensors(state) -> list[torch.Tensor]:
     return found + _quant_state_tensors(getattr(state, "state2", None))
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What this process holds of `t`: a DTensor's (FSDP 2's sharded parameters, their gradients
+    and optimizer state) local shard, which has the storage; any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+    try:
+        return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage of its own
+        return ("object", id(t))
 
 
 class _Unique:
@@ -48,7 +57,7 @@ class _Unique:
 
     def bytes(self, tensors: Iterable[torch.Tensor]) -> int:
         total = 0
-        for t in tensors:
+        for t in map(_local, tensors):
             key = _storage_key(t)
             if t.device.type != "meta" and key not in self.seen:
                 self.seen.add(key)
