@@ -44,22 +44,17 @@ def mark_cost_s(marks_per_step: int = 8, steps: int = 20000) -> float:
 
     from summ.measure.timing import StepClock
 
-    clock = StepClock(torch.device("cpu"), phases=True)
-    clock.start()
-    start = time.perf_counter()
-    for _ in range(steps):
-        for _ in range(marks_per_step):
-            clock.mark("forward")
-        clock.lap()
-    marked = time.perf_counter() - start
-    bare = StepClock(torch.device("cpu"), phases=False)
-    bare.start()
-    start = time.perf_counter()
-    for _ in range(steps):
-        for _ in range(marks_per_step):
-            bare.mark("forward")
-        bare.lap()
-    return (marked - (time.perf_counter() - start)) / steps
+    def seconds(phases: bool) -> float:
+        clock = StepClock(torch.device("cpu"), phases=phases)
+        clock.start()
+        start = time.perf_counter()
+        for _ in range(steps):
+            for _ in range(marks_per_step):
+                clock.mark("forward")
+            clock.lap()
+        return time.perf_counter() - start
+
+    return (seconds(True) - seconds(False)) / steps
 
 
 def main() -> None:
