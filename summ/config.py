@@ -41,6 +41,9 @@ DataSource = _choices("DataSource", "bundled", "csv", "synthetic")
 ModelKind = _choices("ModelKind", "seq2seq", "causal", "api")
 Precision = _choices("Precision", "no", "fp16", "bf16")
 Scheduler = _choices("Scheduler", "linear", "cosine", "constant")
+Optimizer = _choices(
+    "Optimizer", "adamw", "adamw_fused", "adamw_foreach", "adamw_8bit", "paged_adamw_8bit", "adafactor"
+)
 Quantization = _choices("Quantization", "none", "8bit", "4bit")
 InferenceQuantization = _choices("InferenceQuantization", "none", "dynamic_int8", "bnb_8bit", "bnb_4bit")
 Mode = _choices("Mode", "train", "predict")
@@ -154,6 +157,7 @@ class TrainConfig:
     max_grad_norm: float = not_negative(1.0)  # 0 turns clipping off
     label_smoothing: float = not_negative(0.0)
     scheduler: Scheduler = Scheduler.linear  # constant: constant after the warmup
+    optimizer: Optimizer = Optimizer.adamw  # adamw: fused where the device has it; README, "The optimizer"
     mixed_precision: Precision = Precision.no  # fp16 needs CUDA; bf16 autocast also runs on CPUs
     seed: int = 42
     log_every_steps: int = positive(10)  # optimizer steps between progress updates (the bar; a log line without a tty)

@@ -115,6 +115,7 @@ class RunMetrics:
     effective_batch_size: int | None = None
     mixed_precision: str | None = None
     gradient_checkpointing: bool | None = None
+    optimizer: str | None = None  # as built (summ/training/optimizers.py: said): adamw_fused, adamw_8bit, ...
     quantization: str | None = None
     lora: bool | None = None
     config_hash: str | None = None

@@ -25,6 +25,7 @@ class Cell:
     effective_batch_size: int | None = None
     mixed_precision: str | None = None
     gradient_checkpointing: bool | None = None
+    optimizer: str | None = None  # as built (adamw_fused, adamw_8bit, ...)
     config_hash: str | None = None
     reused_from: str | None = None
     copy_of: str | None = None  # the job of this same sweep whose result this one took (an Optuna repeat)
@@ -170,6 +171,7 @@ def cell_from_metrics(job: str, overrides: list[str], m: RunMetrics) -> Cell:
         effective_batch_size=m.effective_batch_size,
         mixed_precision=m.mixed_precision,
         gradient_checkpointing=m.gradient_checkpointing,
+        optimizer=m.optimizer,
         config_hash=m.config_hash,
         reused_from=m.reused_from,
         samples_per_s=t and t.samples_per_s,

@@ -62,6 +62,7 @@ CSV_COLUMNS = [
     "effective_batch_size",
     "mixed_precision",
     "gradient_checkpointing",
+    "optimizer",
     "samples",
     "tokens",
     "samples_per_s",

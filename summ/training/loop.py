@@ -24,7 +24,7 @@ from summ.modeling import models
 from summ.modeling.loss import model_inputs, summed_token_loss
 from summ.modeling.saved import save_for_predict
 from summ.run_folder import MODEL_DIR, RunMetrics
-from summ.training import batches, checkpoint, cleanup, launchers, processes, reuse, tracking
+from summ.training import batches, checkpoint, cleanup, launchers, optimizers, processes, reuse, tracking
 from summ.training.after_training import evaluate_trained
 from summ.training.instruments import MemoryStretches, StepInstruments, Timing
 from summ.training.outcome import StepLog, recorded
@@ -96,6 +96,7 @@ class Job:
         self.memory = MemoryStretches(cfg, acc.device, skipped)  # counted from here: model, optimizer, activations
         self.loaded = self._load_model(base, tokenizer, data)
         parts = prepared_parts(cfg, acc, self.loaded, data, tokenizer, encoder, shape)
+        m.optimizer = optimizers.said(parts.optimizer)
         plan = schedule(cfg, data, parts.collator, shape)
         if cfg.measure.profile:
             check_warmup(plan.warmup_steps)

@@ -146,7 +146,8 @@ def prepared_parts(
         data.dev_ds, batch_size=cfg.batch.eval_batch_size, shuffle=False, **loader_kw
     )
     params = [p for p in loaded.model.parameters() if p.requires_grad]
-    optimizer = build_optimizer([p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2], cfg.train)
+    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    optimizer = build_optimizer(decay, no_decay, cfg.train, acc.device)
     launchers.before_prepare(acc, cfg.train.max_grad_norm, str(kind), str(cfg.model.quantization))
     prepared = acc.prepare(loaded.model, optimizer, train_loader, dev_loader)
     launchers.check_prepared(acc, shape.accumulation, cfg.train.max_grad_norm)  # what DeepSpeed's config may override
