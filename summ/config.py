@@ -83,6 +83,8 @@ class DataConfig:
     decoder_max_len: int = 100  # tokens; summary is truncated to this
     group_by_length: bool = False  # length-grouped training batches (less padding), batch order still shuffled
     padding: Padding = Padding.longest  # longest: to the longest sample in each batch | max_length: fixed shapes
+    packing: bool = False  # causal LMs: a micro-batch's samples in rows without padding; README, "Packing"
+    max_packed_len: int | None = positive(None)  # packing: rows of at most this many positions; null: one row
     validate: bool = False  # score every sample (summ/data/quality.py); drop training samples under the threshold
     quality_threshold: float = 0.7
     num_workers: int | None = not_negative(None)  # DataLoader workers; null: CUDA 2 (collating during steps), CPU 0
@@ -194,10 +196,9 @@ class MeasureConfig:
     # CPU: tensors from 64 KiB up served by mmap, so the resident peak tracks live tensors (slower
     # training: README, "What a run measures"); false: glibc's own heap, fast, peak includes memory it kept
     cpu_live_memory: bool = True
-    # Several processes: a collective one of them never reaches fails after this many seconds (the
-    # cell ends failed and the sweep stops, its finished cells kept) instead of waiting for torch's
-    # watchdog (10 min NCCL, 30 min gloo); null: sweep.trial_collective_timeout_s in a sweep's trials,
-    # torch's default in a single run (a big model's save or evaluation may keep the others waiting)
+    # Several processes: a collective one of them never reaches fails after this many seconds (the cell
+    # ends failed, the sweep stops) instead of torch's watchdog (10 min NCCL, 30 min gloo); null: in a
+    # sweep's trials sweep.trial_collective_timeout_s, else torch's (a big model's save may keep others waiting)
     collective_timeout_s: float | None = positive(None)
 
 
@@ -320,9 +321,8 @@ class TrackingConfig:
 class SweepConfig:
     """How multirun jobs behave (they are measurement trials unless told otherwise)."""
 
-    # A multirun job that sets no window measures this many samples after trial_warmup_samples
-    # (the same samples in every cell: summ/data/sampler.py); null: it trains the full schedule.
-    # Rounded up to whole optimizer steps: 192 is a multiple of every effective batch up to 64 and of 3.
+    # A multirun job that sets no window measures this many samples after trial_warmup_samples (the same
+    # in every cell: summ/data/sampler.py; null: the full schedule), in whole optimizer steps (192: x of 64, 3)
     trial_samples: int | None = positive(192)
     trial_warmup_samples: int = not_negative(64)
     trial_collective_timeout_s: float = positive(300)  # measure.collective_timeout_s of a trial that sets none

@@ -254,6 +254,16 @@ def _check_contradictions(c: Any) -> None:
             f"measure.steps={_get(c, 'measure.steps')} and measure.samples={_get(c, 'measure.samples')} "
             f"both set the measured window: keep one (a sweep's cells compare in samples)"
         )
+    if _get(c, "data.packing"):
+        if str(_get(c, "model.kind")) != "causal":
+            raise ConfigError(
+                f"data.packing=true packs causal LMs only, and model.kind={_get(c, 'model.kind')}: an encoder-decoder "
+                '(BART) takes no position_ids, so samples in one row would attend to each other (README, "Packing")'
+            )
+        if str(_get(c, "data.padding")) == "max_length":
+            raise ConfigError(
+                "data.packing=true and data.padding=max_length: packed rows have no padding to fix; keep one"
+            )
     if _get(c, "mode") == "predict" and (k_folds := _get(c, "train.k_folds")) > 1:
         raise ConfigError(
             f"train.k_folds={k_folds} with mode=predict: predict uses one trained model; "
@@ -270,6 +280,8 @@ def unused_settings(c: Any) -> list[str]:
             f"augmentation {'+'.join(map(str, _get(c, 'augmentation.methods')))} adds nothing: "
             f"augmentation.ratio=0 (samples per training sample per method)"
         )
+    if _get(c, "data.max_packed_len") is not None and not _get(c, "data.packing"):
+        said.append(f"data.max_packed_len={_get(c, 'data.max_packed_len')} caps packed rows, and data.packing=false")
     if _get(c, "data.group_by_length") and _get(c, "batch.batch_size") == 1:
         said.append(
             "data.group_by_length=true groups samples of like length into a batch, and a micro-batch of 1 "

@@ -149,6 +149,10 @@ class Collator:
         width, lwidth = self.widths(input_lengths, label_lengths)
         return len(input_lengths) * (width + (lwidth if self.kind == ModelKind.seq2seq else 0))
 
+    def probe_batch(self, features: list[Features], widths: tuple[int, int]) -> dict:
+        """The memory probe's batch: these samples padded to the training set's widest input and label."""
+        return Collator(self.pad, self.kind, self.decoder_start, *widths)(features)
+
     def __call__(self, features: list[Features]) -> dict:
         batch = {}
         width, lwidth = self.widths([len(f.input_ids) for f in features], [len(f.labels) for f in features])

@@ -122,3 +122,42 @@ def check_loaded(info: dict, where: str, architecture: str) -> None:
 
 def _shape(shape) -> str:
     return "x".join(str(n) for n in shape) if shape is not None else "?"
+
+
+def check_packed_rows_isolated(model, device, attention: str | None) -> None:
+    """data.packing: raise ConfigError (one line) unless samples packed in one row stay apart on this
+    model and attention: a sample's logits after another one in the row equal its logits alone, and
+    do not move when the other one's tokens change. Three forwards of a few tokens, in eval mode."""
+    import torch
+
+    from summ.errors import ConfigError
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    g = torch.Generator().manual_seed(0)
+    first, other, second = (torch.randint(3, config.vocab_size, (n,), generator=g) for n in (7, 7, 5))
+
+    def logits_of_second(*parts):
+        ids = torch.cat(parts)[None].to(device)
+        positions = torch.cat([torch.arange(len(p)) for p in parts])[None].to(device)
+        return model(input_ids=ids, position_ids=positions).logits[0, -len(parts[-1]) :].float()
+
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone, packed, moved = (
+                logits_of_second(second),
+                logits_of_second(first, second),
+                logits_of_second(other, second),
+            )
+    finally:
+        model.train(training)
+    exact = all(p.dtype == torch.float32 for p in model.parameters())  # 4-bit weights are stored as uint8
+    tolerance = (1e-3 if exact else 5e-2) * float(alone.abs().max())  # low precision: its rounding, not a leak
+    leak = max(float((packed - alone).abs().max()), float((moved - packed).abs().max()))
+    if leak > tolerance:
+        raise ConfigError(
+            f"data.packing=true: {config.model_type} with attn_implementation={attention or 'default'} lets samples "
+            f"packed in one row attend to each other (a sample's logits moved by {leak:.3g} with its neighbour): "
+            "use model.attn_implementation=sdpa or eager (flash_attention_2 on a GPU), or data.packing=false"
+        )

@@ -15,7 +15,7 @@ import torch
 
 from summ import failpoints
 from summ.config import Config
-from summ.data.tokenize import Collator, Encoder
+from summ.data.tokenize import Encoder
 from summ.distributed import sharded_by
 from summ.errors import ConfigError, Interrupted
 from summ.inference import backends
@@ -307,7 +307,7 @@ class Job:
         acc, data, timing = run.accelerator, run.data, self.timing
         widths = probe_widths(data.train_ds)
         features = [data.train_ds[i] for i in probe_samples(data.train_ds, run.shape.micro_batch)]
-        batch = Collator(run.collator.pad, run.kind, run.collator.decoder_start, *widths)(features)
+        batch = run.collator.probe_batch(features, widths)
         peak, failed = 0, None
         timing.clock.start()
         # no gradient all-reduce (no_sync): nothing for the other processes to wait in

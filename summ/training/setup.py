@@ -13,10 +13,12 @@ from typing import Any, NamedTuple
 import torch
 
 from summ.config import Config, ModelKind, resolve_batch
+from summ.data.packing import PackingCollator
 from summ.data.sampler import EpochSampler
 from summ.data.tokenize import Collator, Encoder
 from summ.errors import ConfigError
 from summ.measure import machine
+from summ.modeling.checks import check_packed_rows_isolated
 from summ.run_folder import RunMetrics
 from summ.training import cleanup, launchers, processes, tracking
 from summ.training.optimizers import build_optimizer
@@ -45,7 +47,7 @@ class Prepared(NamedTuple):
     optimizer: Any
     train_loader: torch.utils.data.DataLoader
     dev_loader: torch.utils.data.DataLoader
-    collator: Collator
+    collator: Collator | PackingCollator
 
 
 @dataclass
@@ -57,7 +59,7 @@ class Setup:
     optimizer: Any
     train_loader: torch.utils.data.DataLoader
     dev_loader: torch.utils.data.DataLoader
-    collator: Collator
+    collator: Collator | PackingCollator
     scheduler: Any  # stepped once per optimizer step, on every process; saved with a checkpoint
     data: PreparedData  # splits, a K-fold member's held-out fold, the tokenized datasets
     tokenizer: Any
@@ -126,7 +128,8 @@ def prepared_parts(
     """The model `loaded` (models.LoadedModel), its optimizer and the loaders, prepared by Accelerate."""
     kind = cfg.model.kind
     widths = encoder.max_widths() if cfg.data.padding == "max_length" else (None, None)
-    collator = Collator(tokenizer.pad_token_id, kind, loaded.decoder_start_token_id, *widths)
+    padded = Collator(tokenizer.pad_token_id, kind, loaded.decoder_start_token_id, *widths)
+    collator = _packing(cfg, tokenizer.pad_token_id, data) if cfg.data.packing else padded
     sampler = EpochSampler(
         data.train_ds.lengths(),
         seed=cfg.train.seed,
@@ -143,7 +146,7 @@ def prepared_parts(
         data.train_ds, batch_size=shape.micro_batch, sampler=sampler, drop_last=True, **loader_kw
     )
     dev_loader = torch.utils.data.DataLoader(
-        data.dev_ds, batch_size=cfg.batch.eval_batch_size, shuffle=False, **loader_kw
+        data.dev_ds, batch_size=cfg.batch.eval_batch_size, shuffle=False, **{**loader_kw, "collate_fn": padded}
     )
     params = [p for p in loaded.model.parameters() if p.requires_grad]
     decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
@@ -151,7 +154,20 @@ def prepared_parts(
     launchers.before_prepare(acc, cfg.train.max_grad_norm, str(kind), str(cfg.model.quantization))
     prepared = acc.prepare(loaded.model, optimizer, train_loader, dev_loader)
     launchers.check_prepared(acc, shape.accumulation, cfg.train.max_grad_norm)  # what DeepSpeed's config may override
+    if cfg.data.packing:  # on the model itself: does its attention keep packed samples apart?
+        check_packed_rows_isolated(acc.unwrap_model(prepared[0]), acc.device, cfg.model.attn_implementation)
     return Prepared(*prepared, collator)
+
+
+def _packing(cfg: Config, pad_token_id: int, data: PreparedData) -> PackingCollator:
+    """data.packing's collator; a row cap shorter than the longest training sample is refused."""
+    longest, cap = max(data.train_ds.lengths()), cfg.data.max_packed_len
+    if cap is not None and cap < longest:
+        raise ConfigError(
+            f"data.max_packed_len={cap} is shorter than the longest training sample ({longest} tokens): "
+            f"raise it to at least {longest}, or leave it null (a micro-batch's samples in one row)"
+        )
+    return PackingCollator(pad_token_id, cap)
 
 
 def schedule(cfg: Config, data: PreparedData, collator: Collator, shape: BatchShape) -> Schedule:
