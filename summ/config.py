@@ -331,9 +331,8 @@ class SweepConfig:
     # A finished sweep folder (a grid, an earlier search): a job whose config matches one of its
     # cells takes that cell's result instead of measuring it again.
     reuse_from: str | None = None
-    # Cells of one sweep process share the prepared data and the loaded model (reset to a fresh
-    # process's state for each cell); false: every cell loads afresh.
-    reuse_loaded: bool = True
+    reuse_loaded: bool = True  # a sweep process's cells share its data and loaded model (reset per cell)
+    then_train: bool = False  # the recommended cell trained for its full schedule into <sweep>/final
 
 
 @dataclass

@@ -77,6 +77,7 @@ SWEEP_CSV, KNEE_REPORT, KNEE_PNG = "sweep.csv", "knee_report.md", "knee.png"
 PARETO_REPORT, PARETO_PNG = "pareto_report.md", "pareto.png"
 INFERENCE_REPORT, INFERENCE_PNG = "inference_report.md", "inference.png"
 BEST_FILE = "best_overrides.txt"  # an Optuna study's best trial as a command
+FINAL_DIR = "final"  # sweep.then_train: the recommended cell trained for its full schedule (a run folder)
 KNEE_SEARCH_FILE = "knee_search.json"  # the knee sweeper's path
 MULTIRUN_YAML = "multirun.yaml"
 OPTUNA_RESULTS = "optimization_results.yaml"
@@ -92,6 +93,7 @@ SWEEP_FILES = (
     KNEE_SEARCH_FILE,
     MULTIRUN_YAML,
     OPTUNA_RESULTS,
+    FINAL_DIR,
 )
 SUPERSEDED = "superseded_"  # the prefix of a folder that holds what an earlier run or launch left
 
@@ -134,6 +136,7 @@ class RunMetrics:
     machine: dict | None = None  # what competed with the run: load average, CPU time, other GPU processes
     caveats: list | None = None  # settings that change what a figure means (measurement.Measurement.plan)
     reused: dict | None = None  # what this cell took from earlier cells of its sweep (data, model)
+    recommended_cell: dict | None = None  # sweep.then_train: the sweep, job and overrides this run trains
     resumed_from: dict | None = None
     profile: dict | None = None  # measure.profile: the recorded step and its files (trace, CUDA memory snapshot)
     checkpoint: str | None = None
@@ -266,8 +269,8 @@ def is_run_folder(folder: Path) -> bool:
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    """A sweep's job folders, in job order (0, 1, ..., then any others by name)."""
-    dirs = [d for d in Path(sweep_dir).iterdir() if d.is_dir() and is_run_folder(d)]
+    """A sweep's job folders, in job order (0, 1, ..., then any others by name); not the final run."""
+    dirs = [d for d in Path(sweep_dir).iterdir() if d.is_dir() and d.name != FINAL_DIR and is_run_folder(d)]
     return sorted(dirs, key=lambda d: (0, int(d.name)) if d.name.isdigit() else (1, d.name))
 
 

@@ -32,6 +32,7 @@ from summ.reports.memory_report import memory_model_section
 from summ.reports.plots import plot_knee, plot_pareto
 from summ.reports.why import why_lines
 from summ.run_folder import (
+    FINAL_DIR,
     KNEE_PNG,
     KNEE_REPORT,
     METRICS_FILE,
@@ -40,6 +41,7 @@ from summ.run_folder import (
     PARETO_REPORT,
     SWEEP_CSV,
     job_dirs,
+    read_metrics,
     read_yaml,
     write_report,
 )
@@ -211,7 +213,22 @@ def _recommendation(a: Analysis, sweep_dir: Path) -> list[str]:
             "instead takes the smallest micro-batch within the tolerance among this folder's cells, so "
             "the two can differ; the settings column shows what else each cell changed.",
         ]
-    return lines
+    return lines + _final_run(sweep_dir)
+
+
+def _final_run(sweep_dir: Path) -> list[str]:
+    """sweep.then_train's run of the recommended cell, where it trained (summ/sweeps/then_train.py)."""
+    m = read_metrics(sweep_dir / FINAL_DIR).record
+    if m is None:
+        return []
+    cell = m.recommended_cell or {}
+    job = cell.get("job", "?")
+    text = f"The recommended cell (job {job}) trained for its full schedule: [`{FINAL_DIR}/`]({FINAL_DIR}/)"
+    if m.status != Status.ok:
+        return ["", f"{text}, which ended {m.status}: {m.error}"]
+    steps = m.train.total_optimizer_steps if m.train else 0
+    rouge = f", ROUGE-1/2/L {m.eval['rouge1']:.4f} / {m.eval['rouge2']:.4f} / {m.eval['rougeL']:.4f}" if m.eval else ""
+    return ["", f"{text}, {steps:,} optimizer steps{rouge}; its model in `{FINAL_DIR}/model`."]
 
 
 def _rate(c: Cell) -> str:

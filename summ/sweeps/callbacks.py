@@ -26,6 +26,7 @@ from summ.reports.inference_report import inference_report
 from summ.reports.knee_report import build_report
 from summ.run_folder import (
     BEST_FILE,
+    FINAL_DIR,
     INFERENCE_REPORT,
     KNEE_REPORT,
     METRICS_FILE,
@@ -280,6 +281,50 @@ class BestCommandCallback(SweepEndCallback):
         command = write_best(config, sweep_dir)
         if command:
             say(f"best trial of the study ({sweep_dir / BEST_FILE}):\n  {command}")
+
+
+class ThenTrainCallback(SweepEndCallback):
+    """sweep.then_train: once a training sweep or search ended with a recommendation, that cell
+    trained for its full schedule into <sweep>/final (summ/sweeps/then_train.py), the knee report
+    written again to link it, and the run's exit code when it did not end ok."""
+
+    def ended(self, config: DictConfig, sweep_dir: Path) -> None:
+        if config.get("mode") == "predict" or not config.sweep.get("then_train"):
+            return
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            say(
+                "warning: sweep.then_train trains in one process, and this launch has several: nothing trained",
+                err=True,
+            )
+            return
+        analysis = build_report(sweep_dir, tolerance=config.knee.tolerance)
+        rec = analysis.recommended
+        if rec is None:
+            if any(c.status == Status.ok for c in analysis.cells):
+                say(f"error: sweep.then_train: no cell to train: {analysis.reason}", err=True)
+                sys.exit(EXIT_FAILED)
+            return  # no cell ran ok: the exit code's line says why
+        from summ.errors import Interrupted
+        from summ.sweeps.then_train import train_recommended
+
+        final = sweep_dir / FINAL_DIR
+        say(f"\nsweep.then_train: the recommended cell (job {rec.job}) trains for its full schedule into {final}")
+        try:
+            m = train_recommended(sweep_dir, rec.job, rec.overrides)
+        except Interrupted as exc:
+            say(
+                f"interrupted: {exc}\nthe same command with sweep.resume=true hydra.sweep.dir={sweep_dir} keeps the "
+                f"finished cells and resumes the final run",
+                err=True,
+            )
+            sys.exit(128 + exc.signum)
+        except UserError as exc:
+            say(f"error: sweep.then_train: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        build_report(sweep_dir, tolerance=config.knee.tolerance)  # its recommendation now links the run
+        say(f"final run: {final / METRICS_FILE} ({m.status})")
+        if m.status != Status.ok:
+            sys.exit(exit_code(m.status))
 
 
 class SweepExitCodeCallback(SweepEndCallback):
