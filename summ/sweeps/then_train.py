@@ -2,7 +2,7 @@
 the knee sweeper, Optuna), the knee report's recommended cell is trained for its full schedule
 (train.epochs, train.max_steps or train.total_samples; evaluation on, weights saved) into
 <sweep folder>/final/, in the sweep's own process, where the model its cells loaded is reused
-(sweep.reuse_loaded). The final run's metrics.json names the cell (`recommended_cell`) and the
+(sweep.reuse_loaded). The final run's metrics record names the cell (`recommended_cell`) and the
 knee report links the run.
 
 The cell's config is the one its job folder recorded, less what made it a measurement trial (the
