@@ -3,7 +3,7 @@ independent references, on one GPU.
 
     python benchmarks/gpu_check.py [--quick]
 
-About 8 minutes on one H100 (--quick: about 3, for a first smoke); every size is a flag (--help).
+About 10 minutes on one H100 (--quick: about 3, for a first smoke); every size is a flag (--help).
 Each section prints one table and its elapsed time; a failed section is reported and the others
 still run; the exit code is 1 if any failed or missed its target. All figures go to
 $OUT/gpu_check.json (else ./gpu_check.json), rewritten after every section, so a run cut short
@@ -42,14 +42,17 @@ keeps what it measured.
    counter read at every phase mark: weights + optimizer state against what stays allocated after
    the optimizer's zeroing (target 3%), gradients + logits against what backward adds (10%), the
    CUDA-event phases against the host's step time (5%), and samples/s without the marks beside.
+7. Levers. The KoBART-shaped run with train.optimizer adamw (fused on CUDA), adamw_8bit and
+   paged_adamw_8bit: the 8-bit states at most 0.30 of AdamW's; the QLoRA Llama padded, grouped and
+   packed (flash_attention_2 where flash-attn is installed): packed padding under 5%.
 
-The runs go in the order 0, 5, 1, 3, 4 (capped run), 2, 6, then the table of section 4. Where CUDA is
+The runs go in the order 0, 5, 1, 3, 4 (capped run), 2, 6, 7, then the table of section 4. Where CUDA is
 absent the script says so and exits 0. --cpu-smoke runs every section at toy size on the CPU
 instead. Its figures mean nothing; it only checks the script's plumbing.
 
 This file is the command line and the plan; the sections live in gpu_check_user.py (0, 5),
-gpu_check_overhead.py (1), gpu_check_qlora.py (2), gpu_check_memory.py (3, 4), gpu_check_parts.py (6), and what they
-share in gpu_check_runs.py.
+gpu_check_overhead.py (1), gpu_check_qlora.py (2), gpu_check_memory.py (3, 4), gpu_check_parts.py (6),
+gpu_check_levers.py (7), and what they share in gpu_check_runs.py.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from typing import Any
 
 import gpu_check_user as user
 from common import SHAPES
+from gpu_check_levers import levers
 from gpu_check_memory import budget_cap, context_and_fragmentation, probe_vs_epoch
 from gpu_check_overhead import overhead
 from gpu_check_parts import parts_and_phases
@@ -71,7 +75,7 @@ from gpu_check_runs import Context, section
 
 # Sizes: full run, then what --quick and --cpu-smoke change (a flag given on the command line wins).
 DEFAULTS: dict[str, Any] = {
-    "sections": "0,1,2,3,4,5,6",
+    "sections": "0,1,2,3,4,5,6,7",
     "budget_s": 480.0,
     "user_train_size": 512,
     "user_steps": 5,
@@ -182,6 +186,7 @@ PLAN = [
     ("4b", "4. memory budget: allocator cap at measure.memory_budget_gb", budget_cap),
     ("2", "2. QLoRA MFU: summ's counted FLOPs vs analytic 6N", qlora_mfu),
     ("6", "6. memory by part and time by phase vs the allocator and CUDA events", parts_and_phases),
+    ("7", "7. levers: fused and 8-bit optimizers' state, packing's padding", levers),
     ("4", "4. context and fragmentation, every run above", context_and_fragmentation),
 ]
 
