@@ -15,11 +15,33 @@ def register_configs() -> None:
     """The schemas in Hydra's ConfigStore (conf/config.yaml lists `schema` first), the configs' resolvers."""
     ConfigStore.instance().store(name="schema", node=Config, replace=True)
     OmegaConf.register_resolver("summ_precisions", precision_choices, replace=True)
+    OmegaConf.register_resolver("summ_optimizers", optimizer_choices, replace=True)
+    OmegaConf.register_resolver("summ_packing", packing_choices, replace=True)
     # ${summ_now:FORMAT}: like Hydra's ${now:}, but one time for the whole launch: every job of a
     # sweep (which resolves hydra.sweep.dir once per job) and every process of a distributed launch
     OmegaConf.register_resolver("summ_now", now, replace=True)
     OmegaConf.register_resolver("summ_run_name", run_name, replace=True)
     OmegaConf.register_resolver("summ_threads_per_job", threads_per_job, replace=True)
+
+
+def optimizer_choices() -> str:
+    """train.optimizer values this machine can run, as an Optuna sweeper choice: bitsandbytes'
+    8-bit ones where it is installed, its paged one on CUDA only (refused elsewhere)."""
+    import importlib.util
+
+    import torch
+
+    values = ["adamw", "adafactor"]
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        values.append("adamw_8bit")
+        if torch.cuda.is_available():
+            values.append("paged_adamw_8bit")
+    return f"choice({','.join(values)})"
+
+
+def packing_choices(kind) -> str:
+    """data.packing values a model kind can train with (packing is refused for all but causal LMs)."""
+    return "choice(true,false)" if str(kind) == "causal" else "choice(false)"
 
 
 def precision_choices() -> str:

@@ -64,7 +64,7 @@ def _loss_and_grads(model, batch):
     logits = model(**model_inputs(batch)).logits
     loss = summed_token_loss(logits, batch["labels"], ModelKind.causal, label_tokens=batch["counts"].label_tokens)
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -144,3 +144,12 @@ def test_packing_changes_the_layout_not_the_samples_or_the_update(tmp_path):
     for a, b in zip(plain_steps[:3], packed_steps[:3], strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     assert packed["train"]["pad_fraction"] < 0.05 < plain["train"]["pad_fraction"]
+
+
+@pytest.mark.parametrize("model,packing", [("tiny_llama", "choice(true,false)"), ("tiny_bart", "choice(false)")])
+def test_the_levers_search_packs_only_where_the_model_can(model, packing):
+    """preset=optuna_levers searches packing for causal LMs; an encoder-decoder, which refuses it, searches without."""
+    cfg = compose_cfg(["preset=optuna_levers", f"model={model}"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+    assert params["data.packing"] == packing
+    assert params["train.optimizer"].startswith("choice(adamw,adafactor,adamw_8bit")  # bitsandbytes is installed here
