@@ -65,6 +65,7 @@ def test_an_accumulation_that_agrees_with_the_effective_batch_is_fine():
         (["tta=reorder", "eval.enabled=false"], "tta reorder runs at evaluation"),
         (["tta=reorder", "eval.generate=false"], "tta reorder runs at evaluation"),
         (["data.group_by_length=true", "batch.batch_size=1"], "a micro-batch of 1 has no padding to save"),
+        (["data.max_packed_len=1024"], "caps packed rows, and data.packing=false"),
     ],
 )
 def test_settings_accepted_but_not_acted_on_are_said(overrides, says):

@@ -109,11 +109,11 @@ def test_an_attention_that_lets_packed_samples_mix_is_refused(monkeypatch):
     """The setup's check on the model itself: a model that ignores position_ids' restarts (here
     made so by dropping them) is refused, naming the model type and attention."""
     model, _, _ = _model_and_features("sdpa", n=1)
-    check_packed_rows_isolated(model, torch.device("cpu"), "sdpa")  # transformers' Llama keeps them apart
+    check_packed_rows_isolated(model, model.config, torch.device("cpu"), "sdpa")  # transformers' Llama keeps them apart
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda **kw: forward(**{k: v for k, v in kw.items() if k != "position_ids"}))
     with pytest.raises(ConfigError, match="llama with attn_implementation=sdpa lets samples packed in one row attend"):
-        check_packed_rows_isolated(model, torch.device("cpu"), "sdpa")
+        check_packed_rows_isolated(model, model.config, torch.device("cpu"), "sdpa")
 
 
 def test_packing_an_encoder_decoder_is_refused_with_one_line(tmp_path):

@@ -45,6 +45,7 @@ def test_a_sweep_then_trains_its_recommended_cell(tmp_path):
     assert f"/{steps} " not in (sweep / "0" / "run.log").read_text() + (sweep / "1" / "run.log").read_text()
     assert "[`final/`](final/)" in report and f"(job {recommended}) trained" in report
     assert "final run:" in proc.stdout
+    assert "[HYDRA] step" not in proc.stdout + proc.stderr  # the final run's lines read as a job's
 
     again = cli(*GRID, f"hydra.sweep.dir={sweep}", "sweep.resume=true", timeout=900, code=0)
     assert json.loads((sweep / "final" / "metrics.json").read_text()) == final  # not trained again

@@ -124,15 +124,17 @@ def _shape(shape) -> str:
     return "x".join(str(n) for n in shape) if shape is not None else "?"
 
 
-def check_packed_rows_isolated(model, device, attention: str | None) -> None:
+def check_packed_rows_isolated(model, config, device, attention: str | None) -> None:
     """data.packing: raise ConfigError (one line) unless samples packed in one row stay apart on this
     model and attention: a sample's logits after another one in the row equal its logits alone, and
-    do not move when the other one's tokens change. Three forwards of a few tokens, in eval mode."""
+    do not move when the other one's tokens change. Three forwards of a few tokens, in eval mode,
+    through `model` as prepared (a DDP, FSDP or DeepSpeed wrapper runs them as it runs training's;
+    every process takes part); `config`: the unwrapped model's."""
     import torch
 
     from summ.errors import ConfigError
 
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     g = torch.Generator().manual_seed(0)
     first, other, second = (torch.randint(3, config.vocab_size, (n,), generator=g) for n in (7, 7, 5))
 

@@ -50,21 +50,30 @@ def final_config(job_dir: Path, final_dir: Path) -> DictConfig:
 
 @contextlib.contextmanager
 def _logging_into(folder: Path):
-    """The final run's log in its own run.log: Hydra's file handler still writes the last job's."""
+    """The final run's log in its own run.log, and on the console as a job's lines read: by the
+    sweep's end Hydra's file handler (if any) still writes the last job's run.log, and its console
+    handler has Hydra's own format ("[HYDRA] ...") back."""
     root = logging.getLogger()
     theirs = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    consoles = [h for h in root.handlers if not isinstance(h, logging.FileHandler)]
+    formats = [h.formatter for h in consoles]
+    job_format = logging.Formatter(
+        "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+    )  # Hydra's default job_logging format
     mine = logging.FileHandler(folder / RUN_LOG, encoding="utf-8")
-    if theirs:
-        mine.setFormatter(theirs[0].formatter)
-        mine.setLevel(theirs[0].level)
+    mine.setFormatter(job_format)
     for h in theirs:
         root.removeHandler(h)
+    for h in consoles:
+        h.setFormatter(job_format)
     root.addHandler(mine)
     try:
         yield
     finally:
         root.removeHandler(mine)
         mine.close()
+        for h, f in zip(consoles, formats, strict=True):
+            h.setFormatter(f)
         for h in theirs:
             root.addHandler(h)
 

@@ -155,7 +155,8 @@ def prepared_parts(
     prepared = acc.prepare(loaded.model, optimizer, train_loader, dev_loader)
     launchers.check_prepared(acc, shape.accumulation, cfg.train.max_grad_norm)  # what DeepSpeed's config may override
     if cfg.data.packing:  # on the model itself: does its attention keep packed samples apart?
-        check_packed_rows_isolated(acc.unwrap_model(prepared[0]), acc.device, cfg.model.attn_implementation)
+        model = prepared[0]
+        check_packed_rows_isolated(model, acc.unwrap_model(model).config, acc.device, cfg.model.attn_implementation)
     return Prepared(*prepared, collator)
 
 
