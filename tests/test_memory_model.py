@@ -91,7 +91,8 @@ def test_checkpointing_factor_and_the_switch_predicted(tmp_path):
 def test_tiny_llamas_activations_fall_under_checkpointing(tmp_path):
     """Trained both ways at micro-batch 8: checkpointing keeps the layer inputs and recomputes the
     rest in backward, so the activations fall, though not below what it cannot drop (the logits
-    of the micro-batch), and the backward pass, now with its recompute, takes longer per sample.
+    of the micro-batch), and the backward pass executes the recomputed forward too (counted in
+    FLOPs: its time per sample, about 1.7x alone, is within the noise of the suite's two workers).
     Each in a fresh process, as a user runs it: a test worker's heap, fragmented by earlier tests,
     would be reused and read as resident memory."""
     runs = {}
@@ -103,5 +104,5 @@ def test_tiny_llamas_activations_fall_under_checkpointing(tmp_path):
     off, on = (runs[k]["memory"]["components"] for k in (False, True))
     assert off["weights_bytes"] == on["weights_bytes"] and off["optimizer_state_bytes"] == on["optimizer_state_bytes"]
     assert on["logits_bytes"] == off["logits_bytes"] <= on["activations_bytes"] < 0.85 * off["activations_bytes"]
-    backward = {k: runs[k]["train"]["phase_seconds"]["backward"] / runs[k]["train"]["samples"] for k in runs}
-    assert backward[True] > backward[False]
+    executed = {k: runs[k]["train"]["hardware_flops_per_position"] for k in runs}
+    assert executed[True] > 1.1 * executed[False]  # the layers' forward again, inside backward
