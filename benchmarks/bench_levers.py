@@ -17,15 +17,11 @@ grouping. Nothing else may run meanwhile.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, fmt, gib, machine, round_order, table
+from common import fmt, gib, machine, round_order, run_cli, table
 
 BASE = [
     "model=tiny_llama",
@@ -65,24 +61,7 @@ def available(overrides: list[str]) -> bool:
 
 def run(overrides: list[str], steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "run"
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "run.py"),
-                *BASE,
-                *overrides,
-                f"measure.steps={steps}",
-                f"hydra.run.dir={folder}",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-        if proc.returncode != 0:
-            raise SystemExit(f"run failed ({proc.returncode}): {' '.join(overrides)}\n{proc.stderr[-2000:]}")
-        m = json.loads((folder / "metrics.json").read_text())
+        m = run_cli(Path(tmp) / "run", [*BASE, *overrides, f"measure.steps={steps}"])
     t, mem = m["train"], m["memory"]
     parts = mem.get("components") or {}
     phases = t.get("phase_seconds") or {}

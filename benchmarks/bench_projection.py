@@ -22,30 +22,18 @@ windows, 96 steps within +-5% (resampling one epoch's own steps). --samples sets
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine, round_order, table
+from common import machine, round_order, run_cli, table
 
 
 def run(folder: Path, overrides: list[str]) -> dict:
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={folder}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"run failed ({proc.returncode}): {' '.join(overrides)}\n{proc.stderr[-2000:]}")
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = run_cli(folder, overrides)
     metrics["bench_wall_s"] = time.perf_counter() - start
     return metrics
 

@@ -5,9 +5,12 @@ summ's loop is held against."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +20,21 @@ from timers import SyncWatch, WindowTimer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(folder: Path, overrides: list[str]) -> dict:
+    """`python run.py OVERRIDES hydra.run.dir=FOLDER` in a fresh process, as a user types it; its
+    metrics.json. A run that fails stops the benchmark with its exit code and the end of its stderr."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={folder}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}): {' '.join(overrides)}\n{proc.stderr[-2000:]}")
+    return json.loads((Path(folder) / "metrics.json").read_text())
 
 
 def compose(overrides: list[str]):
