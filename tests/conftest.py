@@ -123,6 +123,24 @@ def run_job(tmp_path):
     return _run
 
 
+@pytest.fixture
+def counted_parts(monkeypatch):
+    """(trained model, its torch optimizer) of each run's memory-part count, as the runs that
+    follow in this test build them (summ/measure/components.py: ComponentCount)."""
+    from summ.measure import components
+    from summ.training import instruments
+
+    seen = []
+
+    class Recorded(components.ComponentCount):
+        def __init__(self, model, optimizer, device):
+            super().__init__(model, optimizer, device)
+            seen.append((model, components.inner_optimizer(optimizer)))
+
+    monkeypatch.setattr(instruments, "ComponentCount", Recorded)
+    return seen
+
+
 def pytest_collection_modifyitems(config, items):
     """The longest tests first: the README's commands (2-3 minutes each), then the other end-to-end
     tests (marked slow). On two workers a long test that starts last leaves the other worker idle

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from summ.measure import components
-from summ.training import instruments, loop
+from summ.training import loop
 from summ.training.probe import probe_widths as loop_probe_widths
 
 MODELS = {
@@ -53,22 +53,14 @@ def _weights_by_storage(model: torch.nn.Module) -> dict[str, int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("micro_batch", [2, 8, 32])
 @pytest.mark.parametrize("model", list(MODELS))
-def test_parts_are_the_tensors_bytes(run_job, monkeypatch, model, micro_batch):
-    counts = []
-
-    class Recorded(components.ComponentCount):
-        def __init__(self, model, optimizer, device):
-            super().__init__(model, optimizer, device)
-            counts.append((model, components.inner_optimizer(optimizer)))
-
-    monkeypatch.setattr(instruments, "ComponentCount", Recorded)
+def test_parts_are_the_tensors_bytes(run_job, monkeypatch, counted_parts, model, micro_batch):
     widths = []
     monkeypatch.setattr(loop, "probe_widths", lambda ds: widths.append(loop_probe_widths(ds)) or widths[-1])
     m, _ = run_job(
         *MODELS[model], f"batch.batch_size={micro_batch}", "measure.steps=2", "eval.enabled=false", "train.epochs=50"
     )
     assert m["status"] == "ok", m["error"]
-    (trained, optimizer), c = counts[0], m["memory"]["components"]
+    (trained, optimizer), c = counted_parts[0], m["memory"]["components"]
 
     assert c["weights_bytes_by_storage"] == _weights_by_storage(trained)
     assert c["weights_bytes"] == sum(c["weights_bytes_by_storage"].values())

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from summ.errors import ConfigError
-from summ.measure import components
-from summ.training import instruments, optimizers
+from summ.training import optimizers
 
 from .conftest import assert_one_error_line, cli, compose_cfg
 
@@ -45,19 +44,11 @@ def _state_bytes_by_algorithm(name: str, params: list[torch.Tensor], blocksize: 
         ("adafactor", "adafactor"),
     ],
 )
-def test_each_optimizer_holds_the_state_its_algorithm_needs(run_job, monkeypatch, name, built):
-    seen = []
-
-    class Recorded(components.ComponentCount):
-        def __init__(self, model, optimizer, device):
-            super().__init__(model, optimizer, device)
-            seen.append((model, components.inner_optimizer(optimizer)))
-
-    monkeypatch.setattr(instruments, "ComponentCount", Recorded)
+def test_each_optimizer_holds_the_state_its_algorithm_needs(run_job, counted_parts, name, built):
     m, _ = run_job(f"train.optimizer={name}", "measure.steps=2", "eval.enabled=false")
     assert m["status"] == "ok", m["error"]
     assert m["optimizer"] == built  # said from the object: on the CPU, adamw is the fused kernel
-    (model, optimizer), c = seen[0], m["memory"]["components"]
+    (model, optimizer), c = counted_parts[0], m["memory"]["components"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     blocksize = 256  # bitsandbytes' block on the CPU, read back from the largest tensor's absmax below
     if name == "adamw_8bit":
