@@ -23,6 +23,7 @@ from summ.errors import EXIT_FAILED, EXIT_USER_ERROR, RESOURCE_STATUSES, ConfigE
 from summ.files import make_folder
 from summ.reports.cells import load_cells
 from summ.reports.inference_report import inference_report
+from summ.reports.knee import analyse
 from summ.reports.knee_report import build_report
 from summ.run_folder import (
     BEST_FILE,
@@ -297,7 +298,9 @@ class ThenTrainCallback(SweepEndCallback):
                 err=True,
             )
             return
-        analysis = build_report(sweep_dir, tolerance=config.knee.tolerance)
+        # the recommendation the knee report (written just before) gave, without writing it twice
+        cells, warnings = load_cells(sweep_dir)
+        analysis = analyse(cells, config.knee.tolerance, warnings)
         rec = analysis.recommended
         if rec is None:
             if any(c.status == Status.ok for c in analysis.cells):
