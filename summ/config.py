@@ -52,14 +52,14 @@ DType = _choices("DType", "float32", "bfloat16", "float16")
 Padding = _choices("Padding", "longest", "max_length")
 EnsembleStrategy = _choices("EnsembleStrategy", "mbr", "weighted", "stacking", "logit_avg")
 Attention = _choices("Attention", "eager", "sdpa", "flash_attention_2", "flex_attention")
-Objective = _choices(
+Objective = _choices(  # the last: two values, a Pareto study
     "Objective",
     "train_seconds_per_sample",
     "train_seconds_per_token",
     "eval_loss",
     "neg_rouge_mean",
     "seconds_per_sample_and_rouge",
-)  # the last: two values, a Pareto study
+)
 PromptStrategy = _choices("PromptStrategy", "zero_shot", "few_shot_standard", "few_shot_chat")
 AugmentationMethod = _choices("AugmentationMethod", "turn_shuffle", "synonym", "back_translation", "paraphrase")
 TTAMethod = _choices("TTAMethod", "reorder", "mask", "synonym", "paraphrase")
@@ -143,6 +143,7 @@ class BatchConfig:
     # Set to fix the samples per optimizer step; accumulation is then derived from it.
     effective_batch_size: int | None = positive(None)
     eval_batch_size: int = positive(16)
+    max_tokens: int | None = positive(None)  # micro-batches of this many padded positions, not batch_size samples
 
 
 @dataclass

@@ -112,9 +112,10 @@ class RunMetrics:
     data: str | None = None
     device: str | None = None
     num_processes: int | None = None
-    batch_size: int | None = None
+    batch_size: int | None = None  # samples per micro-batch; null with max_tokens (they vary)
+    max_tokens: int | None = None  # batch.max_tokens: each micro-batch's budget of padded positions
     gradient_accumulation_steps: int | None = None
-    effective_batch_size: int | None = None
+    effective_batch_size: int | None = None  # samples per optimizer step; null with max_tokens
     mixed_precision: str | None = None
     gradient_checkpointing: bool | None = None
     optimizer: str | None = None  # as built (summ/training/optimizers.py: said): adamw_fused, adamw_8bit, ...

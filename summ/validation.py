@@ -254,6 +254,12 @@ def _check_contradictions(c: Any) -> None:
             f"measure.steps={_get(c, 'measure.steps')} and measure.samples={_get(c, 'measure.samples')} "
             f"both set the measured window: keep one (a sweep's cells compare in samples)"
         )
+    if _get(c, "batch.max_tokens") is not None and _get(c, "batch.effective_batch_size") is not None:
+        raise ConfigError(
+            f"batch.max_tokens={_get(c, 'batch.max_tokens')} fills micro-batches by positions, so their samples "
+            f"vary and batch.effective_batch_size={_get(c, 'batch.effective_batch_size')} cannot be kept: "
+            f"set batch.gradient_accumulation_steps instead, or batch.max_tokens=null"
+        )
     if _get(c, "data.packing"):
         if str(_get(c, "model.kind")) != "causal":
             raise ConfigError(
@@ -282,7 +288,9 @@ def unused_settings(c: Any) -> list[str]:
         )
     if _get(c, "data.max_packed_len") is not None and not _get(c, "data.packing"):
         said.append(f"data.max_packed_len={_get(c, 'data.max_packed_len')} caps packed rows, and data.packing=false")
-    if _get(c, "data.group_by_length") and _get(c, "batch.batch_size") == 1:
+    if _get(c, "data.group_by_length") and _get(c, "batch.max_tokens") is not None:
+        said.append("data.group_by_length=true: batch.max_tokens already cuts micro-batches from length-sorted buckets")
+    elif _get(c, "data.group_by_length") and _get(c, "batch.batch_size") == 1:
         said.append(
             "data.group_by_length=true groups samples of like length into a batch, and a micro-batch of 1 "
             "has no padding to save: it changes nothing here"

@@ -15,7 +15,7 @@ import torch
 
 from summ.measure import components
 from summ.training import loop
-from summ.training.probe import probe_widths as loop_probe_widths
+from summ.training.probe import probe_samples as loop_probe_samples
 
 MODELS = {
     "tiny_bart": [],
@@ -55,7 +55,13 @@ def _weights_by_storage(model: torch.nn.Module) -> dict[str, int]:
 @pytest.mark.parametrize("model", list(MODELS))
 def test_parts_are_the_tensors_bytes(run_job, monkeypatch, counted_parts, model, micro_batch):
     widths = []
-    monkeypatch.setattr(loop, "probe_widths", lambda ds: widths.append(loop_probe_widths(ds)) or widths[-1])
+
+    def probe_samples(*args):
+        chosen = loop_probe_samples(*args)
+        widths.append(chosen[0][1])  # one probe micro-batch: (its samples, its widths)
+        return chosen
+
+    monkeypatch.setattr(loop, "probe_samples", probe_samples)
     m, _ = run_job(
         *MODELS[model], f"batch.batch_size={micro_batch}", "measure.steps=2", "eval.enabled=false", "train.epochs=50"
     )

@@ -49,6 +49,9 @@ class KneeSweeperConf:
     """The knee sweeper's settings (hydra.sweeper.*), checked before the first trial by check_settings."""
 
     _target_: str = "hydra_plugins.summ_knee_sweeper.knee_sweeper.KneeSweeper"
+    # the size searched: batch_size (samples per micro-batch) or max_tokens (a token budget per
+    # micro-batch: min_batch_size and max_batch_size are then in padded positions)
+    size: str = "batch_size"
     min_batch_size: int = 1
     max_batch_size: int = 512
     gradient_accumulation_steps: int = 1  # used when effective_batch_size is null
@@ -69,6 +72,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="knee", node=KneeSweepe
 # (key, low, high, whether high itself is allowed): tolerance -1 stops on memory only; resolution 1
 # does not bisect between powers of two
 RANGES = (("tolerance", -1.0, 1.0, False), ("resolution", 0.0, 1.0, True))
+SIZES = ("batch_size", "max_tokens")  # hydra.sweeper.size: the batch key the search sets
 
 
 def check_settings(sweeper: DictConfig) -> None:
@@ -83,6 +87,14 @@ def check_settings(sweeper: DictConfig) -> None:
             raise ConfigError(
                 f"hydra.sweeper.{key}={value} is invalid: it must be in [{low:g}, {high:g}{']' if closed else ')'}"
             )
+    size = sweeper.get("size", "batch_size")
+    if size not in SIZES:
+        raise ConfigError(f"hydra.sweeper.size={size} is invalid: it must be one of {', '.join(SIZES)}")
+    if size == "max_tokens" and sweeper.get("effective_batch_size") is not None:
+        raise ConfigError(
+            "hydra.sweeper.size=max_tokens fills micro-batches by positions, so no effective batch can be kept: "
+            "set hydra.sweeper.effective_batch_size=null and hydra.sweeper.gradient_accumulation_steps"
+        )
     if sweeper.min_batch_size > sweeper.max_batch_size:
         raise ConfigError(
             f"hydra.sweeper.min_batch_size={sweeper.min_batch_size} exceeds "
@@ -111,7 +123,9 @@ class KneeSweeper(Sweeper):
         max_trials: int,
         use_memory_model: bool,
         patience: int = 1,
+        size: str = "batch_size",
     ) -> None:
+        self.size = size
         self.min_bs, self.max_bs = min_batch_size, max_batch_size
         self.ga, self.eff = gradient_accumulation_steps, effective_batch_size
         self.tolerance, self.resolution, self.max_trials, self.patience = tolerance, resolution, max_trials, patience
@@ -129,7 +143,7 @@ class KneeSweeper(Sweeper):
 
     # ------------------------------------------------------------------ cells
     def _accumulation(self, bs: int) -> int | None:
-        if self.eff is None:
+        if self.eff is None or self.size == "max_tokens":
             return self.ga
         return self.eff // bs if self.eff % bs == 0 else None
 
@@ -137,7 +151,7 @@ class KneeSweeper(Sweeper):
         ga = self._accumulation(bs)
         overrides = [
             *arguments,
-            f"batch.batch_size={bs}",
+            f"batch.{self.size}={bs}",
             f"batch.gradient_accumulation_steps={ga}",
             "batch.effective_batch_size=null",
         ]
@@ -151,7 +165,8 @@ class KneeSweeper(Sweeper):
             self.limit_bytes = cell.limit_bytes
         trial = Trial(bs, ga, cell.status, cell.samples_per_s, cell.peak_bytes, out.name)
         log.info(
-            "knee: micro-batch %d x %d -> %s%s",
+            "knee: %s %d x %d -> %s%s",
+            "micro-batch" if self.size == "batch_size" else "batch.max_tokens",
             bs,
             ga,
             trial.status,
@@ -201,19 +216,21 @@ class KneeSweeper(Sweeper):
         }
         atomic_write_json(sweep_dir / KNEE_SEARCH_FILE, summary)
         log.info(
-            "knee search: %d trials; %s; %s; the rule's answer among the cells measured: micro-batch %s",
+            "knee search: %d trials; %s; %s; the rule's answer among the cells measured: %s %s",
             result["trials_run"],
             result["stopped_doubling"],
-            bracket(result["last_good"], result["first_bad"]),
+            bracket(result["last_good"], result["first_bad"], self.size),
+            "micro-batch" if self.size == "batch_size" else "batch.max_tokens",
             result["answer"],
         )
         return self.returns
 
 
-def bracket(lo: int | None, hi: int | None) -> str:
+def bracket(lo: int | None, hi: int | None, size: str = "batch_size") -> str:
     """Where the search left the edge it looked for, in words."""
+    what = "micro-batch" if size == "batch_size" else "batch.max_tokens"
     if lo is None and hi is None:
         return "no cell fitted"
     if lo is None or hi is None or lo == hi:
-        return f"the edge is micro-batch {lo if lo is not None else hi} itself (nothing to bisect around it)"
-    return f"the edge lies between micro-batch {lo} and {hi}"
+        return f"the edge is {what} {lo if lo is not None else hi} itself (nothing to bisect around it)"
+    return f"the edge lies between {what} {lo} and {hi}"

@@ -64,6 +64,11 @@ class PackingCollator:
         rows = rows_for(input_lengths, self.max_packed_len)
         return len(rows) * max(sum(input_lengths[i] for i in row) for row in rows)
 
+    def budget_positions(self, n: int, widest_input: int, widest_label: int, input_tokens: int) -> int:
+        """The token-budget sampler's cost of a packed micro-batch: its tokens (balanced rows add
+        only the padding of rows shorter than the longest)."""
+        return input_tokens
+
     def probe_batch(self, features: list[Features], widths: tuple[int, int]) -> dict:
         """The memory probe's batch (the longest samples): packed like any other, its rows are as
         long as a micro-batch of them can make."""

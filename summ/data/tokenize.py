@@ -149,6 +149,11 @@ class Collator:
         width, lwidth = self.widths(input_lengths, label_lengths)
         return len(input_lengths) * (width + (lwidth if self.kind == ModelKind.seq2seq else 0))
 
+    def budget_positions(self, n: int, widest_input: int, widest_label: int, input_tokens: int) -> int:
+        """positions' rule from a micro-batch's size and widest sample (the token-budget sampler's cost)."""
+        width, lwidth = self.widths([widest_input], [widest_label])
+        return n * (width + (lwidth if self.kind == ModelKind.seq2seq else 0))
+
     def probe_batch(self, features: list[Features], widths: tuple[int, int]) -> dict:
         """The memory probe's batch: these samples padded to the training set's widest input and label."""
         return Collator(self.pad, self.kind, self.decoder_start, *widths)(features)

@@ -20,9 +20,10 @@ class Cell:
     user_error: bool = False  # refused for its input: a config, data, weights or key to change
     model: str | None = None
     data: str | None = None
-    batch_size: int | None = None
+    batch_size: int | None = None  # null with a token budget
+    max_tokens: int | None = None  # batch.max_tokens: the micro-batches' budget of padded positions
     gradient_accumulation_steps: int | None = None
-    effective_batch_size: int | None = None
+    effective_batch_size: int | None = None  # null with a token budget
     mixed_precision: str | None = None
     gradient_checkpointing: bool | None = None
     optimizer: str | None = None  # as built (adamw_fused, adamw_8bit, ...)
@@ -33,6 +34,7 @@ class Cell:
     samples_per_s: float | None = None
     samples_per_s_interval: list | None = None  # [q1, q3] of the per-step rates
     samples: int | None = None
+    optimizer_steps: int | None = None  # measured
     tokens: int | None = None
     tokens_per_s: float | None = None
     seconds_per_sample: float | None = None
@@ -69,6 +71,52 @@ class Cell:
         return self.status == Status.ok and bool(self.samples_per_s)
 
     @property
+    def micro(self) -> int | None:
+        """The size a knee is found in: the token budget where set, else the micro-batch's samples."""
+        return self.max_tokens if self.max_tokens is not None else self.batch_size
+
+    @property
+    def by_tokens(self) -> bool:
+        return self.max_tokens is not None
+
+    @property
+    def per_step(self) -> tuple | None:
+        """What one optimizer step holds, a fixed-effective-batch series' key: ("samples", the
+        effective batch), or ("tokens", the budget x accumulation) for a token budget."""
+        if self.by_tokens:
+            return (
+                ("tokens", self.max_tokens * self.gradient_accumulation_steps)
+                if self.gradient_accumulation_steps
+                else None
+            )
+        return ("samples", self.effective_batch_size) if self.effective_batch_size else None
+
+    @property
+    def samples_per_step(self) -> float | None:
+        """The effective batch; a token budget's mean over the measured steps."""
+        if self.effective_batch_size:
+            return self.effective_batch_size
+        return self.samples / self.optimizer_steps if self.samples and self.optimizer_steps else None
+
+    @property
+    def split_text(self) -> str:
+        """How the batch is split: "8 x 2", or "2048 tokens x 2"."""
+        size = f"{self.max_tokens} tokens" if self.by_tokens else f"{self.batch_size}"
+        return f"{size} x {self.gradient_accumulation_steps}"
+
+    @property
+    def micro_text(self) -> str:
+        return f"{self.max_tokens}-token micro-batches" if self.by_tokens else f"micro-batch {self.batch_size}"
+
+    @property
+    def step_text(self) -> str:
+        """What one optimizer step holds, in words: "effective 16", "2048 tokens a step, a mean 21.3 samples"."""
+        if not self.by_tokens:
+            return f"effective {self.effective_batch_size}"
+        mean = self.samples_per_step
+        return f"{self.per_step[1]} tokens a step" + (f", a mean {mean:.1f} samples" if mean else "")
+
+    @property
     def budget_fraction(self) -> float | None:
         if self.peak_bytes is None or not self.budget_bytes:
             return None
@@ -92,6 +140,7 @@ class Cell:
             if not key.startswith(
                 (
                     "batch.batch_size",
+                    "batch.max_tokens",
                     "batch.gradient_accumulation_steps",
                     "batch.effective_batch_size",
                     "hydra.",
@@ -144,13 +193,15 @@ def read_job(d: Path, label: str) -> tuple[Cell, str | None]:
 def _from_config(d: Path, overrides: list[str], status: str) -> Cell:
     cfg = job_config(d)
     batch = cfg.get("batch") or {}
-    bs, ga = batch.get("batch_size"), batch.get("gradient_accumulation_steps")
+    tokens, ga = batch.get("max_tokens"), batch.get("gradient_accumulation_steps")
+    bs = None if tokens else batch.get("batch_size")
     return Cell(
         job=d.name,
         overrides=overrides,
         status=status,
         model=(cfg.get("model") or {}).get("name"),
         batch_size=bs,
+        max_tokens=tokens,
         gradient_accumulation_steps=ga,
         effective_batch_size=bs * ga if bs and ga else None,
     )
@@ -167,6 +218,7 @@ def cell_from_metrics(job: str, overrides: list[str], m: RunMetrics) -> Cell:
         model=m.model,
         data=m.data,
         batch_size=m.batch_size,
+        max_tokens=m.max_tokens,
         gradient_accumulation_steps=m.gradient_accumulation_steps,
         effective_batch_size=m.effective_batch_size,
         mixed_precision=m.mixed_precision,
@@ -181,6 +233,7 @@ def cell_from_metrics(job: str, overrides: list[str], m: RunMetrics) -> Cell:
         step_time_s_median=t and t.step_time_s_median,
         step_time_s_p90=t and t.step_time_s_p90,
         samples=t and t.samples,
+        optimizer_steps=t and t.optimizer_steps,
         tokens=t and t.tokens,
         positions=t and t.max_micro_batch_positions,
         pad_fraction=t and t.pad_fraction,

@@ -54,8 +54,15 @@ class Analysis:
         return " ".join(f"{k}={s.get(k, '-')}" for k in self.varied)
 
     @property
+    def by_tokens(self) -> bool:
+        """The size axis of the knee's plot and memory model: token budgets (batch.max_tokens) where
+        the recommended cell has one (or, with none recommended, any cell), else micro-batches."""
+        rec = self.recommended
+        return rec.by_tokens if rec is not None else any(c.by_tokens for c in self.cells)
+
+    @property
     def measured_largest_fitting(self) -> int | None:
-        ok = [c.batch_size for c in self.cells if c.ok]
+        ok = [c.micro for c in self.cells if c.ok and c.micro and c.by_tokens == self.by_tokens]
         return max(ok) if ok else None
 
     @property
@@ -85,15 +92,15 @@ def _flag_memory_pressure(cells: list[Cell], tolerance: float) -> None:
     evidence of pressure (pressure_evidence). A slowdown without that evidence is not memory's."""
     series: dict[tuple, list[Cell]] = defaultdict(list)
     for c in cells:
-        if c.ok and c.batch_size:
-            series[("accumulation", c.gradient_accumulation_steps, c.other_settings())].append(c)
-            series[("effective", c.effective_batch_size, c.other_settings())].append(c)
+        if c.ok and c.micro:
+            series[("accumulation", c.by_tokens, c.gradient_accumulation_steps, c.other_settings())].append(c)
+            series[("effective", c.per_step, c.other_settings())].append(c)
     for members in series.values():
-        members.sort(key=lambda c: c.batch_size)
+        members.sort(key=lambda c: c.micro)
         for prev, cur in zip(members, members[1:]):
             slower = cur.samples_per_s < prev.samples_per_s * (1 - tolerance) and not _overlap(cur, prev)
             if (
-                cur.batch_size > prev.batch_size
+                cur.micro > prev.micro
                 and slower
                 and (cur.peak_bytes or 0) > (prev.peak_bytes or 0)
                 and pressure_evidence(cur)
@@ -109,7 +116,7 @@ def _overlap(a: Cell, b: Cell) -> bool:
 
 
 def _sort_key(c: Cell) -> tuple:
-    return (c.effective_batch_size or 0, c.batch_size or 0, c.gradient_accumulation_steps or 0, c.job)
+    return (c.by_tokens, (c.per_step or ("", 0))[1], c.micro or 0, c.gradient_accumulation_steps or 0, c.job)
 
 
 def varied_settings(cells: list[Cell]) -> list[str]:
@@ -155,7 +162,7 @@ def _recommend(members: list[Cell], tolerance: float) -> tuple[Cell | None, Cell
         return None, None
     fastest = max(ok, key=lambda c: c.samples_per_s)
     within = [c for c in ok if c.samples_per_s >= fastest.samples_per_s * (1 - tolerance) or _overlap(c, fastest)]
-    return min(within, key=lambda c: (c.batch_size, c.gradient_accumulation_steps, c.effective_batch_size)), fastest
+    return min(within, key=lambda c: (c.micro, c.gradient_accumulation_steps, c.samples_per_step or 0)), fastest
 
 
 def analyse(cells: list[Cell], tolerance: float = TOLERANCE, warnings: list[str] | None = None) -> Analysis:
@@ -197,8 +204,8 @@ def analyse(cells: list[Cell], tolerance: float = TOLERANCE, warnings: list[str]
     if fastest is not rec:
         fastest.flags.append("fastest")
     parts = [
-        f"micro-batch {rec.batch_size} x accumulation {rec.gradient_accumulation_steps} "
-        f"(effective {rec.effective_batch_size}){' with ' + best.label if best.label else ''} "
+        f"{rec.micro_text} x accumulation {rec.gradient_accumulation_steps} "
+        f"({rec.step_text}){' with ' + best.label if best.label else ''} "
         f"trains at {rec.samples_per_s:.1f} samples/s"
     ]
     if rec is fastest:
@@ -211,7 +218,7 @@ def analyse(cells: list[Cell], tolerance: float = TOLERANCE, warnings: list[str]
             else f"outside the {tolerance:.0%} tolerance, but their per-step rates overlap: a tie within the noise"
         )
         parts.append(
-            f"{ratio:.1%} of the fastest cell (micro-batch {fastest.batch_size} x "
+            f"{ratio:.1%} of the fastest cell ({fastest.micro_text} x "
             f"{fastest.gradient_accumulation_steps}, {fastest.samples_per_s:.1f} samples/s), {why}, with "
             f"{gib_text(rec.peak_bytes)} peak memory against {gib_text(fastest.peak_bytes)}"
         )
@@ -220,10 +227,11 @@ def analyse(cells: list[Cell], tolerance: float = TOLERANCE, warnings: list[str]
             f"its peak (the worst batch's) is {percent(rec.budget_fraction)} of the memory budget"
             + (" (the device's memory: no budget was set)" if rec.budget_source == "device capacity" else "")
         )
-    effective = {c.effective_batch_size for c in cells if c.ok and c.status not in SET_ASIDE}
+    effective = {c.per_step: c for c in cells if c.ok and c.status not in SET_ASIDE and c.per_step}
     if len(effective) > 1:
+        sizes = [effective[k].step_text.removeprefix("effective ") for k in sorted(effective)]
         parts.append(
-            f"the cells differ in effective batch ({', '.join(map(str, sorted(effective)))}): a different "
+            f"the cells differ in effective batch ({', '.join(sizes)}): a different "
             f"effective batch changes the training itself (updates per epoch, the gradient noise, the "
             f"learning rate that suits it), not only its speed; check its quality (sweep.evaluate=true) "
             f"before adopting it"
@@ -233,7 +241,7 @@ def analyse(cells: list[Cell], tolerance: float = TOLERANCE, warnings: list[str]
     if excluded:
         parts.append(
             f"{len(excluded)} cell(s) did not fit ("
-            + ", ".join(f"{c.batch_size} x {c.gradient_accumulation_steps}: {c.status}" for c in excluded)
+            + ", ".join(f"{c.split_text}: {c.status}" for c in excluded)
             + ") and were excluded"
         )
     return Analysis(
@@ -271,7 +279,7 @@ def _slowdown_notes(cells: list[Cell], rec: Cell, tolerance: float) -> list[str]
     if pressure:
         notes.append(
             "larger micro-batches were slower per sample under memory pressure ("
-            + ", ".join(f"{c.batch_size} x {c.gradient_accumulation_steps}: {pressure_evidence(c)}" for c in pressure)
+            + ", ".join(f"{c.split_text}: {pressure_evidence(c)}" for c in pressure)
             + "): past the knee, more samples per pass cost more than they save"
         )
     padded = [
@@ -280,25 +288,37 @@ def _slowdown_notes(cells: list[Cell], rec: Cell, tolerance: float) -> list[str]
         if c.ok
         and c.pad_fraction is not None
         and rec.pad_fraction is not None
-        and c.batch_size
-        and rec.batch_size
-        and c.batch_size > rec.batch_size
+        and c.micro
+        and rec.micro
+        and c.by_tokens == rec.by_tokens
+        and c.micro > rec.micro
         and c.pad_fraction > rec.pad_fraction + 0.05
         and c.samples_per_s < rec.samples_per_s * (1 - tolerance)
     ]
     if padded:
         notes.append(
             f"padding grows with the micro-batch ({rec.pad_fraction:.0%} at the recommended cell, up to "
-            f"{max(c.pad_fraction for c in padded):.0%}) and slows the larger ones: "
-            f"data.group_by_length=true cuts it"
+            f"{max(c.pad_fraction for c in padded):.0%}) and slows the larger ones: {padding_remedy(rec)}"
         )
     return notes
+
+
+def padding_remedy(c: Cell) -> str:
+    """What cuts the padding a cell measured."""
+    if not c.by_tokens:
+        return "data.group_by_length=true cuts it"
+    return (
+        "a token budget's micro-batches are cut from length-sorted buckets already; in a trial window the "
+        "bucket is the window's own samples, so a larger budget mixes more lengths than a full epoch's "
+        "buckets of 50 micro-batches (epoch s (proj.) counts a full epoch's padding): a larger "
+        "sweep.trial_samples measures it more as an epoch pads"
+    )
 
 
 def measurement_warnings(cells: list[Cell]) -> list[str]:
     """What makes cells unfit to compare: another machine's load, different measured work."""
     out = [
-        f"job {c.job} ({c.batch_size} x {c.gradient_accumulation_steps}) was timed on a busy machine: other "
+        f"job {c.job} ({c.split_text}) was timed on a busy machine: other "
         f"processes competed for it, so its samples/s reads low; measure it again alone"
         for c in cells
         if c.busy

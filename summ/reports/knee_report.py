@@ -60,6 +60,7 @@ CSV_COLUMNS = [
     "error",
     "model",
     "batch_size",
+    "max_tokens",
     "gradient_accumulation_steps",
     "effective_batch_size",
     "mixed_precision",
@@ -187,14 +188,12 @@ def _recommendation(a: Analysis, sweep_dir: Path) -> list[str]:
     if a.recommended is None:
         return lines + [a.reason]
     r = a.recommended
-    lines.append(
-        f"**micro-batch {r.batch_size} x accumulation {r.gradient_accumulation_steps}** (job {r.job}): {a.reason}"
-    )
+    lines.append(f"**{r.micro_text} x accumulation {r.gradient_accumulation_steps}** (job {r.job}): {a.reason}")
     if len([g for g in a.groups if g.recommended]) > 1:
         lines += ["", "Each combination of the other settings has its own knee:", ""]
         for g in sorted((g for g in a.groups if g.recommended), key=lambda g: -g.fastest.samples_per_s):
             lines.append(
-                f"- {g.label}: micro-batch {g.recommended.batch_size} x {g.recommended.gradient_accumulation_steps} "
+                f"- {g.label}: {g.recommended.micro_text} x {g.recommended.gradient_accumulation_steps} "
                 f"at {g.recommended.samples_per_s:.1f} samples/s (its fastest: {g.fastest.samples_per_s:.1f})"
             )
     lines += [
@@ -248,7 +247,9 @@ def _cells_table(a: Analysis, sweep_dir: Path) -> list[str]:
         "grows with the work per step and says little alone. samples/s: the measured samples over the measured "
         'time, with the interquartile range of the per-step rates ("runs": the range of the means of a cell '
         "measured more than once). **outside its interval**: a few steps were far slower (or faster) than the "
-        "middle half, and they weigh in the total time; compare step s median and p90 in sweep.csv.",
+        "middle half, and they weigh in the total time; compare step s median and p90 in sweep.csv. A token "
+        "budget's cell (batch.max_tokens) shows its budget as the micro-batch and its measured mean samples a "
+        "step as the effective batch.",
         "",
         "| eff. batch | micro-batch | accum. | "
         + ("settings | " if a.varied else "")
@@ -262,7 +263,8 @@ def _cells_table(a: Analysis, sweep_dir: Path) -> list[str]:
             notes = (notes + "; " if notes else "") + c.error.replace("|", "/")
         settings = f"| {a.setting_text(c)} " if a.varied else ""
         lines.append(
-            f"| {c.effective_batch_size or '-'} | {c.batch_size or '-'} | {c.gradient_accumulation_steps or '-'} "
+            f"| {_effective_cell(c)} | {f'{c.max_tokens} tokens' if c.by_tokens else c.batch_size or '-'} "
+            f"| {c.gradient_accumulation_steps or '-'} "
             f"{settings}| {c.status} | {_rate(c)} | {_f(c.tokens_per_s, '.0f')} | {_f(c.pad_fraction, '.0%')} "
             f"| {_f(c.seconds_per_sample and 1000 * c.seconds_per_sample, '.2f')} "
             f"| {_f(c.step_time_s_median, '.3f')} | {gib_text(c.peak_bytes)} | {percent(c.budget_fraction)} "
@@ -271,11 +273,18 @@ def _cells_table(a: Analysis, sweep_dir: Path) -> list[str]:
     return lines
 
 
+def _effective_cell(c: Cell) -> str:
+    """The effective batch column: a token budget's measured mean samples a step."""
+    if c.effective_batch_size or not c.by_tokens:
+        return str(c.effective_batch_size or "-")
+    return f"{c.samples_per_step:.1f} (mean)" if c.samples_per_step else "-"
+
+
 def _same_effective_batch(a: Analysis, sweep_dir: Path) -> list[str]:
     groups: dict[tuple, list[Cell]] = defaultdict(list)
     for c in a.cells:
-        if c.effective_batch_size and c.status not in SET_ASIDE:
-            groups[(c.effective_batch_size, a.setting_text(c))].append(c)
+        if c.per_step and c.status not in SET_ASIDE:
+            groups[(c.per_step, a.setting_text(c))].append(c)
     same = {k: v for k, v in groups.items() if len(v) > 1}
     if not same:
         return []
@@ -283,21 +292,23 @@ def _same_effective_batch(a: Analysis, sweep_dir: Path) -> list[str]:
         "",
         "## Same effective batch, different split",
         "",
-        "Same samples per optimizer step (same work per update); only micro-batch x accumulation differs.",
+        "Same samples (or token budget) per optimizer step: same work per update; only micro-batch x "
+        "accumulation differs.",
         "",
     ]
-    for (eff, settings), members in sorted(same.items()):
+    for ((unit, eff), settings), members in sorted(same.items()):
         best = max((c.samples_per_s for c in members if c.ok), default=None)
         parts = [
-            f"{c.batch_size} x {c.gradient_accumulation_steps}: "
+            f"{c.split_text}: "
             + (
                 f"{c.samples_per_s:.1f} samples/s ({c.samples_per_s / best:.0%} of best), {gib_text(c.peak_bytes)}"
                 if c.ok and best
                 else c.status
             )
-            for c in sorted(members, key=lambda c: c.batch_size or 0)
+            for c in sorted(members, key=lambda c: c.micro or 0)
         ]
-        lines.append(f"- effective {eff}{' (' + settings + ')' if settings else ''}: " + "; ".join(parts))
+        what = f"{eff} tokens a step" if unit == "tokens" else f"effective {eff}"
+        lines.append(f"- {what}{' (' + settings + ')' if settings else ''}: " + "; ".join(parts))
     return lines
 
 
@@ -305,9 +316,9 @@ def _describe(c: Cell) -> str:
     rest = [
         o
         for o in c.overrides
-        if not o.startswith(("batch.batch_size=", "batch.gradient_accumulation_steps=", "preset="))
+        if not o.startswith(("batch.batch_size=", "batch.max_tokens=", "batch.gradient_accumulation_steps=", "preset="))
     ]
-    return f"{c.batch_size} x {c.gradient_accumulation_steps}" + (f" ({' '.join(rest)})" if rest else "")
+    return c.split_text + (f" ({' '.join(rest)})" if rest else "")
 
 
 def pareto_markdown(cells: list[Cell], front: list[Cell], sweep_dir: Path) -> str:

@@ -85,16 +85,24 @@ def peak_positions(c: Cell) -> int | None:
     return c.positions
 
 
+def _one_dimension(cells: list[Cell]) -> list[Cell]:
+    """The cells sized like most of them (micro-batches in samples, or token budgets): the model's
+    size axis is one or the other."""
+    tokens = sum(c.by_tokens for c in cells) * 2 > len(cells)
+    return [c for c in cells if c.by_tokens == tokens]
+
+
 def static_bytes(c: Cell) -> int | None:
     parts = [c.part_bytes(k) for k in ("weights_bytes", "gradients_bytes", "optimizer_state_bytes")]
     return None if any(p is None for p in parts) else sum(parts)
 
 
 def fit_memory_model(cells: list[Cell]) -> MemoryModel | None:
+    cells = _one_dimension(cells)
     pts = [
-        (peak_positions(c), c.peak_bytes, c.batch_size, static_bytes(c))
+        (peak_positions(c), c.peak_bytes, c.micro, static_bytes(c))
         for c in cells
-        if c.ok and peak_positions(c) and c.peak_bytes is not None and c.batch_size
+        if c.ok and peak_positions(c) and c.peak_bytes is not None and c.micro
     ]
     xs = [p[0] for p in pts]
     if len(set(xs)) < 2:
@@ -135,11 +143,11 @@ class HeldOut:
 def held_out_checks(cells: list[Cell]) -> list[HeldOut]:
     """Each ok cell predicted by the model of the others, where they span MIN_SIZES widths."""
     out = []
-    ok = [c for c in cells if c.ok and c.peak_bytes and c.batch_size]
+    ok = [c for c in _one_dimension(cells) if c.ok and c.peak_bytes and c.micro]
     for c in ok:
         mm = fit_memory_model([o for o in ok if o is not c])
         if mm is not None and mm.sizes >= MIN_SIZES:
-            out.append(HeldOut(c, mm.predict(c.batch_size), mm.interval(c.batch_size)))
+            out.append(HeldOut(c, mm.predict(c.micro), mm.interval(c.micro)))
     return out
 
 
@@ -157,7 +165,7 @@ def checkpointing_factor(cells: list[Cell]) -> CheckpointingFactor | None:
     for c in cells:
         if c.ok and c.part_bytes("activations_bytes") and c.gradient_checkpointing is not None:
             rest = tuple(sorted(o for o in c.other_settings()[3] if "gradient_checkpointing" not in o))
-            key = (c.model, c.mixed_precision, rest, c.batch_size, c.gradient_accumulation_steps)
+            key = (c.model, c.mixed_precision, rest, c.by_tokens, c.micro, c.gradient_accumulation_steps)
             pairs[key][bool(c.gradient_checkpointing)] = c
     found = [(p[False], p[True]) for p in pairs.values() if len(p) == 2]
     if not found:

@@ -28,17 +28,22 @@ def memory_model_section(a: Analysis, sweep_dir: Path) -> list[str]:
         return lines + [
             "Not enough ok cells with different micro-batch sizes (and the same other settings) to fit one."
         ]
+    per = (
+        f"{mm.positions_per_sample:.2f} padded positions per budget position in the largest budget"
+        if a.by_tokens
+        else f"{mm.positions_per_sample:.0f} padded positions per sample in the largest micro-batch"
+    )
     if mm.fitted == "activations":
         lines.append(
             f"peak = {size_text(mm.static_bytes)} counted (weights, gradients, optimizer state) + activations; "
             f"activations = {size_text(mm.intercept - mm.static_bytes)} + {mm.slope:.0f} bytes x (micro-batch x "
             f"padded positions), R^2 = {mm.r2:.3f} over {mm.n} ok cells of the recommended cell's settings; "
-            f"{mm.positions_per_sample:.0f} padded positions per sample in the largest micro-batch."
+            f"{per}."
         )
     else:
         lines.append(
             f"peak = {mm.intercept / GIB:.3f} GiB + {mm.slope:.0f} bytes x (micro-batch x padded positions); "
-            f"{mm.positions_per_sample:.0f} padded positions per sample in the largest micro-batch; "
+            f"{per}; "
             f"R^2 = {mm.r2:.3f} over {mm.n} ok cells of the recommended cell's settings."
         )
     if mm.sizes < MIN_SIZES:
@@ -52,12 +57,16 @@ def memory_model_section(a: Analysis, sweep_dir: Path) -> list[str]:
     if a.limit_bytes:
         lines += [
             "",
-            f"Largest micro-batch predicted to fit the limit of {gib_text(a.limit_bytes)}: "
+            f"Largest {_size_label(a)} predicted to fit the limit of {gib_text(a.limit_bytes)}: "
             f"**{a.predicted_largest_fitting}** (largest measured ok: {a.measured_largest_fitting}).",
         ]
     lines += _predicted_table(a)
     lines += _held_out(a)
     return lines + _checkpointing(a)
+
+
+def _size_label(a: Analysis) -> str:
+    return "batch.max_tokens" if a.by_tokens else "micro-batch"
 
 
 def _interval_text(interval: tuple[float, float] | None) -> str:
@@ -70,11 +79,12 @@ def _fits(a: Analysis, peak: float) -> str:
 
 def _predicted_table(a: Analysis) -> list[str]:
     mm = a.memory_model
-    measured = {c.batch_size for c in a.cells if c.ok}
-    top = max([c.batch_size for c in a.cells if c.batch_size] or [1])
-    candidates = sorted(
-        {c.batch_size for c in a.cells if c.batch_size and not c.ok} | {2**k for k in range(0, int(math.log2(top)) + 2)}
-    )
+    cells = [c for c in a.cells if c.micro and c.by_tokens == a.by_tokens]
+    measured = {c.micro for c in cells if c.ok}
+    top, low = max([c.micro for c in cells] or [1]), 1
+    if a.by_tokens:  # budgets from half the smallest measured
+        low = max(1, int(math.log2(min(c.micro for c in cells))) - 1) if cells else 0
+    candidates = sorted({c.micro for c in cells if not c.ok} | {2**k for k in range(low, int(math.log2(top)) + 2)})
     rows = [b for b in candidates if b not in measured]
     if not rows:
         return []
@@ -82,7 +92,7 @@ def _predicted_table(a: Analysis) -> list[str]:
         "",
         "Predicted, not measured:",
         "",
-        "| micro-batch | predicted peak | 95% interval | fits the limit |",
+        f"| {_size_label(a)} | predicted peak | 95% interval | fits the limit |",
         "|---:|---:|---|---|",
     ]
     for b in rows:
@@ -107,7 +117,7 @@ def _held_out(a: Analysis) -> list[str]:
     for h in checks:
         c = h.cell
         lines.append(
-            f"| {c.batch_size} x {c.gradient_accumulation_steps} | {gib_text(h.predicted)} | "
+            f"| {c.split_text} | {gib_text(h.predicted)} | "
             f"{_interval_text(h.interval)} | {gib_text(c.peak_bytes)} | {h.error:+.1%} |"
         )
     return lines
@@ -130,7 +140,7 @@ def _factor_text(f: CheckpointingFactor) -> str:
     off, on = f.pairs[0]
     text = (
         f"Gradient checkpointing multiplies the activations by {f.factor:.2f} (measured on {len(f.pairs)} pair(s); "
-        f"micro-batch {off.batch_size}: {size_text(off.part_bytes('activations_bytes'))} -> "
+        f"{off.micro_text}: {size_text(off.part_bytes('activations_bytes'))} -> "
         f"{size_text(on.part_bytes('activations_bytes'))})"
     )
     if f.backward_ratio:
@@ -146,12 +156,11 @@ def _switched_table(a: Analysis, f: CheckpointingFactor) -> list[str]:
         f"The recommended cell's settings with checkpointing switched {'off' if on else 'on'} (activations x "
         f"{scale:.2f}, the counted parts as they are):",
         "",
-        "| micro-batch | predicted peak | 95% interval | fits the limit |",
+        f"| {_size_label(a)} | predicted peak | 95% interval | fits the limit |",
         "|---:|---:|---|---|",
     ]
-    sizes = sorted(
-        {c.batch_size for c in a.cells if c.batch_size} | {2 * max(c.batch_size for c in a.cells if c.batch_size)}
-    )
+    own = [c.micro for c in a.cells if c.micro and c.by_tokens == a.by_tokens]
+    sizes = sorted(set(own) | {2 * max(own)})
     for b in sizes:
         p = mm.static_bytes + scale * mm.activations(b)
         interval = mm.interval(b)

@@ -89,21 +89,24 @@ def plot_knee(a: Analysis, path: Path) -> None:
 
     fig, (ax_s, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
     _knee_curves(a, ax_s, ax_m)
+    sizes = sorted({c.micro for c in a.cells if c.micro and c.by_tokens == a.by_tokens})
     if a.memory_model is not None:
-        sizes = sorted({c.batch_size for c in a.cells if c.batch_size})
         xs = [2 ** (k / 4) for k in range(0, int(4 * math.log2(max(sizes) * 2)) + 1)] if sizes else []
         label = f"memory model (R²={a.memory_model.r2:.2f})"
         ax_m.plot(xs, [a.memory_model.predict(x) / GIB for x in xs], ":", color="gray", label=label)
     off_scale = _budget_lines(a, ax_m)
     if a.recommended is not None:
         star = dict(color="gold", markeredgecolor="black", markersize=18, label="recommended", zorder=5)
-        ax_s.plot([a.recommended.batch_size], [a.recommended.samples_per_s], "*", **star)
-        ax_m.plot([a.recommended.batch_size], [a.recommended.peak_bytes / GIB], "*", **star)
-    sizes = sorted({c.batch_size for c in a.cells if c.batch_size})
+        ax_s.plot([a.recommended.micro], [a.recommended.samples_per_s], "*", **star)
+        ax_m.plot([a.recommended.micro], [a.recommended.peak_bytes / GIB], "*", **star)
     for ax in (ax_s, ax_m):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(b) for b in sizes])
-        ax.set_xlabel("micro-batch size (samples per forward pass)")
+        ax.set_xlabel(
+            "batch.max_tokens (padded positions per forward pass)"
+            if a.by_tokens
+            else "micro-batch size (samples per forward pass)"
+        )
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     ax_s.set_ylim(bottom=0)  # from zero: a 5% difference looks like 5%
@@ -124,10 +127,10 @@ def _knee_curves(a: Analysis, ax_s, ax_m) -> None:
     memory, the cells that did not fit marked at the limit, memory pressure annotated."""
     by_ga: dict[int, list[Cell]] = defaultdict(list)
     for c in a.cells:
-        if c.batch_size and c.gradient_accumulation_steps:
+        if c.micro and c.gradient_accumulation_steps and c.by_tokens == a.by_tokens:
             by_ga[c.gradient_accumulation_steps].append(c)
     for ga, members in sorted(by_ga.items()):
-        members.sort(key=lambda c: c.batch_size)
+        members.sort(key=lambda c: c.micro)
         okc = [c for c in members if c.ok]
         # the interquartile range of the per-step rates (of the runs' means for a cell measured
         # again): the overlaps the recommendation treats as ties are visible
@@ -137,18 +140,18 @@ def _knee_curves(a: Analysis, ax_s, ax_m) -> None:
         high = [
             max(0.0, c.samples_per_s_interval[1] - c.samples_per_s) if c.samples_per_s_interval else 0.0 for c in okc
         ]
-        sizes, label = [c.batch_size for c in okc], f"accumulation {ga}"
+        sizes, label = [c.micro for c in okc], f"accumulation {ga}"
         line = ax_s.errorbar(sizes, [c.samples_per_s for c in okc], yerr=[low, high], fmt="o-", capsize=3, label=label)
         color = line.lines[0].get_color()
         ax_m.plot(sizes, [c.peak_bytes / GIB for c in okc], "o-", color=color, label=label)
-        bad = [c.batch_size for c in members if c.status in MEMORY_STATUSES]
+        bad = [c.micro for c in members if c.status in MEMORY_STATUSES]
         if bad and a.limit_bytes:
             marks = dict(color=color, markersize=10, mew=2, label=f"oom / over budget (accum. {ga})")
             ax_m.plot(bad, [a.limit_bytes / GIB] * len(bad), "x", **marks)
         for c in okc:
             if "memory pressure" in c.flags:
                 where = dict(textcoords="offset points", xytext=(4, -12), fontsize=8, color="firebrick")
-                ax_s.annotate("memory pressure", (c.batch_size, c.samples_per_s), **where)
+                ax_s.annotate("memory pressure", (c.micro, c.samples_per_s), **where)
 
 
 def _budget_lines(a: Analysis, ax_m) -> bool:
@@ -195,7 +198,7 @@ def plot_pareto(cells: list[Cell], front: list[Cell], path: Path) -> None:
     )
     for c in front:
         ax.annotate(
-            f"{c.batch_size}x{c.gradient_accumulation_steps}",
+            f"{c.micro}{' tok' if c.by_tokens else ''}x{c.gradient_accumulation_steps}",
             (1000 * c.seconds_per_sample, c.rouge_mean),
             textcoords="offset points",
             xytext=(5, 4),

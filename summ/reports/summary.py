@@ -89,6 +89,16 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def _batch_text(m: dict, t: dict) -> str:
+    """The batch shape; a token budget's samples per step are the measured steps' mean."""
+    accumulation = f" x accum {m['gradient_accumulation_steps']}"
+    if m.get("max_tokens") is None:
+        return f"micro {m['batch_size']}{accumulation} = effective {m.get('effective_batch_size')}"
+    steps = t.get("optimizer_steps")
+    mean = f" = {t['samples'] / steps:.1f} samples a step (mean)" if steps else ""
+    return f"{m['max_tokens']} tokens a micro-batch{accumulation}{mean}"
+
+
 def format_summary(m: dict, output_dir: Path | None = None) -> str:
     if m.get("mode") == "predict" or m.get("solar"):
         return format_predict_summary(m, output_dir)
@@ -96,11 +106,7 @@ def format_summary(m: dict, output_dir: Path | None = None) -> str:
     rows = [
         ("status", m["status"] + (f" ({m['error']})" if m.get("error") else "")),
         ("model / device", f"{m['model']} / {m.get('device')} x{m.get('num_processes')}"),
-        (
-            "batch",
-            f"micro {m['batch_size']} x accum {m['gradient_accumulation_steps']} "
-            f"= effective {m.get('effective_batch_size')}",
-        ),
+        ("batch", _batch_text(m, t)),
         (
             "measured steps",
             f"{t.get('optimizer_steps', 0)} optimizer, {t.get('micro_steps', 0)} micro "

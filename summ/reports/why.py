@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from summ.reports.cells import Cell
-from summ.reports.knee import pressure_evidence
+from summ.reports.knee import padding_remedy, pressure_evidence
 from summ.reports.summary import size_text
 
 GROWN = (  # the components that grow with the micro-batch, as the sentence names them
@@ -51,11 +51,10 @@ class GridStep:
     def title(self) -> str:
         s, c = self.small, self.large
         if self.kind == "doubling":
-            return f"micro-batch {s.batch_size} -> {c.batch_size} at accumulation {s.gradient_accumulation_steps}"
-        return (
-            f"effective batch {s.effective_batch_size} as {s.batch_size} x {s.gradient_accumulation_steps} -> "
-            f"{c.batch_size} x {c.gradient_accumulation_steps}"
-        )
+            size = "batch.max_tokens" if s.by_tokens else "micro-batch"
+            return f"{size} {s.micro} -> {c.micro} at accumulation {s.gradient_accumulation_steps}"
+        what = f"{s.per_step[1]} tokens a step" if s.by_tokens else f"effective batch {s.effective_batch_size}"
+        return f"{what} as {s.split_text} -> {c.split_text}"
 
 
 def grid_steps(cells: list[Cell]) -> list[GridStep]:
@@ -63,14 +62,14 @@ def grid_steps(cells: list[Cell]) -> list[GridStep]:
     cells of the same other settings, smaller micro-batch first."""
     series: dict[tuple, list[Cell]] = defaultdict(list)
     for c in cells:
-        if c.ok and c.batch_size and c.gradient_accumulation_steps:
-            series[("doubling", c.gradient_accumulation_steps, c.other_settings())].append(c)
-            series[("split", c.effective_batch_size, c.other_settings())].append(c)
+        if c.ok and c.micro and c.gradient_accumulation_steps:
+            series[("doubling", c.by_tokens, c.gradient_accumulation_steps, c.other_settings())].append(c)
+            series[("split", c.per_step, c.other_settings())].append(c)
     steps = []
     for (kind, *_), members in series.items():
-        members.sort(key=lambda c: c.batch_size)
-        steps += [GridStep(a, b, kind) for a, b in zip(members, members[1:]) if a.batch_size < b.batch_size]
-    return sorted(steps, key=lambda s: (s.kind, s.small.gradient_accumulation_steps, s.small.batch_size))
+        members.sort(key=lambda c: c.micro)
+        steps += [GridStep(a, b, kind) for a, b in zip(members, members[1:]) if a.micro < b.micro]
+    return sorted(steps, key=lambda s: (s.kind, s.small.by_tokens, s.small.gradient_accumulation_steps, s.small.micro))
 
 
 def why_lines(cells: list[Cell], tolerance: float, settings: Callable[[Cell], str] | None = None) -> list[str]:
@@ -107,7 +106,7 @@ def _slower_cause(step: GridStep) -> str:
         if large.pad_fraction > small.pad_fraction + PAD_GROWTH:
             return (
                 f"padding: {small.pad_fraction:.0%} -> {large.pad_fraction:.0%} of the positions were padding "
-                f"(data.group_by_length=true cuts it)"
+                f"({padding_remedy(large)})"
             )
     phase = _phase_that_grew(step)
     if phase:
@@ -176,7 +175,7 @@ def _amortised(step: GridStep) -> str:
         per, seconds, share = fixed
         parts.append(
             f"a fixed cost of {seconds * 1000:.3g} ms per {per} ({share:.0%} of the step at "
-            f"{small.batch_size}) spread over more samples"
+            f"{small.micro}{' tokens' if small.by_tokens else ''}) spread over more samples"
         )
     fell = sorted(_phase_deltas(step).items(), key=lambda kv: kv[1][1] - kv[1][0])[:2]
     named = [f"{p} {_ms(a)} -> {_ms(b)}" for p, (a, b) in fell if b < a]
@@ -198,7 +197,9 @@ def _fixed_cost(step: GridStep) -> tuple[str, float, float] | None:
     if ts is None or tc is None:
         return None
     if step.kind == "doubling":
-        bs, bc = s.batch_size, c.batch_size
+        bs, bc = s.samples_per_step, c.samples_per_step  # a token budget's: the measured means
+        if not bs or not bc or bs == bc:
+            return None
         fixed = (bc * ts - bs * tc) / (bc - bs)
         per = "step"
     else:
@@ -211,8 +212,8 @@ def _fixed_cost(step: GridStep) -> tuple[str, float, float] | None:
 
 
 def _step_seconds(c: Cell) -> float | None:
-    """The cell's mean step time: its effective batch at its measured rate."""
-    return c.effective_batch_size / c.samples_per_s if c.effective_batch_size and c.samples_per_s else None
+    """The cell's mean step time: its samples per step at its measured rate."""
+    return c.samples_per_step / c.samples_per_s if c.samples_per_step and c.samples_per_s else None
 
 
 def _flat_cause(step: GridStep) -> str:

@@ -55,11 +55,13 @@ def what_it_runs(job_dir: Path) -> str | None:
     m = read_metrics(job_dir).record
     cfg = OmegaConf.load(job_dir / HYDRA_DIR / "config.yaml")
     eff, n, sps = (m.effective_batch_size, m.train_set_size, m.train and m.train.samples_per_s) if m else (0, 0, 0)
+    if m and m.max_tokens and m.train and m.train.optimizer_steps:  # a token budget: its measured mean a step
+        eff = round(m.train.samples / m.train.optimizer_steps)
     if not (eff and n and sps):
         return None
     from summ.training.schedule import schedule_length
 
-    per_epoch = n // ((m.batch_size or 1) * (m.num_processes or 1)) // (m.gradient_accumulation_steps or 1)
+    per_epoch = n // eff
     # the run's own rule, without the trial's measured window (reproduce_command drops it)
     steps = schedule_length(OmegaConf.merge(cfg, {"measure": {"samples": None, "steps": None}}), per_epoch, eff)
     key = next(k for k in ("total_samples", "max_steps", "epochs") if cfg.train.get(k))

@@ -72,8 +72,10 @@ class MemoryStretches:
         self.observed_peak = max(self.observed_peak, self.monitor.segment())
 
     def end_probe(self) -> int:
-        self.probe_peak = self.monitor.segment()
-        return self.probe_peak
+        """The probe micro-batch's peak; the probe's figure is the worst of its micro-batches."""
+        peak = self.monitor.segment()
+        self.probe_peak = max(self.probe_peak or 0, peak)
+        return peak
 
     def end_eval(self) -> None:
         self.eval_peak = self.monitor.segment()

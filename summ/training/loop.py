@@ -29,7 +29,7 @@ from summ.training.after_training import evaluate_trained
 from summ.training.instruments import MemoryStretches, StepInstruments, Timing
 from summ.training.outcome import StepLog, recorded
 from summ.training.prepare import PreparedData, data_for
-from summ.training.probe import probe_memory, probe_samples, probe_widths, warm_training_paths
+from summ.training.probe import probe_memory, probe_samples, warm_training_paths
 from summ.training.schedule import caveats
 from summ.training.setup import Setup, copy_in_the_step, lr_scheduler, prepared_parts, schedule, start_accelerator
 from summ.training.trace import check_warmup
@@ -100,7 +100,7 @@ class Job:
         plan = schedule(cfg, data, parts.collator, shape)
         if cfg.measure.profile:
             check_warmup(plan.warmup_steps)
-        m.caveats = self._caveats(shape.effective, len(data.train_ds))
+        m.caveats = self._caveats(max(1, round(plan.samples_per_step)), len(data.train_ds))
         self.timing = Timing(plan.warmup_steps, acc.device, phases=cfg.measure.phase_timing)
         scheduler = lr_scheduler(cfg, acc, parts.optimizer, plan.total_steps)
         copy_to = copy_in_the_step(parts.train_loader)
@@ -175,10 +175,7 @@ class Job:
         m, shape, plan = self.metrics, run.shape, run.schedule
         if run.accelerator.is_main_process:
             model = f"model {self.cfg.model.name} ({run.kind}): {m.trainable_params:,} trainable of {m.total_params:,}"
-            batch = (
-                f"micro-batch {shape.micro_batch} x accumulation {shape.accumulation} x processes "
-                f"{shape.processes} = effective batch {shape.effective}"
-            )
+            batch = shape.text() + ("" if shape.effective else f" (a mean {plan.samples_per_step:.1f} samples a step)")
             steps = f"{plan.epoch.optimizer_steps} per epoch of {len(run.data.train_ds)} samples"
             log.info(
                 "%s parameters | device %s x%d | %s | %d optimizer steps (%s)",
@@ -303,13 +300,25 @@ class Job:
         self.timing.clock.mark("optimizer")
 
     def _probe(self, run: Setup) -> None:
-        """The worst batch's memory, between warm-up and the measured steps (summ/training/probe.py)."""
-        acc, data, timing = run.accelerator, run.data, self.timing
-        widths = probe_widths(data.train_ds)
-        features = [data.train_ds[i] for i in probe_samples(data.train_ds, run.shape.micro_batch)]
-        batch = run.collator.probe_batch(features, widths)
-        peak, failed = 0, None
+        """The worst batch's memory, between warm-up and the measured steps (summ/training/probe.py):
+        one micro-batch, or a token budget's few worst cases, each judged against the budget."""
+        timing, worst = self.timing, -1
         timing.clock.start()
+        for indices, widths in probe_samples(run.data.train_ds, run.shape, run.collator):
+            batch = run.collator.probe_batch([run.data.train_ds[i] for i in indices], widths)
+            peak = self._probe_batch(run, batch)
+            if peak > worst:
+                worst, self.memory.probe_positions = peak, batch["counts"].tokens + batch["counts"].pad_tokens
+            if self.memory.count is not None:
+                self.memory.count.saw_label_rows(batch["counts"].label_tokens)
+            log.info(
+                "memory probe: a micro-batch of %d at widths %s peaked at %.3f GiB", len(indices), widths, peak / 2**30
+            )
+        timing.probe_seconds = timing.clock.lap()  # its work done on the device
+
+    def _probe_batch(self, run: Setup, batch: dict) -> int:
+        """One probe micro-batch's peak, checked against the budget on every process."""
+        acc, peak, failed = run.accelerator, 0, None
         # no gradient all-reduce (no_sync): nothing for the other processes to wait in
         where = self.where(run.schedule.warmup_steps + 1)
         try:
@@ -318,14 +327,8 @@ class Job:
         except Exception as exc:
             if (failed := processes.shared_failure(acc, exc)) is None:
                 raise
-        timing.probe_seconds = timing.clock.lap()  # its work done on the device
-        self.memory.probe_positions = batch["counts"].tokens + batch["counts"].pad_tokens
-        if self.memory.count is not None:
-            self.memory.count.saw_label_rows(batch["counts"].label_tokens)
-        if failed is None:
-            size = run.shape.micro_batch
-            log.info("memory probe: a micro-batch of %d at widths %s peaked at %.3f GiB", size, widths, peak / 2**30)
         self.memory.guard.check(processes.agree(acc, self.memory.worst_peak(peak), 0, failed, "the memory probe")[0])
+        return peak
 
     def _maybe_checkpoint(self, done: int, signum: int, total_steps: int) -> bool:
         """After optimizer step `done`: a checkpoint every train.save_every_steps, and on a stop

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 
 from summ.config import ModelKind
+from summ.data.packing import PackingCollator
 from summ.data.tokenize import Collator, TokenizedDataset
 from summ.measure import flops
 from summ.modeling.loss import model_inputs, summed_token_loss
 from summ.training.instruments import MemoryStretches
+from summ.training.setup import BatchShape
 
 
 def probe_widths(dataset: TokenizedDataset) -> tuple[int, int]:
@@ -22,12 +25,89 @@ def probe_widths(dataset: TokenizedDataset) -> tuple[int, int]:
     return max(dataset.lengths()), max(dataset.label_lengths())
 
 
-def probe_samples(dataset: TokenizedDataset, n: int) -> list[int]:
-    """The `n` samples with the most tokens, input and label together: padded to probe_widths
-    they carry as many real label tokens as the worst batch (the loss's label rows grow with them)."""
+def probe_samples(
+    dataset: TokenizedDataset, shape: BatchShape, collator: Collator | PackingCollator
+) -> list[tuple[list[int], tuple[int, int]]]:
+    """The probe's micro-batches as (samples, the widths they are padded to). With a batch size, one:
+    the samples with the most tokens, input and label together, padded to probe_widths (they carry
+    as many real label tokens as the worst batch: the loss's label rows grow with them). With a
+    token budget, its worst cases (budget_worst_batches) at their own widths."""
     lengths, labels = dataset.lengths(), dataset.label_lengths()
-    longest = sorted(range(len(lengths)), key=lambda i: lengths[i] + labels[i], reverse=True)
-    return [longest[i % len(longest)] for i in range(n)]
+    if shape.max_tokens is None:
+        longest = sorted(range(len(lengths)), key=lambda i: lengths[i] + labels[i], reverse=True)
+        return [([longest[i % len(longest)] for i in range(shape.micro_batch)], probe_widths(dataset))]
+    return [
+        (batch, collator.widths([lengths[j] for j in batch], [labels[j] for j in batch]))
+        for batch in budget_worst_batches(lengths, labels, collator, shape.max_tokens)
+    ]
+
+
+def budget_worst_batches(
+    lengths: list[int], labels: list[int], collator: Collator | PackingCollator, max_tokens: int
+) -> list[list[int]]:
+    """The micro-batches within a token budget that no other outweighs, whatever memory costs per
+    padded position and per attention score. A padded micro-batch of n samples is n x its width,
+    the widest input (and, for an encoder-decoder, the widest label) of its samples: for every width
+    the training set can make, the most samples that fit under both the budget and that width. Memory
+    grows with the positions P (activations, logits) and with the attention scores, P x the width
+    (eager and CPU sdpa), so a wide micro-batch and a full one both compete: those kept maximise
+    a x P + b x P x width for some a, b >= 0 (the upper convex hull of the points). Packed rows are
+    as wide as their tokens: the fullest micro-batch alone."""
+    if isinstance(collator, PackingCollator):
+        batch, tokens = [], 0
+        for j in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+            if tokens + lengths[j] <= max_tokens:
+                batch, tokens = [*batch, j], tokens + lengths[j]
+        return [batch]
+    causal = collator.kind == ModelKind.causal
+    ins, labs = sorted(set(lengths)), ([0] if causal else sorted(set(labels)))
+    row, col = {v: i for i, v in enumerate(ins)}, {v: i for i, v in enumerate(labs)}
+    exact = np.zeros((len(ins), len(labs)), dtype=np.int64)  # samples of exactly (input, label)
+    for n_in, n_label in zip(lengths, labels):
+        exact[row[n_in], col[0 if causal else n_label]] += 1
+    under = exact.cumsum(0).cumsum(1)  # samples no wider than (input, label)
+    along_in, along_label = exact.cumsum(1), exact.cumsum(0)  # a sample of that input (label) within the other
+    points = []
+    for i, wide_in in enumerate(ins):
+        for k, wide_label in enumerate(labs):
+            if not (along_in[i, k] and along_label[i, k]):
+                continue  # no sample makes this width
+            widths = collator.widths([wide_in], [wide_label])
+            width = widths[0] if causal else sum(widths)
+            n = min(max_tokens // width, int(under[i, k]))
+            if n >= (1 if exact[i, k] else 2):
+                points.append((n * width, n * width * width, (wide_in, wide_label, n)))
+    return [_fill(lengths, labels, causal, *shape) for _, _, shape in upper_hull(points)]
+
+
+def _fill(lengths: list[int], labels: list[int], causal: bool, wide_in: int, wide_label: int, n: int) -> list[int]:
+    """n samples no wider than (wide_in, wide_label) that make exactly that width, the longest first."""
+    fits = [j for j in range(len(lengths)) if lengths[j] <= wide_in and (causal or labels[j] <= wide_label)]
+    fits.sort(key=lambda j: -lengths[j] - labels[j])
+    both = (j for j in fits if lengths[j] == wide_in and (causal or labels[j] == wide_label))
+    makers = [next(both, None) or next(j for j in fits if lengths[j] == wide_in)]
+    if not causal and labels[makers[0]] != wide_label:
+        makers.append(next(j for j in fits if labels[j] == wide_label))
+    return list(dict.fromkeys([*makers, *fits]))[:n]
+
+
+def upper_hull(points: list[tuple]) -> list[tuple]:
+    """The points (x, y, ...) that maximise a x + b y for some a, b >= 0, by x."""
+    frontier, top = [], -1
+    for p in sorted(points, key=lambda p: (-p[0], -p[1])):  # the widest first at each x
+        if p[1] > top:
+            frontier.append(p)
+            top = p[1]
+    hull: list[tuple] = []
+    for p in sorted(frontier, key=lambda p: p[0]):
+        while len(hull) >= 2 and _turn(hull[-2], hull[-1], p) >= 0:
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def _turn(o: tuple, a: tuple, b: tuple) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
 
 _WARMED_PATHS = False

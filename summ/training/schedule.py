@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from summ.config import Config
-from summ.data.sampler import EpochSampler, Window
+from summ.data.sampler import EpochSampler, TokenBatches, Window
 from summ.data.tokenize import Collator, TokenizedDataset
+from summ.errors import ConfigError
 
 
 class EpochPlan(NamedTuple):
@@ -33,15 +34,19 @@ class Schedule:
     total_steps: int
     warmup_steps: int
     epoch: EpochPlan
+    samples_per_step: float  # the effective batch; with a token budget, the mean over a full epoch
 
 
-def window(cfg: Config, effective_batch: int) -> Window | None:
-    """The measured window in samples, each part rounded up to whole optimizer steps; None when
-    the run is not measured in samples (measure.samples null)."""
+def window(cfg: Config, effective_batch: int, whole_steps: bool = True) -> Window | None:
+    """The measured window in samples, each part rounded up to whole optimizer steps (a token
+    budget's window is exact: its micro-batches are made whole steps instead); None when the run
+    is not measured in samples (measure.samples null)."""
     m = cfg.measure
     if m.samples is None:
         return None
     warmup = m.warmup_samples if m.warmup_samples is not None else m.warmup_steps * effective_batch
+    if not whole_steps:
+        return Window(warmup=warmup, measured=m.samples)
     return Window(
         warmup=math.ceil(warmup / effective_batch) * effective_batch,
         measured=math.ceil(m.samples / effective_batch) * effective_batch,
@@ -86,6 +91,49 @@ def epoch_plan(
         for b in range(batches)
     )
     return EpochPlan(batches // (accumulation * processes), positions)
+
+
+def token_batches(
+    cfg: Config, dataset: TokenizedDataset, collator: Collator, max_tokens: int, per_step: int, windowed: bool
+) -> TokenBatches:
+    """batch.max_tokens's batch sampler: over the measured window (`windowed`, where the run has one)
+    or full epochs. A budget below the longest training sample's padded positions is refused."""
+    lengths, labels = dataset.lengths(), dataset.label_lengths()
+    batches = TokenBatches(
+        EpochSampler(lengths, seed=cfg.train.seed), labels, collator.budget_positions, max_tokens, per_step
+    )
+    longest = max(map(batches.sample_cost, range(len(lengths))))
+    if longest > max_tokens:
+        raise ConfigError(
+            f"batch.max_tokens={max_tokens} is below the longest training sample ({longest} padded positions, "
+            f"input and labels): raise it to at least {longest}, or lower data.encoder_max_len"
+        )
+    if windowed:  # a warm-up given in steps: steps of the micro-batch a typical sample fills
+        batches.sampler.window = window(cfg, per_step * batches.typical_batch(), whole_steps=False)
+    return batches
+
+
+def token_schedule(
+    cfg: Config, dataset: TokenizedDataset, collator: Collator, max_tokens: int, per_step: int
+) -> Schedule:
+    """A token budget's schedule: a window's steps are its micro-batches over `per_step`; otherwise
+    the run's length rules (schedule_length) with a full epoch's mean samples per step."""
+    epoch = token_batches(cfg, dataset, collator, max_tokens, per_step, windowed=False).batches(0)
+    inputs, labels = dataset.lengths(), dataset.label_lengths()
+    positions = sum(collator.positions([inputs[j] for j in b], [labels[j] for j in b]) for b in epoch)
+    plan = EpochPlan(len(epoch) // per_step, positions)
+    if plan.optimizer_steps == 0:
+        raise ConfigError(
+            f"the training set ({len(dataset)} samples) fills fewer micro-batches than one optimizer step "
+            f"takes ({per_step}): lower the accumulation or batch.max_tokens, or raise data.max_train_samples"
+        )
+    mean = sum(map(len, epoch)) / plan.optimizer_steps
+    windowed = token_batches(cfg, dataset, collator, max_tokens, per_step, windowed=True)
+    if windowed.sampler.window is not None:
+        warm, measured = (len(part) // per_step for part in windowed.part_batches(0))
+        return Schedule(warm + measured, warm, plan, mean)
+    total = schedule_length(cfg, plan.optimizer_steps, max(1, round(mean)))
+    return Schedule(total, cfg.measure.warmup_steps, plan, mean)
 
 
 def caveats(cfg: Config, effective_batch: int, train_set_size: int) -> list[str]:

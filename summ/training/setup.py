@@ -23,20 +23,40 @@ from summ.run_folder import RunMetrics
 from summ.training import cleanup, launchers, processes, tracking
 from summ.training.optimizers import build_optimizer
 from summ.training.prepare import PreparedData
-from summ.training.schedule import Schedule, epoch_plan, schedule_length, warmup_steps, window
+from summ.training.schedule import (
+    Schedule,
+    epoch_plan,
+    schedule_length,
+    token_batches,
+    token_schedule,
+    warmup_steps,
+    window,
+)
 
 
 @dataclass(frozen=True)
 class BatchShape:
-    """Micro-batch x accumulation x processes: one optimizer step's samples."""
+    """Micro-batch x accumulation x processes: one optimizer step's samples. With a token budget
+    (batch.max_tokens) a micro-batch's samples vary: micro_batch and effective are then None."""
 
-    micro_batch: int
+    micro_batch: int | None
     accumulation: int
     processes: int
+    max_tokens: int | None = None
 
     @property
-    def effective(self) -> int:
-        return self.micro_batch * self.accumulation * self.processes
+    def effective(self) -> int | None:
+        return None if self.micro_batch is None else self.micro_batch * self.accumulation * self.processes
+
+    @property
+    def per_step(self) -> int:
+        """Micro-batches behind one optimizer step, over all processes."""
+        return self.accumulation * self.processes
+
+    def text(self) -> str:
+        size = f"micro-batch {self.micro_batch}" if self.max_tokens is None else f"{self.max_tokens} tokens"
+        each = f" x accumulation {self.accumulation} x processes {self.processes}"
+        return size + each + ("" if self.effective is None else f" = effective batch {self.effective}")
 
 
 class Prepared(NamedTuple):
@@ -116,7 +136,7 @@ def start_accelerator(cfg: Config, output_dir: Path, metrics: RunMetrics):
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=ga, sync_with_dataloader=False),
         **tracking.accelerator_kwargs(cfg.tracking, output_dir),
     )
-    shape = BatchShape(bs, ga, acc.num_processes)
+    shape = BatchShape(None if cfg.batch.max_tokens else bs, ga, acc.num_processes, cfg.batch.max_tokens)
     metrics.device, metrics.num_processes = machine.device_name(acc.device), acc.num_processes
     metrics.gradient_accumulation_steps, metrics.effective_batch_size = ga, shape.effective
     return acc, shape
@@ -130,21 +150,25 @@ def prepared_parts(
     widths = encoder.max_widths() if cfg.data.padding == "max_length" else (None, None)
     padded = Collator(tokenizer.pad_token_id, kind, loaded.decoder_start_token_id, *widths)
     collator = _packing(cfg, tokenizer.pad_token_id, data) if cfg.data.packing else padded
-    sampler = EpochSampler(
-        data.train_ds.lengths(),
-        seed=cfg.train.seed,
-        group_by_length=cfg.data.group_by_length,
-        batch_size=shape.micro_batch,
-        window=window(cfg, shape.effective),
-    )
     cuda = acc.device.type == "cuda"  # workers collate the next batches while the GPU computes
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else (2 if cuda else 0)
     loader_kw = dict(collate_fn=collator, num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
-    # drop_last: every micro-batch is full, so every update sees exactly the effective batch
-    # and per-step figures compare; the next epoch's permutation brings the dropped samples back.
-    train_loader = torch.utils.data.DataLoader(
-        data.train_ds, batch_size=shape.micro_batch, sampler=sampler, drop_last=True, **loader_kw
-    )
+    if shape.max_tokens is not None:  # micro-batches cut by padded positions, whole steps of them
+        batches = token_batches(cfg, data.train_ds, collator, shape.max_tokens, shape.per_step, windowed=True)
+        train_loader = torch.utils.data.DataLoader(data.train_ds, batch_sampler=batches, **loader_kw)
+    else:
+        sampler = EpochSampler(
+            data.train_ds.lengths(),
+            seed=cfg.train.seed,
+            group_by_length=cfg.data.group_by_length,
+            batch_size=shape.micro_batch,
+            window=window(cfg, shape.effective),
+        )
+        # drop_last: every micro-batch is full, so every update sees exactly the effective batch
+        # and per-step figures compare; the next epoch's permutation brings the dropped samples back.
+        train_loader = torch.utils.data.DataLoader(
+            data.train_ds, batch_size=shape.micro_batch, sampler=sampler, drop_last=True, **loader_kw
+        )
     dev_loader = torch.utils.data.DataLoader(
         data.dev_ds, batch_size=cfg.batch.eval_batch_size, shuffle=False, **{**loader_kw, "collate_fn": padded}
     )
@@ -174,6 +198,8 @@ def _packing(cfg: Config, pad_token_id: int, data: PreparedData) -> PackingColla
 def schedule(cfg: Config, data: PreparedData, collator: Collator, shape: BatchShape) -> Schedule:
     """The run's optimizer steps (measure/train settings) and one full epoch's plan; a training set
     smaller than one effective batch is refused."""
+    if shape.max_tokens is not None:
+        return token_schedule(cfg, data.train_ds, collator, shape.max_tokens, shape.per_step)
     epoch = epoch_plan(data.train_ds, collator, cfg, shape.micro_batch, shape.accumulation, shape.processes)
     if epoch.optimizer_steps == 0:
         raise ConfigError(
@@ -182,7 +208,10 @@ def schedule(cfg: Config, data: PreparedData, collator: Collator, shape: BatchSh
             f"or raise data.max_train_samples"
         )
     return Schedule(
-        schedule_length(cfg, epoch.optimizer_steps, shape.effective), warmup_steps(cfg, shape.effective), epoch
+        schedule_length(cfg, epoch.optimizer_steps, shape.effective),
+        warmup_steps(cfg, shape.effective),
+        epoch,
+        shape.effective,
     )
 
 
