@@ -258,3 +258,14 @@ def test_token_budgets_under_a_two_process_launch(tmp_path):
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "ok" and m["num_processes"] == 2 and m["max_tokens"] == 1024
     assert m["train"]["micro_steps"] == 2 * 2 and 0 < m["train"]["max_micro_batch_positions"] <= 1024
+
+
+def test_a_budgets_step_rates_are_read_by_positions_not_by_the_samples_a_step_holds():
+    """Steps of the same positions and time, holding 3 or 12 samples: no noise, so no spread."""
+    from summ.measure.timing import StepTimer
+
+    timer = StepTimer(warmup_steps=0)
+    for samples in (3, 12, 6, 3, 12):
+        timer.add_step(0.5, samples, tokens=1000, pad_tokens=24)
+    low, high = timer.summary()["samples_per_s_interval"]
+    assert low == pytest.approx(high) == pytest.approx(36 / (5 * 0.5))

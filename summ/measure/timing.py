@@ -11,7 +11,9 @@
   ``tokens_per_s`` divide what the measured steps processed by their seconds; tokens are the
   non-pad tokens the model reads (summ/data/tokenize.py: BatchCounts, counted on the host).
 - ``samples_per_s_interval``: the interquartile range of the per-step rates, the noise to read a
-  5% knee tolerance against.
+  5% knee tolerance against. Where steps hold different numbers of samples (a token budget: three
+  long samples or twelve short ones in the same positions), a step's samples/s swings with what it
+  holds, not with noise: its rate is then its padded positions/s at the window's samples per position.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class StepTimer:
     warmup_steps: int
     step_times: list[float] = field(default_factory=list)
     step_samples: list[int] = field(default_factory=list)
+    step_positions: list[int] = field(default_factory=list)
     micro_times: list[float] = field(default_factory=list)
     samples: int = 0
     tokens: int = 0
@@ -71,6 +74,7 @@ class StepTimer:
                 self.phase_seconds = {k: totals[k] + v for k, v in phases.items()}
             self.step_times.append(seconds)
             self.step_samples.append(samples)
+            self.step_positions.append(tokens + pad_tokens)
             self.samples += samples
             self.tokens += tokens
             self.pad_tokens += pad_tokens
@@ -83,6 +87,10 @@ class StepTimer:
     def summary(self) -> dict:
         seconds = sum(self.step_times)
         rates = [n / t for n, t in zip(self.step_samples, self.step_times) if t > 0]
+        positions = sum(self.step_positions)
+        if len(set(self.step_samples)) > 1 and positions:  # samples per step vary: rates by positions
+            per = self.samples / positions
+            rates = [p * per / t for p, t in zip(self.step_positions, self.step_times) if t > 0]
         return {
             "optimizer_steps": self.measured_steps,
             "micro_steps": self.micro_steps,
