@@ -117,6 +117,12 @@ def test_a_token_budget_run_reports_its_budget_and_keeps_its_micro_batches_withi
     assert "1024 tokens x accumulation 1" in caplog.text and "memory probe: a micro-batch of" in caplog.text
 
 
+def test_a_budget_of_packed_rows_has_no_padding(run_job):
+    m, _ = run_job("model=tiny_llama", "data.packing=true", "batch.max_tokens=1024", "measure.steps=2")
+    assert m["status"] == "ok", m["error"]
+    assert m["train"]["pad_fraction"] == 0.0 and m["train"]["max_micro_batch_positions"] <= 1024
+
+
 def test_two_budgets_and_accumulations_measure_the_same_samples(run_job):
     window = ["model=tiny_llama", "measure.samples=48", "measure.warmup_samples=8", "eval.enabled=false"]
     a, _ = run_job(*window, "batch.max_tokens=768", "batch.gradient_accumulation_steps=1")

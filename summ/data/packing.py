@@ -62,7 +62,13 @@ class PackingCollator:
     def positions(self, input_lengths: Sequence[int], label_lengths: Sequence[int]) -> int:
         """Padded positions the model reads for a micro-batch of these lengths: rows x the longest row."""
         rows = rows_for(input_lengths, self.max_packed_len)
-        return len(rows) * max(sum(input_lengths[i] for i in row) for row in rows)
+        return len(rows) * self.widths(input_lengths, label_lengths)[0]
+
+    def widths(self, input_lengths: Sequence[int], label_lengths: Sequence[int]) -> tuple[int, int]:
+        """(input, label) widths of the packed rows these lengths make: the longest row's."""
+        rows = rows_for(input_lengths, self.max_packed_len)
+        width = max(sum(input_lengths[i] for i in row) for row in rows)
+        return width, width
 
     def budget_positions(self, n: int, widest_input: int, widest_label: int, input_tokens: int) -> int:
         """The token-budget sampler's cost of a packed micro-batch: its tokens (balanced rows add
