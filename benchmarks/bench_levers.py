@@ -9,11 +9,13 @@ per-round ratios against the group's first contender (the machine's drift cancel
     (batch.max_tokens; about micro-batch 8's positions) padded and packed: samples/s, positions/s,
     pad fraction, peak;
   - optimizer (tiny_bart, a full fine-tune): adamw (fused on the CPU), adamw_foreach, adamw_8bit,
-    adafactor: the optimizer phase's seconds per step, samples/s, the optimizer state's bytes, peak.
+    adafactor: the optimizer phase's seconds per step, samples/s, the optimizer state's bytes, peak;
+  - compile (tiny_llama): eager against train.compile=true: samples/s of the measured steps (after
+    the compile warm-up), the seconds compiling, the compilations inside the measured steps.
 Acceptance (issue 24): packing cuts padded positions to under 5% and raises samples/s over length
 grouping. Nothing else may run meanwhile.
 
-    python benchmarks/bench_levers.py [--group layout|optimizer|both] [--rounds 3] [--steps 20]
+    python benchmarks/bench_levers.py [--group layout|optimizer|compile|all] [--rounds 3] [--steps 20]
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ GROUPS = {
         "adamw_8bit": ["model=tiny_bart", "train.optimizer=adamw_8bit"],
         "adafactor": ["model=tiny_bart", "train.optimizer=adafactor"],
     },
+    "compile": {"eager": [], "compiled": ["train.compile=true"]},
 }
 
 
@@ -77,17 +80,19 @@ def run(overrides: list[str], steps: int) -> dict:
         "optimizer_s_per_step": phases.get("optimizer", 0.0) / max(t["optimizer_steps"], 1),
         "optimizer_state_bytes": parts.get("optimizer_state_bytes"),
         "built": m.get("optimizer"),
+        "compile_seconds": t.get("compile_seconds") or 0.0,
+        "recompiles": t.get("recompiles") or 0,
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--group", choices=[*GROUPS, "both"], default="both")
+    ap.add_argument("--group", choices=[*GROUPS, "all"], default="all")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     print(f"machine: {machine()}\n{' '.join(BASE)}, {args.steps} measured steps, {args.rounds} rounds")
-    for group in GROUPS if args.group == "both" else [args.group]:
+    for group in GROUPS if args.group == "all" else [args.group]:
         contenders = {k: o for k, o in GROUPS[group].items() if available(o)}
         skipped = sorted(set(GROUPS[group]) - set(contenders))
         results: dict[str, list[dict]] = {k: [] for k in contenders}
@@ -112,9 +117,12 @@ def main() -> None:
                     "-"
                     if med.get("optimizer_state_bytes") is None
                     else f"{med['optimizer_state_bytes'] / 2**20:.2f} MiB",
+                    fmt(med["compile_seconds"], ".1f"),
+                    str(max(x["recompiles"] for x in res)),
                 ]
             )
         header = ["contender", "samples/s", f"x {first}", "positions/s", "pad", "peak", "optimizer ms/step", "state"]
+        header += ["compile s", "recompiles (measured)"]
         print(f"\n{group}:\n" + table(rows, header))
         if skipped:
             print(f"not in this checkout: {', '.join(skipped)}")

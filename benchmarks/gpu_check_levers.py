@@ -7,8 +7,12 @@
     with its samples/s, peak and the optimizer phase's time per step;
   - packing, on the Llama-3.2-3B-shaped QLoRA model: padded, length-grouped and packed
     (data.packing=true, flash_attention_2 where flash-attn is installed, else sdpa) with its rows
-    capped and not: pad fraction (target: packed under 0.05), samples/s and peak. A packed run
-    that completes has passed the setup's isolation check on the model itself.
+    capped and not, and micro-batches filled to a token budget (batch.max_tokens): pad fraction
+    (target: packed under 0.05), samples/s and peak. A packed run that completes has passed the
+    setup's isolation check on the model itself;
+  - compile, on the KoBART-shaped model: train.compile=true against the eager adamw run above:
+    samples/s after the compile warm-up, the seconds compiling, and no compilation inside the
+    measured steps (target: train.recompiles == 0).
 --cpu-smoke runs both at toy size on the CPU (no paged optimizer there: it is refused off CUDA).
 """
 
@@ -58,6 +62,7 @@ def levers(ctx: Context) -> dict:
         "grouped": ["data.group_by_length=true"],
         "packed": ["data.packing=true"],
         "packed rows<=2048": ["data.packing=true", "data.max_packed_len=2048"],
+        "token budget": [f"batch.max_tokens={max(2048, a.qlora_batch * 512)}"],  # about the micro-batch's positions
     }
     for name, extra in layouts.items():
         m = summ_run(ctx, f"s7 {name}", llama + [f"model.attn_implementation={attention}", *extra])
@@ -67,11 +72,21 @@ def levers(ctx: Context) -> dict:
             "samples_per_s": m.train.samples_per_s,
             "peak_bytes": m.memory.peak_bytes,
         }
+    m = summ_run(ctx, "s7 kobart compiled", base + ["train.compile=true"])
+    rows.append(_row("kobart adamw compiled", m))
+    out["compiled"] = {
+        "samples_per_s": m.train.samples_per_s,
+        "x_eager": m.train.samples_per_s / out["optimizers"]["adamw"]["samples_per_s"],
+        "compile_seconds": m.train.compile_seconds,
+        "recompiles": m.train.recompiles,
+    }
     print(table(rows, ["run", "optimizer", "samples/s", "pad", "peak", "optimizer ms/step", "state"]))
+    print(f"compiled kobart: {out['compiled']}")
     out["state_ratio_to_adamw"] = ratios
     out["target_met"] = (
         (not cuda or out["optimizers"]["adamw"]["built"] == "adamw_fused")
         and all(r <= 0.30 for r in ratios.values())
         and out["layouts"]["packed"]["pad_fraction"] < 0.05
+        and out["compiled"]["recompiles"] == 0
     )
     return out

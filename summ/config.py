@@ -44,6 +44,7 @@ Scheduler = _choices("Scheduler", "linear", "cosine", "constant")
 Optimizer = _choices(
     "Optimizer", "adamw", "adamw_fused", "adamw_foreach", "adamw_8bit", "paged_adamw_8bit", "adafactor"
 )
+CompileMode = _choices("CompileMode", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 Quantization = _choices("Quantization", "none", "8bit", "4bit")
 InferenceQuantization = _choices("InferenceQuantization", "none", "dynamic_int8", "bnb_8bit", "bnb_4bit")
 Mode = _choices("Mode", "train", "predict")
@@ -150,8 +151,7 @@ class BatchConfig:
 class TrainConfig:
     epochs: int = positive(15)  # passes over the training set (ignored when max_steps, total_samples or measure.* set)
     max_steps: int | None = positive(None)  # optimizer steps; overrides epochs
-    # Training samples to process; overrides epochs and max_steps. Cells of a sweep with this set
-    # see the same number of samples whatever their effective batch (to within one batch).
+    # Training samples to process (overrides epochs, max_steps): every cell then sees as many (to a batch)
     total_samples: int | None = positive(None)
     learning_rate: float = positive(2.0e-3)  # tiny models learn fast; kobart's baseline 1e-5, QLoRA 1e-4 to 2e-4
     warmup_ratio: float = not_negative(0.1)  # fraction of optimizer steps with linear warmup
@@ -161,6 +161,8 @@ class TrainConfig:
     label_smoothing: float = not_negative(0.0)
     scheduler: Scheduler = Scheduler.linear  # constant: constant after the warmup
     optimizer: Optimizer = Optimizer.adamw  # adamw: fused where the device has it; README, "The optimizer"
+    compile: bool = False  # torch.compile the model, compiled before the measured steps; README, "torch.compile"
+    compile_mode: CompileMode = CompileMode.default  # torch.compile's mode (reduce-overhead: CUDA graphs)
     mixed_precision: Precision = Precision.no  # fp16 needs CUDA; bf16 autocast also runs on CPUs
     seed: int = 42
     log_every_steps: int = positive(10)  # optimizer steps between progress updates (the bar; a log line without a tty)
@@ -169,8 +171,7 @@ class TrainConfig:
     k_folds: int = positive(1)  # > 1: K models on K splits of the training set, out-of-fold predictions, ensemble
     fold_seed: int = 0  # how samples are dealt into folds
     fold: int | None = None  # set by the K-fold driver: this job trains without fold `fold`
-    # Accelerate state (model, optimizer, scheduler, RNG, data position) into
-    # <run dir>/checkpoints/step_<n> every N optimizer steps (null: only on SIGINT / SIGTERM).
+    # Accelerate's state into <run dir>/checkpoints/step_<n> every N optimizer steps (null: on SIGINT / SIGTERM)
     save_every_steps: int | None = positive(None)
     keep_checkpoints: int = positive(2)  # newest checkpoints kept; older ones are deleted
     # Continue a run: "latest" (this run folder's newest checkpoint; pass hydra.run.dir=<that run>),
@@ -182,8 +183,7 @@ class TrainConfig:
 class MeasureConfig:
     warmup_steps: int = not_negative(3)  # optimizer steps left out of every timing figure (allocator, kernels)
     steps: int | None = positive(None)  # stop after this many measured optimizer steps; null = the full schedule
-    # The measured window in samples instead (sweeps: every cell measures the same samples whatever
-    # its micro-batch, accumulation or grouping); a multiple of each cell's effective batch.
+    # The window in samples instead: every cell of a sweep measures the same ones (in whole steps of each)
     samples: int | None = positive(None)
     warmup_samples: int | None = not_negative(None)  # warm-up in samples (taken from outside the measured window)
     memory_budget_gb: float | None = positive(None)  # plan for a smaller card: null = the device's own capacity

@@ -50,6 +50,10 @@ class TrainFigures:
     activation_bytes_first_micro_batch: int | None = None  # tensors saved for backward, parameters excluded
     # the measured steps' seconds by phase (PHASES above), summing to `seconds`
     phase_seconds: dict | None = None
+    # train.compile: torch.compile's seconds over the run (its warm-up before the loop: none in a
+    # measured step where recompiles is 0), and the compilations inside the measured steps
+    compile_seconds: float | None = None
+    recompiles: int | None = None
     final_loss: float | None = None
 
 

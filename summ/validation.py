@@ -286,6 +286,8 @@ def unused_settings(c: Any) -> list[str]:
             f"augmentation {'+'.join(map(str, _get(c, 'augmentation.methods')))} adds nothing: "
             f"augmentation.ratio=0 (samples per training sample per method)"
         )
+    if str(_get(c, "train.compile_mode")) != "default" and not _get(c, "train.compile"):
+        said.append(f"train.compile_mode={_get(c, 'train.compile_mode')} is torch.compile's, and train.compile=false")
     if _get(c, "data.max_packed_len") is not None and not _get(c, "data.packing"):
         said.append(f"data.max_packed_len={_get(c, 'data.max_packed_len')} caps packed rows, and data.packing=false")
     if _get(c, "data.group_by_length") and _get(c, "batch.max_tokens") is not None:

@@ -162,6 +162,7 @@ class MemoryMonitor:
         self._peak_rss = 0
         self.baseline = self.baseline_reserved = 0
         self._code0 = self._code_growth = 0  # CPU: code pages resident at start, and paged in since
+        self._left_out = 0  # CPU: resident bytes that are not the run's (a compiler's state: leave_out_growth)
         self.context_bytes: int | None = None
         self._stats0: dict = {}
         self.capped = False  # the CUDA allocator held to the budget (set_per_process_memory_fraction)
@@ -186,7 +187,7 @@ class MemoryMonitor:
             self.context_bytes = int(total - free - self.baseline_reserved)  # the CUDA context, other processes
             self._stats0 = torch.cuda.memory_stats(self.index)
             return self
-        self._code0, self._code_growth = _code_bytes(), 0
+        self._code0, self._code_growth, self._left_out = _code_bytes(), 0, 0
         self._kernel_peak = _reset_hwm()
         self.baseline = self._peak_rss = _rss_bytes()
         if not self._kernel_peak:
@@ -230,7 +231,19 @@ class MemoryMonitor:
         """This stretch's peak above the baseline, the run's resident weights included."""
         if self.cuda:
             return max(0, int(torch.cuda.max_memory_allocated(self.index)) - self.baseline) + self.weights_bytes
-        return max(0, self._process_peak() - self.baseline - self._code_growth) + self.weights_bytes
+        return max(0, self._process_peak() - self.baseline - self._code_growth - self._left_out) + self.weights_bytes
+
+    def resident_marks(self) -> tuple[int, int] | None:
+        """CPU: (resident set, code pages) now, for leave_out_growth; None on CUDA."""
+        return None if self.cuda else (_rss_bytes(), _code_bytes())
+
+    def leave_out_growth(self, since: tuple[int, int] | None) -> None:
+        """CPU: the resident growth since `since` (resident_marks), code pages aside (settle counts
+        them), left out of later peaks; the freed heap is handed back first."""
+        if since is None:
+            return
+        trim_heap()
+        self._left_out += max(0, (_rss_bytes() - since[0]) - (_code_bytes() - since[1]))
 
     def settle(self) -> None:
         """CPU: count the code paged in so far as code, not as the run's memory (the per-step

@@ -91,7 +91,8 @@ def plot_knee(a: Analysis, path: Path) -> None:
     _knee_curves(a, ax_s, ax_m)
     sizes = sorted({c.micro for c in a.cells if c.micro and c.by_tokens == a.by_tokens})
     if a.memory_model is not None:
-        xs = [2 ** (k / 4) for k in range(0, int(4 * math.log2(max(sizes) * 2)) + 1)] if sizes else []
+        low = max(0, int(4 * (math.log2(min(sizes)) - 1))) if sizes else 0  # from half the smallest size
+        xs = [2 ** (k / 4) for k in range(low, int(4 * math.log2(max(sizes) * 2)) + 1)] if sizes else []
         label = f"memory model (R²={a.memory_model.r2:.2f})"
         ax_m.plot(xs, [a.memory_model.predict(x) / GIB for x in xs], ":", color="gray", label=label)
     off_scale = _budget_lines(a, ax_m)

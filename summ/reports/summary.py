@@ -146,6 +146,16 @@ def format_summary(m: dict, output_dir: Path | None = None) -> str:
         ("MFU / HFU", f"{_fmt(m.get('mfu'), '.1%')} / {_fmt(m.get('hfu'), '.1%')}"),
         ("final train loss", _fmt(t.get("final_loss"), ".4f")),
     ]
+    if t.get("compile_seconds") is not None:
+        recompiles = t.get("recompiles")
+        rows.append(
+            (
+                "compile",
+                f"{t['compile_seconds']:.1f} s compiling (torch.compile), in the warm-up before the measured steps; "
+                + ("-" if recompiles is None else str(recompiles))
+                + " compilations inside the measured steps",
+            )
+        )
     busy = busy_warning(m.get("machine"))
     if busy:
         rows.append(("warning", busy))

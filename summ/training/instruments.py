@@ -77,6 +77,13 @@ class MemoryStretches:
         self.probe_peak = max(self.probe_peak or 0, peak)
         return peak
 
+    def end_compile(self, resident: tuple[int, int] | None) -> None:
+        """The compile warm-up's stretch (summ/training/compiled.py): not a training figure. On the
+        CPU, what the compiler keeps resident from `resident` (MemoryMonitor.resident_marks) on is
+        left out of later peaks, as code pages are: its graphs and guards are not the run's tensors."""
+        self.monitor.segment()
+        self.monitor.leave_out_growth(resident)
+
     def end_eval(self) -> None:
         self.eval_peak = self.monitor.segment()
 
@@ -139,6 +146,8 @@ class Timing:
         self.loop_seconds: float | None = None
         self.probe_seconds: float | None = None
         self.step_positions: list[int] = []  # padded positions of each measured step
+        self.compile_watch = None  # train.compile: its CompileWatch (summ/training/compiled.py)
+        self.compiles_before_measured: int | None = None
 
     def profiled(self, model, batch: dict):
         """Around the first warm-up micro-step: the FLOP counter (it slows the step: never a timed one)."""
@@ -156,6 +165,10 @@ class Timing:
             loop_seconds=self.loop_seconds,
             probe_seconds=self.probe_seconds,
         )
+        if self.compile_watch is not None:
+            t.compile_seconds = self.compile_watch.seconds
+            before = self.compiles_before_measured
+            t.recompiles = None if before is None else self.compile_watch.compiles - before
         t.samples_per_s_per_process = t.samples_per_s / processes if t.samples_per_s else None
         t.tokens_per_s_per_process = t.tokens_per_s / processes if t.tokens_per_s else None
         if self.profile is not None:
@@ -275,6 +288,8 @@ class StepInstruments:
     def measured_steps_start(self) -> None:
         """Between warm-up and the measured steps, after the probe's work is done on the device."""
         self.timing.load.start()
+        if self.timing.compile_watch is not None:
+            self.timing.compiles_before_measured = self.timing.compile_watch.compiles
         self.timing.clock.start()
 
     def step_starts(self, step: int) -> None:

@@ -24,7 +24,7 @@ from summ.modeling import models
 from summ.modeling.loss import model_inputs, summed_token_loss
 from summ.modeling.saved import save_for_predict
 from summ.run_folder import MODEL_DIR, RunMetrics
-from summ.training import batches, checkpoint, cleanup, launchers, optimizers, processes, reuse, tracking
+from summ.training import batches, checkpoint, cleanup, compiled, launchers, optimizers, processes, reuse, tracking
 from summ.training.after_training import evaluate_trained
 from summ.training.instruments import MemoryStretches, StepInstruments, Timing
 from summ.training.outcome import StepLog, recorded
@@ -66,6 +66,7 @@ class Job:
         self.start_step, self.position = 0, {"epoch": 0, "batches": 0}  # a resumed run's, then the loop's
         self.process_peaks: list[int] | None = None
         self._backend = None
+        self.compiled: tuple | None = None  # train.compile: (the model compiled in place, its CompileWatch)
 
     def run_stages(self) -> None:
         """Setup, training, the saved model, evaluation, and every process's peak."""
@@ -96,12 +97,16 @@ class Job:
         self.memory = MemoryStretches(cfg, acc.device, skipped)  # counted from here: model, optimizer, activations
         self.loaded = self._load_model(base, tokenizer, data)
         parts = prepared_parts(cfg, acc, self.loaded, data, tokenizer, encoder, shape)
+        if cfg.train.compile:  # in place, compiled at its first calls: the warm-up (summ/training/compiled.py)
+            self.compiled = acc.unwrap_model(parts.model), compiled.CompileWatch()
+            compiled.compile_model(self.compiled[0], str(cfg.train.compile_mode))
         m.optimizer = optimizers.said(parts.optimizer)
         plan = schedule(cfg, data, parts.collator, shape)
         if cfg.measure.profile:
             check_warmup(plan.warmup_steps)
         m.caveats = self._caveats(max(1, round(plan.samples_per_step)), len(data.train_ds))
         self.timing = Timing(plan.warmup_steps, acc.device, phases=cfg.measure.phase_timing)
+        self.timing.compile_watch = self.compiled and self.compiled[1]
         scheduler = lr_scheduler(cfg, acc, parts.optimizer, plan.total_steps)
         copy_to = copy_in_the_step(parts.train_loader)
         self.run = Setup(acc, *parts, scheduler, data, tokenizer, encoder, cfg.model.kind, shape, plan, copy_to)
@@ -177,15 +182,8 @@ class Job:
             model = f"model {self.cfg.model.name} ({run.kind}): {m.trainable_params:,} trainable of {m.total_params:,}"
             batch = shape.text() + ("" if shape.effective else f" (a mean {plan.samples_per_step:.1f} samples a step)")
             steps = f"{plan.epoch.optimizer_steps} per epoch of {len(run.data.train_ds)} samples"
-            log.info(
-                "%s parameters | device %s x%d | %s | %d optimizer steps (%s)",
-                model,
-                m.device,
-                shape.processes,
-                batch,
-                plan.total_steps,
-                steps,
-            )
+            line = f"{model} parameters | device {m.device} x{shape.processes} | {batch} | {plan.total_steps} optimizer"
+            log.info("%s steps (%s)", line, steps)
 
     # ------------------------------------------------------------------ training
     def train(self, run: Setup) -> None:
@@ -206,6 +204,8 @@ class Job:
         self.memory.count_components(acc.unwrap_model(run.model), run.optimizer)
         loss = None
         try:
+            if self.compiled:
+                compiled.warm_up_compiled(run, self.timing, self.memory, self.compiled[1])
             for step in range(self.start_step, plan.total_steps):
                 if step == plan.warmup_steps:  # between warm-up and the measured steps: the worst batch's memory
                     if self.cfg.measure.memory_probe and not self.memory.probe_skipped:
@@ -231,6 +231,8 @@ class Job:
                 if self._maybe_checkpoint(step + 1, signum, plan.total_steps):
                     instruments.between_steps()
         finally:
+            if self.compiled:  # evaluation runs eagerly
+                compiled.forget(self.compiled[0])
             instruments.loop_ends()
             self.metrics.profile = instruments.trace and instruments.trace.files
             self._record_train(run, loss)
@@ -400,6 +402,9 @@ class Job:
         its traceback holds (the failed step's batch, logits and graph, the optimizer and loader
         they reach) are cleared first, or nothing below could free them."""
         cleanup.clear_frames(sys.exc_info()[1])
+        if self.compiled:  # nothing compiled for this cell runs in the next
+            self.compiled[1].close()
+            compiled.forget(self.compiled[0])
         if self.memory is not None:
             self.memory.stop()
         if self.kept is not None:  # back to its kept form for the next cell

@@ -165,6 +165,13 @@ def probe_memory(accelerator, model, optimizer, batch: dict, kind, memory: Memor
     update and no trace left (gradients dropped, every RNG restored): the memory of the worst
     batch an epoch can draw, which a few measured batches rarely meet. Returns its peak."""
     memory.end_observed_stretch()
+    discarded_step(accelerator, model, optimizer, batch, kind)
+    return memory.end_probe()
+
+
+def discarded_step(accelerator, model, optimizer, batch: dict, kind) -> None:
+    """Forward and backward on `batch`, leaving nothing: gradients dropped, every RNG restored (the
+    memory probe; the compile warm-up)."""
     batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     try:
@@ -177,4 +184,3 @@ def probe_memory(accelerator, model, optimizer, batch: dict, kind, memory: Memor
         torch.set_rng_state(rng[0])
         if rng[1] is not None:
             torch.cuda.set_rng_state_all(rng[1])
-    return memory.end_probe()
