@@ -312,6 +312,13 @@ def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
+def _cxx_compiler() -> bool:
+    """Whether inductor finds a C++ compiler (the CXX variable, else c++, g++, clang++ on PATH)."""
+    import shutil
+
+    return any(shutil.which(n) for n in filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++")))
+
+
 def _on_cpu(c: Any) -> bool:
     """Where the run will be: the CPU when train.cpu is set or no CUDA device is present.
     torch is asked only when a rule needs the answer."""
@@ -335,6 +342,11 @@ def _check_device(c: Any) -> None:
             "model.dtype=float16 model has float16 ones, which the gradient scaler cannot unscale: "
             "set model.dtype=float32 (fp16 autocast still computes in half precision), or "
             "train.mixed_precision=bf16 with model.dtype=bfloat16, or model.lora.enabled=true"
+        )
+    if _get(c, "train.compile") and _on_cpu(c) and not _cxx_compiler():
+        raise ConfigError(
+            "train.compile=true on the CPU needs a C++ compiler (inductor builds its CPU kernels with one): "
+            "install g++ (or point the CXX variable at one), or set train.compile=false"
         )
     if _get(c, "train.mixed_precision") == "fp16" and _on_cpu(c):
         raise ConfigError(

@@ -19,6 +19,18 @@ def test_the_warm_up_runs_each_kind_of_micro_batch_once():
     assert warmup_indices([[0, 1]]) == [[0, 1]]
 
 
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused(monkeypatch):
+    import shutil
+
+    from summ.errors import ConfigError
+    from summ.validation import validate
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match="train.compile=true on the CPU needs a C\\+\\+ compiler"):
+        validate(compose_cfg(["train.compile=true", "train.cpu=true"]))
+
+
 def test_a_compile_mode_without_compile_is_said():
     said = unused_settings(compose_cfg(["train.compile_mode=max-autotune"]))
     assert any("train.compile_mode=max-autotune" in s and "train.compile=false" in s for s in said)
