@@ -106,7 +106,7 @@ def test_markdown_to_a_file(sweep, tmp_path, capsys):
     lines = out.read_text(encoding="utf-8").splitlines()
     assert lines[0] == "| " + " | ".join(COLUMNS) + " |" and "peak_mem_gib" in lines[0]
     assert lines[1].startswith("|---|---|---|---|---:|")
-    assert lines[2].startswith("| 10 | ok | tiny_bart | - | 32 | 1 | 32 | 100.00 | 15000 | 1.000 | 124.6 | - |")
+    assert lines[2].startswith("| 10 | ok | tiny_bart | - | 32 | - | 1 | 32 | 100.00 | 15000 | 1.000 | 124.6 | - |")
     assert lines[4].startswith("| 0 | ok |") and lines[4].endswith("| 0.3000 | 0.1500 | 0.2700 | 0.2400 |")
     assert lines[-1].startswith("| 4 | corrupt | - |")
 

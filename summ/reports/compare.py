@@ -34,6 +34,7 @@ COLUMNS: dict[str, tuple[str, bool]] = {
     "model": ("", False),
     "data": ("", False),
     "batch_size": ("d", True),
+    "max_tokens": ("d", True),  # batch.max_tokens: a token budget's runs have no batch_size
     "gradient_accumulation_steps": ("d", True),
     "effective_batch_size": ("d", True),
     "samples_per_s": (".2f", True),
