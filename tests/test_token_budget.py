@@ -275,3 +275,14 @@ def test_a_budgets_step_rates_are_read_by_positions_not_by_the_samples_a_step_ho
         timer.add_step(0.5, samples, tokens=1000, pad_tokens=24)
     low, high = timer.summary()["samples_per_s_interval"]
     assert low == pytest.approx(high) == pytest.approx(36 / (5 * 0.5))
+
+
+def test_a_budgets_step_spread_is_not_read_as_a_tie():
+    """A budget's steps hold micro-batches of different widths: their rates spread with the work.
+    Cells 22% apart are not a tie however their per-step ranges overlap; measured again, they are
+    read by their runs."""
+    small, large = _cell(1024, 1, 50.0, 70), _cell(2048, 1, 64.0, 135)
+    small.samples_per_s_interval = large.samples_per_s_interval = [40.0, 90.0]
+    assert analyse([small, large], 0.05).recommended is large
+    small.interval_of = large.interval_of = "runs"
+    assert analyse([small, large], 0.05).recommended is small

@@ -110,7 +110,12 @@ def _flag_memory_pressure(cells: list[Cell], tolerance: float) -> None:
 
 
 def _overlap(a: Cell, b: Cell) -> bool:
-    """The two cells' per-step rates overlap (interquartile ranges): a difference within the noise."""
+    """The two cells' per-step rates overlap (interquartile ranges): a difference within the noise.
+    Not for a token budget's per-step rates: its steps hold micro-batches of different widths, whose
+    attention costs differ per position, so their spread is the work's, not noise (a budget's cell
+    measured again is still read by its runs' means)."""
+    if any(c.by_tokens and c.interval_of == "steps" for c in (a, b)):
+        return False
     ia, ib = a.samples_per_s_interval, b.samples_per_s_interval
     return bool(ia and ib and ia[0] <= ib[1] and ib[0] <= ia[1])
 
