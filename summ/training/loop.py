@@ -204,8 +204,9 @@ class Job:
         self.memory.count_components(acc.unwrap_model(run.model), run.optimizer)
         loss = None
         try:
-            if self.compiled:
+            if self.compiled:  # then the clock restarts: the first step is not billed for it
                 compiled.warm_up_compiled(run, self.timing, self.memory, self.compiled[1])
+                instruments.between_steps()
             for step in range(self.start_step, plan.total_steps):
                 if step == plan.warmup_steps:  # between warm-up and the measured steps: the worst batch's memory
                     if self.cfg.measure.memory_probe and not self.memory.probe_skipped:
