@@ -365,6 +365,11 @@ def _check_device(c: Any) -> None:
                 "installed: pip install flash-attn --no-build-isolation, or set "
                 "model.attn_implementation=sdpa"
             )
+    if _get(c, "model.attn_implementation") == "flex_attention" and _get(c, "mode") == "train" and _on_cpu(c):
+        raise ConfigError(  # torch 2.13 raises NotImplementedError at the first backward
+            "model.attn_implementation=flex_attention has no backward pass on the CPU (torch's FlexAttention), "
+            "so it cannot train here: set model.attn_implementation=sdpa (or eager), or train on a CUDA GPU"
+        )
     if _get(c, "inference.quantization") == "dynamic_int8" and not _on_cpu(c):
         raise ConfigError(
             "inference.quantization=dynamic_int8 runs on the CPU only and this run is on CUDA: "

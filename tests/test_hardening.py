@@ -146,6 +146,15 @@ def test_flash_attention_2_is_refused_where_it_cannot_run(cuda, cuda_available, 
     validate(compose_cfg(["model.attn_implementation=sdpa"]))
 
 
+def test_flex_attention_is_refused_for_training_on_the_cpu(cuda):
+    """torch's FlexAttention has no CPU backward: the first step would fail after the model loaded."""
+    cuda(False)
+    with pytest.raises(ConfigError, match="model.attn_implementation=flex_attention has no backward pass on the CPU"):
+        validate(compose_cfg(["model=tiny_llama", "model.attn_implementation=flex_attention"]))
+    cuda(True)
+    validate(compose_cfg(["model=tiny_llama", "model.attn_implementation=flex_attention"]))
+
+
 @pytest.mark.parametrize("model,attention", [("tiny_bart", "eager"), ("tiny_llama", "eager"), ("tiny_llama", "sdpa")])
 def test_the_tiny_models_use_the_attention_asked_for(model, attention):
     """model.attn_implementation was ignored for the tiny models (built from a config object)."""
