@@ -63,6 +63,27 @@ def cli(
     return proc
 
 
+def launch_two_processes(folder: Path, *overrides) -> tuple[subprocess.CompletedProcess, Path]:
+    """`accelerate launch --cpu --num_processes 2 run.py OVERRIDES` in `folder`, as a user types it
+    (the module the `accelerate` command runs: this interpreter's, found without PATH, as in a
+    virtualenv that is not activated), ending with exit 0. Returns (the process, the launch's one
+    run folder under outputs/runs: one for the launch, not one per process)."""
+    proc = cli(
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        ROOT / "run.py",
+        *overrides,
+        module="accelerate.commands.accelerate_cli",
+        cwd=folder,
+        timeout=600,
+        code=0,
+    )
+    (run,) = (Path(folder) / "outputs" / "runs").iterdir()
+    return proc, run
+
+
 def assert_one_error_line(proc: subprocess.CompletedProcess, text: str, code: int) -> str:
     """`proc` ended with exit `code` and no traceback, and its stderr holds exactly one line that
     starts with "error:", which contains `text` ("" where any will do). Returns that line."""

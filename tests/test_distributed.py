@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, assert_one_error_line, cli
+from .conftest import ROOT, assert_one_error_line, cli, launch_two_processes
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 STEPS = ["train.max_steps=40", "eval.enabled=false", "train.log_every_steps=1"]
@@ -87,24 +87,9 @@ def test_resume_from_nothing_is_one_line(tmp_path, value, expect):
 
 @pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes(tmp_path):
-    # `accelerate launch` (the module the `accelerate` command runs: this interpreter's, found without
-    # PATH, as in a virtualenv that is not activated)
-    proc = cli(
-        "launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        ROOT / "run.py",
-        "measure.steps=5",
-        "eval.enabled=true",
-        "inference=greedy",
-        "inference.max_new_tokens=8",
-        module="accelerate.commands.accelerate_cli",
-        cwd=tmp_path,
-        timeout=600,
-        code=0,
+    proc, run = launch_two_processes(
+        tmp_path, "measure.steps=5", "eval.enabled=true", "inference=greedy", "inference.max_new_tokens=8"
     )
-    (run,) = (tmp_path / "outputs" / "runs").iterdir()  # one folder for the launch, not one per process
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "ok" and m["num_processes"] == 2 and m["effective_batch_size"] == 16
     t = m["train"]

@@ -19,7 +19,7 @@ from summ.modeling import models
 from summ.modeling.checks import check_packed_rows_isolated
 from summ.modeling.loss import model_inputs, summed_token_loss
 
-from .conftest import ROOT, assert_one_error_line, cli, compose_cfg
+from .conftest import assert_one_error_line, cli, compose_cfg, launch_two_processes
 
 
 @pytest.mark.parametrize("cap", [None, 40, 64, 1000])
@@ -159,23 +159,14 @@ def test_the_levers_search_packs_only_where_the_model_can(model, packing):
 def test_packing_and_an_8bit_optimizer_under_a_two_process_launch(tmp_path):
     """The isolation check runs through DDP's wrapper on both processes, and the 8-bit state steps
     under it: the launch ends ok with no padding."""
-    cli(
-        "launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        ROOT / "run.py",
+    _, run = launch_two_processes(
+        tmp_path,
         "model=tiny_llama",
         "data.packing=true",
         "train.optimizer=adamw_8bit",
         "measure.steps=3",
         "eval.enabled=false",
-        module="accelerate.commands.accelerate_cli",
-        cwd=tmp_path,
-        timeout=600,
-        code=0,
     )
-    (run,) = (tmp_path / "outputs" / "runs").iterdir()
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "ok" and m["num_processes"] == 2 and m["optimizer"] == "adamw_8bit"
     assert m["train"]["pad_fraction"] == 0.0 and m["train"]["samples"] == 3 * 16

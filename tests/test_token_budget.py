@@ -22,7 +22,7 @@ from summ.reports.memory_report import memory_model_section
 from summ.reports.why import why_lines
 from summ.training.probe import budget_worst_batches
 
-from .conftest import ROOT, assert_one_error_line, cli, compose_cfg
+from .conftest import ROOT, assert_one_error_line, cli, compose_cfg, launch_two_processes
 
 # lengths shaped like the competition's dialogues (inputs 40-512 tokens, summaries 10-100)
 _rng = random.Random(7)
@@ -244,23 +244,14 @@ def test_a_budgeted_sweeper_with_an_effective_batch_is_refused(tmp_path):
 def test_token_budgets_under_a_two_process_launch(tmp_path):
     """Accelerate deals the budget's micro-batches to the two processes; each step holds
     accumulation x processes of them, all within the budget."""
-    cli(
-        "launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        ROOT / "run.py",
+    _, run = launch_two_processes(
+        tmp_path,
         "model=tiny_llama",
         "batch.max_tokens=1024",
         "batch.gradient_accumulation_steps=2",
         "measure.steps=2",
         "eval.enabled=false",
-        module="accelerate.commands.accelerate_cli",
-        cwd=tmp_path,
-        timeout=600,
-        code=0,
     )
-    (run,) = (tmp_path / "outputs" / "runs").iterdir()
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "ok" and m["num_processes"] == 2 and m["max_tokens"] == 1024
     assert m["train"]["micro_steps"] == 2 * 2 and 0 < m["train"]["max_micro_batch_positions"] <= 1024
