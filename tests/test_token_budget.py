@@ -277,3 +277,15 @@ def test_a_budgets_step_spread_is_not_read_as_a_tie():
     assert analyse([small, large], 0.05).recommended is large
     small.interval_of = large.interval_of = "runs"
     assert analyse([small, large], 0.05).recommended is small
+
+
+def test_a_micro_batch_grid_is_still_predicted_from_a_micro_batch_of_one():
+    """Only a budget's predictions start at half the smallest measured: micro-batches start at 1."""
+    import dataclasses
+
+    cells = [
+        dataclasses.replace(_cell(bs * 1000, 1, 60.0, 20 * bs), max_tokens=None, batch_size=bs, effective_batch_size=bs)
+        for bs in (2, 4, 8)
+    ]
+    memory = "\n".join(memory_model_section(analyse(cells, 0.05), ROOT))
+    assert "| micro-batch | predicted peak |" in memory and "| 1 |" in memory and "| 16 |" in memory

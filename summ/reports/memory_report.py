@@ -81,9 +81,9 @@ def _predicted_table(a: Analysis) -> list[str]:
     mm = a.memory_model
     cells = [c for c in a.cells if c.micro and c.by_tokens == a.by_tokens]
     measured = {c.micro for c in cells if c.ok}
-    top, low = max([c.micro for c in cells] or [1]), 1
-    if a.by_tokens:  # budgets from half the smallest measured
-        low = max(1, int(math.log2(min(c.micro for c in cells))) - 1) if cells else 0
+    top, low = max([c.micro for c in cells] or [1]), 0  # micro-batches from 1
+    if a.by_tokens and cells:  # budgets from half the smallest measured
+        low = max(1, int(math.log2(min(c.micro for c in cells))) - 1)
     candidates = sorted({c.micro for c in cells if not c.ok} | {2**k for k in range(low, int(math.log2(top)) + 2)})
     rows = [b for b in candidates if b not in measured]
     if not rows:
