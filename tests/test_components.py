@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from summ.measure import components
-from summ.training import loop
-from summ.training.probe import probe_samples as loop_probe_samples
+from summ.training import probe
+from summ.training.probe import probe_samples as all_probe_samples
 
 MODELS = {
     "tiny_bart": [],
@@ -57,11 +57,11 @@ def test_parts_are_the_tensors_bytes(run_job, monkeypatch, counted_parts, model,
     widths = []
 
     def probe_samples(*args):
-        chosen = loop_probe_samples(*args)
+        chosen = all_probe_samples(*args)
         widths.append(chosen[0][1])  # one probe micro-batch: (its samples, its widths)
         return chosen
 
-    monkeypatch.setattr(loop, "probe_samples", probe_samples)
+    monkeypatch.setattr(probe, "probe_samples", probe_samples)
     m, _ = run_job(
         *MODELS[model], f"batch.batch_size={micro_batch}", "measure.steps=2", "eval.enabled=false", "train.epochs=50"
     )

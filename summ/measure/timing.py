@@ -86,11 +86,12 @@ class StepTimer:
 
     def summary(self) -> dict:
         seconds = sum(self.step_times)
-        rates = [n / t for n, t in zip(self.step_samples, self.step_times) if t > 0]
         positions = sum(self.step_positions)
         if len(set(self.step_samples)) > 1 and positions:  # samples per step vary: rates by positions
-            per = self.samples / positions
-            rates = [p * per / t for p, t in zip(self.step_positions, self.step_times) if t > 0]
+            work = [p * self.samples / positions for p in self.step_positions]
+        else:
+            work = self.step_samples
+        rates = [n / t for n, t in zip(work, self.step_times) if t > 0]
         return {
             "optimizer_steps": self.measured_steps,
             "micro_steps": self.micro_steps,

@@ -18,7 +18,6 @@ the measured steps.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from summ.training.instruments import MemoryStretches, Timing
-from summ.training.probe import discarded_step, probe_samples
+from summ.training.probe import discarded_step, probe_batches
 from summ.training.setup import Setup
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ def is_compiled(model: torch.nn.Module) -> bool:
 
 @contextlib.contextmanager
 def uncompiled(model: torch.nn.Module) -> Iterator[None]:
-    """`model` run eagerly inside (the FLOP count; evaluation), compiled again after."""
+    """`model` run eagerly inside (the warm-up's FLOP count), compiled again after."""
     compiled, model._compiled_call_impl = getattr(model, "_compiled_call_impl", None), None
     try:
         yield
@@ -91,15 +90,15 @@ def warm_compiled(batches: list[dict], step: Callable[[dict], None], watch: Comp
     """`step` (forward and backward, nothing kept) over `batches`, round after round, until a round
     compiles nothing (at most MAX_ROUNDS). Returns (seconds, rounds)."""
     started = time.perf_counter()
-    for rounds in itertools.count(1):
-        before = watch.compiles
+    rounds, compiling = 0, True
+    while compiling and rounds < MAX_ROUNDS:
+        before, rounds = watch.compiles, rounds + 1
         for batch in batches:
             step(batch)
-        if watch.compiles == before or rounds >= MAX_ROUNDS:
-            if watch.compiles != before:
-                log.warning("train.compile: still compiling after %d warm-up rounds over the run's shapes", rounds)
-            return time.perf_counter() - started, rounds
-    raise AssertionError("unreachable")
+        compiling = watch.compiles != before
+    if compiling:
+        log.warning("train.compile: still compiling after %d warm-up rounds over the run's shapes", rounds)
+    return time.perf_counter() - started, rounds
 
 
 def warmup_indices(batch_sampler) -> list[list[int]]:
@@ -117,8 +116,7 @@ def warm_up_compiled(run: Setup, timing: Timing, memory: MemoryStretches, watch:
     stretch of its own, not training's. Returns its seconds."""
     acc, model, data, collator = run.accelerator, run.model, run.data.train_ds, run.collator
     batches = [collator([data[i] for i in b]) for b in warmup_indices(run.train_loader.batch_sampler)]
-    for indices, widths in probe_samples(data, run.shape, collator):
-        batches.append(collator.probe_batch([data[i] for i in indices], widths))
+    batches += probe_batches(data, run.shape, collator)
     memory.end_observed_stretch()
     resident = memory.monitor.resident_marks()
 

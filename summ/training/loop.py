@@ -29,7 +29,7 @@ from summ.training.after_training import evaluate_trained
 from summ.training.instruments import MemoryStretches, StepInstruments, Timing
 from summ.training.outcome import StepLog, recorded
 from summ.training.prepare import PreparedData, data_for
-from summ.training.probe import probe_memory, probe_samples, warm_training_paths
+from summ.training.probe import probe_batches, probe_memory, warm_training_paths
 from summ.training.schedule import caveats
 from summ.training.setup import Setup, copy_in_the_step, lr_scheduler, prepared_parts, schedule, start_accelerator
 from summ.training.trace import check_warmup
@@ -307,15 +307,18 @@ class Job:
         one micro-batch, or a token budget's few worst cases, each judged against the budget."""
         timing, worst = self.timing, -1
         timing.clock.start()
-        for indices, widths in probe_samples(run.data.train_ds, run.shape, run.collator):
-            batch = run.collator.probe_batch([run.data.train_ds[i] for i in indices], widths)
-            peak = self._probe_batch(run, batch)
+        for batch in probe_batches(run.data.train_ds, run.shape, run.collator):
+            peak, counts = self._probe_batch(run, batch), batch["counts"]
             if peak > worst:
-                worst, self.memory.probe_positions = peak, batch["counts"].tokens + batch["counts"].pad_tokens
+                worst, self.memory.probe_positions = peak, counts.tokens + counts.pad_tokens
             if self.memory.count is not None:
-                self.memory.count.saw_label_rows(batch["counts"].label_tokens)
+                self.memory.count.saw_label_rows(counts.label_tokens)
+            widths = (batch["input_ids"].shape[1], batch["labels"].shape[1])
             log.info(
-                "memory probe: a micro-batch of %d at widths %s peaked at %.3f GiB", len(indices), widths, peak / 2**30
+                "memory probe: a micro-batch of %d at widths %s peaked at %.3f GiB",
+                counts.samples,
+                widths,
+                peak / 2**30,
             )
         timing.probe_seconds = timing.clock.lap()  # its work done on the device
 

@@ -42,6 +42,14 @@ def probe_samples(
     ]
 
 
+def probe_batches(dataset: TokenizedDataset, shape: BatchShape, collator: Collator | PackingCollator) -> list[dict]:
+    """The probe's micro-batches (probe_samples) collated as the probe and the compile warm-up run them."""
+    return [
+        collator.probe_batch([dataset[i] for i in indices], widths)
+        for indices, widths in probe_samples(dataset, shape, collator)
+    ]
+
+
 def budget_worst_batches(
     lengths: list[int], labels: list[int], collator: Collator | PackingCollator, max_tokens: int
 ) -> list[list[int]]:
