@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,16 +64,26 @@ def cli(
     return proc
 
 
+def free_port() -> int:
+    """A TCP port no one listens on now, for a process group's rendezvous: two launches on the
+    suite's two workers must not both take torch's default 29500 (the second fails, EADDRINUSE)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch_two_processes(folder: Path, *overrides) -> tuple[subprocess.CompletedProcess, Path]:
     """`accelerate launch --cpu --num_processes 2 run.py OVERRIDES` in `folder`, as a user types it
     (the module the `accelerate` command runs: this interpreter's, found without PATH, as in a
-    virtualenv that is not activated), ending with exit 0. Returns (the process, the launch's one
-    run folder under outputs/runs: one for the launch, not one per process)."""
+    virtualenv that is not activated), on a free port (free_port), ending with exit 0. Returns
+    (the process, the launch's one run folder under outputs/runs: one for the launch, not one per process)."""
     proc = cli(
         "launch",
         "--cpu",
         "--num_processes",
         "2",
+        "--main_process_port",
+        free_port(),
         ROOT / "run.py",
         *overrides,
         module="accelerate.commands.accelerate_cli",

@@ -17,6 +17,8 @@ from summ.measure import components
 from summ.training import probe
 from summ.training.probe import probe_samples as all_probe_samples
 
+from .conftest import free_port
+
 MODELS = {
     "tiny_bart": [],
     "tiny_llama": ["model=tiny_llama"],
@@ -165,7 +167,7 @@ assert components.trainable_bytes(model) == (8 * 4 + 4) * 4
 dist.destroy_process_group()
 print("ok")
 """
-    port = str(29500 + os.getpid() % 1000)
+    port = str(free_port())
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "PORT": port}
     )

@@ -7,7 +7,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +18,7 @@ from torch._utils import _get_device_index
 from summ.measure import flops, machine, timing
 from summ.measure.memory import BudgetGuard, MemoryMonitor
 
-from .conftest import ROOT, cli, compose_cfg
+from .conftest import ROOT, cli, compose_cfg, free_port
 
 # the recorder's global backward hook sees modules whose outputs are not tensors: torch says so
 pytestmark = [
@@ -49,11 +48,16 @@ CUDA_CALLS = {
 
 def two_processes(script: Path, *args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`script` as two processes of one torch.distributed.run launch (gloo on the CPU)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     return cli(
-        "--nproc_per_node", "2", "--master_port", port, script, *args, module="torch.distributed.run", env=env, cwd=cwd
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        free_port(),
+        script,
+        *args,
+        module="torch.distributed.run",
+        env=env,
+        cwd=cwd,
     )
 
 
