@@ -5,9 +5,10 @@ tiny_llama (LoRA) on competition-shaped synthetic data, micro-batch 8, each cont
 per-round ratios against the group's first contender (the machine's drift cancels within a round).
 
   - layout (tiny_llama): padded to the longest in the batch (the default), length-grouped, packed in
-    one row, packed in rows of at most 1024 positions, micro-batches filled to a 2048-token budget
-    (batch.max_tokens; about micro-batch 8's positions) padded and packed: samples/s, positions/s,
-    pad fraction, peak;
+    one row (on sdpa, and on sdpa_varlen: attended sample by sample), packed in rows of at most 1024
+    positions, micro-batches filled to a 2048-token budget (batch.max_tokens; about micro-batch 8's
+    positions) padded and packed: samples/s (and its ratio to length grouping's), positions/s, pad
+    fraction, peak;
   - optimizer (tiny_bart, a full fine-tune): adamw (fused on the CPU), adamw_foreach, adamw_8bit,
     adafactor: the optimizer phase's seconds per step, samples/s, the optimizer state's bytes, peak;
   - compile (tiny_llama): eager against train.compile=true: samples/s of the measured steps (after
@@ -41,6 +42,7 @@ GROUPS = {
         "padded": [],
         "grouped": ["data.group_by_length=true"],
         "packed, one row": ["data.packing=true"],
+        "packed, one row, sdpa_varlen": ["data.packing=true", "model.attn_implementation=sdpa_varlen"],
         "packed, rows <= 1024": ["data.packing=true", "data.max_packed_len=1024"],
         "token budget 2048": ["batch.max_tokens=2048"],
         "packed, token budget 2048": ["data.packing=true", "batch.max_tokens=2048"],
@@ -101,15 +103,19 @@ def main() -> None:
                 results[name].append(run(contenders[name], args.steps))
                 print(f"  round {r + 1}: {name}: samples/s {results[name][-1]['samples_per_s']:.2f}", flush=True)
         first = next(iter(contenders))
+        versus = [first, *(["grouped"] if "grouped" in contenders else [])]
         rows = []
         for name, res in results.items():
-            ratio = statistics.median(a["samples_per_s"] / b["samples_per_s"] for a, b in zip(res, results[first]))
+            ratios = [
+                statistics.median(a["samples_per_s"] / b["samples_per_s"] for a, b in zip(res, results[other]))
+                for other in versus
+            ]
             med = {k: statistics.median(x[k] for x in res) for k in res[0] if isinstance(res[0][k], (int, float))}
             rows.append(
                 [
                     name if group == "layout" else f"{name} ({res[0]['built']})",
                     fmt(med["samples_per_s"], ".2f"),
-                    fmt(ratio, ".2f"),
+                    *(fmt(ratio, ".2f") for ratio in ratios),
                     fmt(med["positions_per_s"], ".0f"),
                     fmt(med["pad_fraction"], ".3f"),
                     gib(med["peak_bytes"]),
@@ -121,7 +127,8 @@ def main() -> None:
                     str(max(x["recompiles"] for x in res)),
                 ]
             )
-        header = ["contender", "samples/s", f"x {first}", "positions/s", "pad", "peak", "optimizer ms/step", "state"]
+        header = ["contender", "samples/s", *(f"x {other}" for other in versus), "positions/s", "pad", "peak"]
+        header += ["optimizer ms/step", "state"]
         header += ["compile s", "recompiles (measured)"]
         print(f"\n{group}:\n" + table(rows, header))
         if skipped:

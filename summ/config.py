@@ -52,7 +52,7 @@ Tracker = _choices("Tracker", "none", "tensorboard", "wandb", "mlflow")
 DType = _choices("DType", "float32", "bfloat16", "float16")
 Padding = _choices("Padding", "longest", "max_length")
 EnsembleStrategy = _choices("EnsembleStrategy", "mbr", "weighted", "stacking", "logit_avg")
-Attention = _choices("Attention", "eager", "sdpa", "flash_attention_2", "flex_attention")
+Attention = _choices("Attention", "eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flex_attention")
 Objective = _choices(  # the last: two values, a Pareto study
     "Objective",
     "train_seconds_per_sample",
@@ -132,7 +132,7 @@ class ModelConfig:
     quantization: Quantization = Quantization["none"]  # bitsandbytes; 4bit = QLoRA with NF4, bf16 compute
     gradient_checkpointing: bool = False
     dtype: DType = DType["float32"]  # weights as loaded (mixed precision is train.mixed_precision)
-    attn_implementation: Attention | None = None  # null = transformers' default (sdpa where it can)
+    attn_implementation: Attention | None = None  # null: transformers' (sdpa); sdpa_varlen: summ/modeling/varlen.py
     trust_remote_code: bool = False
 
 

@@ -260,6 +260,12 @@ def _check_contradictions(c: Any) -> None:
             f"vary and batch.effective_batch_size={_get(c, 'batch.effective_batch_size')} cannot be kept: "
             f"set batch.gradient_accumulation_steps instead, or batch.max_tokens=null"
         )
+    if _get(c, "model.attn_implementation") == "sdpa_varlen" and _get(c, "train.compile"):
+        raise ConfigError(
+            "model.attn_implementation=sdpa_varlen attends a packed row sample by sample in a Python loop, which "
+            "torch.compile would recompile for every new row layout: set model.attn_implementation=sdpa "
+            "(flash_attention_2 on a GPU), or train.compile=false"
+        )
     if _get(c, "data.packing"):
         if str(_get(c, "model.kind")) != "causal":
             raise ConfigError(

@@ -67,7 +67,7 @@ def _loss_and_grads(model, batch):
     return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_varlen", "eager"])
 @pytest.mark.parametrize("cap", [None, 400])
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(attention, cap):
     model, tok, features = _model_and_features(attention)
@@ -88,7 +88,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(attention, c
         assert float((grads_packed[name] - g).abs().max()) <= 1e-4 * scale + 1e-9, name
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_varlen", "eager"])
 def test_no_token_attends_across_a_sample_boundary(attention):
     """Perturb one sample of a packed row: every other sample's logits stay where they were."""
     model, tok, features = _model_and_features(attention, n=3)

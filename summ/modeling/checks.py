@@ -161,5 +161,6 @@ def check_packed_rows_isolated(model, config, device, attention: str | None) -> 
         raise ConfigError(
             f"data.packing=true: {config.model_type} with attn_implementation={attention or 'default'} lets samples "
             f"packed in one row attend to each other (a sample's logits moved by {leak:.3g} with its neighbour): "
-            "use model.attn_implementation=sdpa or eager (flash_attention_2 on a GPU), or data.packing=false"
+            "use model.attn_implementation=sdpa, sdpa_varlen or eager (flash_attention_2 on a GPU), "
+            "or data.packing=false"
         )

@@ -16,6 +16,7 @@ import torch
 from summ.config import ModelConfig, ModelKind
 from summ.data.samples import MASKED_TOKENS, bundled_sample_dir, read_csv
 from summ.errors import ConfigError, WeightsNotFound
+from summ.modeling import varlen
 from summ.modeling.checks import check_tokenizer, from_pretrained_checked
 
 TINY_VOCAB_SIZE = 4000
@@ -94,6 +95,14 @@ def tiny_tokenizer():
     return tok
 
 
+def attention(cfg: ModelConfig) -> str | None:
+    """model.attn_implementation as transformers takes it (None: its default); summ's own
+    sdpa_varlen (summ/modeling/varlen.py) registered with transformers first."""
+    if cfg.attn_implementation == varlen.NAME:
+        varlen.register()
+    return str(cfg.attn_implementation) if cfg.attn_implementation else None
+
+
 def tiny_model(cfg: ModelConfig, tok, seed: int):
     t = cfg.tiny
     torch.manual_seed(seed)
@@ -101,7 +110,7 @@ def tiny_model(cfg: ModelConfig, tok, seed: int):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype(cfg.dtype) if cfg.dtype != "float16" else torch.float32)
     try:
-        return _build_tiny(t, tok, vocab, str(cfg.attn_implementation) if cfg.attn_implementation else None)
+        return _build_tiny(t, tok, vocab, attention(cfg))
     finally:
         torch.set_default_dtype(previous)
 
@@ -316,7 +325,7 @@ def load_base(cfg: ModelConfig, tok, seed: int, device: torch.device):
     quant = _quantization_config(cfg)
     kwargs: dict[str, Any] = {}
     if cfg.attn_implementation:
-        kwargs["attn_implementation"] = str(cfg.attn_implementation)
+        kwargs["attn_implementation"] = attention(cfg)
     if source is None and quant is None:
         model = tiny_model(cfg, tok, seed)
     else:

@@ -1,0 +1,84 @@
+"""`model.attn_implementation=sdpa_varlen`: torch's scaled_dot_product_attention run once per
+sample of a packed row, the varlen path that flash_attention_2 takes on a GPU, for devices and
+installs without flash-attn (the CPU, sdpa-only GPUs).
+
+transformers 5 keeps packed samples apart on `sdpa` with a block-diagonal mask over the whole row
+(masking_utils.find_packed_sequence_indices): correct, but the attention scores are computed for
+every pair in the row, row_len^2 per row instead of the sum of each sample's len^2, so packing pays
+for its saved padding in attention work (BENCHMARKS.md §11). Here each sample's slice of the row is
+attended alone, causal, with no mask: the work of length grouping without its padding.
+
+Anything that is not a packed causal row (a padding mask, a KV cache, an encoder, one sample per
+row, a sample longer than a sliding-window layer's window) runs transformers' own sdpa with the mask
+it built, so the name means sdpa everywhere else: evaluation and generation are unchanged. The
+samples of a row are found as transformers finds them (a position that does not follow the one
+before starts a sample), once per forward: the layers share the forward's position_ids tensor, and
+its segment bounds are kept for it.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+NAME = "sdpa_varlen"
+
+_bounds_for: tuple[weakref.ref | None, list[list[tuple[int, int]]]] = (None, [])
+
+
+def segment_bounds(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]:
+    """Each of `rows` rows' samples as (start, end) column ranges: a sample starts where a position
+    is not the one before it plus one (transformers' rule for packed rows), so pad positions that
+    restart at 0 are a segment of their own. position_ids of one row are every row's."""
+    global _bounds_for
+    ref, bounds = _bounds_for
+    if ref is not None and ref() is position_ids and len(bounds) == rows:
+        return bounds
+    starts = torch.diff(position_ids.expand(rows, -1), dim=-1) != 1
+    width = position_ids.shape[-1]
+    bounds = []
+    for row in starts.cpu().tolist():
+        cuts = [0, *(i + 1 for i, cut in enumerate(row) if cut), width]
+        bounds.append(list(zip(cuts[:-1], cuts[1:])))
+    _bounds_for = (weakref.ref(position_ids), bounds)
+    return bounds
+
+
+def sdpa_varlen_forward(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """An attention function (transformers' AttentionInterface): query, key, value are
+    (batch, heads, positions, head_dim); returns (batch, positions, heads, head_dim), None."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    packed = (
+        position_ids is not None
+        and getattr(module, "is_causal", False)
+        and query.shape[2] == key.shape[2] == position_ids.shape[-1]
+    )
+    bounds = segment_bounds(position_ids, query.shape[0]) if packed else []
+    window = getattr(module, "sliding_window", None)  # a sliding-window layer: its mask bounds what a token sees
+    if window and any(e - s > window for row in bounds for s, e in row):
+        bounds = []
+    if not bounds or all(len(row) == 1 for row in bounds):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    rows = []
+    for b, row in enumerate(bounds):
+        pieces = [
+            sdpa_attention_forward(
+                module, query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], None, **kwargs
+            )[0]
+            for s, e in row
+        ]
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+def register() -> None:
+    """Make `sdpa_varlen` a name transformers takes for attn_implementation, with sdpa's mask
+    (built for the fallback above; a packed row's block-diagonal mask is not read)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(NAME, sdpa_varlen_forward)
+    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])

@@ -1,0 +1,117 @@
+"""model.attn_implementation=sdpa_varlen (summ/modeling/varlen.py): a packed row is attended sample
+by sample, each sample's slice alone, and anything else is transformers' sdpa unchanged. The
+packed loss and gradients against padded batches are held in test_packing.py (every attention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from summ.config import ModelKind
+from summ.data.packing import PackingCollator
+from summ.data.samples import bundled_sample_dir, read_csv
+from summ.data.tokenize import Collator, Encoder
+from summ.errors import ConfigError
+from summ.modeling import models, varlen
+from summ.modeling.loss import model_inputs
+
+from .conftest import compose_cfg
+
+
+def _model(attention: str):
+    c = OmegaConf.to_object(
+        compose_cfg(["model=tiny_llama", f"model.attn_implementation={attention}", "model.tiny.dropout=0"])
+    )
+    tok = models.load_tokenizer(c.model)
+    model = models.load(c.model, tok, 0, torch.device("cpu")).model
+    encoder = Encoder(tok, ModelKind.causal, c.model.prompt_template, 160, 32)
+    features = encoder.encode_all(read_csv(bundled_sample_dir() / "train.csv", need_summary=True)[:5])
+    return model, tok, features
+
+
+@pytest.fixture
+def attended(monkeypatch):
+    """The query lengths of every sdpa call that sdpa_varlen makes, in order."""
+    from transformers.integrations import sdpa_attention
+
+    lengths = []
+    real = sdpa_attention.sdpa_attention_forward
+
+    def recorded(module, query, *args, **kwargs):
+        lengths.append(query.shape[2])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", recorded)
+    return lengths
+
+
+def test_segment_bounds_follow_transformers_rule_and_are_computed_once_per_tensor():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1]])
+    assert varlen.segment_bounds(positions, 1) == [[(0, 3), (3, 5), (5, 6), (6, 8)]]
+    assert varlen.segment_bounds(positions, 2) == [[(0, 3), (3, 5), (5, 6), (6, 8)]] * 2  # one row, broadcast
+    rows = torch.tensor([[0, 1, 2, 3], [0, 1, 0, 1]])
+    assert varlen.segment_bounds(rows, 2) == [[(0, 4)], [(0, 2), (2, 4)]]
+    again = rows.clone()  # the same values in another tensor: read again, not served from the last one's
+    again[0, 2:] = torch.tensor([0, 1])
+    assert varlen.segment_bounds(again, 2) == [[(0, 2), (2, 4)], [(0, 2), (2, 4)]]
+
+
+def test_a_packed_row_is_attended_sample_by_sample(attended):
+    model, tok, features = _model("sdpa_varlen")
+    batch = PackingCollator(tok.pad_token_id, 400)(features)
+    with torch.no_grad():
+        model(**model_inputs(batch))
+    bounds = varlen.segment_bounds(batch["position_ids"], batch["input_ids"].shape[0])
+    one_layer = [end - start for row in bounds for start, end in row]
+    assert sorted(n for n in one_layer if n > 1) != [] and len(one_layer) > batch["input_ids"].shape[0]
+    assert attended == one_layer * model.config.num_hidden_layers
+
+
+def test_anything_not_packed_is_sdpa_unchanged(attended):
+    """A padded batch (a padding mask, one sample a row) and generation with a KV cache give the
+    same logits and tokens as sdpa, through sdpa itself: one call per layer for the whole batch."""
+    plain, tok, features = _model("sdpa")
+    model, _, _ = _model("sdpa_varlen")
+    batch = model_inputs(Collator(tok.pad_token_id, ModelKind.causal)(features))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, plain(**batch).logits, rtol=0, atol=0)
+        assert attended == [batch["input_ids"].shape[1]] * model.config.num_hidden_layers
+        prompt = torch.tensor([features[0].input_ids[:20]])
+        kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert model.generate(prompt, **kwargs).tolist() == plain.generate(prompt, **kwargs).tolist()
+
+
+def test_sdpa_varlen_with_compile_is_refused_with_one_line():
+    from summ.validation import validate
+
+    with pytest.raises(ConfigError, match="sdpa_varlen attends a packed row sample by sample"):
+        validate(compose_cfg(["model=tiny_llama", "model.attn_implementation=sdpa_varlen", "train.compile=true"]))
+
+
+def test_a_packed_run_on_sdpa_varlen_trains_and_evaluates(run_job):
+    """Through the whole job: loaded by name, the setup's isolation check passes, evaluation generates."""
+    metrics, _ = run_job(
+        "model=tiny_llama",
+        "data.packing=true",
+        "model.attn_implementation=sdpa_varlen",
+        "measure.steps=2",
+        "eval.generate=true",
+        "data.max_eval_samples=4",
+    )
+    assert metrics["status"] == "ok" and metrics["train"]["pad_fraction"] < 0.05
+    assert metrics["eval"]["n"] == 4 and metrics["eval"]["rouge1"] is not None
+
+
+def test_a_sample_longer_than_a_sliding_window_takes_sdpas_masked_path(attended):
+    """A sliding-window layer's mask (built by transformers) bounds what a token sees; a sample
+    longer than the window is not attended alone without it."""
+    from types import SimpleNamespace
+
+    q = k = v = torch.randn(1, 2, 6, 4)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    for window, calls in ((3, [3, 3]), (2, [6])):
+        attended.clear()
+        module = SimpleNamespace(is_causal=True, sliding_window=window)
+        varlen.sdpa_varlen_forward(module, q, k, v, torch.ones(1, 1, 6, 6, dtype=torch.bool), position_ids=positions)
+        assert attended == calls
