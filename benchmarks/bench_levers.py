@@ -17,6 +17,7 @@ Acceptance (issue 24): packing cuts padded positions to under 5% and raises samp
 grouping. Nothing else may run meanwhile.
 
     python benchmarks/bench_levers.py [--group layout|optimizer|compile|all] [--rounds 3] [--steps 20]
+        [--contender NAME ...]
 """
 
 from __future__ import annotations
@@ -92,18 +93,20 @@ def main() -> None:
     ap.add_argument("--group", choices=[*GROUPS, "all"], default="all")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--contender", action="append", help="only these contenders of the group (repeat the flag)")
     args = ap.parse_args()
     print(f"machine: {machine()}\n{' '.join(BASE)}, {args.steps} measured steps, {args.rounds} rounds")
     for group in GROUPS if args.group == "all" else [args.group]:
-        contenders = {k: o for k, o in GROUPS[group].items() if available(o)}
-        skipped = sorted(set(GROUPS[group]) - set(contenders))
+        chosen = {k: o for k, o in GROUPS[group].items() if not args.contender or k in args.contender}
+        contenders = {k: o for k, o in chosen.items() if available(o)}
+        skipped = sorted(set(chosen) - set(contenders))
         results: dict[str, list[dict]] = {k: [] for k in contenders}
         for r in range(args.rounds):
             for name in round_order(list(contenders), r):
                 results[name].append(run(contenders[name], args.steps))
                 print(f"  round {r + 1}: {name}: samples/s {results[name][-1]['samples_per_s']:.2f}", flush=True)
         first = next(iter(contenders))
-        versus = [first, *(["grouped"] if "grouped" in contenders else [])]
+        versus = list(dict.fromkeys([first, *(["grouped"] if "grouped" in contenders else [])]))
         rows = []
         for name, res in results.items():
             ratios = [

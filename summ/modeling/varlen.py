@@ -63,12 +63,13 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, position_ids=
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
     rows = []
-    for b, row in enumerate(bounds):
+    # split, not sliced: a split's backward concatenates the pieces' gradients once, where each slice's
+    # would allocate a zero gradient of the whole tensor and add its own into it
+    for q, k, v, row in zip(query.split(1), key.split(1), value.split(1), bounds, strict=True):
+        lengths = [e - s for s, e in row]
         pieces = [
-            sdpa_attention_forward(
-                module, query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], None, **kwargs
-            )[0]
-            for s, e in row
+            sdpa_attention_forward(module, *parts, None, **kwargs)[0]
+            for parts in zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2), strict=True)
         ]
         rows.append(torch.cat(pieces, dim=1))
     return torch.cat(rows, dim=0), None
