@@ -6,8 +6,9 @@
     about a quarter of AdamW's (8-bit moments for tensors of 4096+ elements: target <= 0.30); each
     with its samples/s, peak and the optimizer phase's time per step;
   - packing, on the Llama-3.2-3B-shaped QLoRA model: padded, length-grouped and packed
-    (data.packing=true, flash_attention_2 where flash-attn is installed, else sdpa) with its rows
-    capped and not, and micro-batches filled to a token budget (batch.max_tokens): pad fraction
+    (data.packing=true, flash_attention_2 where flash-attn is installed, else sdpa; and on
+    sdpa_varlen, whose per-sample sdpa calls cost kernel launches on a GPU) with its rows capped
+    and not, and micro-batches filled to a token budget (batch.max_tokens): pad fraction
     (target: packed under 0.05), samples/s and peak. A packed run that completes has passed the
     setup's isolation check on the model itself;
   - compile, on the KoBART-shaped model: train.compile=true against the eager adamw run above:
@@ -57,16 +58,17 @@ def levers(ctx: Context) -> dict:
     ratios = {n: (r["optimizer_state_bytes"] or 0) / adamw for n, r in out["optimizers"].items() if n != "adamw"}
     attention = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
     llama = llama_3b(a) + window(a.qlora_batch, a.qlora_steps, max(2, a.qlora_warmup_steps))
-    layouts = {
-        "padded": [],
-        "grouped": ["data.group_by_length=true"],
-        "packed": ["data.packing=true"],
-        "packed rows<=2048": ["data.packing=true", "data.max_packed_len=2048"],
-        "token budget": [f"batch.max_tokens={max(2048, a.qlora_batch * 512)}"],  # about the micro-batch's positions
+    layouts = {  # name: (attention, overrides)
+        "padded": (attention, []),
+        "grouped": (attention, ["data.group_by_length=true"]),
+        "packed": (attention, ["data.packing=true"]),
+        "packed sdpa_varlen": ("sdpa_varlen", ["data.packing=true"]),  # one sdpa launch per sample and layer
+        "packed rows<=2048": (attention, ["data.packing=true", "data.max_packed_len=2048"]),
+        "token budget": (attention, [f"batch.max_tokens={max(2048, a.qlora_batch * 512)}"]),  # ~ the micro-batch
     }
-    for name, extra in layouts.items():
-        m = summ_run(ctx, f"s7 {name}", llama + [f"model.attn_implementation={attention}", *extra])
-        rows.append(_row(f"llama {name} ({attention})", m))
+    for name, (kernel, extra) in layouts.items():
+        m = summ_run(ctx, f"s7 {name}", llama + [f"model.attn_implementation={kernel}", *extra])
+        rows.append(_row(f"llama {name} ({kernel})", m))
         out["layouts"][name] = {
             "pad_fraction": m.train.pad_fraction,
             "samples_per_s": m.train.samples_per_s,
