@@ -7,8 +7,8 @@ per-round ratios against the group's first contender (the machine's drift cancel
   - layout (tiny_llama): padded to the longest in the batch (the default), length-grouped, packed in
     one row (on sdpa, and on sdpa_varlen: attended sample by sample), packed in rows of at most 1024
     positions, micro-batches filled to a 2048-token budget (batch.max_tokens; about micro-batch 8's
-    positions) padded and packed: samples/s (and its ratio to length grouping's), positions/s, pad
-    fraction, peak;
+    positions) padded and packed (on sdpa and sdpa_varlen): samples/s (and its ratio to length
+    grouping's), positions/s, pad fraction, peak;
   - optimizer (tiny_bart, a full fine-tune): adamw (fused on the CPU), adamw_foreach, adamw_8bit,
     adafactor: the optimizer phase's seconds per step, samples/s, the optimizer state's bytes, peak;
   - compile (tiny_llama): eager against train.compile=true: samples/s of the measured steps (after
@@ -47,6 +47,11 @@ GROUPS = {
         "packed, rows <= 1024": ["data.packing=true", "data.max_packed_len=1024"],
         "token budget 2048": ["batch.max_tokens=2048"],
         "packed, token budget 2048": ["data.packing=true", "batch.max_tokens=2048"],
+        "packed, token budget 2048, sdpa_varlen": [
+            "data.packing=true",
+            "batch.max_tokens=2048",
+            "model.attn_implementation=sdpa_varlen",
+        ],
     },
     "optimizer": {  # a full fine-tune (tiny_bart): LoRA's state is too small to move anything
         "adamw": ["model=tiny_bart", "train.optimizer=adamw"],

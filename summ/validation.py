@@ -294,6 +294,11 @@ def unused_settings(c: Any) -> list[str]:
         )
     if str(_get(c, "train.compile_mode")) != "default" and not _get(c, "train.compile"):
         said.append(f"train.compile_mode={_get(c, 'train.compile_mode')} is torch.compile's, and train.compile=false")
+    if _get(c, "model.attn_implementation") == "sdpa_varlen" and not _get(c, "data.packing"):
+        said.append(
+            "model.attn_implementation=sdpa_varlen attends packed rows sample by sample, "
+            "and data.packing=false: it runs as sdpa"
+        )
     if _get(c, "data.max_packed_len") is not None and not _get(c, "data.packing"):
         said.append(f"data.max_packed_len={_get(c, 'data.max_packed_len')} caps packed rows, and data.packing=false")
     if _get(c, "data.group_by_length") and _get(c, "batch.max_tokens") is not None:

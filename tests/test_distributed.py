@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, assert_one_error_line, cli, launch_two_processes
+from .conftest import ROOT, assert_one_error_line, cli, free_port, launch_two_processes
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 STEPS = ["train.max_steps=40", "eval.enabled=false", "train.log_every_steps=1"]
@@ -139,11 +139,7 @@ def test_a_failure_on_one_process_ends_the_cell_on_all_and_the_sweep_goes_on(tmp
     in the memory probe, in a forward (an accumulating micro-step and the synchronising one) and in a
     backward; a plain error in the optimizer step and in a forward. Without the agreement, process 0
     waits for good in the next collective."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # one failpoint per cell of the grid micro-batch 1..4 x accumulation 1,2; the last cell trains
     plan = [
         "oom@probe:micro_batch=1:accumulation=1",
@@ -214,11 +210,7 @@ def test_a_failure_the_other_process_cannot_hear_of_stops_the_launch_with_a_line
     """Process 1 fails saving the model (outside the step's agreement) while process 0 waits for it
     at the save's barrier: the launch ends in seconds, not at torch's 30-minute timeout, with one line
     that says how to go on, and the next cell never runs out of step."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     started = time.monotonic()
     proc = cli(
         "--nproc_per_node",
