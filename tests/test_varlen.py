@@ -115,3 +115,12 @@ def test_a_sample_longer_than_a_sliding_window_takes_sdpas_masked_path(attended)
         module = SimpleNamespace(is_causal=True, sliding_window=window)
         varlen.sdpa_varlen_forward(module, q, k, v, torch.ones(1, 1, 6, 6, dtype=torch.bool), position_ids=positions)
         assert attended == calls
+
+
+def test_sdpa_varlen_without_packing_is_said_to_run_as_sdpa():
+    from summ.validation import unused_settings
+
+    said = unused_settings(compose_cfg(["model=tiny_llama", "model.attn_implementation=sdpa_varlen"]))
+    assert any("sdpa_varlen" in line and "runs as sdpa" in line for line in said)
+    packed = compose_cfg(["model=tiny_llama", "model.attn_implementation=sdpa_varlen", "data.packing=true"])
+    assert not any("sdpa_varlen" in line for line in unused_settings(packed))
