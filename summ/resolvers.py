@@ -17,6 +17,7 @@ def register_configs() -> None:
     OmegaConf.register_resolver("summ_precisions", precision_choices, replace=True)
     OmegaConf.register_resolver("summ_optimizers", optimizer_choices, replace=True)
     OmegaConf.register_resolver("summ_packing", packing_choices, replace=True)
+    OmegaConf.register_resolver("summ_packed_attention", packed_attention, replace=True)
     # ${summ_now:FORMAT}: like Hydra's ${now:}, but one time for the whole launch: every job of a
     # sweep (which resolves hydra.sweep.dir once per job) and every process of a distributed launch
     OmegaConf.register_resolver("summ_now", now, replace=True)
@@ -42,6 +43,23 @@ def optimizer_choices() -> str:
 def packing_choices(kind) -> str:
     """data.packing values a model kind can train with (packing is refused for all but causal LMs)."""
     return "choice(true,false)" if str(kind) == "causal" else "choice(false)"
+
+
+def packed_attention(packing, compile) -> str | None:
+    """model.attn_implementation for one trial of a search over data.packing (preset=optuna_levers):
+    a packed trial takes an attention that skips the whole-row scores (README, "Packing"):
+    flash_attention_2 on CUDA where flash-attn is installed, else sdpa_varlen, which train.compile
+    cannot take (refused together): a compiled packed trial runs sdpa. null (transformers' default)
+    for the rest."""
+    import importlib.util
+
+    import torch
+
+    if not packing:
+        return None
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None if compile else "sdpa_varlen"
 
 
 def precision_choices() -> str:

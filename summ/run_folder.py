@@ -119,6 +119,7 @@ class RunMetrics:
     mixed_precision: str | None = None
     gradient_checkpointing: bool | None = None
     optimizer: str | None = None  # as built (summ/training/optimizers.py: said): adamw_fused, adamw_8bit, ...
+    attention: str | None = None  # as built: transformers' pick (sdpa, eager) where model.attn_implementation is null
     quantization: str | None = None
     lora: bool | None = None
     config_hash: str | None = None

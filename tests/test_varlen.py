@@ -100,6 +100,7 @@ def test_a_packed_run_on_sdpa_varlen_trains_and_evaluates(run_job):
         "data.max_eval_samples=4",
     )
     assert metrics["status"] == "ok" and metrics["train"]["pad_fraction"] < 0.05
+    assert metrics["attention"] == "sdpa_varlen"  # as the model was built
     assert metrics["eval"]["n"] == 4 and metrics["eval"]["rouge1"] is not None
 
 
@@ -124,3 +125,18 @@ def test_sdpa_varlen_without_packing_is_said_to_run_as_sdpa():
     assert any("sdpa_varlen" in line and "runs as sdpa" in line for line in said)
     packed = compose_cfg(["model=tiny_llama", "model.attn_implementation=sdpa_varlen", "data.packing=true"])
     assert not any("sdpa_varlen" in line for line in unused_settings(packed))
+
+
+@pytest.mark.parametrize(
+    "overrides,attention",
+    [
+        (["data.packing=true", "train.compile=false"], "sdpa_varlen"),
+        (["data.packing=true", "train.compile=true"], None),  # refused together: whole-row sdpa
+        (["data.packing=false"], None),
+        (["data.packing=true", "model.attn_implementation=eager"], "eager"),  # the command line fixes one
+    ],
+)
+def test_the_levers_search_packs_on_sdpa_varlen(overrides, attention):
+    """preset=optuna_levers: each trial's attention follows its packing (no CUDA here, so not flash)."""
+    cfg = compose_cfg(["preset=optuna_levers", *overrides])
+    assert (None if cfg.model.attn_implementation is None else str(cfg.model.attn_implementation)) == attention

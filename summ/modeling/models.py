@@ -103,6 +103,11 @@ def attention(cfg: ModelConfig) -> str | None:
     return str(cfg.attn_implementation) if cfg.attn_implementation else None
 
 
+def attention_built(model) -> str | None:
+    """The attention implementation a loaded model runs (its config's, through a PEFT wrapper)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
 def tiny_model(cfg: ModelConfig, tok, seed: int):
     t = cfg.tiny
     torch.manual_seed(seed)

@@ -153,6 +153,7 @@ class Job:
             loaded = models.load(cfg.model, tokenizer, cfg.train.seed, self.accelerator.device)
         m.reused = self.reused if self.reuse_loaded else None
         m.trainable_params, m.total_params = loaded.trainable_params, loaded.total_params
+        m.attention = models.attention_built(loaded.model)
         m.train_set_size, m.eval_set_size = len(data.splits.train), len(data.splits.dev)
         return loaded
 
