@@ -140,3 +140,28 @@ def test_the_levers_search_packs_on_sdpa_varlen(overrides, attention):
     """preset=optuna_levers: each trial's attention follows its packing (no CUDA here, so not flash)."""
     cfg = compose_cfg(["preset=optuna_levers", *overrides])
     assert (None if cfg.model.attn_implementation is None else str(cfg.model.attn_implementation)) == attention
+
+
+def test_the_knee_report_names_the_attention_where_cells_differ_in_it(tmp_path):
+    """A preset that picks the attention per cell (no override names it): the report's settings
+    and sweep.csv show the one each cell was built with, and a grid built alike does not."""
+    import json
+
+    from summ.reports.knee_report import build_report
+
+    from .test_report import GB, job
+
+    def cells(root, attentions):
+        for i, (bs, attention) in enumerate(attentions):
+            folder = job(root, i, bs, 1, sps=50.0 + i, peak=GB, positions=bs * 300)
+            m = json.loads((folder / "metrics.json").read_text())
+            (folder / "metrics.json").write_text(json.dumps({**m, "attention": attention}))
+        return build_report(root)
+
+    mixed = cells(tmp_path / "mixed", [(4, "sdpa"), (8, "sdpa_varlen")])
+    assert "model.attn_implementation" in mixed.varied
+    md = (tmp_path / "mixed" / "knee_report.md").read_text()
+    assert "model.attn_implementation=sdpa_varlen" in md and "model.attn_implementation=sdpa " in md
+    assert "sdpa_varlen" in (tmp_path / "mixed" / "sweep.csv").read_text().splitlines()[2]
+    alike = cells(tmp_path / "alike", [(4, "sdpa"), (8, "sdpa")])
+    assert "model.attn_implementation" not in alike.varied

@@ -27,6 +27,7 @@ class Cell:
     mixed_precision: str | None = None
     gradient_checkpointing: bool | None = None
     optimizer: str | None = None  # as built (adamw_fused, adamw_8bit, ...)
+    attention: str | None = None  # as built (sdpa, sdpa_varlen, ...): a preset may pick it per cell
     config_hash: str | None = None
     reused_from: str | None = None
     copy_of: str | None = None  # the job of this same sweep whose result this one took (an Optuna repeat)
@@ -133,8 +134,10 @@ class Cell:
         return self.phase_seconds[phase] / self.samples
 
     def settings(self) -> dict[str, str]:
-        """The cell's own overrides other than the batch split (preset and Hydra's keys aside)."""
-        out = {}
+        """The cell's own overrides other than the batch split (preset and Hydra's keys aside), and
+        the attention it was built with where no override names one (preset=optuna_levers picks it
+        from packing: the report shows it where it differs between cells)."""
+        out = {"model.attn_implementation": self.attention} if self.attention else {}
         for o in self.overrides:
             key, _, value = o.lstrip("+~").partition("=")
             if not key.startswith(
@@ -224,6 +227,7 @@ def cell_from_metrics(job: str, overrides: list[str], m: RunMetrics) -> Cell:
         mixed_precision=m.mixed_precision,
         gradient_checkpointing=m.gradient_checkpointing,
         optimizer=m.optimizer,
+        attention=m.attention,
         config_hash=m.config_hash,
         reused_from=m.reused_from,
         samples_per_s=t and t.samples_per_s,

@@ -66,6 +66,7 @@ CSV_COLUMNS = [
     "mixed_precision",
     "gradient_checkpointing",
     "optimizer",
+    "attention",
     "samples",
     "tokens",
     "samples_per_s",
