@@ -45,19 +45,19 @@ def packing_choices(kind) -> str:
     return "choice(true,false)" if str(kind) == "causal" else "choice(false)"
 
 
-def packed_attention(packing, compile) -> str | None:
+def packed_attention(packing, compile, cpu=False) -> str | None:
     """model.attn_implementation for one trial of a search over data.packing (preset=optuna_levers):
     a packed trial takes an attention that skips the whole-row scores (README, "Packing"):
-    flash_attention_2 on CUDA where flash-attn is installed, else sdpa_varlen, which train.compile
-    cannot take (refused together): a compiled packed trial runs sdpa. null (transformers' default)
-    for the rest."""
+    flash_attention_2 on CUDA (not train.cpu) where flash-attn is installed, else sdpa_varlen, which
+    train.compile cannot take (refused together): a compiled packed trial runs sdpa. null
+    (transformers' default) for the rest."""
     import importlib.util
 
     import torch
 
     if not packing:
         return None
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if not cpu and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return None if compile else "sdpa_varlen"
 

@@ -165,3 +165,18 @@ def test_the_knee_report_names_the_attention_where_cells_differ_in_it(tmp_path):
     assert "sdpa_varlen" in (tmp_path / "mixed" / "sweep.csv").read_text().splitlines()[2]
     alike = cells(tmp_path / "alike", [(4, "sdpa"), (8, "sdpa")])
     assert "model.attn_implementation" not in alike.varied
+
+
+def test_a_packed_trial_on_cuda_with_flash_attn_takes_flash_unless_it_runs_on_the_cpu(monkeypatch):
+    """packed_attention on a machine with CUDA and flash-attn (both faked): flash_attention_2,
+    unless train.cpu=true puts the run on the CPU, where flash is refused: sdpa_varlen there."""
+    import importlib.util
+
+    from summ.resolvers import packed_attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    fake = object()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake if name == "flash_attn" else real(name, *a))
+    assert packed_attention(True, False) == packed_attention(True, True) == "flash_attention_2"
+    assert packed_attention(True, False, True) == "sdpa_varlen" and packed_attention(False, False) is None
