@@ -6,28 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from summ.config import ModelKind
 from summ.data.packing import PackingCollator
-from summ.data.samples import bundled_sample_dir, read_csv
-from summ.data.tokenize import Collator, Encoder
+from summ.data.tokenize import Collator
 from summ.errors import ConfigError
-from summ.modeling import models, varlen
+from summ.modeling import varlen
 from summ.modeling.loss import model_inputs
 
 from .conftest import compose_cfg
-
-
-def _model(attention: str):
-    c = OmegaConf.to_object(
-        compose_cfg(["model=tiny_llama", f"model.attn_implementation={attention}", "model.tiny.dropout=0"])
-    )
-    tok = models.load_tokenizer(c.model)
-    model = models.load(c.model, tok, 0, torch.device("cpu")).model
-    encoder = Encoder(tok, ModelKind.causal, c.model.prompt_template, 160, 32)
-    features = encoder.encode_all(read_csv(bundled_sample_dir() / "train.csv", need_summary=True)[:5])
-    return model, tok, features
+from .test_packing import _model_and_features
 
 
 @pytest.fixture
@@ -58,7 +46,7 @@ def test_segment_bounds_follow_transformers_rule_and_are_computed_once_per_tenso
 
 
 def test_a_packed_row_is_attended_sample_by_sample(attended):
-    model, tok, features = _model("sdpa_varlen")
+    model, tok, features = _model_and_features("sdpa_varlen", n=5)
     batch = PackingCollator(tok.pad_token_id, 400)(features)
     with torch.no_grad():
         model(**model_inputs(batch))
@@ -71,8 +59,8 @@ def test_a_packed_row_is_attended_sample_by_sample(attended):
 def test_anything_not_packed_is_sdpa_unchanged(attended):
     """A padded batch (a padding mask, one sample a row) and generation with a KV cache give the
     same logits and tokens as sdpa, through sdpa itself: one call per layer for the whole batch."""
-    plain, tok, features = _model("sdpa")
-    model, _, _ = _model("sdpa_varlen")
+    plain, tok, features = _model_and_features("sdpa", n=5)
+    model, _, _ = _model_and_features("sdpa_varlen", n=5)
     batch = model_inputs(Collator(tok.pad_token_id, ModelKind.causal)(features))
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, plain(**batch).logits, rtol=0, atol=0)
