@@ -56,6 +56,29 @@ def test_a_packed_row_is_attended_sample_by_sample(attended):
     assert attended == one_layer * model.config.num_hidden_layers
 
 
+def test_a_packed_row_builds_no_row_by_row_mask_and_a_padded_batch_gets_sdpas(monkeypatch):
+    """The mask each layer's sdpa_varlen receives: None for a packed row (its block diagonal would
+    be row_len^2 booleans never read), sdpa's own 4-D mask for a padded batch."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model, tok, features = _model_and_features("sdpa_varlen", n=5)
+    masks = []
+
+    def recorded(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return varlen.sdpa_varlen_forward(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, varlen.NAME, recorded)
+    with torch.no_grad():
+        model(**model_inputs(PackingCollator(tok.pad_token_id)(features)))
+        assert masks == [None] * model.config.num_hidden_layers
+        masks.clear()
+        padded = model_inputs(Collator(tok.pad_token_id, ModelKind.causal)(features))
+        model(**padded)
+    width = padded["input_ids"].shape[1]
+    assert [tuple(m.shape) for m in masks] == [(len(features), 1, width, width)] * model.config.num_hidden_layers
+
+
 def test_anything_not_packed_is_sdpa_unchanged(attended):
     """A padded batch (a padding mask, one sample a row) and generation with a KV cache give the
     same logits and tokens as sdpa, through sdpa itself: one call per layer for the whole batch."""

@@ -10,7 +10,8 @@ attended alone, causal, with no mask: the work of length grouping without its pa
 
 Anything that is not a packed causal row (a padding mask, a KV cache, an encoder, one sample per
 row, a sample longer than a sliding-window layer's window) runs transformers' own sdpa with the mask
-it built, so the name means sdpa everywhere else: evaluation and generation are unchanged. The
+it built, so the name means sdpa everywhere else: evaluation and generation are unchanged. A packed
+row's own block-diagonal mask is never built (sdpa_varlen_mask). The
 samples of a row are found as transformers finds them (a position that does not follow the one
 before starts a sample), once per forward: the layers share the forward's position_ids tensor, and
 its segment bounds are kept for it.
@@ -75,11 +76,30 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, position_ids=
     return torch.cat(rows, dim=0), None
 
 
+def sdpa_varlen_mask(**kwargs):
+    """sdpa's mask (transformers' mask interface), except where it would only be read as causal or
+    as a packed row's block diagonal: no padding mask, no cache offset, no local window, no mask
+    overlay (a model's or/and mask functions). There it is None: a plain row is attended causal
+    as sdpa would, and a packed row's mask is never read, so building it (row_len^2 booleans, a few
+    % of a tiny model's step, BENCHMARKS.md §11) is skipped."""
+    from transformers.masking_utils import sdpa_mask
+
+    if (
+        kwargs.get("attention_mask") is None
+        and kwargs.get("local_size") is None
+        and not kwargs.get("use_vmap")
+        and all(isinstance(kwargs.get(k, 0), int) and kwargs.get(k, 0) == 0 for k in ("q_offset", "kv_offset"))
+        and kwargs["q_length"] == kwargs["kv_length"]
+    ):
+        return None
+    return sdpa_mask(**kwargs)
+
+
 def register() -> None:
-    """Make `sdpa_varlen` a name transformers takes for attn_implementation, with sdpa's mask
-    (built for the fallback above; a packed row's block-diagonal mask is not read)."""
+    """Make `sdpa_varlen` a name transformers takes for attn_implementation, with sdpa's mask where
+    a fallback above reads it (sdpa_varlen_mask)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, sdpa_varlen_forward)
-    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register(NAME, sdpa_varlen_mask)
