@@ -258,6 +258,39 @@ def test_the_cpu_allocator_setting_is_said_and_switches_back(run_job):
     assert live["memory"]["source"] == "cpu_peak_rss_above_baseline" and memory.tensors_off_the_heap() is True
 
 
+def _kernel_allows_huge_pages() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            return "[never]" not in fh.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _kernel_allows_huge_pages(), reason="the kernel's transparent huge pages are off")
+def test_large_cpu_tensors_go_on_huge_pages_when_summ_is_imported_before_torch_allocates():
+    """summ sets THP_MEM_ALLOC_ENABLE on import (the live memory accounting's page faults, 1.4x on
+    4 KiB pages); torch reads it once, at its first allocation, so an allocation before summ's
+    import leaves 4 KiB pages, and huge_pages_in_force says which it got."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}  # only summ's own setting
+    said = "from summ.measure import memory; print(memory.huge_pages_in_force())"
+    for first, expected in (("import summ, torch; ", "True"), ("import torch; torch.zeros(1); ", "False")):
+        out = subprocess.run([sys.executable, "-c", first + said], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split()[-1] == expected, first
+
+
+def test_accounting_on_4kib_pages_is_said_once(monkeypatch, caplog):
+    from summ.measure import memory
+
+    monkeypatch.setattr(memory, "_HUGE_PAGES", False)
+    monkeypatch.setattr(memory, "_WARNED_SMALL_PAGES", False)
+    for _ in range(2):
+        memory.MemoryMonitor(torch.device("cpu"), cpu_live_memory=True).start().stop()
+    said = [r.message for r in caplog.records if "4 KiB pages" in r.message]
+    assert len(said) == 1 and "measure.cpu_live_memory=false" in said[0]
+
+
 def test_busy_is_judged_over_the_worst_stretch_not_the_mean(monkeypatch):
     """Issue 21, item 18: another job overlapped the last quarter of a run; the mean of other
     runnable threads was 0.32 (not busy), the worst quarter about 1.3 (busy on 2 cores)."""

@@ -6,8 +6,11 @@ run's start, after the previous job's memory was handed back. glibc keeps freed 
 heap, where it fragments: over an epoch the resident set crept 20-40% above what a few steps
 showed. So by default (measure.cpu_live_memory) allocations from 64 KiB up are served by mmap
 (mallopt): a freed tensor goes back to the kernel and the resident peak tracks live tensors, as
-CUDA's statistics do. The price is a page fault per fresh page (README, "What a run measures",
-gives the measured cost). `measure.cpu_live_memory=false` keeps glibc's own thresholds (fast;
+CUDA's statistics do. The price is a page fault per fresh page: 1.4x slower training on 4 KiB
+pages, nothing measurable on the 2 MiB pages torch takes for tensors from 2 MiB up where
+THP_MEM_ALLOC_ENABLE is set (summ/__init__.py; huge_pages_in_force; BENCHMARKS.md §10). A huge
+page is resident whole, so a large live tensor reads up to 2 MiB above its bytes, as a CUDA
+allocator's block rounding would. `measure.cpu_live_memory=false` keeps glibc's own thresholds (fast;
 the peak then includes heap glibc kept, and creeps over an epoch). GPU runs are unaffected: their
 tensors are not on this heap. Where the kernel refuses the reset, a thread samples RSS instead
 (costs a few % on 2 cores).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import os
 import re
 import threading
@@ -30,6 +34,8 @@ from summ.errors import AgreedFailure, OverBudget
 from summ.measure.devices import cuda_index
 from summ.measure.flops import ProfileMicroStep
 from summ.run_folder import GIB
+
+log = logging.getLogger(__name__)
 
 
 def release_memory(collect: bool = True) -> None:
@@ -51,6 +57,7 @@ def trim_heap() -> None:
 
 
 _WARMED = False
+_WARNED_SMALL_PAGES = False  # the 4 KiB-pages warning is said once per process
 _LIVE: bool | None = None  # the allocator setting in force in this process (None: glibc's own)
 
 
@@ -76,6 +83,28 @@ def _tensors_off_the_heap(live: bool) -> None:
         _LIVE = live
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+_HUGE_PAGES: bool | None = None
+
+
+def huge_pages_in_force() -> bool:
+    """Whether torch's CPU allocator puts large tensors on transparent huge pages in this process
+    (THP_MEM_ALLOC_ENABLE, set in summ/__init__.py, read by torch once at its first allocation; the
+    kernel's THP not `never`). Seen from outside: torch then page-aligns every allocation from
+    2 MiB up (and advises huge pages on it), where it otherwise asks for 64 bytes' alignment. Three
+    4 MiB tensors, never touched (nothing resident), all page-aligned: only by chance otherwise
+    (1 in 64 each on the heap, never from mmap, which puts a chunk's header first)."""
+    global _HUGE_PAGES
+    if _HUGE_PAGES is None:
+        try:
+            with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+                kernel = "[never]" not in fh.read()
+        except OSError:
+            kernel = False
+        probes = [torch.empty(4 * 2**20, dtype=torch.uint8) for _ in range(3)]
+        _HUGE_PAGES = kernel and all(t.data_ptr() % os.sysconf("SC_PAGE_SIZE") == 0 for t in probes)
+    return _HUGE_PAGES
 
 
 def _warm_process() -> None:
@@ -177,6 +206,14 @@ class MemoryMonitor:
     def start(self) -> MemoryMonitor:
         if not self.cuda:
             _tensors_off_the_heap(self.cpu_live_memory)
+            global _WARNED_SMALL_PAGES
+            if self.cpu_live_memory and not huge_pages_in_force() and not _WARNED_SMALL_PAGES:
+                _WARNED_SMALL_PAGES = True
+                log.warning(
+                    "CPU memory accounting on 4 KiB pages: training runs about 1.4x slower than on the heap "
+                    "(torch allocated before summ was imported, or THP_MEM_ALLOC_ENABLE=0, or the kernel's "
+                    "transparent huge pages are off); import summ before torch, or set measure.cpu_live_memory=false"
+                )
         _warm_process()
         release_memory()
         if self.cuda:
