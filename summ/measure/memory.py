@@ -7,10 +7,10 @@ heap, where it fragments: over an epoch the resident set crept 20-40% above what
 showed. So by default (measure.cpu_live_memory) allocations from 64 KiB up are served by mmap
 (mallopt): a freed tensor goes back to the kernel and the resident peak tracks live tensors, as
 CUDA's statistics do. The price is a page fault per fresh page: 1.4x slower training on 4 KiB
-pages, nothing measurable on the 2 MiB pages torch takes for tensors from 2 MiB up where
-THP_MEM_ALLOC_ENABLE is set (summ/__init__.py; huge_pages_in_force; BENCHMARKS.md §10). A huge
-page is resident whole, so a large live tensor reads up to 2 MiB above its bytes, as a CUDA
-allocator's block rounding would. `measure.cpu_live_memory=false` keeps glibc's own thresholds (fast;
+pages, about 7% on the 2 MiB pages torch takes for tensors from 2 MiB up where
+THP_MEM_ALLOC_ENABLE is set (summ/__init__.py; huge_pages_in_force; BENCHMARKS.md §10). torch advises
+huge pages on a tensor's own page-aligned bytes, so the 2 MiB pages lie wholly inside tensors and
+add nothing to the peak. `measure.cpu_live_memory=false` keeps glibc's own thresholds (fast;
 the peak then includes heap glibc kept, and creeps over an epoch). GPU runs are unaffected: their
 tensors are not on this heap. Where the kernel refuses the reset, a thread samples RSS instead
 (costs a few % on 2 cores).
