@@ -18,7 +18,7 @@ from summ import failpoints
 from summ.data.sampler import EpochSampler, Window
 from summ.measure import flops
 from summ.measure.machine import LoadWatch
-from summ.measure.memory import is_oom
+from summ.measure.memory import is_oom, kernel_allows_huge_pages
 from summ.training.outcome import classify
 
 from .conftest import cli, compose_cfg
@@ -258,15 +258,7 @@ def test_the_cpu_allocator_setting_is_said_and_switches_back(run_job):
     assert live["memory"]["source"] == "cpu_peak_rss_above_baseline" and memory.tensors_off_the_heap() is True
 
 
-def _kernel_allows_huge_pages() -> bool:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
-            return "[never]" not in fh.read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _kernel_allows_huge_pages(), reason="the kernel's transparent huge pages are off")
+@pytest.mark.skipif(not kernel_allows_huge_pages(), reason="the kernel's transparent huge pages are off")
 def test_large_cpu_tensors_go_on_huge_pages_when_summ_is_imported_before_torch_allocates():
     """summ sets THP_MEM_ALLOC_ENABLE on import (the live memory accounting's page faults, 1.4x on
     4 KiB pages); torch reads it once, at its first allocation, so an allocation before summ's

@@ -97,14 +97,19 @@ def huge_pages_in_force() -> bool:
     (1 in 64 each on the heap, never from mmap, which puts a chunk's header first)."""
     global _HUGE_PAGES
     if _HUGE_PAGES is None:
-        try:
-            with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
-                kernel = "[never]" not in fh.read()
-        except OSError:
-            kernel = False
         probes = [torch.empty(4 * 2**20, dtype=torch.uint8) for _ in range(3)]
-        _HUGE_PAGES = kernel and all(t.data_ptr() % os.sysconf("SC_PAGE_SIZE") == 0 for t in probes)
+        page = os.sysconf("SC_PAGE_SIZE")
+        _HUGE_PAGES = kernel_allows_huge_pages() and all(t.data_ptr() % page == 0 for t in probes)
     return _HUGE_PAGES
+
+
+def kernel_allows_huge_pages() -> bool:
+    """The kernel's transparent huge pages are not `never` (False where it does not say)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            return "[never]" not in fh.read()
+    except OSError:
+        return False
 
 
 def _warm_process() -> None:
